@@ -1,0 +1,170 @@
+"""The `mmllm` command line: parses options into a typed config and calls `run(config)` of a step module.
+
+Commands are generated from the config dataclasses in `config.py`, so every flag is a config field of the
+same name. Heavy libraries are imported only inside the step modules, so `mmllm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import click
+import typer
+
+from mmllm import __version__, config as C
+from mmllm.console import err, set_quiet
+from mmllm.errors import UserError
+
+app = typer.Typer(help="Fine-tune pretrained language models together with image and audio inputs.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+eval_app = typer.Typer(help="Metrics: of a checkpoint (model) or standalone (bleu, fid, accuracy).",
+                       no_args_is_help=True)
+models_app = typer.Typer(help="Embedded pretrained models: list and pull.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+app.add_typer(models_app, name="models")
+
+STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mmllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Silence progress and logs on stderr.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    STATE["debug"] = debug
+    set_quiet(quiet)
+
+
+def _param(f: dataclasses.Field) -> inspect.Parameter:
+    """A typer parameter for one config field (default None: 'not given', so --config can supply it)."""
+    meta = f.metadata
+    kind = f.type if not isinstance(f.type, str) else {"str": str, "int": int, "float": float, "bool": bool,
+                                                      "list": list}[f.type]
+    if kind is list:
+        annotation: Any = Optional[list[str]]
+    elif kind is bool:
+        annotation = Optional[bool]
+    else:
+        annotation = Optional[kind]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown = default if default not in (None, []) else None
+    if meta["argument"]:
+        info = typer.Argument(help=meta["help"], show_default=shown is not None, metavar=f.name.upper())
+    elif kind is bool:
+        name = f.name.replace("_", "-")
+        info = typer.Option(f"--{name}/--no-{name}", help=meta["help"] + f" [default: {default}]",
+                            show_default=False)
+    else:
+        help_text = meta["help"] + (f" [default: {shown}]" if shown is not None else "")
+        info = typer.Option(C.flag(f.name), help=help_text, show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[annotation, info])
+
+
+def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
+    """Register `name` on `group`: options from `cls`, body = target "module:function"(config)."""
+
+    def body(ctx: typer.Context, config: Optional[Path] = None, **kwargs: Any) -> None:
+        def call() -> Any:
+            file_values = C.read_config_file(config) if config else {}
+            given = {k: v for k, v in kwargs.items()
+                     if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)
+                     and v is not None}
+            cfg = C.build(cls, file_values, given)
+            module, func = target.split(":")
+            return getattr(importlib.import_module(module), func)(cfg)
+
+        code = guarded(call)
+        if code:
+            raise typer.Exit(code)
+
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    params += [_param(f) for f in dataclasses.fields(cls)]
+    params.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of these options; "
+                                                                            "flags override it.")]))
+    body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    body.__doc__ = cls.__doc__
+    group.command(name, help=cls.__doc__)(body)
+
+
+def guarded(call: Callable[[], Any]) -> int:
+    """Run `call`; a UserError (or a few plain user mistakes) becomes one line on stderr and exit 2."""
+    try:
+        result = call()
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        if STATE["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - a bug, not a user mistake: still one line unless --debug
+        if STATE["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                  markup=True, highlight=False, soft_wrap=True)
+        return 1
+
+
+command(app, "prepare", C.PrepareConfig, "mmllm.prepare:run")
+command(app, "finetune", C.FinetuneConfig, "mmllm.finetune:run")
+command(app, "predict", C.PredictConfig, "mmllm.predict:run")
+command(eval_app, "model", C.EvalModelConfig, "mmllm.evaluation:run_model")
+command(eval_app, "bleu", C.BleuConfig, "mmllm.evaluation:run_bleu")
+command(eval_app, "fid", C.FidConfig, "mmllm.evaluation:run_fid")
+command(eval_app, "accuracy", C.AccuracyConfig, "mmllm.evaluation:run_accuracy")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Each built-in alias with role, parameters, size, license, source and whether it is ready (JSON on stdout)."""
+    from mmllm import hub
+
+    code = guarded(hub.list_models)
+    if code:
+        raise typer.Exit(code)
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Aliases to pull.", metavar="NAME")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Pull every built-in model.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-download and convert even when ready.")] = False,
+) -> None:
+    """Install and convert built-in models into the cache ($MMLLM_HOME, default ~/.cache/mmllm)."""
+    from mmllm import hub
+
+    code = guarded(lambda: hub.pull(names or [], all_=all_, force=force))
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        # click's own usage errors exit 2 already; keep its code.
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

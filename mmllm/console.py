@@ -1,0 +1,71 @@
+"""stderr console, progress bars and the stdout JSON writer.
+
+stdout carries results only (JSON / JSONL); everything for humans goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global QUIET
+    QUIET = quiet
+
+
+def log(message: str) -> None:
+    """A progress/log line on stderr (silenced by --quiet)."""
+    if not QUIET:
+        err.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; never silenced."""
+    err.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def emit(obj: Any, stream=None) -> None:
+    """Write one JSON document (one line) to stdout and flush, so pipes see it at once."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
+    stream.flush()
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+@contextmanager
+def progress(description: str, total: int | None = None, unit: str = "records") -> Iterator:
+    """Rich progress bar on stderr; yields `advance(n)`. A no-op under --quiet."""
+    if QUIET:
+        yield lambda n=1, **_: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="", rate="")
+
+        def advance(n: int = 1, info: str = "") -> None:
+            bar.update(task, advance=n, info=info)
+            speed = bar.tasks[task].speed
+            if speed:
+                bar.update(task, rate=f"{speed:.1f} {unit}/s")
+
+        yield advance
