@@ -77,7 +77,13 @@ def _param(f: dataclasses.Field) -> inspect.Parameter:
 def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
     """Register `name` on `group`: options from `cls`, body = target "module:function"(config)."""
 
-    def body(ctx: typer.Context, config: Optional[Path] = None, **kwargs: Any) -> None:
+    def body(ctx: typer.Context, config: Optional[Path] = None, quiet: bool = False, debug: bool = False,
+             **kwargs: Any) -> None:
+        if quiet:
+            set_quiet(True)
+        if debug:
+            STATE["debug"] = True
+
         def call() -> Any:
             file_values = C.read_config_file(config) if config else {}
             given = {k: v for k, v in kwargs.items()
@@ -97,6 +103,10 @@ def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of these options; "
                                                                             "flags override it.")]))
+    params.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--quiet", "-q", help="Silence progress and logs on stderr.")]))
+    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks.")]))
     body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     body.__doc__ = cls.__doc__
     group.command(name, help=cls.__doc__)(body)

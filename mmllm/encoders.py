@@ -1,0 +1,338 @@
+"""One interface per role: text encoder, image encoder, audio encoder, text decoder.
+
+`load_encoder(role, name)` resolves `name` as a built-in alias, a local Hugging Face folder or a hub id,
+and returns an encoder that carries its own preprocessing, reports `dim`, and has a stable `identity`
+(name + weight hash) stored with prepared data and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmllm import hub
+from mmllm.errors import UserError
+
+
+# ---------------------------------------------------------------- name resolution
+
+def resolve(name: str, trust_remote_code: bool = False) -> tuple[Path | None, str]:
+    """(folder, identity) of a model name. Built-in aliases without weights return (None, name)."""
+    if name in hub.ALIASES:
+        if not hub.ALIASES[name].source:
+            return None, name
+        return hub.alias_dir(name), hub.identity_of_alias(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
+        return path, f"{path.name}@{weights_hash(path)}"
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"unknown model '{name}': not a folder")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in name:
+        raise UserError(f"unknown model '{name}': not a built-in alias ({', '.join(hub.ALIASES)}), "
+                        "not a local folder" + (", and the hub is offline (HF_HUB_OFFLINE=1)"
+                                                if os.environ.get("HF_HUB_OFFLINE") == "1" else ""))
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                              "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot fetch model '{name}' from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+    return folder, f"{name}@{weights_hash(folder)}"
+
+
+def weights_hash(folder: Path) -> str:
+    """Short sha256 over the weight files of a folder (names, sizes and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for p in files:
+        h.update(p.name.encode())
+        h.update(hub.sha256_file(p).encode())
+    return h.hexdigest()[:12]
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- text
+
+class TextEncoder:
+    """Tokenizer + pretrained text model (trained in finetune); optional frozen mean-pooled embedding."""
+
+    role = "text"
+
+    def __init__(self, name: str, trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoTokenizer
+
+        _quiet_transformers()
+        self.name = name
+        self.folder, self.identity = resolve(name, trust_remote_code)
+        if self.folder is None:
+            raise UserError(f"'{name}' is not a text model")
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.dim = int(self.config.hidden_size)
+        self._model = None
+
+    def tokenize(self, texts: list[str], max_tokens: int) -> dict:
+        enc = self.tokenizer(texts, truncation=True, max_length=max_tokens, padding=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], max_tokens: int = 128) -> np.ndarray:
+        """Frozen sentence embeddings (B, D): mean of token states over the mask, L2-normalized."""
+        if self._model is None:
+            self._model = self.build_model().eval()
+        enc = self.tokenizer(texts, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+        states = self._model(**enc).last_hidden_state  # (B, T, D)
+        return l2_normalize(mean_pool(states, enc["attention_mask"])).numpy()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "identity": self.identity, "dim": self.dim,
+                "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, T) -> (B, D) mean over unmasked positions."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------- images
+
+class ImageEncoder:
+    """Frozen image encoder with its own preprocessing. `encode(list[PIL]) -> pooled (B, D), sequence (B, T, D)`."""
+
+    role = "image"
+
+    def __init__(self, name: str, trust_remote_code: bool = False):
+        _quiet_transformers()
+        self.name = name
+        self.folder, self.identity = resolve(name, trust_remote_code)
+        if self.folder is None:
+            raise UserError(f"'{name}' is not an image model")
+        import json
+
+        cfg = json.loads((self.folder / "config.json").read_text())
+        if cfg.get("model_type") == "efficientnet-lite":
+            from efficientnet_lite_pytorch import EfficientNet
+            from safetensors.torch import load_file
+
+            self.kind = "efficientnet-lite"
+            self.model = EfficientNet.from_name(cfg["variant"])
+            self.model.load_state_dict(load_file(str(self.folder / "model.safetensors")))
+            self.image_size = int(cfg["image_size"])
+            self.mean, self.std = [127 / 255] * 3, [128 / 255] * 3  # TF-Lite training normalization
+            self.processor = None
+        else:
+            from transformers import AutoImageProcessor, AutoModel
+
+            self.kind = "transformers"
+            self.processor = AutoImageProcessor.from_pretrained(self.folder, backend="pil",
+                                                                trust_remote_code=trust_remote_code)
+            model = AutoModel.from_pretrained(self.folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            self.model = getattr(model, "vision_model", model)  # CLIP/SigLIP full models: the vision tower
+            size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None) or {}
+            self.image_size = int(size.get("height") or size.get("shortest_edge") or 224) if isinstance(size, dict) \
+                else int(size)
+            self.mean = list(getattr(self.processor, "image_mean", None) or [0.5] * 3)
+            self.std = list(getattr(self.processor, "image_std", None) or [0.5] * 3)
+        self.model.eval()
+        from PIL import Image
+
+        with torch.inference_mode():
+            pooled, seq = self.forward(self.preprocess([Image.new("RGB", (self.image_size, self.image_size))]))
+        self.dim, self.seq_len = pooled.shape[-1], seq.shape[1]
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """RGB PIL images -> (B, 3, H, W) float tensor."""
+        if self.processor is not None:
+            return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        from PIL import Image
+
+        arrs = []
+        for img in images:
+            w, h = img.size  # resize the short side, centre crop, as ImageNet evaluation does
+            s = self.image_size / min(w, h)
+            img = img.resize((max(self.image_size, round(w * s)), max(self.image_size, round(h * s))), Image.BICUBIC)
+            left, top = (img.size[0] - self.image_size) // 2, (img.size[1] - self.image_size) // 2
+            img = img.crop((left, top, left + self.image_size, top + self.image_size))
+            arrs.append(np.asarray(img, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "efficientnet-lite":
+            fmap = self.model.extract_features(pixels)  # (B, C, h, w)
+            seq = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            return seq.mean(1), seq
+        out = self.model(pixel_values=pixels)
+        hidden = out.last_hidden_state
+        seq = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden  # conv nets: (B, C, h, w)
+        pooled = getattr(out, "pooler_output", None)
+        pooled = seq.mean(1) if pooled is None else pooled.flatten(1)
+        return pooled, seq
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        pooled, seq = self.forward(self.preprocess(images))
+        return pooled.float().numpy(), seq.float().numpy()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "identity": self.identity, "dim": int(self.dim), "seq_len": int(self.seq_len),
+                "preprocessing": {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                                  "resize": "short side, bicubic, centre crop" if self.processor is None
+                                  else type(self.processor).__name__}}
+
+
+# ---------------------------------------------------------------- audio
+
+class AudioEncoder:
+    """Frozen audio encoder. `encode(list[np.ndarray]) -> pooled (B, D), sequences list[(T_i, D)]`.
+
+    Whisper runs on the clip's real frames (padded to whole seconds) by slicing its positional table,
+    instead of padding every clip to 30 s.
+    """
+
+    role = "audio"
+    SEQ_LEN = 16  # tokens kept per clip for attention fusion (adaptive average pooling over time)
+
+    def __init__(self, name: str, trust_remote_code: bool = False, whisper_full_window: bool = False):
+        _quiet_transformers()
+        self.name = name
+        self.folder, self.identity = resolve(name, trust_remote_code)
+        self.whisper_full_window = whisper_full_window
+        self.model = None
+        if self.folder is None:  # librosa front-ends
+            self.kind = name
+            self.sample_rate = 16000
+            self.params = ({"n_mels": 64, "n_fft": 400, "hop_length": 160} if name == "logmel"
+                           else {"n_mfcc": 20, "n_fft": 400, "hop_length": 160, "deltas": True})
+            self.dim = 2 * (64 if name == "logmel" else 40)
+            return
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.processor = AutoFeatureExtractor.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.sample_rate = int(self.processor.sampling_rate)
+        if config.model_type == "whisper":
+            from transformers import WhisperModel
+
+            self.kind = "whisper"
+            self.model = WhisperModel.from_pretrained(self.folder, dtype=torch.float32).encoder
+            self.params = {"n_mels": config.num_mel_bins, "n_fft": self.processor.n_fft,
+                           "hop_length": self.processor.hop_length, "window": "real length, whole seconds"
+                           if not whisper_full_window else "30 s"}
+        else:
+            self.kind = "transformers"
+            model = AutoModel.from_pretrained(self.folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            self.model = getattr(model, "encoder", None) if config.model_type in ("seamless_m4t",) else model
+            self.params = {"feature_extractor": type(self.processor).__name__}
+        self.model.eval()
+        self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, clips: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self.kind in ("logmel", "mfcc"):
+            seqs = [self._librosa(c) for c in clips]
+            pooled = np.stack([np.concatenate([s.mean(0), s.std(0)]) for s in seqs])
+            return pooled.astype(np.float32), seqs
+        if self.kind == "whisper":
+            seqs = [self._whisper(c) for c in clips]
+        else:
+            seqs = []
+            for c in clips:  # one clip at a time: padding would change the features of the others
+                inputs = self.processor(c, sampling_rate=self.sample_rate, return_tensors="pt")
+                seqs.append(self.model(**inputs).last_hidden_state[0].float().numpy())
+        pooled = np.stack([s.mean(0) for s in seqs]).astype(np.float32)
+        return pooled, seqs
+
+    def _whisper(self, clip: np.ndarray) -> np.ndarray:
+        """(T', D) encoder states for the real frames of one clip."""
+        enc = self.model
+        seconds = len(clip) / self.sample_rate
+        window = 30.0 if self.whisper_full_window else min(30.0, max(1.0, math.ceil(seconds)))
+        n = int(window * self.sample_rate)
+        feats = self.processor(clip[:n], sampling_rate=self.sample_rate, return_tensors="pt", padding="max_length",
+                               max_length=n).input_features  # (1, mels, frames)
+        x = torch.nn.functional.gelu(enc.conv1(feats))
+        x = torch.nn.functional.gelu(enc.conv2(x)).transpose(1, 2)  # (1, frames/2, D)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+        x = enc.layer_norm(x)[0]
+        real = max(1, min(x.shape[0], math.ceil(seconds * 50)))  # 50 encoder frames per second
+        return x[:real].float().numpy()
+
+    def _librosa(self, clip: np.ndarray) -> np.ndarray:
+        import librosa
+
+        if self.kind == "logmel":
+            mel = librosa.feature.melspectrogram(y=clip, sr=self.sample_rate, n_fft=400, hop_length=160, n_mels=64)
+            return librosa.power_to_db(mel).T.astype(np.float32)  # (frames, 64)
+        mfcc = librosa.feature.mfcc(y=clip, sr=self.sample_rate, n_mfcc=20, n_fft=400, hop_length=160)
+        width = min(9, mfcc.shape[1] - (1 - mfcc.shape[1] % 2)) if mfcc.shape[1] >= 3 else 0
+        delta = librosa.feature.delta(mfcc, width=width) if width >= 3 else np.zeros_like(mfcc)
+        return np.concatenate([mfcc, delta]).T.astype(np.float32)  # (frames, 40)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "identity": self.identity, "dim": int(self.dim), "seq_len": self.SEQ_LEN,
+                "preprocessing": {"sample_rate": self.sample_rate, "channels": 1, **self.params}}
+
+
+def pool_sequence(seq: np.ndarray, n: int) -> np.ndarray:
+    """(T, D) -> (n, D) by averaging n equal time spans (repeats rows when T < n)."""
+    t = torch.from_numpy(np.ascontiguousarray(seq)).T[None]  # (1, D, T)
+    return torch.nn.functional.adaptive_avg_pool1d(t, n)[0].T.numpy()
+
+
+# ---------------------------------------------------------------- decoder
+
+def load_decoder(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """(causal LM, tokenizer, identity) for --task generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    folder, identity = resolve(name, trust_remote_code)
+    if folder is None:
+        raise UserError(f"'{name}' is not a causal language model")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, identity
+
+
+ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
+
+
+def load_encoder(role: str, name: str, trust_remote_code: bool = False) -> Any:
+    try:
+        return ENCODERS[role](name, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load {role} model '{name}': {str(e).splitlines()[0]}") from None

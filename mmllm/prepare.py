@@ -1,0 +1,564 @@
+"""`mmllm prepare`: records -> canonical media -> frozen encoder features -> Arrow DatasetDict on disk.
+
+Flow: read records (records.py) -> assign splits -> take this shard -> add augmented training variants ->
+for each chunk: hash media, reuse cached features, decode the rest (threads, prefetched while the encoders
+run), encode once per distinct file -> append rows to per-split Arrow files -> save_to_disk in a temporary
+folder -> rename into place. Memory stays bounded by the chunk size, not the dataset size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmllm import hub
+from mmllm.config import PrepareConfig
+from mmllm.console import emit, err, log, progress, warn
+from mmllm.errors import UserError
+from mmllm.media import MediaError, load_audio, load_image, normalize_text
+from mmllm.records import RecordError, assign_splits, error_entry, format_error, read_records
+
+SCHEMA_VERSION = 1
+META = "mmllm-prepared.json"
+CHUNK = 256
+SPLITS = ("train", "validation", "test")
+
+
+# ---------------------------------------------------------------- entry point
+
+def run(cfg: PrepareConfig) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if cfg.merge:
+        return merge(cfg)
+    start = time.perf_counter()
+    out = Path(cfg.output)
+    records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in
+                                                        ("id", "text", "image", "audio", "label", "target", "split")})
+    records = check_records(records, errors, has_label=bool(cols["label"]))
+    assign_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    bad_split = [r for r in records if r["split"] not in SPLITS]
+    for r in bad_split:
+        errors.append(error_entry(r, RecordError(cols["split"], f"unknown split '{r['split']}' "
+                                                                f"(use train, validation or test)")))
+    records = [r for r in records if r["split"] in SPLITS]
+    records = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_index]
+    roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
+    if not records:
+        _report(errors, cfg)
+        raise UserError(f"no usable records in {cfg.input[0]}")
+    encoders = load_encoders(cfg, roles)
+    records = augment_records(records, cfg.augment)
+    tmp = _fresh_tmp(out)
+    try:
+        rows_per_split, errors = encode_and_write(records, errors, encoders, cfg, tmp)
+        _report(errors, cfg)
+        if not sum(rows_per_split.values()):
+            raise UserError(f"every record of {cfg.input[0]} was skipped ({len(errors)} errors, see above)")
+        labels = sorted({lab for lab in _labels(tmp) if lab is not None})
+        meta = build_meta(cfg, cols, encoders, rows_per_split, labels, errors)
+        _finish(tmp, out, meta, cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {"output": str(out), "counts": rows_per_split, "skipped": len(errors), "labels": len(labels),
+               "seconds": round(time.perf_counter() - start, 2)}
+    emit(summary)
+    return 0
+
+
+def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
+    from mmllm.encoders import load_encoder
+
+    models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
+    return {role: load_encoder(role, models[role], cfg.trust_remote_code) for role in roles}
+
+
+def check_records(records: list[dict], errors: list[dict], has_label: bool) -> list[dict]:
+    """Drop duplicate ids (the later ones) and records with an empty label, reporting each."""
+    seen: dict[str, int] = {}
+    kept = []
+    for r in records:
+        if r["id"] in seen:
+            errors.append(error_entry(r, RecordError("id", f"duplicate id '{r['id']}' (first at row {seen[r['id']]})")))
+            continue
+        seen[r["id"]] = r["row"]
+        if has_label and (r["label"] is None or r["label"] == "") and r.get("split") != "test":
+            errors.append(error_entry(r, RecordError("label", "empty label")))
+            continue
+        if not (r["text"] or r["image"] or r["audio"]):
+            errors.append(error_entry(r, RecordError(None, "no text, image or audio")))
+            continue
+        kept.append(r)
+    return kept
+
+
+def augment_records(records: list[dict], k: int) -> list[dict]:
+    """K augmented copies of each training record (id `ID~augN`); validation/test untouched."""
+    if k <= 0:
+        return records
+    out = []
+    for r in records:
+        out.append(r)
+        if r["split"] == "train":
+            out.extend({**r, "id": f"{r['id']}~aug{i}", "aug": i} for i in range(1, k + 1))
+    return out
+
+
+# ---------------------------------------------------------------- encode + write
+
+class FeatureStore:
+    """Features by key: an in-run memo (dedup of identical files) over an on-disk safetensors cache."""
+
+    def __init__(self, enabled: bool, memo_size: int = 20000):
+        self.root = hub.home() / "features"
+        self.enabled = enabled
+        self.memo: OrderedDict[str, dict] = OrderedDict()
+        self.memo_size = memo_size
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> dict | None:
+        if key in self.memo:
+            self.memo.move_to_end(key)
+            self.hits += 1
+            return self.memo[key]
+        if self.enabled:
+            path = self._path(key)
+            if path.is_file():
+                from safetensors.numpy import load_file
+
+                try:
+                    value = load_file(str(path))
+                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                    return None
+                self._remember(key, value)
+                self.hits += 1
+                return value
+        return None
+
+    def peek(self, key: str) -> dict | None:
+        """Features encoded earlier in this run (no hit counted)."""
+        return self.memo.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.misses += 1
+        self._remember(key, value)
+        if self.enabled:
+            from safetensors.numpy import save_file
+
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({k: np.ascontiguousarray(v) for k, v in value.items()}, str(tmp))
+            tmp.replace(path)
+
+    def _remember(self, key: str, value: dict) -> None:
+        self.memo[key] = value
+        if len(self.memo) > self.memo_size:
+            self.memo.popitem(last=False)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+
+def content_hash(media: Any) -> str:
+    h = hashlib.sha256()
+    if isinstance(media, bytes):
+        h.update(media)
+        return h.hexdigest()
+    p = Path(media)
+    if p.is_dir():
+        raise MediaError(f"{p} is a folder, not a file")
+    if not p.exists():
+        raise MediaError(f"file not found: {p}" + (" (broken symlink)" if p.is_symlink() else ""))
+    return hub.sha256_file(p)
+
+
+def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: int, rec_id: str) -> str:
+    parts = {"role": role, "content": digest, "encoder": encoder.identity, "pre": encoder.describe()["preprocessing"],
+             "seq": cfg.sequence_features, "aug": [aug, cfg.seed, rec_id] if aug else 0}
+    if role == "audio":
+        parts["max_seconds"] = cfg.max_audio_seconds
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cfg: PrepareConfig,
+                     tmp: Path) -> tuple[dict[str, int], list[dict]]:
+    import pyarrow as pa
+
+    store = FeatureStore(cfg.cache)
+    schema = arrow_schema(encoders, cfg)
+    arrow_dir = tmp / "_arrow"
+    arrow_dir.mkdir(parents=True)
+    writers: dict[str, Any] = {}
+    counts = {s: 0 for s in SPLITS}
+    chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
+    workers = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
+    prefetch = ThreadPoolExecutor(1)
+    try:
+        with progress("prepare", total=len(records)) as advance:
+            pending = prefetch.submit(load_chunk, chunks[0], encoders, store, cfg, workers) if chunks else None
+            for i in range(len(chunks)):
+                loaded = pending.result()
+                if i + 1 < len(chunks):  # decode the next chunk while this one is encoded
+                    pending = prefetch.submit(load_chunk, chunks[i + 1], encoders, store, cfg, workers)
+                rows, chunk_errors = encode_chunk(loaded, encoders, store, cfg)
+                errors.extend(chunk_errors)
+                if cfg.on_error == "fail" and errors:
+                    raise UserError(format_error(errors[0]))
+                for split in SPLITS:
+                    part = [r for r in rows if r["split"] == split]
+                    if not part:
+                        continue
+                    if split not in writers:
+                        writers[split] = pa.ipc.new_stream(str(arrow_dir / f"{split}.arrow"), schema)
+                    writers[split].write_batch(pa.RecordBatch.from_pylist(part, schema=schema))
+                    counts[split] += len(part)
+                advance(len(loaded), info=f"cache {store.hits} hit / {store.misses} new")
+    finally:
+        for w in writers.values():
+            w.close()
+        prefetch.shutdown(cancel_futures=True)
+        if workers:
+            workers.shutdown(cancel_futures=True)
+    log(f"features: {store.misses} encoded, {store.hits} reused (cache or identical files)")
+    return {s: n for s, n in counts.items() if n}, errors
+
+
+def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig, workers) -> list[dict]:
+    """Per record: text, and for each medium either cached features or decoded media to encode."""
+    mapper = workers.map if workers else map
+    return list(mapper(lambda r: load_record(r, encoders, store, cfg), chunk))
+
+
+def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConfig) -> dict:
+    item = {"rec": rec, "error": None, "media": {}}
+    try:
+        for role in ("image", "audio"):
+            if role not in encoders or not rec[role]:
+                continue
+            column = role
+            try:
+                key = feature_key(role, content_hash(rec[role]), encoders[role], cfg, rec.get("aug", 0), rec["id"])
+            except MediaError as e:
+                raise RecordError(column, str(e), _file(rec[role])) from None
+            cached = store.get(key)
+            if cached is not None:
+                item["media"][role] = {"key": key, "features": cached}
+                continue
+            try:
+                decoded = decode(role, rec[role], encoders[role], cfg)
+                if rec.get("aug"):
+                    decoded = AUGMENT[role](decoded, _rng(cfg.seed, rec["id"], rec["aug"]), encoders[role])
+            except MediaError as e:
+                raise RecordError(column, str(e), _file(rec[role])) from None
+            except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
+                raise RecordError(column, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) \
+                    from None
+            item["media"][role] = {"key": key, "decoded": decoded}
+    except RecordError as e:
+        item["error"] = error_entry(rec, e)
+    return item
+
+
+def _file(media: Any) -> str | None:
+    return media if isinstance(media, str) else None
+
+
+def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
+    import io
+
+    src = io.BytesIO(media) if isinstance(media, bytes) else media
+    if role == "image":
+        return load_image(media if isinstance(media, str) else src) if isinstance(media, str) else _image_bytes(media)
+    return load_audio(src, encoder.sample_rate, cfg.max_audio_seconds)
+
+
+def _image_bytes(data: bytes):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        return load_image(f.name)
+
+
+def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig
+                 ) -> tuple[list[dict], list[dict]]:
+    """Encode the distinct media still missing (batched), then assemble the Arrow rows."""
+    from mmllm.encoders import pool_sequence
+
+    errors = [it["error"] for it in loaded if it["error"]]
+    good = [it for it in loaded if not it["error"]]
+    for role in ("image", "audio"):
+        todo: dict[str, Any] = {}
+        for it in good:
+            m = it["media"].get(role)
+            if m and "decoded" in m and m["key"] not in todo and store.peek(m["key"]) is None:
+                todo[m["key"]] = m["decoded"]
+        keys = list(todo)
+        enc = encoders.get(role)
+        for b in range(0, len(keys), cfg.batch_size):
+            batch = keys[b:b + cfg.batch_size]
+            pooled, seqs = enc.encode([todo[k] for k in batch])
+            for j, k in enumerate(batch):
+                value = {"pooled": pooled[j].astype(np.float32)}
+                if cfg.sequence_features:
+                    value["seq"] = pool_sequence(np.asarray(seqs[j]), enc.SEQ_LEN if role == "audio" else 16)
+                store.put(k, value)
+        for it in good:
+            m = it["media"].get(role)
+            if m and "features" not in m:
+                m["features"] = store.peek(m["key"])
+    text_enc = encoders.get("text")
+    texts = [normalize_text(it["rec"]["text"]) for it in good]
+    tokens = text_enc.tokenize(texts, cfg.max_text_tokens) if text_enc else None
+    sentence = text_enc.embed(texts, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
+    rows = []
+    for i, it in enumerate(good):
+        rec = it["rec"]
+        row = {"id": rec["id"], "row": rec["row"], "split": rec["split"], "text": texts[i],
+               "label": rec["label"], "target": normalize_text(rec["target"]) if rec["target"] is not None else None,
+               "has_text": bool(texts[i]) and text_enc is not None}
+        if text_enc:
+            row["input_ids"] = tokens["input_ids"][i]
+            row["attention_mask"] = tokens["attention_mask"][i]
+            if sentence is not None:
+                row["text_emb"] = sentence[i]
+        for role in ("image", "audio"):
+            if role not in encoders:
+                continue
+            m = it["media"].get(role)
+            row[f"has_{role}"] = m is not None
+            row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
+            if cfg.sequence_features:
+                n = 16
+                row[f"{role}_seq"] = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
+        rows.append(row)
+    return rows, errors
+
+
+def arrow_schema(encoders: dict, cfg: PrepareConfig):
+    import pyarrow as pa
+
+    fields = [pa.field("id", pa.string()), pa.field("row", pa.int64()), pa.field("split", pa.string()),
+              pa.field("text", pa.string()), pa.field("label", pa.string()), pa.field("target", pa.string()),
+              pa.field("has_text", pa.bool_())]
+    if "text" in encoders:
+        fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8()))]
+        if cfg.sentence_embedding:
+            fields.append(pa.field("text_emb", pa.list_(pa.float32(), encoders["text"].dim)))
+    for role in ("image", "audio"):
+        if role in encoders:
+            dim = encoders[role].dim
+            fields += [pa.field(f"has_{role}", pa.bool_()), pa.field(f"{role}_emb", pa.list_(pa.float32(), dim))]
+            if cfg.sequence_features:
+                fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), 16)))
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------- augmentation (training records only)
+
+def _rng(seed: int, rec_id: str, k: int) -> np.random.Generator:
+    return np.random.default_rng([seed, k, zlib.crc32(rec_id.encode())])
+
+
+def augment_image(img, rng: np.random.Generator, encoder: Any):
+    """Horizontal flip, random crop (80-100% area) and brightness/contrast jitter (+-20%)."""
+    from PIL import ImageEnhance, ImageOps
+
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    w, h = img.size
+    scale = np.sqrt(rng.uniform(0.8, 1.0))
+    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = img.crop((left, top, left + cw, top + ch)).resize((w, h))
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
+
+
+def augment_audio(clip: np.ndarray, rng: np.random.Generator, encoder: Any) -> np.ndarray:
+    """Gain (+-6 dB), white noise at 30 dB SNR, circular time shift (+-0.1 s)."""
+    clip = clip * np.float32(10 ** (rng.uniform(-6, 6) / 20))
+    power = float(np.mean(clip ** 2)) or 1e-8
+    clip = clip + rng.normal(0, np.sqrt(power / 1000), clip.shape).astype(np.float32)
+    shift = int(rng.integers(-encoder.sample_rate // 10, encoder.sample_rate // 10 + 1))
+    return np.roll(clip, shift).astype(np.float32)
+
+
+AUGMENT = {"image": augment_image, "audio": augment_audio}
+
+
+# ---------------------------------------------------------------- output
+
+def _fresh_tmp(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _labels(tmp: Path) -> list:
+    import pyarrow as pa
+
+    labels: list = []
+    for f in (tmp / "_arrow").glob("*.arrow"):
+        with pa.ipc.open_stream(str(f)) as reader:
+            labels += reader.read_all().column("label").to_pylist()
+    return labels
+
+
+def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
+    """Arrow stream files -> DatasetDict.save_to_disk + metadata, then rename into place."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    arrow_dir = tmp / "_arrow"
+    parts = {f.stem: datasets.Dataset.from_file(str(f)) for f in sorted(arrow_dir.glob("*.arrow"))}
+    datasets.DatasetDict(parts).save_to_disk(str(tmp / "data"))
+    del parts
+    shutil.rmtree(arrow_dir)
+    for f in (tmp / "data").iterdir():
+        f.rename(tmp / f.name)
+    (tmp / "data").rmdir()
+    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp / "prepare_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list) -> dict:
+    features = {}
+    for role, enc in encoders.items():
+        if role == "text":
+            features["input_ids"] = ["T"]
+            if cfg.sentence_embedding:
+                features["text_emb"] = [enc.dim]
+        else:
+            features[f"{role}_emb"] = [enc.dim]
+            if cfg.sequence_features:
+                features[f"{role}_seq"] = [16, enc.dim]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mmllm_version": __import__("mmllm").__version__,
+        "input": [str(Path(p).resolve()) for p in cfg.input],
+        "columns": cols,
+        "modalities": list(encoders),
+        "encoders": {role: enc.describe() for role, enc in encoders.items()},
+        "features": features,
+        "preprocessing": {"max_text_tokens": cfg.max_text_tokens, "max_audio_seconds": cfg.max_audio_seconds,
+                          "text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB",
+                          "audio": "mono float32", "augment": cfg.augment, "seed": cfg.seed,
+                          "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding},
+        "labels": labels,
+        "has_target": bool(cols.get("target")),
+        "counts": counts,
+        "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+        "skipped": errors,
+    }
+
+
+def _report(errors: list[dict], cfg: PrepareConfig) -> None:
+    if not errors:
+        return
+    for e in errors[:20]:
+        warn("skipped " + format_error(e))
+    if len(errors) > 20:
+        warn(f"... and {len(errors) - 20} more skipped records (all listed in {META})")
+    from rich.table import Table
+
+    table = Table(title=f"{len(errors)} skipped records")
+    table.add_column("column")
+    table.add_column("reason")
+    table.add_column("records", justify="right")
+    reasons = Counter((e["column"] or "-", e["reason"].split(":")[0]) for e in errors)
+    for (col, reason), n in reasons.most_common():
+        table.add_row(col, reason, str(n))
+    err.print(table)
+
+
+# ---------------------------------------------------------------- merge shards
+
+def load_prepared(path: str | Path) -> tuple[Any, dict]:
+    """(DatasetDict, metadata) of a prepared folder, with a clear error when it is not one."""
+    import datasets
+
+    p = Path(path)
+    meta_path = p / META
+    if not meta_path.is_file():
+        raise UserError(f"{p} is not a prepared dataset (no {META}); run `mmllm prepare` first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{p}: prepared with schema version {meta.get('schema_version')}, this mmllm reads "
+                        f"{SCHEMA_VERSION}: prepare it again")
+    datasets.disable_progress_bars()
+    return datasets.load_from_disk(str(p)), meta
+
+
+def merge(cfg: PrepareConfig) -> int:
+    import datasets
+
+    start = time.perf_counter()
+    loaded = [load_prepared(p) for p in cfg.input]
+    first = loaded[0][1]
+    for (_, meta), path in zip(loaded[1:], cfg.input[1:]):
+        mine = {r: e["identity"] for r, e in meta["encoders"].items()}
+        theirs = {r: e["identity"] for r, e in first["encoders"].items()}
+        if mine != theirs or meta["features"] != first["features"]:
+            raise UserError(f"--merge: {path} was prepared with other encoders or features ({mine} vs {theirs})")
+    out = Path(cfg.output)
+    tmp = _fresh_tmp(out)
+    try:
+        parts = {}
+        for split in SPLITS:
+            pieces = [ds[split] for ds, _ in loaded if split in ds]
+            if pieces:
+                parts[split] = datasets.concatenate_datasets(pieces)
+        datasets.DatasetDict(parts).save_to_disk(str(tmp))
+        meta = dict(first)
+        meta["counts"] = {s: len(d) for s, d in parts.items()}
+        meta["labels"] = sorted({lab for _, m in loaded for lab in m["labels"]})
+        meta["skipped"] = [e for _, m in loaded for e in m["skipped"]]
+        meta["input"] = [str(Path(p).resolve()) for p in cfg.input]
+        meta["shard"] = {"merged": len(loaded)}
+        (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    emit({"output": str(out), "counts": meta["counts"], "merged": len(loaded),
+          "seconds": round(time.perf_counter() - start, 2)})
+    return 0
