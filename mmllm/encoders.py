@@ -7,6 +7,7 @@ and returns an encoder that carries its own preprocessing, reports `dim`, and ha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -136,35 +137,49 @@ class ImageEncoder:
         import json
 
         cfg = json.loads((self.folder / "config.json").read_text())
+        self.trust_remote_code = trust_remote_code
         if cfg.get("model_type") == "efficientnet-lite":
-            from efficientnet_lite_pytorch import EfficientNet
-            from safetensors.torch import load_file
-
             self.kind = "efficientnet-lite"
-            self.model = EfficientNet.from_name(cfg["variant"])
-            self.model.load_state_dict(load_file(str(self.folder / "model.safetensors")))
             self.image_size = int(cfg["image_size"])
             self.mean, self.std = [127 / 255] * 3, [128 / 255] * 3  # TF-Lite training normalization
             self.processor = None
+            self.dim, self.seq_len = int(cfg["hidden_size"]), (self.image_size // 32) ** 2
         else:
-            from transformers import AutoImageProcessor, AutoModel
+            from transformers import AutoImageProcessor
 
             self.kind = "transformers"
             self.processor = AutoImageProcessor.from_pretrained(self.folder, backend="pil",
                                                                 trust_remote_code=trust_remote_code)
-            model = AutoModel.from_pretrained(self.folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
-            self.model = getattr(model, "vision_model", model)  # CLIP/SigLIP full models: the vision tower
             size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None) or {}
             self.image_size = int(size.get("height") or size.get("shortest_edge") or 224) if isinstance(size, dict) \
                 else int(size)
             self.mean = list(getattr(self.processor, "image_mean", None) or [0.5] * 3)
             self.std = list(getattr(self.processor, "image_std", None) or [0.5] * 3)
-        self.model.eval()
-        from PIL import Image
+            from PIL import Image
 
-        with torch.inference_mode():
-            pooled, seq = self.forward(self.preprocess([Image.new("RGB", (self.image_size, self.image_size))]))
-        self.dim, self.seq_len = pooled.shape[-1], seq.shape[1]
+            with torch.inference_mode():  # output shapes differ by family: measure them once
+                pooled, seq = self.forward(self.preprocess([Image.new("RGB", (self.image_size, self.image_size))]))
+            self.dim, self.seq_len = pooled.shape[-1], seq.shape[1]
+
+    @functools.cached_property
+    def model(self) -> torch.nn.Module:
+        """Weights load on first use, so a run served from the feature cache never loads them."""
+        if self.kind == "efficientnet-lite":
+            import json
+
+            from efficientnet_lite_pytorch import EfficientNet
+            from safetensors.torch import load_file
+
+            cfg = json.loads((self.folder / "config.json").read_text())
+            model = EfficientNet.from_name(cfg["variant"])
+            model.load_state_dict(load_file(str(self.folder / "model.safetensors")))
+        else:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code,
+                                              dtype=torch.float32)
+            model = getattr(model, "vision_model", model)  # CLIP/SigLIP full models: the vision tower
+        return model.eval()
 
     def preprocess(self, images: list) -> torch.Tensor:
         """RGB PIL images -> (B, 3, H, W) float tensor."""
@@ -224,7 +239,6 @@ class AudioEncoder:
         self.name = name
         self.folder, self.identity = resolve(name, trust_remote_code)
         self.whisper_full_window = whisper_full_window
-        self.model = None
         if self.folder is None:  # librosa front-ends
             self.kind = name
             self.sample_rate = 16000
@@ -232,26 +246,31 @@ class AudioEncoder:
                            else {"n_mfcc": 20, "n_fft": 400, "hop_length": 160, "deltas": True})
             self.dim = 2 * (64 if name == "logmel" else 40)
             return
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+        from transformers import AutoConfig, AutoFeatureExtractor
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.processor = AutoFeatureExtractor.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.sample_rate = int(self.processor.sampling_rate)
+        self.trust_remote_code = trust_remote_code
         if config.model_type == "whisper":
-            from transformers import WhisperModel
-
             self.kind = "whisper"
-            self.model = WhisperModel.from_pretrained(self.folder, dtype=torch.float32).encoder
             self.params = {"n_mels": config.num_mel_bins, "n_fft": self.processor.n_fft,
                            "hop_length": self.processor.hop_length, "window": "real length, whole seconds"
                            if not whisper_full_window else "30 s"}
         else:
             self.kind = "transformers"
-            model = AutoModel.from_pretrained(self.folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
-            self.model = getattr(model, "encoder", None) if config.model_type in ("seamless_m4t",) else model
             self.params = {"feature_extractor": type(self.processor).__name__}
-        self.model.eval()
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+
+    @functools.cached_property
+    def model(self) -> torch.nn.Module:
+        """Weights load on first use, so a run served from the feature cache never loads them."""
+        from transformers import AutoModel, WhisperModel
+
+        if self.kind == "whisper":
+            return WhisperModel.from_pretrained(self.folder, dtype=torch.float32).encoder.eval()
+        return AutoModel.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code,
+                                         dtype=torch.float32).eval()
 
     @torch.inference_mode()
     def encode(self, clips: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

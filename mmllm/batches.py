@@ -1,0 +1,72 @@
+"""Prepared features in memory as tensors, and the batches the model consumes.
+
+Used alike by finetune (prepared splits), eval and predict (rows featurized on the fly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class FeatureTable:
+    """Columns of one split: padded-on-demand token ids, precomputed embeddings, presence flags, labels."""
+
+    def __init__(self, columns: dict[str, Any], modalities: list[str], label_to_id: dict[str, int] | None,
+                 pad_id: int = 0):
+        self.ids = list(columns["id"])
+        self.n = len(self.ids)
+        self.modalities = modalities
+        self.pad_id = pad_id
+        self.input_ids = [np.asarray(x, dtype=np.int64) for x in columns["input_ids"]] if "text" in modalities else None
+        self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
+        self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32))
+                    for m in modalities if m != "text"}
+        self.label_names = list(columns["label"]) if columns.get("label") is not None else [None] * self.n
+        self.labels = None
+        if label_to_id is not None:
+            self.labels = torch.tensor([label_to_id.get(lab, -100) if lab is not None else -100
+                                        for lab in self.label_names], dtype=torch.long)
+
+    @classmethod
+    def from_split(cls, ds: Any, modalities: list[str], label_to_id: dict[str, int] | None, pad_id: int = 0):
+        wanted = ["id", "label"] + [f"has_{m}" for m in modalities]
+        wanted += ["input_ids"] if "text" in modalities else []
+        wanted += [f"{m}_emb" for m in modalities if m != "text"]
+        missing = [c for c in wanted if c not in ds.column_names]
+        if missing:
+            from mmllm.errors import UserError
+
+            raise UserError(f"prepared data has no column {missing[0]} (prepared without that modality?)")
+        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, label_to_id, pad_id)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx: list[int] | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        idx = list(map(int, idx))
+        out: dict[str, torch.Tensor] = {}
+        if self.input_ids is not None:
+            seqs = [self.input_ids[i] for i in idx]
+            width = max(1, max(len(s) for s in seqs))
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, :len(s)] = torch.from_numpy(s)
+                mask[j, :len(s)] = 1
+            mask[:, 0] = 1  # an empty text still has one (padding) position to pool
+            out["input_ids"], out["attention_mask"] = ids, mask
+        t = torch.as_tensor(idx)
+        for m in self.modalities:
+            out[f"has_{m}"] = self.has[m][t]
+            if m != "text":
+                out[f"{m}_emb"] = self.emb[m][t]
+        if self.labels is not None:
+            out["labels"] = self.labels[t]
+        return {k: v.to(device) for k, v in out.items()}
+
+    def batches(self, batch_size: int, device: Any = "cpu"):
+        for start in range(0, self.n, batch_size):
+            yield self.batch(range(start, min(self.n, start + batch_size)), device)

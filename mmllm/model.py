@@ -1,0 +1,152 @@
+"""The multimodal model: pretrained text model + projected image/audio features -> fusion -> head.
+
+Built from a `ModelConfig` stored in every checkpoint. `forward(batch, labels)` returns a dict with
+`logits` (B, C), `loss` when labels are given, and `gates` (B, M) for gated fusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmllm.encoders import mean_pool
+
+
+@dataclass
+class ModelConfig:
+    modalities: list[str]  # subset of text, image, audio, in this order
+    num_labels: int
+    hidden_size: int = 256
+    fusion: str = "concat"  # concat | gated | attention
+    dropout: float = 0.1
+    text_dim: int | None = None
+    image_dim: int | None = None
+    audio_dim: int | None = None
+    share_projections: bool = False
+    modality_dropout: float = 0.0
+    freeze_text: bool = False
+    lora_r: int = 0
+    text_model_type: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def projection(dim: int, hidden: int, dropout: float) -> nn.Module:
+    """LayerNorm (features of different encoders live on different scales) -> Linear -> GELU -> Dropout."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout))
+
+
+class Fusion(nn.Module):
+    """(B, M, H) modality vectors + (B, M) presence -> (B, H); gated fusion also returns weights (B, M)."""
+
+    def __init__(self, kind: str, n: int, hidden: int, dropout: float):
+        super().__init__()
+        self.kind = kind
+        if kind == "concat":
+            self.net = nn.Sequential(nn.Linear(n * hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+        elif kind == "gated":
+            self.gate = nn.Linear(n * hidden, n)
+        elif kind == "attention":
+            self.modality_embedding = nn.Parameter(torch.zeros(n, hidden))
+            layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
+                                               dropout=dropout, batch_first=True, norm_first=True)
+            self.net = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"unknown fusion '{kind}'")
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.kind == "concat":
+            return self.net(x.flatten(1)), None
+        if self.kind == "gated":
+            scores = self.gate(x.flatten(1)).masked_fill(~present, float("-inf"))  # (B, M)
+            weights = scores.softmax(-1)
+            return (weights.unsqueeze(-1) * x).sum(1), weights
+        h = self.net(x + self.modality_embedding, src_key_padding_mask=~present)  # (B, M, H)
+        return mean_pool(h, present), None
+
+
+class MultimodalClassifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.text = text_model
+        dims = {"text": cfg.text_dim, "image": cfg.image_dim, "audio": cfg.audio_dim}
+        self.proj = nn.ModuleDict()
+        for m in cfg.modalities:
+            if cfg.share_projections and m == "audio" and "image" in self.proj and dims["audio"] == dims["image"]:
+                continue  # the shared image/audio projection (parameter sharing)
+            self.proj[m] = projection(dims[m], h, cfg.dropout)
+        self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), h))  # stands in for a missing modality
+        self.fusion = Fusion(cfg.fusion, len(cfg.modalities), h, cfg.dropout)
+        self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, cfg.num_labels))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.text.parameters() if p.requires_grad] if self.text is not None else []
+
+    def modality_vectors(self, batch: dict, drop: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask."""
+        vecs, present = [], []
+        for i, m in enumerate(self.cfg.modalities):
+            proj = self.proj[m] if m in self.proj else self.proj["image"]
+            if m == "text":
+                states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                feat = mean_pool(states, batch["attention_mask"])  # (B, D_text)
+            else:
+                feat = batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare
+            v = proj(feat)
+            here = batch[f"has_{m}"].bool()
+            if m in drop:
+                here = torch.zeros_like(here)
+            vecs.append(torch.where(here.unsqueeze(-1), v, self.placeholder[i].expand_as(v)))
+            present.append(here)
+        x, present_t = torch.stack(vecs, 1), torch.stack(present, 1)  # (B, M, H), (B, M)
+        if self.training and self.cfg.modality_dropout > 0:
+            keep = torch.rand(present_t.shape, device=x.device) >= self.cfg.modality_dropout
+            keep[keep.sum(1) == 0, 0] = True  # never drop everything
+            x = torch.where(keep.unsqueeze(-1), x, self.placeholder.unsqueeze(0).expand_as(x))
+            present_t = present_t & keep
+        # a record with nothing present still attends to its placeholders
+        present_t = present_t | (present_t.sum(1, keepdim=True) == 0)
+        return x, present_t
+
+    def forward(self, batch: dict, labels: torch.Tensor | None = None, drop: set[str] = frozenset(),
+                class_weights: torch.Tensor | None = None) -> dict[str, Any]:
+        x, present = self.modality_vectors(batch, drop)
+        fused, gates = self.fusion(x, present)  # (B, H)
+        logits = self.head(fused)  # (B, C)
+        out: dict[str, Any] = {"logits": logits, "gates": gates}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
+        return out
+
+
+def weight_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable tensors with dim >= 2 (weights, embeddings); biases and norm scales are excluded."""
+    return [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+
+
+def penalty(model: nn.Module, l2: float, l1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(l2 * sum ||W||^2, l1 * sum |W|) over weight matrices: true penalties added to the loss."""
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    mats = weight_matrices(model) if (l2 or l1) else []
+    l2_term = l2 * sum((p.float() ** 2).sum() for p in mats) if l2 else zero
+    l1_term = l1 * sum(p.float().abs().sum() for p in mats) if l1 else zero
+    return l2_term, l1_term
+
+
+def build_model(cfg: ModelConfig, text_model: nn.Module | None) -> MultimodalClassifier:
+    """The classifier with the text model frozen, LoRA-adapted or trainable as the config says."""
+    if text_model is not None and cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        text_model = get_peft_model(text_model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+                                                           target_modules="all-linear", lora_dropout=0.0))
+    elif text_model is not None and cfg.freeze_text:
+        text_model.requires_grad_(False)
+    return MultimodalClassifier(cfg, text_model)
