@@ -65,9 +65,7 @@ def setup_distributed(cfg: FinetuneConfig) -> Dist:
 
 def run(cfg: FinetuneConfig) -> int:
     if cfg.task == "generate":
-        from mmllm.generate import run as run_generate
-
-        return run_generate(cfg)
+        raise UserError("--task generate is not implemented yet in this version (classification only)")
     dist = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
@@ -164,7 +162,7 @@ def run(cfg: FinetuneConfig) -> int:
                "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
                "world_size": dist.world}
     if dist.main:
-        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"],
+        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
                 "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
                 "metrics": final}
         checkpoint.save(model, out, info, tokenizer, text_config)

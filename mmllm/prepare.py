@@ -324,7 +324,7 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
                 m["features"] = store.peek(m["key"])
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
-    tokens = text_enc.tokenize(texts, cfg.max_text_tokens) if text_enc else None
+    tokens = text_enc.tokenize(texts, cfg.max_text_tokens) if text_enc and texts else None
     sentence = text_enc.embed(texts, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
     rows = []
     for i, it in enumerate(good):
@@ -562,3 +562,37 @@ def merge(cfg: PrepareConfig) -> int:
     emit({"output": str(out), "counts": meta["counts"], "merged": len(loaded),
           "seconds": round(time.perf_counter() - start, 2)})
     return 0
+
+
+# ---------------------------------------------------------------- featurize raw records (eval / predict)
+
+def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: FeatureStore | None = None
+              ) -> tuple[list[dict], list[dict]]:
+    """Raw records -> (model-ready rows, error entries), with the same code path as `prepare`."""
+    store = store or FeatureStore(cfg.cache)
+    loaded = load_chunk(records, encoders, store, cfg, None)
+    return encode_chunk(loaded, encoders, store, cfg)
+
+
+def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False) -> dict:
+    """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder."""
+    from mmllm.encoders import TextEncoder, load_encoder
+
+    out = {}
+    for role in config["model"]["modalities"]:
+        if role == "text":
+            out[role] = TextEncoder(str(folder / "text_model"))
+            continue
+        recorded = config["encoders"][role]
+        enc = load_encoder(role, recorded["name"], trust_remote_code)
+        if enc.identity != recorded["identity"]:
+            raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
+                            f"trained on {recorded['identity']}")
+        out[role] = enc
+    return out
+
+
+def config_from_checkpoint(config: dict) -> PrepareConfig:
+    pre = config.get("preprocessing", {})
+    return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
+                         max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False)

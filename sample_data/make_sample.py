@@ -58,7 +58,7 @@ def speak(word: str, voice: str, speed: int, out: Path, fmt: str) -> None:
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(wav), word], check=True)
         rate = "16000" if fmt == "flac" else "22050"
         # trim leading/trailing silence, mono, resample
-        subprocess.run(["sox", str(wav), "-r", rate, "-c", "1", "-b", "16", str(out),
+        subprocess.run(["sox", "-D", str(wav), "-r", rate, "-c", "1", "-b", "16", str(out),
                         "silence", "1", "0.01", "1%", "reverse", "silence", "1", "0.01", "1%", "reverse"], check=True)
 
 
@@ -98,7 +98,7 @@ def main() -> None:
         start += n
     rows.sort(key=lambda r: r["id"])
     with open(HERE / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "audio", "label", "target", "split"])
+        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "audio", "label", "target", "split"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {len(rows)} records, {len(clips)} audio clips to {HERE}")

@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Each sets up .venv (CPU torch) when needed.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := demo_out
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup models demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/mmllm models pull minilm efficientnet-lite0 whisper-tiny.en > /dev/null
+
+demo: models
+	$(BIN)/mmllm prepare sample_data/manifest.csv --output $(DEMO)/prepared > $(DEMO).prepare.json
+	$(BIN)/mmllm finetune $(DEMO)/prepared --output $(DEMO)/checkpoint --epochs 10 --patience 3 > $(DEMO).finetune.json
+	$(BIN)/mmllm eval model $(DEMO)/checkpoint $(DEMO)/prepared --split test --output $(DEMO)/metrics.json > /dev/null
+	$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/metrics.json')); print(json.dumps({k: m[k] for k in ('split','n','accuracy','macro_f1','ece')}))"
+	grep ',test$$' sample_data/manifest.csv | head -5 | cut -d, -f1-4 | sed '1i id,text,image,audio' | sed 's#,images/#,sample_data/images/#; s#,audio/#,sample_data/audio/#' > $(DEMO)/few.csv
+	$(BIN)/mmllm predict $(DEMO)/checkpoint $(DEMO)/few.csv --top-k 2
+	@rm -f $(DEMO).prepare.json $(DEMO).finetune.json
+
+test: models
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+bench: models
+	$(BIN)/python bench/run.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check mmllm tests
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

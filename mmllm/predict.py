@@ -1,0 +1,164 @@
+"""`mmllm predict`: stream predictions for raw records as JSON lines, in input order.
+
+Records are read lazily (stdin JSONL line by line, or a manifest), featurized in batches with the encoders
+recorded in the checkpoint, and each batch's lines are written (and flushed) before the next is read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mmllm import checkpoint
+from mmllm.config import PredictConfig
+from mmllm.console import emit, warn
+from mmllm.errors import UserError
+from mmllm.records import CANDIDATES, RecordError, detect_columns, error_entry, read_table, to_record
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stdin_rows() -> Iterator[tuple[int, dict | RecordError]]:
+    for i, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield i, obj
+
+
+def raw_records(source: str, config: dict) -> Iterator[dict | tuple[dict, RecordError]]:
+    """Records (or (stub, error)) in input order; column names follow the training manifest when present."""
+    trained = config.get("columns") or {}
+    if source == "-":
+        rows, base, columns = stdin_rows(), Path.cwd(), None
+    else:
+        columns, rows = read_table(Path(source))
+        base = Path(source).parent
+    cols = None
+    for row, raw in rows:
+        if isinstance(raw, RecordError):
+            yield {"id": f"row{row}", "row": row}, raw
+            continue
+        if cols is None:  # from the first record's keys: the training column names win, then the usual ones
+            keys = columns or list(raw)
+            given = {k: (trained.get(k) if trained.get(k) in keys else None) for k in CANDIDATES}
+            try:
+                cols = detect_columns(keys, given)
+            except UserError as e:
+                yield {"id": f"row{row}", "row": row}, RecordError(None, str(e))
+                continue
+        try:
+            yield to_record(raw, row, cols, base)
+        except RecordError as e:
+            yield {"id": raw.get(cols.get("id") or "id", f"row{row}"), "row": row}, e
+
+
+class Predictor:
+    """A checkpoint with its encoders: raw records in, prediction dicts out."""
+
+    def __init__(self, folder: str, device: str = "auto"):
+        from mmllm.prepare import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
+
+        self.device = pick_device(device)
+        self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
+        self.labels = self.config["labels"]
+        self.encoders = encoders_for_checkpoint(Path(folder), self.config)
+        self.prep = config_from_checkpoint(self.config)
+        self.store = FeatureStore(enabled=False, memo_size=4096)
+
+    @torch.no_grad()
+    def predict(self, records: list[dict], top_k: int = 1) -> list[dict]:
+        from mmllm.batches import FeatureTable
+        from mmllm.prepare import featurize
+
+        for r in records:
+            r.setdefault("split", "test")
+        rows, errors = featurize(records, self.encoders, self.prep, self.store)
+        results = {e["id"]: {"id": e["id"], "error": _one_line(e)} for e in errors}
+        if rows:
+            mods = self.model.cfg.modalities
+            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+            pad = self.tokenizer.pad_token_id or 0 if self.tokenizer is not None else 0
+            table = FeatureTable(columns, mods, None, pad)
+            batch = table.batch(range(len(rows)), self.device)
+            out = self.model(batch)
+            probs = out["logits"].float().softmax(-1).cpu().numpy()  # (B, C)
+            k = min(top_k, len(self.labels))
+            for row, p in zip(rows, probs):
+                best = np.argsort(-p)[:k]
+                res: dict[str, Any] = {"id": row["id"], "prediction": self.labels[int(best[0])],
+                                       "probability": float(p[best[0]])}
+                if top_k > 1:
+                    res["top_k"] = [{"label": self.labels[int(i)], "probability": float(p[i])} for i in best]
+                results[row["id"]] = res
+        return [results[r["id"]] for r in records]
+
+
+def _one_line(entry: dict) -> str:
+    col = f"column {entry['column']}: " if entry.get("column") else ""
+    return f"{col}{entry['reason']}"
+
+
+def run(cfg: PredictConfig) -> int:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    predictor = Predictor(cfg.checkpoint, cfg.device)
+    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
+    failed = 0
+    try:
+        batch: list[dict] = []
+        for item in raw_records(cfg.input, predictor.config):
+            if isinstance(item, tuple):  # unreadable record: report in order, after pending ones
+                failed += flush(predictor, batch, cfg, out)
+                batch = []
+                stub, e = item
+                emit({"id": stub["id"], "error": _one_line(error_entry(stub, e))}, out)
+                failed += 1
+                if cfg.strict:
+                    raise UserError(f"record {stub['id']}: {e.reason}")
+                continue
+            batch.append(item)
+            if len(batch) >= cfg.batch_size:
+                failed += flush(predictor, batch, cfg, out)
+                batch = []
+        failed += flush(predictor, batch, cfg, out)
+    finally:
+        if cfg.output:
+            out.close()
+    if failed:
+        warn(f"{failed} record(s) failed (lines with \"error\")")
+        return 1
+    return 0
+
+
+def flush(predictor: Predictor, batch: list[dict], cfg: PredictConfig, out) -> int:
+    if not batch:
+        return 0
+    failed = 0
+    seen: set = set()
+    for r in batch:  # duplicate ids inside a batch would collide: make them unique for the lookup
+        if r["id"] in seen:
+            r["id"] = f"{r['id']}#row{r['row']}"
+        seen.add(r["id"])
+    for res in predictor.predict(batch, cfg.top_k):
+        emit(res, out)
+        if "error" in res:
+            failed += 1
+            if cfg.strict:
+                raise UserError(f"record {res['id']}: {res['error']}")
+    return failed
