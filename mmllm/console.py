@@ -27,6 +27,12 @@ def log(message: str) -> None:
         err.print(message)
 
 
+def show(renderable) -> None:
+    """A rich table or text for humans on stderr (silenced by --quiet)."""
+    if not QUIET:
+        err.print(renderable)
+
+
 def warn(message: str) -> None:
     """A warning on stderr; never silenced."""
     err.print(f"[yellow]warning:[/yellow] {message}")

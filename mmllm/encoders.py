@@ -150,9 +150,7 @@ class ImageEncoder:
             self.kind = "transformers"
             self.processor = AutoImageProcessor.from_pretrained(self.folder, backend="pil",
                                                                 trust_remote_code=trust_remote_code)
-            size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None) or {}
-            self.image_size = int(size.get("height") or size.get("shortest_edge") or 224) if isinstance(size, dict) \
-                else int(size)
+            self.image_size = _edge(getattr(self.processor, "crop_size", None)) or _edge(self.processor.size) or 224
             self.mean = list(getattr(self.processor, "image_mean", None) or [0.5] * 3)
             self.std = list(getattr(self.processor, "image_std", None) or [0.5] * 3)
             from PIL import Image
@@ -220,6 +218,15 @@ class ImageEncoder:
                 "preprocessing": {"image_size": self.image_size, "mean": self.mean, "std": self.std,
                                   "resize": "short side, bicubic, centre crop" if self.processor is None
                                   else type(self.processor).__name__}}
+
+
+def _edge(size: Any) -> int | None:
+    """The square edge of an image processor's size (int, dict or SizeDict)."""
+    if size is None or isinstance(size, int):
+        return size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    value = get("height") or get("shortest_edge")
+    return int(value) if value else None
 
 
 # ---------------------------------------------------------------- audio

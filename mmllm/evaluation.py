@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mmllm.config import AccuracyConfig, BleuConfig, EvalModelConfig, FidConfig
-from mmllm.console import emit, err, log, warn
+from mmllm.console import emit, log, show, warn
 from mmllm.errors import UserError
 from mmllm.metrics import bleu, classification, frechet_distance
 
@@ -125,7 +125,7 @@ def print_table(result: dict) -> None:
     for k in ("accuracy", "macro_f1", "ece"):
         if k in result:
             t.add_row(k, f"{result[k]:.4f}")
-    err.print(t)
+    show(t)
     rel = result.get("reliance")
     if rel:
         r = Table(title="modality reliance (metrics with the modality masked)")
@@ -135,7 +135,7 @@ def print_table(result: dict) -> None:
             gate = rel.get("mean_gate", {}).get(m)
             r.add_row(m, f"{v['accuracy']:.4f}", f"{v['macro_f1']:.4f}", f"{v.get('accuracy_drop', 0):+.4f}",
                       f"{gate:.3f}" if gate is not None else "-")
-        err.print(r)
+        show(r)
 
 
 def write_outputs(result: dict, path: Path) -> None:
@@ -215,7 +215,7 @@ def run_bleu(cfg: BleuConfig) -> int:
         result = bleu(hyps, refs, cfg.tokenize, cfg.lowercase)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"--tokenize {cfg.tokenize}: {e}") from None
-    err.print(result["bleu_detail"])
+    show(result["bleu_detail"])
     emit({k: v for k, v in result.items() if k != "bleu_detail"})
     return 0
 
@@ -228,7 +228,7 @@ def run_accuracy(cfg: AccuracyConfig) -> int:
     names = sorted(set(gold) | set(pred))
     index = {n: i for i, n in enumerate(names)}
     result = classification(np.array([index[g] for g in gold]), np.array([index[p] for p in pred]), names)
-    err.print(f"accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  (n={result['n']})")
+    show(f"accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  (n={result['n']})")
     emit(result)
     return 0
 
@@ -258,7 +258,7 @@ def run_fid(cfg: FidConfig) -> int:
     extractor = f"inception-torchscript:{cfg.fid_model}" if cfg.fid_model else f"{cfg.image_model} (not InceptionV3)"
     result = {"fid": fid, "extractor": extractor, "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen),
               "resolution": real_size, "comparable_to_published": bool(cfg.fid_model)}
-    err.print(f"FID {fid:.4f}  extractor {extractor}  real {len(real)} / generated {len(gen)} images at {real_size}")
+    show(f"FID {fid:.4f}  extractor {extractor}  real {len(real)} / generated {len(gen)} images at {real_size}")
     emit(result)
     return 0
 

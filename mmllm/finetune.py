@@ -185,6 +185,7 @@ class TrainState:
     step: int = 0
     batch_in_epoch: int = 0
     epoch_loss: float = 0.0
+    epoch_losses: list = dataclasses.field(default_factory=list)  # step losses of the current epoch
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
@@ -268,7 +269,9 @@ def fit_epoch(ddp_model, model, train: FeatureTable, optimizer, scheduler, cfg: 
     order = epoch_order(len(train), cfg.seed, state.epoch, dist)
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    losses, seen = [], 0
+    if state.batch_in_epoch == 0:
+        state.epoch_losses = []
+    losses, seen = state.epoch_losses, 0
     with progress(f"epoch {state.epoch + 1}/{cfg.epochs}", total=len(batches), unit="batches") as advance:
         advance(state.batch_in_epoch)
         for b in range(state.batch_in_epoch, len(batches)):

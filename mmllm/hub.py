@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmllm.console import emit, err, log
+from mmllm.console import emit, log, show
 from mmllm.errors import UserError
 
 MARKER = "mmllm-model.json"
@@ -108,7 +108,7 @@ def list_models() -> None:
         table.add_row(r["name"], r["role"], r["params"], f"{r['size_mb']} MB" if r["size_mb"] else "-",
                       r["license"], r["source"] or "librosa (no weights)",
                       "[green]yes[/green]" if r["ready"] else "[red]no[/red] (mmllm models pull " + r["name"] + ")")
-    err.print(table)
+    show(table)
     emit({"models": rows})
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from mmllm import hub
 from mmllm.config import PrepareConfig
-from mmllm.console import emit, err, log, progress, warn
+from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.media import MediaError, load_audio, load_image, normalize_text
 from mmllm.records import RecordError, assign_splits, error_entry, format_error, read_records
@@ -505,7 +505,7 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
     reasons = Counter((e["column"] or "-", e["reason"].split(":")[0]) for e in errors)
     for (col, reason), n in reasons.most_common():
         table.add_row(col, reason, str(n))
-    err.print(table)
+    show(table)
 
 
 # ---------------------------------------------------------------- merge shards

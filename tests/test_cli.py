@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_cli
+
+
+def test_help_lists_every_command():
+    r = run_cli("--help")
+    assert r.exit_code == 0
+    for cmd in ("prepare", "finetune", "eval", "predict", "models"):
+        assert cmd in r.stdout
+    for sub in (["eval", "--help"], ["models", "--help"]):
+        out = run_cli(*sub).stdout
+        assert all(w in out for w in (["model", "bleu", "fid", "accuracy"] if sub[0] == "eval" else ["list", "pull"]))
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mmllm.cli import app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "False False"
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("mmllm 0.")
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "mmllm", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "mmllm" in r.stdout
+
+
+def test_user_error_is_one_line_exit_2(tmp_path):
+    r = run_cli("prepare", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "o"))
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "input not found" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_bad_flag_values_reported_together(tmp_path):
+    r = run_cli("finetune", str(tmp_path), "--output", str(tmp_path / "o"), "--fusion", "magic", "--dropout", "2",
+                "--modalities", "text,smell")
+    assert r.exit_code == 2
+    for flag in ("--fusion", "--dropout", "--modalities"):
+        assert flag in r.stderr
+
+
+def test_config_file_and_flag_override(tmp_path, monkeypatch):
+    import mmllm.prepare as prepare
+
+    seen = {}
+    monkeypatch.setattr(prepare, "run", lambda cfg: seen.setdefault("cfg", cfg) and 0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output: from_file\nbatch-size: 7\nmax_text_tokens: 50\n")
+    r = run_cli("prepare", "x.csv", "--config", str(cfg), "--batch-size", "9")
+    assert r.exit_code == 0, r.output
+    c = seen["cfg"]
+    assert (c.output, c.batch_size, c.max_text_tokens) == ("from_file", 9, 50)
+    (tmp_path / "c.json").write_text(json.dumps({"output": "o", "nonsense": 1}))
+    r = run_cli("prepare", "x.csv", "--config", str(tmp_path / "c.json"))
+    assert r.exit_code == 2 and "unknown option 'nonsense'" in r.stderr
+
+
+def test_unknown_model_is_one_line(tmp_path, toy_manifest, tiny_models):
+    r = run_cli("prepare", str(toy_manifest), "--output", str(tmp_path / "o"), "--image-model", "no-such-model",
+                "--text-model", str(tiny_models["text"]), "--audio-model", "logmel")
+    assert r.exit_code == 2
+    assert "unknown model 'no-such-model'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_models_list_json():
+    r = run_cli("models", "list")
+    assert r.exit_code == 0
+    rows = json.loads(r.stdout)["models"]
+    names = {m["name"]: m for m in rows}
+    assert {"minilm", "efficientnet-lite0", "whisper-tiny.en", "smollm2-135m", "logmel", "mfcc"} <= set(names)
+    assert names["minilm"]["role"] == "text" and names["logmel"]["ready"] is True
+
+
+def test_missing_model_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "empty"))
+    from mmllm.encoders import resolve
+    from mmllm.errors import UserError
+
+    try:
+        resolve("minilm")
+    except UserError as e:
+        assert "mmllm models pull minilm" in str(e)
+    else:
+        raise AssertionError("expected a UserError")

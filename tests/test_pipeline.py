@@ -1,0 +1,231 @@
+"""prepare -> finetune -> eval -> predict with tiny random models (fast path)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import load_json_lines, run_cli, tiny_prepare_args, write_image
+
+
+def test_prepare_output_folder(prepared):
+    import datasets
+
+    meta = json.loads((prepared / "mmllm-prepared.json").read_text())
+    for key in ("schema_version", "encoders", "features", "preprocessing", "labels", "counts", "skipped"):
+        assert key in meta
+    assert meta["labels"] == ["blue-big", "blue-small", "red-big", "red-small"]
+    assert sum(meta["counts"].values()) == 48 and set(meta["counts"]) == {"train", "validation", "test"}
+    assert meta["encoders"]["image"]["dim"] == 32 and meta["encoders"]["audio"]["preprocessing"]["sample_rate"] == 16000
+    ds = datasets.load_from_disk(str(prepared))
+    row = ds["train"][0]
+    assert len(row["image_emb"]) == 32 and len(row["audio_emb"]) == 32 and row["input_ids"][0] == 2  # [CLS]
+    # stratified: every label in every split
+    for split in ds:
+        assert set(ds[split]["label"]) == set(meta["labels"])
+    assert not list(prepared.parent.glob(".prepared.tmp-*"))
+
+
+def test_prepare_cache_and_determinism(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    r1 = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, a))
+    r2 = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, b))
+    assert r1.exit_code == 0 and r2.exit_code == 0
+    assert "53 encoded" in r1.stderr and "0 encoded" in r2.stderr  # 48 images + 5 distinct clips, then cached
+    da, db = datasets.load_from_disk(str(a)), datasets.load_from_disk(str(b))
+    for split in da:
+        assert da[split].data.table.equals(db[split].data.table)
+    r3 = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / "c"), "--no-cache")
+    assert r3.exit_code == 0 and "53 encoded" in r3.stderr
+
+
+def test_identical_files_encoded_once(tiny_models, tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"same{i}.png", (10, 200, 10))
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"id": i, "image": f"same{i}.png", "label": "g" if i % 2
+                                                            else "h"}) for i in range(6)))
+    r = run_cli("prepare", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "o"), "--image-model",
+                str(tiny_models["image"]))
+    assert r.exit_code == 0, r.output
+    assert "1 encoded" in r.stderr
+
+
+def test_bad_records_skipped_and_reported(tiny_models, toy_manifest, tmp_path):
+    text = toy_manifest.read_text().splitlines()
+    text[1] = text[1].replace("media/img0.png", "media/missing.png")
+    (toy_manifest.parent / "media" / "bad.png").write_text("not an image")
+    text[2] = text[2].replace("media/img1.png", "media/bad.png")
+    toy_manifest.write_text("\n".join(text) + "\n")
+    out = tmp_path / "o"
+    r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["skipped"] == 2 and sum(summary["counts"].values()) == 46
+    skipped = json.loads((out / "mmllm-prepared.json").read_text())["skipped"]
+    assert {(s["id"], s["column"]) for s in skipped} == {("r0", "image"), ("r1", "image")}
+    assert "file not found" in skipped[0]["reason"] and "not an image" in skipped[1]["reason"]
+    assert "record r0, row 2, column image" in r.stderr
+    r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / "o2"), "--on-error", "fail")
+    assert r.exit_code == 2 and "record r0" in r.stderr
+
+
+def test_shards_and_merge(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    parts = []
+    for i in range(2):
+        out = tmp_path / f"shard{i}"
+        r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--shard-index", str(i), "--num-shards", "2")
+        assert r.exit_code == 0, r.output
+        parts.append(out)
+    r = run_cli("prepare", *map(str, parts), "--merge", "--output", str(tmp_path / "merged"))
+    assert r.exit_code == 0, r.output
+    merged = datasets.load_from_disk(str(tmp_path / "merged"))
+    whole = tmp_path / "whole"
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, whole)).exit_code == 0
+    full = datasets.load_from_disk(str(whole))
+    for split in full:
+        assert sorted(merged[split]["id"]) == sorted(full[split]["id"])
+
+
+def test_augment_only_train(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    out = tmp_path / "aug"
+    r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--augment", "2")
+    assert r.exit_code == 0, r.output
+    ds = datasets.load_from_disk(str(out))
+    base = datasets.load_from_disk(str(tmp_path / "aug"))
+    n_aug = sum("~aug" in i for i in ds["train"]["id"])
+    assert n_aug == 2 * sum("~aug" not in i for i in ds["train"]["id"])
+    assert not any("~aug" in i for s in ("validation", "test") for i in base[s]["id"])
+    emb = {i: np.array(e) for i, e in zip(ds["train"]["id"], ds["train"]["image_emb"])}
+    some = next(i for i in emb if "~aug" not in i)
+    assert not np.allclose(emb[some], emb[f"{some}~aug1"])
+
+
+def finetune(prepared, out, *extra):
+    r = run_cli("finetune", str(prepared), "--output", str(out), "--epochs", "3", "--batch-size", "8",
+                "--hidden-size", "32", *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_finetune_checkpoint_files_and_metrics(prepared, tmp_path):
+    out = tmp_path / "ck"
+    summary = finetune(prepared, out)
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "labels.json", "metrics.jsonl", "metrics.json",
+            "finetune_config.json", "training_curves.png", "text_model"} <= files
+    assert "resume" not in files
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == "mmllm-checkpoint" and cfg["labels"] == json.loads(
+        (prepared / "mmllm-prepared.json").read_text())["labels"]
+    assert cfg["encoders"]["image"]["identity"].startswith("vit@")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x and "loss" in x]
+    epochs = [x for x in lines if "val_loss" in x]
+    assert len(epochs) == 3 and steps and {"ce", "l2", "l1", "lr"} <= set(steps[0])
+    assert summary["epochs"] == 3 and 0 <= summary["val_accuracy"] <= 1
+
+
+def test_same_seed_identical_metrics(prepared, tmp_path):
+    a = finetune(prepared, tmp_path / "a", "--seed", "3")
+    b = finetune(prepared, tmp_path / "b", "--seed", "3")
+    assert a["val_loss"] == b["val_loss"] and a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_l2_penalty_is_logged_and_matches_weights(prepared, tmp_path):
+    out = tmp_path / "l2"
+    finetune(prepared, out, "--l2", "0.01", "--epochs", "1")
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["l2"] > 0 and abs(first["loss"] - (first["ce"] + first["l2"])) < 1e-4
+
+
+def test_penalty_counts_only_matrices():
+    import torch
+
+    from mmllm.model import penalty
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    with torch.no_grad():
+        m[0].weight.fill_(2.0)
+        m[0].bias.fill_(5.0)
+    l2, l1 = penalty(m, 0.5, 0.1)
+    assert l2.item() == pytest.approx(0.5 * 6 * 4) and l1.item() == pytest.approx(0.1 * 6 * 2)
+
+
+def test_early_stopping_restores_best(prepared, tmp_path):
+    summary = finetune(prepared, tmp_path / "es", "--epochs", "30", "--patience", "1", "--min-delta", "10",
+                       "--monitor", "val_accuracy")
+    assert summary["stopped_early"] and summary["epochs"] == 2 and summary["best_epoch"] == 1
+    assert summary["val_accuracy"] == summary["best"]
+
+
+@pytest.mark.parametrize("fusion", ["gated", "attention"])
+def test_fusions_and_options(prepared, tmp_path, fusion):
+    summary = finetune(prepared, tmp_path / fusion, "--fusion", fusion, "--modality-dropout", "0.2",
+                       "--freeze-text", "--class-weights", "auto")
+    assert summary["epochs"] == 3
+
+
+def test_lora_and_shared_projection(prepared, tmp_path):
+    summary = finetune(prepared, tmp_path / "lora", "--lora-r", "2", "--share-projections", "--epochs", "1")
+    assert summary["epochs"] == 1
+    r = run_cli("eval", "model", str(tmp_path / "lora"), str(prepared))
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_matches_uninterrupted(prepared, tmp_path, monkeypatch):
+    import mmllm.finetune as ft
+
+    full = finetune(prepared, tmp_path / "full", "--epochs", "4", "--modality-dropout", "0.3")
+    original = ft.fit_epoch
+
+    def interrupted_after_two_epochs(*args):
+        seen = original(*args)
+        state, stop = args[7], args[8]
+        if state.epoch == 1:
+            stop.hit = True  # what Ctrl-C does: finish the step, save, exit
+        return seen
+
+    monkeypatch.setattr(ft, "fit_epoch", interrupted_after_two_epochs)
+    part = tmp_path / "part"
+    r = run_cli("finetune", str(prepared), "--output", str(part), "--epochs", "4", "--batch-size", "8",
+                "--hidden-size", "32", "--modality-dropout", "0.3")
+    assert r.exit_code == 130 and (part / "resume" / "state.json").is_file()
+    assert "--resume" in r.stderr
+    r = run_cli("finetune", str(prepared), "--output", str(part), "--epochs", "4", "--batch-size", "8")
+    assert r.exit_code == 2 and "unfinished run" in r.stderr
+    monkeypatch.setattr(ft, "fit_epoch", original)
+    resumed = finetune(prepared, part, "--epochs", "4", "--modality-dropout", "0.3", "--resume")
+    for key in ("val_loss", "val_accuracy", "steps", "best_epoch"):
+        assert resumed[key] == full[key], key
+
+
+def test_eval_and_predict_round_trip(prepared, toy_manifest, tmp_path):
+    ck = tmp_path / "ck"
+    finetune(prepared, ck, "--epochs", "4")
+    out = tmp_path / "m.json"
+    r = run_cli("eval", "model", str(ck), str(prepared), "--output", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "ece", "reliance"} <= set(m)
+    assert set(m["reliance"]["masked"]) == {"none", "text", "image", "audio"}
+    assert out.is_file() and (tmp_path / "m_confusion.png").is_file()
+    # predict on the raw test records gives the predictions eval scored
+    import datasets
+
+    test_ids = set(datasets.load_from_disk(str(prepared))["test"]["id"])
+    r = run_cli("predict", str(ck), str(toy_manifest))
+    assert r.exit_code == 0, r.output
+    preds = {p["id"]: p["prediction"] for p in load_json_lines(r.stdout)}
+    gold = {row.split(",")[0]: row.split(",")[4] for row in toy_manifest.read_text().splitlines()[1:]}
+    acc = np.mean([preds[i] == gold[i] for i in test_ids])
+    assert acc == pytest.approx(m["accuracy"])
+    # raw manifest as DATA for eval featurizes on the fly
+    r = run_cli("eval", "model", str(ck), str(toy_manifest), "--split", "test", "--no-reliance")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n"] == 48
