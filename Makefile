@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast bench lint clean
+.PHONY: setup models models-all demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -20,16 +20,19 @@ $(STAMP): requirements.txt pyproject.toml
 models: $(STAMP)
 	$(BIN)/mmllm models pull minilm efficientnet-lite0 whisper-tiny.en > /dev/null
 
+models-all: $(STAMP)
+	$(BIN)/mmllm models pull --all > /dev/null
+
 demo: models
 	$(BIN)/mmllm prepare sample_data/manifest.csv --output $(DEMO)/prepared > $(DEMO).prepare.json
 	$(BIN)/mmllm finetune $(DEMO)/prepared --output $(DEMO)/checkpoint --epochs 10 --patience 3 > $(DEMO).finetune.json
 	$(BIN)/mmllm eval model $(DEMO)/checkpoint $(DEMO)/prepared --split test --output $(DEMO)/metrics.json > /dev/null
 	$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/metrics.json')); print(json.dumps({k: m[k] for k in ('split','n','accuracy','macro_f1','ece')}))"
-	grep ',test$$' sample_data/manifest.csv | head -5 | cut -d, -f1-4 | sed '1i id,text,image,audio' | sed 's#,images/#,sample_data/images/#; s#,audio/#,sample_data/audio/#' > $(DEMO)/few.csv
-	$(BIN)/mmllm predict $(DEMO)/checkpoint $(DEMO)/few.csv --top-k 2
+	$(BIN)/python -c "import csv, json; rows = [r for r in csv.DictReader(open('sample_data/manifest.csv')) if r['split'] == 'test'][:5]; [print(json.dumps({'id': r['id'], 'text': r['text'], 'image': 'sample_data/' + r['image'], 'audio': 'sample_data/' + r['audio']})) for r in rows]" > $(DEMO)/few.jsonl
+	$(BIN)/mmllm predict $(DEMO)/checkpoint - --top-k 2 < $(DEMO)/few.jsonl
 	@rm -f $(DEMO).prepare.json $(DEMO).finetune.json
 
-test: models
+test: models-all
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
