@@ -24,13 +24,13 @@ models-all: $(STAMP)
 	$(BIN)/mmllm models pull --all > /dev/null
 
 demo: models
-	$(BIN)/mmllm prepare sample_data/manifest.csv --output $(DEMO)/prepared > $(DEMO).prepare.json
-	$(BIN)/mmllm finetune $(DEMO)/prepared --output $(DEMO)/checkpoint --epochs 10 --patience 3 > $(DEMO).finetune.json
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/mmllm prepare sample_data/manifest.csv --output $(DEMO)/prepared > $(DEMO)/prepare.json
+	$(BIN)/mmllm finetune $(DEMO)/prepared --output $(DEMO)/checkpoint --epochs 10 --patience 3 > $(DEMO)/finetune.json
 	$(BIN)/mmllm eval model $(DEMO)/checkpoint $(DEMO)/prepared --split test --output $(DEMO)/metrics.json > /dev/null
 	$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/metrics.json')); print(json.dumps({k: m[k] for k in ('split','n','accuracy','macro_f1','ece')}))"
 	$(BIN)/python -c "import csv, json; rows = [r for r in csv.DictReader(open('sample_data/manifest.csv')) if r['split'] == 'test'][:5]; [print(json.dumps({'id': r['id'], 'text': r['text'], 'image': 'sample_data/' + r['image'], 'audio': 'sample_data/' + r['audio']})) for r in rows]" > $(DEMO)/few.jsonl
 	$(BIN)/mmllm predict $(DEMO)/checkpoint - --top-k 2 < $(DEMO)/few.jsonl
-	@rm -f $(DEMO).prepare.json $(DEMO).finetune.json
 
 test: models-all
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

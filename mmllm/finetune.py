@@ -120,6 +120,8 @@ def run(cfg: FinetuneConfig) -> int:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     stop = StopFlag()
     start = time.perf_counter()
