@@ -310,7 +310,7 @@ class AudioEncoder:
             out = layer(x, attention_mask=None)
             x = out[0] if isinstance(out, tuple) else out
         x = enc.layer_norm(x)[0]
-        real = max(1, min(x.shape[0], math.ceil(seconds * 50)))  # 50 encoder frames per second
+        real = max(1, min(x.shape[0], -(-len(clip) * 50 // self.sample_rate)))  # 50 encoder frames per second
         return x[:real].float().numpy()
 
     def _librosa(self, clip: np.ndarray) -> np.ndarray:

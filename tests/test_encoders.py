@@ -1,0 +1,104 @@
+"""One interface per role; each transformers family works through it (tiny random models saved locally)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import sine
+from mmllm.encoders import load_encoder, resolve
+
+
+def save_image_model(kind: str, folder):
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Dinov2Config,
+                              Dinov2Model, ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel,
+                              ViTImageProcessor)
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    model = {"clip": lambda: CLIPVisionModel(CLIPVisionConfig(**small)),
+             "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**small)),
+             "dinov2": lambda: Dinov2Model(Dinov2Config(**{**small, "patch_size": 8})),
+             "convnext": lambda: ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
+             "resnet": lambda: ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                        layer_type="basic"))}[kind]()
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "convnext", "resnet"])
+def test_image_families(tmp_path, kind):
+    folder = save_image_model(kind, tmp_path / kind)
+    enc = load_encoder("image", str(folder))
+    pooled, seq = enc.encode([Image.new("RGB", (50, 40), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 0, 255))])
+    assert pooled.shape == (2, enc.dim) and seq.shape[0] == 2 and seq.shape[2] == enc.dim
+    assert not np.allclose(pooled[0], pooled[1])
+    assert enc.identity.startswith(f"{kind}@") and len(enc.identity.split("@")[1]) == 12
+
+
+def test_vit_and_identity_is_stable(tiny_models):
+    a, b = load_encoder("image", str(tiny_models["image"])), load_encoder("image", str(tiny_models["image"]))
+    assert a.identity == b.identity and a.describe()["preprocessing"]["image_size"] == 32
+
+
+def save_audio_model(kind: str, folder):
+    from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, HubertConfig, HubertModel,
+                              Wav2Vec2FeatureExtractor)
+
+    if kind == "hubert":
+        HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_feat_extract_layers=2,
+                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
+    else:
+        ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           max_length=100, num_mel_bins=32, frequency_stride=10, time_stride=10)).save_pretrained(folder)
+        ASTFeatureExtractor(num_mel_bins=32, max_length=100).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "whisper", "hubert", "ast"])
+def test_audio_families(tmp_path, tiny_models, kind):
+    folder = tiny_models.get(kind) or save_audio_model(kind, tmp_path / kind)
+    if kind == "wav2vec2":
+        folder = tiny_models["audio"]
+    enc = load_encoder("audio", str(folder))
+    pooled, seqs = enc.encode([sine(0.5, 300), sine(1.3, 900)])
+    assert pooled.shape == (2, enc.dim) and enc.sample_rate == 16000
+    assert all(s.shape[1] == enc.dim for s in seqs)
+
+
+def test_whisper_uses_real_length(tiny_models):
+    enc = load_encoder("audio", str(tiny_models["whisper"]))
+    _, seqs = enc.encode([sine(0.5), sine(2.2)])
+    assert [len(s) for s in seqs] == [25, 110]  # 50 encoder frames per second of real audio, not 1500
+    enc.whisper_full_window = True
+    pooled_full, seqs_full = enc.encode([sine(0.5)])
+    assert len(seqs_full[0]) == 25
+
+
+@pytest.mark.parametrize("name,dim", [("logmel", 128), ("mfcc", 80)])
+def test_librosa_front_ends(name, dim):
+    enc = load_encoder("audio", name)
+    pooled, _ = enc.encode([sine(0.5, 300), sine(0.5, 3000)])
+    assert pooled.shape == (2, dim) and enc.identity == name and not np.allclose(pooled[0], pooled[1])
+
+
+def test_text_encoder(tiny_models):
+    enc = load_encoder("text", str(tiny_models["text"]))
+    tok = enc.tokenize(["it is big", "small"], max_tokens=3)
+    assert [len(x) for x in tok["input_ids"]] == [3, 3]
+    emb = enc.embed(["it is big", "small"])
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert isinstance(enc.build_model(), torch.nn.Module)
+
+
+def test_unknown_and_offline_names(tmp_path):
+    from mmllm.errors import UserError
+
+    with pytest.raises(UserError, match="not a built-in alias"):
+        resolve("org/some-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
