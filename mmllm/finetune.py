@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,23 +63,39 @@ def setup_distributed(cfg: FinetuneConfig) -> Dist:
 
 # ---------------------------------------------------------------- entry point
 
+@dataclasses.dataclass
+class Task:
+    """What the generic loop needs from a task (classification here, generation in generate.py)."""
+
+    model: torch.nn.Module  # forward(batch) -> {"loss": ...}; backbone_parameters() -> pretrained params
+    train: Any  # len(train), train.batch(indices, device) -> dict with "labels"
+    validate: Callable[[torch.nn.Module], dict]  # -> {"val_loss": ..., other val_* metrics}
+    save: Callable[[torch.nn.Module, Path, dict], None]  # write the checkpoint files into a folder
+
+
 def run(cfg: FinetuneConfig) -> int:
-    if cfg.task == "generate":
-        raise UserError("--task generate is not implemented yet in this version (classification only)")
     dist = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
     data, meta = load_prepared(cfg.prepared)
-    modalities = [m for m in cfg.modalities.split(",") if m.strip()]
-    missing = [m for m in modalities if m not in meta["modalities"]]
-    if missing:
-        if cfg.modalities != "text,image,audio":
-            raise UserError(f"--modalities: {missing[0]} was not prepared (prepared: {', '.join(meta['modalities'])})")
-        modalities = [m for m in modalities if m in meta["modalities"]]
-    if not meta["labels"]:
-        raise UserError(f"{cfg.prepared} has no labels: use a label column for --task classify")
     if "train" not in data or "validation" not in data:
         raise UserError(f"{cfg.prepared} needs train and validation splits (has: {', '.join(data)})")
+    modalities = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
+    missing = [m for m in modalities if m not in meta["modalities"]]
+    if missing and cfg.modalities != "text,image,audio":
+        raise UserError(f"--modalities: {missing[0]} was not prepared (prepared: {', '.join(meta['modalities'])})")
+    modalities = [m for m in modalities if m in meta["modalities"]]
+    if cfg.task == "generate":
+        from mmllm.generate import generation_task
+
+        task = generation_task(cfg, data, meta, modalities, dist)
+    else:
+        task = classification_task(cfg, data, meta, modalities, dist)
+    return train(task, cfg, dist)
+
+
+def classification_task(cfg: FinetuneConfig, data: Any, meta: dict, modalities: list[str], dist: Dist) -> Task:
+    if not meta["labels"]:
+        raise UserError(f"{cfg.prepared} has no labels: use a label column for --task classify")
     labels = meta["labels"]
     label_to_id = {n: i for i, n in enumerate(labels)}
     tokenizer = text_config = text_model = None
@@ -91,8 +107,8 @@ def run(cfg: FinetuneConfig) -> int:
             raise UserError(f"text model {text.name} is now {text.identity}, prepared with "
                             f"{meta['encoders']['text']['identity']}: prepare again")
         tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
-    pad_id = tokenizer.pad_token_id or 0 if tokenizer is not None else 0
-    train = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id)
+    pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
+    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id)
     val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id)
     enc = meta["encoders"]
     mcfg = ModelConfig(modalities=modalities, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=cfg.fusion,
@@ -102,9 +118,23 @@ def run(cfg: FinetuneConfig) -> int:
                        freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
                        text_model_type=getattr(text_config, "model_type", None))
     model = build_model(mcfg, text_model).to(dist.device)
-    class_weights = auto_class_weights(train.labels, len(labels)).to(dist.device) if cfg.class_weights == "auto" \
-        else None
-    steps_per_epoch = math.ceil(math.ceil(len(train) / dist.world / cfg.batch_size) / cfg.grad_accum)
+    if cfg.class_weights == "auto":
+        model.class_weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device)
+
+    def save(model_: torch.nn.Module, out: Path, metrics: dict) -> None:
+        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
+                "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
+                "metrics": metrics}
+        checkpoint.save(model_, out, info, tokenizer, text_config)
+
+    return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size), save)
+
+
+def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
+    """The loop: epochs of fit + validate, early stopping, resumable state, final checkpoint (rank 0)."""
+    out = Path(cfg.output)
+    model = task.model
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / dist.world / cfg.batch_size) / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -113,7 +143,7 @@ def run(cfg: FinetuneConfig) -> int:
     if cfg.resume:
         state = load_state(state_dir, model, optimizer, scheduler)
         log(f"resumed at epoch {state.epoch}, step {state.step}")
-    elif dist.main and out.exists() and (out / STATE_DIR).exists():
+    elif dist.main and (out / STATE_DIR).exists():
         raise UserError(f"--output {out} holds an unfinished run: add --resume, or choose another folder")
     ddp_model = model
     if dist.world > 1:
@@ -130,12 +160,11 @@ def run(cfg: FinetuneConfig) -> int:
         with stop:
             while state.epoch < cfg.epochs and not state.stopped_early and not (cfg.max_steps and
                                                                                  state.step >= cfg.max_steps):
-                n = fit_epoch(ddp_model, model, train, optimizer, scheduler, cfg, dist, state, stop, class_weights,
-                              out if dist.main else None)
-                trained_records += n
+                trained_records += fit_epoch(ddp_model, model, task.train, optimizer, scheduler, cfg, dist, state,
+                                             stop, out if dist.main else None)
                 if stop.hit:
                     break
-                val_metrics = validate(model, val, labels, dist.device, cfg.batch_size, class_weights)
+                val_metrics = task.validate(model)
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 record = {"epoch": state.epoch, "step": state.step, "train_loss": state.epoch_loss, **val_metrics}
@@ -144,8 +173,8 @@ def run(cfg: FinetuneConfig) -> int:
                 if dist.main:
                     append_jsonl(out / "metrics.jsonl", record)
                     save_state(state_dir, model, optimizer, scheduler, state)
-                    log(f"epoch {state.epoch}: train_loss {state.epoch_loss:.4f}  val_loss {val_metrics['val_loss']:.4f}"
-                        f"  val_accuracy {val_metrics['val_accuracy']:.4f}  val_f1 {val_metrics['val_f1']:.4f}"
+                    shown = "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if isinstance(v, float))
+                    log(f"epoch {state.epoch}: train_loss {state.epoch_loss:.4f}  {shown}"
                         + ("  (best)" if state.best_epoch == state.epoch else ""))
         if stop.hit:
             if dist.main:
@@ -158,16 +187,13 @@ def run(cfg: FinetuneConfig) -> int:
     elapsed = time.perf_counter() - start
     if state.best_state is not None:
         model.load_state_dict(state.best_state)  # restore the best weights (early stopping)
-    final = validate(model, val, labels, dist.device, cfg.batch_size, class_weights)
+    final = task.validate(model)
     summary = {"output": str(out), "epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
                "monitor": cfg.monitor, "best": state.best, "stopped_early": state.stopped_early, **final,
                "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
                "world_size": dist.world}
     if dist.main:
-        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
-                "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
-                "metrics": final}
-        checkpoint.save(model, out, info, tokenizer, text_config)
+        task.save(model, out, final)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(state.history, out / "training_curves.png")
         import shutil
@@ -264,8 +290,8 @@ def epoch_order(n: int, seed: int, epoch: int, dist: Dist) -> list[int]:
     return order
 
 
-def fit_epoch(ddp_model, model, train: FeatureTable, optimizer, scheduler, cfg: FinetuneConfig, dist: Dist,
-              state: TrainState, stop: StopFlag, class_weights, out: Path | None) -> int:
+def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneConfig, dist: Dist,
+              state: TrainState, stop: StopFlag, out: Path | None) -> int:
     """One pass over the training split; returns the number of records seen."""
     ddp_model.train()
     order = epoch_order(len(train), cfg.seed, state.epoch, dist)
@@ -278,13 +304,12 @@ def fit_epoch(ddp_model, model, train: FeatureTable, optimizer, scheduler, cfg: 
         advance(state.batch_in_epoch)
         for b in range(state.batch_in_epoch, len(batches)):
             batch = train.batch(batches[b], dist.device)
-            labels = batch.pop("labels")
             with autocast:
-                ce = ddp_model(batch, labels, class_weights=class_weights)["loss"]
+                ce = ddp_model(batch)["loss"]
             l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
             loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
             (loss / cfg.grad_accum).backward()
-            seen += len(labels)
+            seen += len(batches[b])
             state.batch_in_epoch = b + 1
             if state.batch_in_epoch % cfg.grad_accum == 0 or b == len(batches) - 1:
                 if cfg.grad_clip > 0:
@@ -324,11 +349,12 @@ def predict_table(model, table: FeatureTable, device, batch_size: int, drop: fro
     return p, g, (torch.cat(gates).numpy() if gates else None)
 
 
-def validate(model, val: FeatureTable, labels: list[str], device, batch_size: int, class_weights=None) -> dict:
+def validate(model, val: FeatureTable, labels: list[str], device, batch_size: int) -> dict:
     probs, gold, _ = predict_table(model, val, device, batch_size)
     keep = gold >= 0
     logp = np.log(np.clip(probs[keep], 1e-12, 1))
-    w = class_weights.cpu().numpy()[gold[keep]] if class_weights is not None else np.ones(keep.sum())
+    cw = model.class_weights
+    w = cw.cpu().numpy()[gold[keep]] if cw is not None else np.ones(keep.sum())
     loss = float(-(w * logp[np.arange(keep.sum()), gold[keep]]).sum() / max(w.sum(), 1e-12))
     m = classification(gold, probs.argmax(1), labels)
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_f1": m["macro_f1"]}

@@ -85,6 +85,7 @@ class MultimodalClassifier(nn.Module):
         self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), h))  # stands in for a missing modality
         self.fusion = Fusion(cfg.fusion, len(cfg.modalities), h, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, cfg.num_labels))
+        self.class_weights: torch.Tensor | None = None  # set by finetune for --class-weights auto
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.text.parameters() if p.requires_grad] if self.text is not None else []
@@ -115,14 +116,14 @@ class MultimodalClassifier(nn.Module):
         present_t = present_t | (present_t.sum(1, keepdim=True) == 0)
         return x, present_t
 
-    def forward(self, batch: dict, labels: torch.Tensor | None = None, drop: set[str] = frozenset(),
-                class_weights: torch.Tensor | None = None) -> dict[str, Any]:
+    def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
+        """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
         x, present = self.modality_vectors(batch, drop)
         fused, gates = self.fusion(x, present)  # (B, H)
         logits = self.head(fused)  # (B, C)
         out: dict[str, Any] = {"logits": logits, "gates": gates}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
+        if batch.get("labels") is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
         return out
 
 
