@@ -28,8 +28,7 @@ def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, 
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    save_file(file_tensors(unwrap(model).state_dict()), str(folder / "model.safetensors"), metadata={"format": FORMAT})
     config = {"format": FORMAT, "version": VERSION, "model": unwrap(model).cfg.to_dict(), **info}
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "labels.json").write_text(json.dumps({n: i for i, n in enumerate(info.get("labels", []))}, indent=2,
@@ -37,6 +36,17 @@ def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, 
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / "text_model")
         text_config.save_pretrained(folder / "text_model")
+
+
+def file_tensors(state: dict) -> dict:
+    """Contiguous CPU tensors for safetensors; tied weights (shared storage) are written as separate copies."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[k] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
 
 
 def unwrap(model: torch.nn.Module) -> Any:

@@ -83,7 +83,7 @@ class FinetuneConfig:
     lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).")
     share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).")
     modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.")
-    epochs: int = opt(20, "Maximum number of epochs.")
+    epochs: int = opt(20, "Maximum number of epochs (0: save the untrained model, e.g. as a baseline).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).")
     batch_size: int = opt(32, "Records per batch (per process).")
     grad_accum: int = opt(1, "Gradient accumulation steps.")
@@ -235,7 +235,7 @@ def validate(cfg: Any) -> list[str]:
         v = getattr(cfg, name, None)
         if v is not None and not 0 <= v < 1:
             problems.append(f"{flag(name)}: must be in [0, 1) (got {v})")
-    for name in ("batch_size", "epochs", "grad_accum", "num_shards", "hidden_size", "top_k", "num_beams",
+    for name in ("batch_size", "grad_accum", "num_shards", "hidden_size", "top_k", "num_beams",
                  "max_text_tokens", "max_new_tokens"):
         v = getattr(cfg, name, None)
         if v is not None and v < 1:

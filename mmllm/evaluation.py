@@ -18,35 +18,15 @@ from mmllm.metrics import bleu, classification, frechet_distance
 # ---------------------------------------------------------------- eval model
 
 def run_model(cfg: EvalModelConfig) -> int:
-    import torch
-
     from mmllm import checkpoint
-    from mmllm.batches import FeatureTable
-    from mmllm.finetune import predict_table
     from mmllm.predict import pick_device
 
     device = pick_device(cfg.device)
-    model, config, tokenizer = checkpoint.load(cfg.checkpoint, device)
-    labels = config["labels"]
-    mods = model.cfg.modalities
-    pad = tokenizer.pad_token_id or 0 if tokenizer is not None else 0
-    table, source = load_eval_table(cfg, config, mods, {n: i for i, n in enumerate(labels)}, pad)
-    unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
-    if unseen:
-        warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "
-             f"({', '.join(unseen[:5])}): counted as errors")
-    with torch.no_grad():
-        probs, gold, gates = predict_table(model, table, device, cfg.batch_size)
-    # a label unseen in training can never be predicted: score it as a miss, not as absent
-    names = labels + unseen
-    gold = np.array([names.index(lab) if lab is not None else -100 for lab in table.label_names])
-    if not (gold >= 0).any():
-        raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
-    padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
-    result: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "data": source, "split": cfg.split,
-                              **classification(gold, padded.argmax(1), names, padded)}
-    if cfg.reliance:
-        result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
+    config = checkpoint.read_config(cfg.checkpoint)
+    if config.get("task") == "generate":
+        result = eval_generation(cfg, config, device)
+    else:
+        result = eval_classification(cfg, device)
     print_table(result)
     if cfg.output:
         write_outputs(result, Path(cfg.output))
@@ -54,38 +34,88 @@ def run_model(cfg: EvalModelConfig) -> int:
     return 0
 
 
-def load_eval_table(cfg: EvalModelConfig, config: dict, mods: list[str], label_to_id: dict, pad: int):
-    """A prepared folder (encoders checked) or a raw manifest featurized with the checkpoint's encoders."""
+def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
+    import torch
+
+    from mmllm import checkpoint
     from mmllm.batches import FeatureTable
+    from mmllm.finetune import predict_table
+
+    model, config, tokenizer = checkpoint.load(cfg.checkpoint, device)
+    labels = config["labels"]
+    mods = model.cfg.modalities
+    pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
+    columns, source = eval_columns(cfg, config, mods)
+    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad)
+    unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
+    if unseen:
+        warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "
+             f"({', '.join(unseen[:5])}): counted as errors")
+    with torch.no_grad():
+        probs, _, gates = predict_table(model, table, device, cfg.batch_size)
+    # a label unseen in training can never be predicted: score it as a miss, not as absent
+    names = labels + unseen
+    gold = np.array([names.index(lab) if lab is not None else -100 for lab in table.label_names])
+    if not (gold >= 0).any():
+        raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
+    padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
+    result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
+                              "split": cfg.split, **classification(gold, padded.argmax(1), names, padded)}
+    if cfg.reliance:
+        result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
+    return result
+
+
+def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
+    from mmllm.generate import GenTable, bleu_of, load_checkpoint
+
+    model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
+    mods = model.cfg.modalities
+    columns, source = eval_columns(cfg, config, mods)
+    table = GenTable(columns, mods, tokenizer, with_targets=False)
+    if not any(table.targets):
+        raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
+    args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize)
+    scored = bleu_of(model, table, *args)
+    result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,
+                              "split": cfg.split, "n": len(table), "bleu": scored["val_bleu"],
+                              "chrf": scored["val_chrf"], "bleu_signature": scored["bleu_signature"],
+                              "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
+                                           list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
+    if cfg.reliance and mods:
+        masked = {"none": {"bleu": result["bleu"], "chrf": result["chrf"]}}
+        for m in mods:
+            b = bleu_of(model, table, *args, drop=frozenset({m}))
+            masked[m] = {"bleu": b["val_bleu"], "chrf": b["val_chrf"], "bleu_drop": result["bleu"] - b["val_bleu"]}
+        result["reliance"] = {"masked": masked}
+    return result
+
+
+def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[dict, str]:
+    """Columns of the split: a prepared folder (encoders checked) or a raw manifest featurized on the fly."""
     from mmllm.prepare import META, load_prepared
 
     data = Path(cfg.data)
     if (data / META).is_file():
         ds, meta = load_prepared(data)
         for role in mods:
-            if role == "text":
-                continue
             mine, theirs = config["encoders"][role]["identity"], meta["encoders"].get(role, {}).get("identity")
             if mine != theirs:
                 raise UserError(f"{data} was prepared with other encoders: {role} is {theirs}, the checkpoint "
                                 f"was trained on {mine}; prepare it again with --{role}-model "
                                 f"{config['encoders'][role]['name']}")
-        if "text" in mods and meta["encoders"].get("text", {}).get("identity") != config["encoders"]["text"]["identity"]:
-            raise UserError(f"{data} was tokenized for another text model "
-                            f"({meta['encoders'].get('text', {}).get('identity')}); prepare it again")
         if cfg.split not in ds:
             raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
-        return FeatureTable.from_split(ds[cfg.split], mods, label_to_id, pad), str(data)
+        return ds[cfg.split].with_format("numpy")[:], str(data)
     from mmllm.predict import Predictor, raw_records
     from mmllm.prepare import featurize
 
     predictor = Predictor(cfg.checkpoint, cfg.device)
-    records, errors = [], []
+    records = []
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):
-            errors.append(item)
-            continue
-        if item.get("split") in (None, cfg.split) or not any(r.get("split") for r in [item]):
+            warn(f"skipped record {item[0]['id']}: {item[1].reason}")
+        elif item.get("split") in (None, cfg.split):
             item["split"] = cfg.split
             records.append(item)
     rows, bad = featurize(records, predictor.encoders, predictor.prep, predictor.store)
@@ -93,8 +123,7 @@ def load_eval_table(cfg: EvalModelConfig, config: dict, mods: list[str], label_t
         warn(f"skipped record {e['id']}: {e['reason']}")
     if not rows:
         raise UserError(f"{data}: no usable records for split '{cfg.split}'")
-    columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-    return FeatureTable(columns, mods, label_to_id, pad), str(data)
+    return {k: [r.get(k) for r in rows] for k in rows[0]}, str(data)
 
 
 def reliance(model, table, device, batch_size: int, names: list[str], gold: np.ndarray, n_unseen: int,
@@ -122,19 +151,20 @@ def print_table(result: dict) -> None:
     t = Table(title=f"{result['split']}: {result['n']} records")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("accuracy", "macro_f1", "ece"):
+    for k in ("accuracy", "macro_f1", "ece", "bleu", "chrf"):
         if k in result:
             t.add_row(k, f"{result[k]:.4f}")
     show(t)
     rel = result.get("reliance")
     if rel:
         r = Table(title="modality reliance (metrics with the modality masked)")
-        for c in ("masked", "accuracy", "macro_f1", "drop", "mean gate"):
+        keys = [k for k in next(iter(rel["masked"].values()))]
+        for c in ["masked", *keys, "drop", "mean gate"]:
             r.add_column(c, justify="right" if c != "masked" else "left")
         for m, v in rel["masked"].items():
             gate = rel.get("mean_gate", {}).get(m)
-            r.add_row(m, f"{v['accuracy']:.4f}", f"{v['macro_f1']:.4f}", f"{v.get('accuracy_drop', 0):+.4f}",
-                      f"{gate:.3f}" if gate is not None else "-")
+            drop = v.get("accuracy_drop", v.get("bleu_drop", 0))
+            r.add_row(m, *[f"{v[k]:.4f}" for k in keys], f"{drop:+.4f}", f"{gate:.3f}" if gate is not None else "-")
         show(r)
 
 

@@ -7,7 +7,6 @@ A resumable state (weights, optimizer, scheduler, RNG, step) is written after ev
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -186,7 +185,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
             torch.distributed.barrier()
     elapsed = time.perf_counter() - start
     if state.best_state is not None:
-        model.load_state_dict(state.best_state)  # restore the best weights (early stopping)
+        model.load_state_dict(state.best_state, strict=False)  # restore the best weights (early stopping)
     final = task.validate(model)
     summary = {"output": str(out), "epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
                "monitor": cfg.monitor, "best": state.best, "stopped_early": state.stopped_early, **final,
@@ -368,13 +367,20 @@ def early_stopping_update(state: TrainState, model, metrics: dict, cfg: Finetune
                                       else value - state.best > cfg.min_delta)
     if improved:
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
-        state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        state.best_state = trainable_state(model)
     else:
         state.bad_epochs += 1
         if cfg.patience and state.bad_epochs >= cfg.patience:
             state.stopped_early = True
             log(f"early stopping: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs; "
                 f"best epoch {state.best_epoch}")
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    """Copies of what training changes (trainable parameters and buffers); frozen weights stay as loaded."""
+    state = model.state_dict(keep_vars=True)
+    return {k: v.detach().cpu().clone() for k, v in state.items()
+            if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -389,9 +395,9 @@ def save_state(folder: Path, model, optimizer, scheduler, state: TrainState) -> 
 
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
     if state.best_state is not None:
-        save_file({k: v.contiguous() for k, v in state.best_state.items()}, str(tmp / "best.safetensors"))
+        save_file(state.best_state, str(tmp / "best.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "best_state"}
@@ -408,7 +414,7 @@ def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
 
     if not (folder / "state.json").is_file():
         raise UserError(f"--resume: no resumable state in {folder}")
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only, no pickle code
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
@@ -433,11 +439,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     a.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
     a.set_xlabel("epoch")
     a.legend()
-    for key in ("val_accuracy", "val_f1", "val_bleu"):
-        if key in history[0]:
-            b.plot(epochs, [h[key] for h in history], label=key)
+    shown = [k for k in ("val_accuracy", "val_f1", "val_bleu", "val_chrf") if k in history[0]]
+    for key in shown:
+        b.plot(epochs, [h[key] for h in history], label=key)
     b.set_xlabel("epoch")
-    b.legend()
+    if shown:
+        b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

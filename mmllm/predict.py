@@ -76,14 +76,21 @@ class Predictor:
         from mmllm.prepare import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
 
         self.device = pick_device(device)
-        self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
+        self.config = checkpoint.read_config(folder)
+        self.generation = self.config.get("task") == "generate"
+        if self.generation:
+            from mmllm.generate import load_checkpoint
+
+            self.model, self.tokenizer = load_checkpoint(Path(folder), self.config, self.device)
+        else:
+            self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
         self.labels = self.config["labels"]
         self.encoders = encoders_for_checkpoint(Path(folder), self.config)
         self.prep = config_from_checkpoint(self.config)
         self.store = FeatureStore(enabled=False, memo_size=4096)
 
     @torch.no_grad()
-    def predict(self, records: list[dict], top_k: int = 1) -> list[dict]:
+    def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
         from mmllm.batches import FeatureTable
         from mmllm.prepare import featurize
 
@@ -91,7 +98,16 @@ class Predictor:
             r.setdefault("split", "test")
         rows, errors = featurize(records, self.encoders, self.prep, self.store)
         results = {e["id"]: {"id": e["id"], "error": _one_line(e)} for e in errors}
-        if rows:
+        if rows and self.generation:
+            from mmllm.generate import GenTable
+
+            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+            table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False)
+            texts = self.model.generate(table.batch(range(len(rows)), self.device, with_targets=False),
+                                        self.tokenizer, **generation)
+            for row, text in zip(rows, texts):
+                results[row["id"]] = {"id": row["id"], "generated": text}
+        elif rows:
             mods = self.model.cfg.modalities
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             pad = self.tokenizer.pad_token_id or 0 if self.tokenizer is not None else 0
@@ -155,7 +171,9 @@ def flush(predictor: Predictor, batch: list[dict], cfg: PredictConfig, out) -> i
         if r["id"] in seen:
             r["id"] = f"{r['id']}#row{r['row']}"
         seen.add(r["id"])
-    for res in predictor.predict(batch, cfg.top_k):
+    generation = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+                      temperature=cfg.temperature, top_p=cfg.top_p) if predictor.generation else {}
+    for res in predictor.predict(batch, cfg.top_k, **generation):
         emit(res, out)
         if "error" in res:
             failed += 1

@@ -580,7 +580,7 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
 
     out = {}
     for role in config["model"]["modalities"]:
-        if role == "text":
+        if role == "text" and (folder / "text_model").is_dir():  # classification: the tokenizer travels with it
             out[role] = TextEncoder(str(folder / "text_model"))
             continue
         recorded = config["encoders"][role]
@@ -595,4 +595,5 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
 def config_from_checkpoint(config: dict) -> PrepareConfig:
     pre = config.get("preprocessing", {})
     return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
-                         max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False)
+                         max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
+                         sentence_embedding=bool(pre.get("sentence_embedding")))

@@ -162,3 +162,19 @@ def load_json_lines(text: str) -> list[dict]:
 
 
 __all__ = ["ROOT", "run_cli", "write_wav", "write_image", "sine", "tiny_prepare_args", "load_json_lines", "shutil"]
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (hidden 32, 2 layers) with the test tokenizer, as a local folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    tok.eos_token = "[SEP]"
+    folder = tmp_path_factory.mktemp("tiny") / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

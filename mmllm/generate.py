@@ -1,0 +1,286 @@
+"""`--task generate`: text generation by a pretrained decoder conditioned on image, audio (and text).
+
+LLaVA-style prefix conditioning: each modality's precomputed embedding is projected into `--prefix-tokens`
+vectors in the decoder's embedding space; they are followed by the prompt (the record's text, tokenized by
+the decoder's tokenizer) and the target. The loss covers only the target tokens. Trainable: the projector
+(default), plus LoRA adapters (`--lora-r`) or the whole decoder (`--train-decoder`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmllm.errors import UserError
+
+PROMPT = "Describe the input.{context}\nDescription:"
+
+
+@dataclass
+class GenConfig:
+    modalities: list[str]  # prefix modalities: image / audio / text (text only via a sentence embedding)
+    dims: dict  # modality -> embedding dim
+    prefix_tokens: int = 4
+    hidden_size: int = 256
+    dropout: float = 0.1
+    lora_r: int = 0
+    train_decoder: bool = False
+    decoder: str = ""  # name as given (alias, folder or hub id)
+    decoder_identity: str = ""
+
+
+def prompt_text(text: str | None) -> str:
+    return PROMPT.format(context=f" Context: {text}" if text else "")
+
+
+class PrefixDecoder(nn.Module):
+    """Projector (per modality: LayerNorm -> Linear -> GELU -> Linear to P x d) + causal LM decoder."""
+
+    def __init__(self, cfg: GenConfig, decoder: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = decoder
+        d = decoder.get_input_embeddings().embedding_dim
+        p = cfg.prefix_tokens
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(cfg.dims[m]), nn.Linear(cfg.dims[m], cfg.hidden_size),
+                                                    nn.GELU(), nn.Dropout(cfg.dropout),
+                                                    nn.Linear(cfg.hidden_size, p * d)) for m in cfg.modalities})
+        self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), p, d))  # for a missing modality
+        self.class_weights = None
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.decoder.parameters() if p.requires_grad]
+
+    def prefix(self, batch: dict) -> torch.Tensor:
+        """(B, M * P, d) prefix embeddings."""
+        parts = []
+        p = self.cfg.prefix_tokens
+        for i, m in enumerate(self.cfg.modalities):
+            feat = batch[f"{m}_emb"]  # (B, D_m)
+            v = self.proj[m](feat).view(len(feat), p, -1)  # (B, P, d)
+            here = batch[f"has_{m}"].bool().view(-1, 1, 1)
+            parts.append(torch.where(here, v, self.placeholder[i].expand_as(v)))
+        return torch.cat(parts, 1) if parts else batch["input_ids"].new_zeros((len(batch["input_ids"]), 0, 0)).float()
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix + token embeddings and the matching attention mask."""
+        tokens = self.decoder.get_input_embeddings()(batch["input_ids"])  # (B, T, d)
+        if not self.cfg.modalities:
+            return tokens, batch["attention_mask"]
+        pre = self.prefix(batch).to(tokens.dtype)
+        mask = torch.cat([batch["attention_mask"].new_ones(pre.shape[:2]), batch["attention_mask"]], 1)
+        return torch.cat([pre, tokens], 1), mask
+
+    def forward(self, batch: dict) -> dict[str, Any]:
+        inputs, mask = self.embed(batch)
+        out: dict[str, Any] = {}
+        labels = batch.get("labels")
+        if labels is not None:
+            n_pre = inputs.shape[1] - labels.shape[1]
+            labels = torch.cat([labels.new_full((len(labels), n_pre), -100), labels], 1)  # loss on targets only
+        result = self.decoder(inputs_embeds=inputs, attention_mask=mask, labels=labels)
+        out["logits_shape"] = tuple(result.logits.shape)
+        if labels is not None:
+            out["loss"] = result.loss
+        return out
+
+    @torch.no_grad()
+    def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int = 32, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """One record at a time (no padding inside the prefix): the decoder's own generate with a KV cache."""
+        texts = []
+        for i in range(len(batch["input_ids"])):
+            one = {k: v[i:i + 1] for k, v in batch.items() if k != "labels"}
+            n = int(one["attention_mask"].sum())
+            one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
+            inputs, mask = self.embed(one)
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+            ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        num_beams=num_beams, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, **kwargs)
+            texts.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+        return texts
+
+
+class GenTable:
+    """Prompt (+ target) token ids from the decoder's tokenizer, with the precomputed modality embeddings."""
+
+    def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
+                 max_tokens: int = 256):
+        self.ids = list(columns["id"])
+        self.n = len(self.ids)
+        self.modalities = modalities
+        self.tokenizer = tokenizer
+        targets = list(columns["target"]) if "target" in columns else [None] * self.n
+        self.targets = [t if t is not None else "" for t in targets]
+        texts = list(columns["text"]) if "text" in columns else [None] * self.n
+        self.prompts = [tokenizer(prompt_text(t), add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        self.answers = None
+        if with_targets:
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            self.answers = [tokenizer(" " + t, add_special_tokens=False)["input_ids"][:max_tokens] + eos
+                            for t in self.targets]
+        self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
+        self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
+
+    @classmethod
+    def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool):
+        wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
+                 [f"{m}_emb" for m in modalities]
+        if "text" in modalities:
+            wanted.append("has_text")
+        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx: Any, device: Any = "cpu", with_targets: bool | None = None,
+              drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+        idx = list(map(int, idx))
+        use_targets = self.answers is not None if with_targets is None else with_targets
+        seqs = [self.prompts[i] + (self.answers[i] if use_targets else []) for i in idx]
+        width = max(1, max(len(s) for s in seqs))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # right padding: (B, T)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for j, (i, s) in enumerate(zip(idx, seqs)):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+            if use_targets:
+                labels[j, len(self.prompts[i]):len(s)] = torch.tensor(self.answers[i])
+        out = {"input_ids": ids, "attention_mask": mask}
+        if use_targets:
+            out["labels"] = labels
+        t = torch.as_tensor(idx)
+        for m in self.modalities:
+            out[f"has_{m}"] = self.has[m][t] & (m not in drop)
+            out[f"{m}_emb"] = self.emb[m][t]
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
+    """Freeze the decoder, or add LoRA adapters, or leave it trainable (--train-decoder)."""
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(decoder, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                                                  target_modules="all-linear"))
+    if not cfg.train_decoder:
+        decoder.requires_grad_(False)
+    return decoder
+
+
+def generation_task(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any):
+    from mmllm import finetune
+    from mmllm.encoders import load_decoder
+
+    if not meta.get("has_target"):
+        raise UserError(f"{fcfg.prepared} has no target column: --task generate needs one (--target-column)")
+    prefix_mods = [m for m in ("image", "audio") if m in modalities]
+    if "text" in modalities and "text_emb" in meta["features"]:
+        prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
+    dims = {m: meta["encoders"][m]["dim"] for m in prefix_mods}
+    decoder, tokenizer, identity = load_decoder(fcfg.decoder)
+    cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
+                    dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
+                    decoder_identity=identity)
+    model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).to(dist.device)
+    train = GenTable.from_split(data["train"], prefix_mods, tokenizer, with_targets=True)
+    val = GenTable.from_split(data["validation"], prefix_mods, tokenizer, with_targets=True)
+
+    def validate(m: PrefixDecoder) -> dict:
+        out = {"val_loss": validation_loss(m, val, fcfg.batch_size, dist.device)}
+        if fcfg.monitor == "val_bleu":
+            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens)
+            out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
+        return out
+
+    def save(m: PrefixDecoder, out: Path, metrics: dict) -> None:
+        save_checkpoint(m, out, tokenizer, meta, metrics)
+
+    return finetune.Task(model, train, validate, save)
+
+
+@torch.no_grad()
+def validation_loss(model: PrefixDecoder, table: GenTable, batch_size: int, device: Any) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(table), batch_size):
+        batch = table.batch(range(start, min(len(table), start + batch_size)), device)
+        n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over
+        total += float(model(batch)["loss"]) * n
+        count += n
+    return total / max(1, count)
+
+
+def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: int, device: Any,
+            max_new_tokens: int, num_beams: int = 1, tokenize: str = "13a", drop: frozenset = frozenset()) -> dict:
+    """Greedy/beam outputs streamed into sacreBLEU (only strings are kept, never logits)."""
+    from mmllm.metrics import bleu
+
+    model.eval()
+    hyps = []
+    for start in range(0, len(table), batch_size):
+        batch = table.batch(range(start, min(len(table), start + batch_size)), device, with_targets=False, drop=drop)
+        hyps += model.generate(batch, tokenizer, max_new_tokens, num_beams)
+    m = bleu(hyps, [table.targets], tokenize)
+    return {"val_bleu": m["bleu"], "val_chrf": m["chrf"], "hypotheses": hyps, "bleu_signature": m["bleu_signature"]}
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict, metrics: dict) -> None:
+    """Weights: projector always; decoder weights only when trained (LoRA adapters or --train-decoder)."""
+    from safetensors.torch import save_file
+
+    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, unwrap
+
+    model = unwrap(model)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if not (model.cfg.lora_r or model.cfg.train_decoder):
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}  # frozen: referenced by identity
+    save_file(file_tensors(state), str(out / "model.safetensors"), metadata={"format": FORMAT})
+    decoder = model.decoder.get_base_model() if hasattr(model.decoder, "get_base_model") else model.decoder
+    decoder.config.save_pretrained(out / "decoder")
+    tokenizer.save_pretrained(out / "decoder")
+    config = {"format": FORMAT, "version": VERSION, "task": "generate", "generation": asdict(model.cfg),
+              "model": {"modalities": model.cfg.modalities}, "encoders": meta["encoders"],
+              "columns": meta["columns"], "preprocessing": meta["preprocessing"], "labels": [],
+              "metrics": {k: v for k, v in metrics.items() if k != "hypotheses"}}
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDecoder, Any]:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mmllm.encoders import load_decoder
+
+    cfg = GenConfig(**config["generation"])
+    state = load_file(str(folder / "model.safetensors"))
+    has_decoder = any(k.startswith("decoder.") for k in state)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "decoder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.train_decoder and has_decoder:
+        decoder = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "decoder"))
+    else:
+        decoder, _, identity = load_decoder(cfg.decoder)
+        if identity != cfg.decoder_identity:
+            raise UserError(f"decoder '{cfg.decoder}' is now {identity}, the checkpoint was trained on "
+                            f"{cfg.decoder_identity}")
+    model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("decoder.") or has_decoder]
+    if missing or unexpected:
+        raise UserError(f"{folder}: config.json and model.safetensors disagree (missing {missing[:2]}, "
+                        f"unexpected {unexpected[:2]})")
+    return model.to(device).eval(), tokenizer
