@@ -22,7 +22,7 @@ import torch
 from mmllm import checkpoint
 from mmllm.batches import FeatureTable
 from mmllm.config import FinetuneConfig
-from mmllm.console import emit, log, progress
+from mmllm.console import emit, log, progress, warn
 from mmllm.errors import UserError
 from mmllm.metrics import classification
 from mmllm.model import ModelConfig, build_model, penalty
@@ -178,7 +178,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
         if stop.hit:
             if dist.main:
                 save_state(state_dir, model, optimizer, scheduler, state)
-                log(f"interrupted: resumable state saved in {state_dir}; continue with --resume")
+                warn(f"interrupted: resumable state saved in {state_dir}; continue with --resume")
             return 130
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():

@@ -18,7 +18,7 @@ from mmllm import checkpoint
 from mmllm.config import PredictConfig
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
-from mmllm.records import CANDIDATES, RecordError, detect_columns, error_entry, read_table, to_record
+from mmllm.records import CANDIDATES, RecordError, error_entry, read_table, to_record
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,26 +43,19 @@ def stdin_rows() -> Iterator[tuple[int, dict | RecordError]]:
 
 
 def raw_records(source: str, config: dict) -> Iterator[dict | tuple[dict, RecordError]]:
-    """Records (or (stub, error)) in input order; column names follow the training manifest when present."""
+    """Records (or (stub, error)) in input order. Columns: the training manifest's names, else the usual ones."""
     trained = config.get("columns") or {}
     if source == "-":
-        rows, base, columns = stdin_rows(), Path.cwd(), None
+        rows, base = stdin_rows(), Path.cwd()
     else:
-        columns, rows = read_table(Path(source))
+        _, rows = read_table(Path(source))
         base = Path(source).parent
-    cols = None
     for row, raw in rows:
         if isinstance(raw, RecordError):
             yield {"id": f"row{row}", "row": row}, raw
             continue
-        if cols is None:  # from the first record's keys: the training column names win, then the usual ones
-            keys = columns or list(raw)
-            given = {k: (trained.get(k) if trained.get(k) in keys else None) for k in CANDIDATES}
-            try:
-                cols = detect_columns(keys, given)
-            except UserError as e:
-                yield {"id": f"row{row}", "row": row}, RecordError(None, str(e))
-                continue
+        lower = {c.lower(): c for c in raw}
+        cols = {k: trained.get(k) or next((lower[c] for c in CANDIDATES[k] if c in lower), None) for k in CANDIDATES}
         try:
             yield to_record(raw, row, cols, base)
         except RecordError as e:
