@@ -178,3 +178,16 @@ def tiny_decoder(tmp_path_factory) -> Path:
                                pad_token_id=tok.pad_token_id)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_models, tmp_path_factory) -> Path:
+    """A tiny text-only classifier checkpoint (session-wide, for fuzzing predict)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    rows = [{"id": i, "text": ["it is big", "it is small"][i % 2], "label": ["b", "s"][i % 2]} for i in range(20)]
+    (root / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert run_cli("prepare", str(root / "m.jsonl"), "--output", str(root / "p"), "--text-model",
+                   str(tiny_models["text"])).exit_code == 0
+    r = run_cli("finetune", str(root / "p"), "--output", str(root / "ck"), "--epochs", "1", "--hidden-size", "16")
+    assert r.exit_code == 0, r.output
+    return root / "ck"
