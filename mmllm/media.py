@@ -29,14 +29,15 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def load_image(path: str | Path):
-    """An RGB PIL image: EXIF orientation applied, first frame of animations, any mode converted to RGB."""
+def load_image(source: str | Path | bytes):
+    """An RGB PIL image (from a path or raw bytes): EXIF orientation applied, first frame of animations,
+    any mode converted to RGB."""
     import warnings
 
     from PIL import Image, ImageOps
 
-    path = Path(path)
-    data = _read_bytes(path)
+    path = Path(source) if not isinstance(source, bytes) else Path("<bytes>")
+    data = source if isinstance(source, bytes) else _read_bytes(path)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -62,17 +63,24 @@ def load_image(path: str | Path):
     return img.convert("RGB")
 
 
-def load_audio(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
-    """Mono float32 samples at `sample_rate`, trimmed to `max_seconds` (read no further than needed)."""
+def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Mono float32 samples at `sample_rate` (from a path or raw bytes), trimmed to `max_seconds`
+    (reading no further than needed)."""
     import soundfile as sf
 
-    path = Path(path)
-    if path.is_dir() or not path.exists():
-        _read_bytes(path)
-    if path.stat().st_size == 0:
-        raise MediaError(f"empty file: {path}")
+    if isinstance(source, bytes):
+        path, handle = Path("<bytes>"), io.BytesIO(source)
+        if not source:
+            raise MediaError("empty audio bytes")
+    else:
+        path = Path(source)
+        if path.is_dir() or not path.exists():
+            _read_bytes(path)
+        if path.stat().st_size == 0:
+            raise MediaError(f"empty file: {path}")
+        handle = str(path)
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(handle) as f:
             src_rate = f.samplerate
             frames = f.frames if max_seconds is None else min(f.frames, int(max_seconds * src_rate))
             audio = f.read(frames, dtype="float32", always_2d=True)

@@ -278,21 +278,10 @@ def _file(media: Any) -> str | None:
 
 
 def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
-    import io
-
-    src = io.BytesIO(media) if isinstance(media, bytes) else media
+    """Canonical media: an RGB image, or mono float32 audio at the encoder's rate (from a path or bytes)."""
     if role == "image":
-        return load_image(media if isinstance(media, str) else src) if isinstance(media, str) else _image_bytes(media)
-    return load_audio(src, encoder.sample_rate, cfg.max_audio_seconds)
-
-
-def _image_bytes(data: bytes):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".img") as f:
-        f.write(data)
-        f.flush()
-        return load_image(f.name)
+        return load_image(media)
+    return load_audio(media, encoder.sample_rate, cfg.max_audio_seconds)
 
 
 def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig

@@ -109,3 +109,16 @@ def test_bad_audio_gives_reasons(tmp_path):
 def test_text_normalization():
     assert normalize_text("\ufeffCafe\u0301  au\n lait") == "Caf\u00e9 au lait"
     assert normalize_text(None) == "" and normalize_text(float("nan")) == ""
+
+
+def test_media_from_bytes(tmp_path):
+    img = load_image(_png_bytes())
+    assert img.size == (5, 5)
+    wav = write_wav(tmp_path / "a.wav").read_bytes()
+    assert load_audio(wav, 16000).shape == (8000,)
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 5)).save(buf, format="PNG")
+    return buf.getvalue()
