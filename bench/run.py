@@ -1,0 +1,409 @@
+"""mmllm benchmarks: every figure is a ratio against a baseline measured in the same run (medians).
+
+    python bench/run.py [--quick]     (make bench)
+
+Writes bench/results.json and regenerates the table in BENCHMARKS.md. Uses the embedded models
+(`mmllm models pull minilm efficientnet-lite0 whisper-tiny.en`). --quick runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "manifest.csv"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_cmd(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, input=stdin, cwd=ROOT, check=True)
+
+
+def sample_records(n: int) -> list[dict]:
+    rows = list(csv.DictReader(open(SAMPLE, encoding="utf-8")))
+    return [dict(rows[i % len(rows)], id=f"{rows[i % len(rows)]['id']}_{i}") for i in range(n)]
+
+
+def write_manifest(path: Path, records: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        for r in records:
+            w.writerow({**r, "image": str(ROOT / "sample_data" / r["image"]), "audio": str(ROOT / "sample_data" / r["audio"])})
+    return path
+
+
+# ---------------------------------------------------------------- 1. CLI start-up
+
+def bench_startup(repeat: int) -> dict:
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    help_s = median_time(lambda: run_cmd([exe, "--help"]), repeat)
+    typer_s = median_time(lambda: run_cmd([sys.executable, "-c", "import typer"]), repeat)
+    return {"help_s": help_s, "import_typer_s": typer_s, "ratio": help_s / typer_s,
+            "target": "help <= 0.5 s and <= 8x import typer", "met": help_s <= 0.5 and help_s / typer_s <= 8}
+
+
+# ---------------------------------------------------------------- 2. prepare overhead
+
+def bench_prepare(n: int, tmp: Path) -> dict:
+    import torch
+
+    from mmllm.config import PrepareConfig
+    from mmllm.encoders import load_encoder
+    from mmllm.media import load_audio, load_image, normalize_text
+    from mmllm.prepare import run as prepare_run
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    records = sample_records(n)  # n <= 480: every image is a distinct file; audio clips repeat (48 distinct)
+    manifest = write_manifest(tmp / "m.csv", records)
+    cfg = PrepareConfig(input=[str(manifest)], output=str(tmp / "out"), cache=False, batch_size=32)
+    from mmllm import console
+
+    console.set_quiet(True)
+    enc = {"text": load_encoder("text", "minilm"), "image": load_encoder("image", "efficientnet-lite0"),
+           "audio": load_encoder("audio", "whisper-tiny.en")}
+    enc["image"].model, enc["audio"].model  # load weights outside the timed region, as prepare does once
+    t = time.perf_counter()
+    with open(os.devnull, "w") as devnull:
+        saved, sys.stdout = sys.stdout, devnull
+        try:
+            prepare_run(cfg)
+        finally:
+            sys.stdout = saved
+    prepare_s = time.perf_counter() - t
+    # baseline: the pure encoder forward on the same, already decoded, distinct inputs
+    distinct_audio = sorted({r["audio"] for r in records})
+    images = [load_image(r["image"]) for r in records]
+    clips = [load_audio(a, 16000) for a in distinct_audio]
+    texts = [normalize_text(r["text"]) for r in records]
+    t = time.perf_counter()
+    for i in range(0, len(images), 32):
+        enc["image"].encode(images[i:i + 32])
+    img_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(clips), 32):
+        enc["audio"].encode(clips[i:i + 32])
+    aud_s = time.perf_counter() - t
+    t = time.perf_counter()
+    enc["text"].tokenize(texts, 128)
+    txt_s = time.perf_counter() - t
+    forward = img_s + aud_s + txt_s
+    return {"records": n, "prepare_s": prepare_s, "encoder_forward_s": forward, "ratio": prepare_s / forward,
+            "records_per_s": {"image": len(images) / img_s, "audio": len(clips) / aud_s, "text": len(texts) / txt_s},
+            "note": "audio files repeat in sample_data; both sides encode each distinct clip once",
+            "target": "prepare / encoder forward <= 1.5", "met": prepare_s / forward <= 1.5}
+
+
+# ---------------------------------------------------------------- 3. cached features vs encode every epoch
+
+def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
+    import numpy as np
+    import torch
+
+    from mmllm.batches import FeatureTable
+    from mmllm.encoders import load_encoder
+    from mmllm.finetune import predict_table
+    from mmllm.media import load_audio, load_image
+    from mmllm.metrics import classification
+    from mmllm.model import ModelConfig, build_model
+    from mmllm.prepare import load_prepared
+
+    data, meta = load_prepared(prepared)
+    labels = meta["labels"]
+    l2i = {n: i for i, n in enumerate(labels)}
+    mods = ["text", "image", "audio"]
+    text = load_encoder("text", "minilm")
+    train = FeatureTable.from_split(data["train"], mods, l2i, 0)
+    test = FeatureTable.from_split(data["test"], mods, l2i, 0)
+    img_enc, aud_enc = load_encoder("image", "efficientnet-lite0"), load_encoder("audio", "whisper-tiny.en")
+    rows = {r["id"]: r for r in csv.DictReader(open(SAMPLE, encoding="utf-8"))}
+
+    def make():
+        torch.manual_seed(0)
+        cfg = ModelConfig(modalities=mods, num_labels=len(labels), text_dim=384, image_dim=1280, audio_dim=384,
+                          freeze_text=False)
+        model = build_model(cfg, text.build_model())
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def epoch(model, opt, online: bool, seed: int):
+        model.train()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        for i in range(0, len(order), 32):
+            batch = train.batch(order[i:i + 32])
+            if online:  # what a pipeline without a feature cache does: decode + encode the media every epoch
+                ids = [train.ids[j] for j in order[i:i + 32]]
+                pooled_i, _ = img_enc.encode([load_image(ROOT / "sample_data" / rows[k]["image"]) for k in ids])
+                pooled_a, _ = aud_enc.encode([load_audio(ROOT / "sample_data" / rows[k]["audio"], 16000) for k in ids])
+                batch["image_emb"], batch["audio_emb"] = torch.from_numpy(pooled_i), torch.from_numpy(pooled_a)
+            loss = model(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    results = {}
+    for online in (False, True):
+        model, opt = make()
+        times = []
+        for e in range(epochs):
+            t = time.perf_counter()
+            epoch(model, opt, online, e)
+            times.append(time.perf_counter() - t)
+        probs, gold, _ = predict_table(model, test, "cpu", 64)
+        results["online" if online else "cached"] = {
+            "epoch_s": statistics.median(times),
+            "test_accuracy": classification(gold, probs.argmax(1), labels)["accuracy"]}
+    ratio = results["online"]["epoch_s"] / results["cached"]["epoch_s"]
+    diff = abs(results["online"]["test_accuracy"] - results["cached"]["test_accuracy"])
+    return {**results, "epochs": epochs, "speedup": ratio, "accuracy_diff": diff,
+            "target": ">= 10x faster, accuracy within 1 point", "met": ratio >= 10 and diff <= 0.01}
+
+
+# ---------------------------------------------------------------- 4. training loop vs transformers.Trainer
+
+def bench_trainer(prepared: Path, steps: int) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from mmllm.batches import FeatureTable
+    from mmllm.encoders import load_encoder
+    from mmllm.model import ModelConfig, build_model
+    from mmllm.prepare import load_prepared
+
+    data, meta = load_prepared(prepared)
+    labels = meta["labels"]
+    mods = ["text", "image", "audio"]
+    train = FeatureTable.from_split(data["train"], mods, {n: i for i, n in enumerate(labels)}, 0)
+    text = load_encoder("text", "minilm")
+    bs = 32
+    n_records = steps * bs
+
+    def make():
+        torch.manual_seed(0)
+        return build_model(ModelConfig(modalities=mods, num_labels=len(labels), text_dim=384, image_dim=1280,
+                                       audio_dim=384), text.build_model())
+
+    # mmllm's loop (the same fit_epoch code path, one epoch capped at `steps` steps)
+    from mmllm.config import FinetuneConfig
+    from mmllm.finetune import Dist, StopFlag, TrainState, fit_epoch, make_optimizer, make_scheduler
+
+    model = make()
+    cfg = FinetuneConfig(prepared=str(prepared), output="x", batch_size=bs, max_steps=steps, warmup_ratio=0.0)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps)
+    from mmllm import console
+
+    console.set_quiet(True)
+    t = time.perf_counter()
+    fit_epoch(model, model, train, opt, sched, cfg, Dist(), TrainState(), StopFlag(), None)
+    ours_s = time.perf_counter() - t
+
+    class Indexes(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            return i
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **batch):
+            return {"loss": self.inner(batch)["loss"]}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps, learning_rate=1e-3,
+                                 report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                                 use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, lr_scheduler_type="cosine")
+        trainer = Trainer(model=Wrapped(make()), args=args, train_dataset=Indexes(),
+                          data_collator=lambda idx: train.batch(idx))
+        t = time.perf_counter()
+        trainer.train()
+        theirs_s = time.perf_counter() - t
+    # achieved FLOP/s of a text-model training step vs measured dense matmul FLOP/s
+    bert = text.build_model().train()
+    ids = torch.randint(1000, 2000, (bs, 32))
+    opt2 = torch.optim.AdamW(bert.parameters(), lr=1e-5)
+
+    def step():
+        out = bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean()
+        out.backward()
+        opt2.step()
+        opt2.zero_grad()
+
+    step()
+    step_s = median_time(step, 3)
+    n_params = sum(p.numel() for p in bert.parameters() if p.dim() >= 2 and "embeddings" not in str(p.shape))
+    flops = 6 * n_params * ids.numel()
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    torch.mm(a, b)
+    mm_s = median_time(lambda: [torch.mm(a, b) for _ in range(10)], 3) / 10
+    matmul_flops = 2 * 1024 ** 3 / mm_s
+    return {"records": n_records, "mmllm_records_per_s": n_records / ours_s, "trainer_records_per_s": n_records / theirs_s,
+            "ratio": theirs_s / ours_s, "text_step_flops_per_s": flops / step_s, "matmul_flops_per_s": matmul_flops,
+            "mfu_fraction": flops / step_s / matmul_flops,
+            "target": "mmllm records/s >= 1.0x Trainer", "met": theirs_s / ours_s >= 1.0}
+
+
+# ---------------------------------------------------------------- 5-6. predict throughput, latency, memory; scaling
+
+def text_checkpoint(tmp: Path) -> Path:
+    rows = [{"id": i, "text": ["it is big", "it is small", "quite large", "very tiny"][i % 4],
+             "label": ["big", "small"][i % 2]} for i in range(64)]
+    (tmp / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    run_cmd([exe, "-q", "prepare", str(tmp / "t.jsonl"), "--output", str(tmp / "tp")])
+    run_cmd([exe, "-q", "finetune", str(tmp / "tp"), "--output", str(tmp / "tck"), "--epochs", "1"])
+    return tmp / "tck"
+
+
+def predict_run(ck: Path, n: int, tmp: Path) -> dict:
+    """Wall time, time to first line and peak RSS of `mmllm predict` on n JSONL records from stdin."""
+    path = tmp / f"in{n}.jsonl"
+    words = ["big", "small", "large", "tiny", "huge", "little"]
+    path.write_text("".join(json.dumps({"id": i, "text": f"it is {words[i % 6]} number {i}"}) + "\n" for i in range(n)))
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    t = time.perf_counter()
+    with open(path) as stdin:
+        proc = subprocess.Popen([exe, "-q", "predict", str(ck), "-", "--batch-size", "64"], stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        first = proc.stdout.readline()
+        first_s = time.perf_counter() - t
+        lines = 1 + sum(1 for _ in proc.stdout)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    assert first and lines == n, (lines, n)
+    return {"records": n, "wall_s": wall, "first_line_s": first_s, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def slope(ns: list[int], ts: list[float]) -> float:
+    import numpy as np
+
+    return float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
+
+
+def bench_predict(ck: Path, tmp: Path, small: int, large: int) -> dict:
+    a, b = predict_run(ck, small, tmp), predict_run(ck, large, tmp)
+    startup = predict_run(ck, 1, tmp)["wall_s"]
+    per_record = (b["wall_s"] - startup) / large
+    return {"small": a, "large": b, "records_per_s_batch": 1 / per_record if per_record > 0 else None,
+            "rss_ratio": b["peak_rss_mb"] / a["peak_rss_mb"], "target": "peak RSS large/small <= 1.2 (flat memory)",
+            "met": b["peak_rss_mb"] / a["peak_rss_mb"] <= 1.2}
+
+
+def bench_scaling(ck: Path, tmp: Path, n: int) -> dict:
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    ns = [n, 2 * n, 4 * n]
+    prep, pred = [], []
+    for k in ns:
+        manifest = write_manifest(tmp / f"s{k}.csv", [dict(r, text=f"{r['text']} {i}") for i, r in enumerate(sample_records(k))])
+        t = time.perf_counter()
+        run_cmd([exe, "-q", "prepare", str(manifest), "--output", str(tmp / f"sp{k}"), "--no-cache"])
+        prep.append(time.perf_counter() - t)
+        pred.append(predict_run(ck, k * 8, tmp)["wall_s"])
+    return {"n": ns, "prepare_s": prep, "predict_s": pred, "prepare_slope": slope(ns, prep),
+            "predict_slope": slope([k * 8 for k in ns], pred), "note": "log-log slope; 1.0 is linear, start-up cost lowers it"}
+
+
+# ---------------------------------------------------------------- report
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "platform": platform.platform()}
+
+
+def write_markdown(results: dict) -> None:
+    r = results
+    lines = ["# Benchmarks", "", f"Measured {r['date']} on {r['versions']['machine']} "
+             f"(python {r['versions']['python']}, torch {r['versions']['torch']}, transformers "
+             f"{r['versions']['transformers']}), mode: {r['mode']}. Every figure is a ratio against a baseline "
+             "measured in the same run (medians where repeated). Regenerate with `make bench`.", "",
+             "| benchmark | mmllm | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
+    s = r["startup"]
+    lines.append(f"| CLI start-up | `mmllm --help` {s['help_s']:.3f} s | `python -c 'import typer'` "
+                 f"{s['import_typer_s']:.3f} s | {s['ratio']:.2f}x | {s['target']} | {s['met']} |")
+    p = r["prepare"]
+    lines.append(f"| prepare overhead ({p['records']} records) | {p['prepare_s']:.2f} s | encoder forward "
+                 f"{p['encoder_forward_s']:.2f} s | {p['ratio']:.2f} | {p['target']} | {p['met']} |")
+    c = r["cached_epoch"]
+    lines.append(f"| epoch over cached features | {c['cached']['epoch_s']:.2f} s (acc {c['cached']['test_accuracy']:.3f}) "
+                 f"| decode+encode every epoch {c['online']['epoch_s']:.2f} s (acc {c['online']['test_accuracy']:.3f}) "
+                 f"| {c['speedup']:.1f}x | {c['target']} | {c['met']} |")
+    t = r["trainer"]
+    lines.append(f"| training loop | {t['mmllm_records_per_s']:.1f} records/s | transformers.Trainer "
+                 f"{t['trainer_records_per_s']:.1f} records/s | {t['ratio']:.2f}x | {t['target']} | {t['met']} |")
+    q = r["predict"]
+    lines.append(f"| predict memory | peak RSS {q['large']['peak_rss_mb']:.0f} MB ({q['large']['records']} records) | "
+                 f"{q['small']['peak_rss_mb']:.0f} MB ({q['small']['records']} records) | {q['rss_ratio']:.2f} | "
+                 f"{q['target']} | {q['met']} |")
+    lines += ["", "Other figures from the same run:", "",
+              f"- prepare records/s: image {p['records_per_s']['image']:.1f}, audio {p['records_per_s']['audio']:.1f}, "
+              f"text {p['records_per_s']['text']:.0f}",
+              f"- text-model training step: {t['text_step_flops_per_s'] / 1e9:.1f} GFLOP/s achieved vs "
+              f"{t['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s dense matmul ({100 * t['mfu_fraction']:.0f}%)",
+              f"- predict: {q['records_per_s_batch']:.0f} records/s in batch mode (text-only checkpoint), first line "
+              f"after {q['large']['first_line_s']:.2f} s (includes model start-up)",
+              f"- scaling (log-log slope, 1 = linear): prepare {r['scaling']['prepare_slope']:.2f} over "
+              f"{r['scaling']['n']} records, predict {r['scaling']['predict_slope']:.2f}", ""]
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, < 60 s")
+    ap.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = ap.parse_args()
+    quick = args.quick
+    results = {"date": datetime.date.today().isoformat(), "mode": "quick" if quick else "full", "versions": versions()}
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        os.environ.setdefault("MMLLM_HOME", str(Path.home() / ".cache" / "mmllm"))
+        results["startup"] = bench_startup(3 if quick else 7)
+        (tmp / "p").mkdir()
+        results["prepare"] = bench_prepare(32 if quick else 192, tmp / "p")
+        exe = str(Path(sys.executable).with_name("mmllm"))
+        run_cmd([exe, "-q", "prepare", str(SAMPLE), "--output", str(tmp / "sample")])
+        results["cached_epoch"] = bench_cached_epoch(tmp / "sample", 1 if quick else 6)
+        results["trainer"] = bench_trainer(tmp / "sample", 2 if quick else 10)
+        ck = text_checkpoint(tmp)
+        results["predict"] = bench_predict(ck, tmp, 100 if quick else 1000, 400 if quick else 10000)
+        results["scaling"] = bench_scaling(ck, tmp, 8 if quick else 48)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_markdown:
+        write_markdown(results)
+    print(json.dumps({k: v.get("met") for k, v in results.items() if isinstance(v, dict) and "met" in v}))
+
+
+if __name__ == "__main__":
+    main()
