@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,8 @@ def write_manifest(path: Path, records: list[dict]) -> Path:
         w = csv.DictWriter(f, fieldnames=list(records[0]))
         w.writeheader()
         for r in records:
-            w.writerow({**r, "image": str(ROOT / "sample_data" / r["image"]), "audio": str(ROOT / "sample_data" / r["audio"])})
+            w.writerow({**r, "image": str(ROOT / "sample_data" / r["image"]),
+                        "audio": str(ROOT / "sample_data" / r["audio"])})
     return path
 
 
@@ -119,7 +119,6 @@ def bench_prepare(n: int, tmp: Path) -> dict:
 # ---------------------------------------------------------------- 3. cached features vs encode every epoch
 
 def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
-    import numpy as np
     import torch
 
     from mmllm.batches import FeatureTable
@@ -263,7 +262,8 @@ def bench_trainer(prepared: Path, steps: int) -> dict:
     torch.mm(a, b)
     mm_s = median_time(lambda: [torch.mm(a, b) for _ in range(10)], 3) / 10
     matmul_flops = 2 * 1024 ** 3 / mm_s
-    return {"records": n_records, "mmllm_records_per_s": n_records / ours_s, "trainer_records_per_s": n_records / theirs_s,
+    return {"records": n_records, "mmllm_records_per_s": n_records / ours_s,
+            "trainer_records_per_s": n_records / theirs_s,
             "ratio": theirs_s / ours_s, "text_step_flops_per_s": flops / step_s, "matmul_flops_per_s": matmul_flops,
             "mfu_fraction": flops / step_s / matmul_flops,
             "target": "mmllm records/s >= 1.0x Trainer", "met": theirs_s / ours_s >= 1.0}
@@ -320,13 +320,15 @@ def bench_scaling(ck: Path, tmp: Path, n: int) -> dict:
     ns = [n, 2 * n, 4 * n]
     prep, pred = [], []
     for k in ns:
-        manifest = write_manifest(tmp / f"s{k}.csv", [dict(r, text=f"{r['text']} {i}") for i, r in enumerate(sample_records(k))])
+        rows = [dict(r, text=f"{r['text']} {i}") for i, r in enumerate(sample_records(k))]
+        manifest = write_manifest(tmp / f"s{k}.csv", rows)
         t = time.perf_counter()
         run_cmd([exe, "-q", "prepare", str(manifest), "--output", str(tmp / f"sp{k}"), "--no-cache"])
         prep.append(time.perf_counter() - t)
         pred.append(predict_run(ck, k * 8, tmp)["wall_s"])
     return {"n": ns, "prepare_s": prep, "predict_s": pred, "prepare_slope": slope(ns, prep),
-            "predict_slope": slope([k * 8 for k in ns], pred), "note": "log-log slope; 1.0 is linear, start-up cost lowers it"}
+            "predict_slope": slope([k * 8 for k in ns], pred),
+            "note": "log-log slope; 1.0 is linear, start-up cost lowers it"}
 
 
 # ---------------------------------------------------------------- report
@@ -353,7 +355,8 @@ def write_markdown(results: dict) -> None:
     lines.append(f"| prepare overhead ({p['records']} records) | {p['prepare_s']:.2f} s | encoder forward "
                  f"{p['encoder_forward_s']:.2f} s | {p['ratio']:.2f} | {p['target']} | {p['met']} |")
     c = r["cached_epoch"]
-    lines.append(f"| epoch over cached features | {c['cached']['epoch_s']:.2f} s (acc {c['cached']['test_accuracy']:.3f}) "
+    lines.append(f"| epoch over cached features | {c['cached']['epoch_s']:.2f} s "
+                 f"(acc {c['cached']['test_accuracy']:.3f}) "
                  f"| decode+encode every epoch {c['online']['epoch_s']:.2f} s (acc {c['online']['test_accuracy']:.3f}) "
                  f"| {c['speedup']:.1f}x | {c['target']} | {c['met']} |")
     t = r["trainer"]

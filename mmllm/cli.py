@@ -11,7 +11,8 @@ import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
+from collections.abc import Callable
 
 import click
 import typer

@@ -96,7 +96,8 @@ class MultimodalClassifier(nn.Module):
         for i, m in enumerate(self.cfg.modalities):
             proj = self.proj[m] if m in self.proj else self.proj["image"]
             if m == "text":
-                states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                states = out.last_hidden_state  # (B, T, D_text)
                 feat = mean_pool(states, batch["attention_mask"])  # (B, D_text)
             else:
                 feat = batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare

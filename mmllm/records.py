@@ -13,7 +13,8 @@ import json
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from mmllm.errors import UserError
 

@@ -53,7 +53,8 @@ def save_audio_model(kind: str, folder):
         Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
     else:
         ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           max_length=100, num_mel_bins=32, frequency_stride=10, time_stride=10)).save_pretrained(folder)
+                           max_length=100, num_mel_bins=32, frequency_stride=10,
+                           time_stride=10)).save_pretrained(folder)
         ASTFeatureExtractor(num_mel_bins=32, max_length=100).save_pretrained(folder)
     return folder
 

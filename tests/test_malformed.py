@@ -3,9 +3,6 @@ records in the same input are still processed, and no traceback is printed."""
 
 import io
 import json
-import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -69,8 +66,8 @@ MEDIA_CASES = {
     "one_pixel_image": ("image", lambda p: write_image(p, size=1), None),
     "png_16bit": ("image", lambda p: Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(p), None),
     "cmyk_jpeg": ("image", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, format="JPEG"), None),
-    "animated_gif": ("image", lambda p: Image.new("RGB", (8, 8)).save(p, format="GIF", save_all=True,
-                                                                        append_images=[Image.new("RGB", (8, 8))]), None),
+    "animated_gif": ("image", lambda p: Image.new("RGB", (8, 8)).save(
+        p, format="GIF", save_all=True, append_images=[Image.new("RGB", (8, 8))]), None),
     "spaces_and_unicode_path": ("image", lambda p: write_image(p), None),
     "truncated_wav_header": ("audio", _wav_truncated_header, "cannot decode audio"),
     "zero_length_audio": ("audio", _wav_zero, "audio"),
@@ -228,7 +225,8 @@ def test_checkpoint_weights_disagree_with_config(prepared, tmp_path):
 
 def test_eval_refuses_other_encoders_and_counts_unseen_labels(prepared, tiny_models, toy_manifest, tmp_path):
     ck = tmp_path / "ck"
-    assert run_cli("finetune", str(prepared), "--output", str(ck), "--epochs", "1", "--hidden-size", "32").exit_code == 0
+    r = run_cli("finetune", str(prepared), "--output", str(ck), "--epochs", "1", "--hidden-size", "32")
+    assert r.exit_code == 0, r.output
     other = tmp_path / "other"
     r = run_cli("prepare", str(toy_manifest), "--output", str(other), "--text-model", str(tiny_models["text"]),
                 "--image-model", str(tiny_models["image"]), "--audio-model", "logmel")
@@ -245,7 +243,8 @@ def test_eval_refuses_other_encoders_and_counts_unseen_labels(prepared, tiny_mod
 
 def test_predict_bad_lines_continue(prepared, tmp_path):
     ck = tmp_path / "ck"
-    assert run_cli("finetune", str(prepared), "--output", str(ck), "--epochs", "1", "--hidden-size", "32").exit_code == 0
+    r = run_cli("finetune", str(prepared), "--output", str(ck), "--epochs", "1", "--hidden-size", "32")
+    assert r.exit_code == 0, r.output
     lines = ['{"id": "a", "text": "it is big"}', '{not json', '[1, 2]', '{"id": "b", "image": "/nope.png"}',
              '{"id": "c", "text": "small"}']
     r = run_cli("predict", str(ck), "-", input="\n".join(lines) + "\n")

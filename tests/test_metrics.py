@@ -24,7 +24,8 @@ def write_lines(path, lines):
 
 @pytest.mark.parametrize("tokenize", ["13a", "intl", "char"])
 def test_bleu_equals_sacrebleu_cli(tmp_path, tokenize):
-    hyp, r1, r2 = write_lines(tmp_path / "h", HYP), write_lines(tmp_path / "r1", REF1), write_lines(tmp_path / "r2", REF2)
+    hyp, r1 = write_lines(tmp_path / "h", HYP), write_lines(tmp_path / "r1", REF1)
+    r2 = write_lines(tmp_path / "r2", REF2)
     r = run_cli("eval", "bleu", "--hyp", str(hyp), "--ref", str(r1), "--ref", str(r2), "--tokenize", tokenize)
     assert r.exit_code == 0, r.output
     ours = json.loads(r.stdout)
@@ -53,7 +54,8 @@ def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = sqrtm(s1).real
     eig = np.linalg.eigvalsh(root @ s2 @ root)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def test_frechet_distance_matches_reference():
