@@ -147,7 +147,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
         raise UserError(f"--output {out} holds an unfinished run: add --resume, or choose another folder")
     ddp_model = model
     if dist.world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:

@@ -229,3 +229,46 @@ def test_eval_and_predict_round_trip(prepared, toy_manifest, tmp_path):
     r = run_cli("eval", "model", str(ck), str(toy_manifest), "--split", "test", "--no-reliance")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n"] == 48
+
+
+def test_bf16_precision(prepared, tmp_path):
+    summary = finetune(prepared, tmp_path / "bf16", "--precision", "bf16", "--epochs", "1")
+    assert summary["epochs"] == 1 and summary["val_loss"] == summary["val_loss"]  # not NaN
+
+
+def test_num_workers_gives_identical_output(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, a), "--no-cache").exit_code == 0
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, b), "--no-cache", "--num-workers", "2").exit_code == 0
+    da, db = datasets.load_from_disk(str(a)), datasets.load_from_disk(str(b))
+    for split in da:
+        assert da[split].data.table.equals(db[split].data.table)
+
+
+def test_class_folder_and_saved_dataset_inputs(tiny_models, tmp_path):
+    import datasets
+
+    for cls, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(5):
+            write_image(tmp_path / "folder" / cls / f"{i}.png", tuple(max(0, c - 10 * i) for c in color))
+    r = run_cli("prepare", str(tmp_path / "folder"), "--output", str(tmp_path / "p1"), "--image-model",
+                str(tiny_models["image"]), "--val-fraction", "0.2", "--test-fraction", "0.2")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "p1" / "mmllm-prepared.json").read_text())
+    assert meta["labels"] == ["blue", "red"] and meta["modalities"] == ["image"]
+    assert meta["counts"] == {"train": 6, "validation": 2, "test": 2}
+    from PIL import Image
+
+    ds = datasets.Dataset.from_dict({"text": ["big", "small"] * 3, "label": ["b", "s"] * 3,
+                                     "image": [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(6)]},
+                                    features=datasets.Features({"text": datasets.Value("string"),
+                                                                "label": datasets.Value("string"),
+                                                                "image": datasets.Image()}))
+    datasets.DatasetDict({"train": ds, "validation": ds, "test": ds}).save_to_disk(str(tmp_path / "hf"))
+    r = run_cli("prepare", str(tmp_path / "hf"), "--output", str(tmp_path / "p2"), "--image-model",
+                str(tiny_models["image"]), "--text-model", str(tiny_models["text"]))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["counts"] == {"train": 6, "validation": 6, "test": 6}
