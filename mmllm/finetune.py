@@ -147,7 +147,8 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
         raise UserError(f"--output {out} holds an unfinished run: add --resume, or choose another folder")
     ddp_model = model
     if dist.world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        # the text model's pooler (unused: mean pooling instead) has no gradient: DDP must know
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
