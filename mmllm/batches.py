@@ -15,7 +15,7 @@ class FeatureTable:
     """Columns of one split: padded-on-demand token ids, precomputed embeddings, presence flags, labels."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], label_to_id: dict[str, int] | None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, sequence: bool = False):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -24,6 +24,8 @@ class FeatureTable:
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32))
                     for m in modalities if m != "text"}
+        self.seq = {m: torch.as_tensor(np.asarray(columns[f"{m}_seq"], dtype=np.float32))  # (N, S, D)
+                    for m in modalities if sequence and m != "text"}
         self.label_names = list(columns["label"]) if columns.get("label") is not None else [None] * self.n
         self.labels = None
         if label_to_id is not None:
@@ -31,16 +33,18 @@ class FeatureTable:
                                         for lab in self.label_names], dtype=torch.long)
 
     @classmethod
-    def from_split(cls, ds: Any, modalities: list[str], label_to_id: dict[str, int] | None, pad_id: int = 0):
+    def from_split(cls, ds: Any, modalities: list[str], label_to_id: dict[str, int] | None, pad_id: int = 0,
+                   sequence: bool = False):
         wanted = ["id", "label"] + [f"has_{m}" for m in modalities]
         wanted += ["input_ids"] if "text" in modalities else []
         wanted += [f"{m}_emb" for m in modalities if m != "text"]
+        wanted += [f"{m}_seq" for m in modalities if m != "text" and sequence]
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
             from mmllm.errors import UserError
 
             raise UserError(f"prepared data has no column {missing[0]} (prepared without that modality?)")
-        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, label_to_id, pad_id)
+        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, label_to_id, pad_id, sequence)
 
     def __len__(self) -> int:
         return self.n
@@ -63,6 +67,8 @@ class FeatureTable:
             out[f"has_{m}"] = self.has[m][t]
             if m != "text":
                 out[f"{m}_emb"] = self.emb[m][t]
+            if m in self.seq:
+                out[f"{m}_seq"] = self.seq[m][t]
         if self.labels is not None:
             out["labels"] = self.labels[t]
         return {k: v.to(device) for k, v in out.items()}

@@ -46,7 +46,7 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
     mods = model.cfg.modalities
     pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
     columns, source = eval_columns(cfg, config, mods)
-    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad)
+    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence)
     unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
     if unseen:
         warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "

@@ -30,6 +30,7 @@ class ModelConfig:
     freeze_text: bool = False
     lora_r: int = 0
     text_model_type: str | None = None
+    sequence: bool = False  # attention fusion over the stored image/audio token sequences, not one vector each
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -59,14 +60,17 @@ class Fusion(nn.Module):
         else:
             raise ValueError(f"unknown fusion '{kind}'")
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, present: torch.Tensor, index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, M, H) or, for attention over sequences, (B, T, H) with `index` (T,) naming each token's modality."""
         if self.kind == "concat":
             return self.net(x.flatten(1)), None
         if self.kind == "gated":
             scores = self.gate(x.flatten(1)).masked_fill(~present, float("-inf"))  # (B, M)
             weights = scores.softmax(-1)
             return (weights.unsqueeze(-1) * x).sum(1), weights
-        h = self.net(x + self.modality_embedding, src_key_padding_mask=~present)  # (B, M, H)
+        emb = self.modality_embedding if index is None else self.modality_embedding[index]
+        h = self.net(x + emb, src_key_padding_mask=~present)  # (B, T, H)
         return mean_pool(h, present), None
 
 
@@ -117,10 +121,30 @@ class MultimodalClassifier(nn.Module):
         present_t = present_t | (present_t.sum(1, keepdim=True) == 0)
         return x, present_t
 
+    def sequence_tokens(self, batch: dict, x: torch.Tensor, present: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each modality's vector followed by its projected token sequence (B, S, H) when stored:
+        tokens (B, T, H), presence (B, T), modality index (T,)."""
+        tokens, here, index = [], [], []
+        for i, m in enumerate(self.cfg.modalities):
+            parts = [x[:, i:i + 1]]  # (B, 1, H)
+            if f"{m}_seq" in batch:
+                proj = self.proj[m] if m in self.proj else self.proj["image"]
+                seq = proj(batch[f"{m}_seq"])  # (B, S, H)
+                parts.append(torch.where(present[:, i, None, None], seq, self.placeholder[i].expand_as(seq)))
+            t = torch.cat(parts, 1)
+            tokens.append(t)
+            here.append(present[:, i:i + 1].expand(-1, t.shape[1]))
+            index += [i] * t.shape[1]
+        return torch.cat(tokens, 1), torch.cat(here, 1), torch.tensor(index, device=x.device)
+
     def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
         """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
         x, present = self.modality_vectors(batch, drop)
-        fused, gates = self.fusion(x, present)  # (B, H)
+        if self.cfg.sequence:
+            fused, gates = self.fusion(*self.sequence_tokens(batch, x, present))  # (B, H)
+        else:
+            fused, gates = self.fusion(x, present)  # (B, H)
         logits = self.head(fused)  # (B, C)
         out: dict[str, Any] = {"logits": logits, "gates": gates}
         if batch.get("labels") is not None:

@@ -585,4 +585,5 @@ def config_from_checkpoint(config: dict) -> PrepareConfig:
     pre = config.get("preprocessing", {})
     return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
                          max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
-                         sentence_embedding=bool(pre.get("sentence_embedding")))
+                         sentence_embedding=bool(pre.get("sentence_embedding")),
+                         sequence_features=bool(pre.get("sequence_features")))

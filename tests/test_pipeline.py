@@ -272,3 +272,20 @@ def test_class_folder_and_saved_dataset_inputs(tiny_models, tmp_path):
                 str(tiny_models["image"]), "--text-model", str(tiny_models["text"]))
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["counts"] == {"train": 6, "validation": 6, "test": 6}
+
+
+def test_attention_fusion_over_sequence_features(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    prepared = tmp_path / "seq"
+    r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, prepared), "--sequence-features")
+    assert r.exit_code == 0, r.output
+    ds = datasets.load_from_disk(str(prepared))["train"]
+    assert np.asarray(ds[0]["image_seq"]).shape == (16, 32) and np.asarray(ds[0]["audio_seq"]).shape == (16, 32)
+    ck = tmp_path / "ck"
+    finetune(prepared, ck, "--fusion", "attention", "--epochs", "2")
+    assert json.loads((ck / "config.json").read_text())["model"]["sequence"] is True
+    r = run_cli("eval", "model", str(ck), str(prepared))
+    assert r.exit_code == 0, r.output
+    r = run_cli("predict", str(ck), str(toy_manifest))
+    assert r.exit_code == 0 and len(load_json_lines(r.stdout)) == 48
