@@ -119,6 +119,7 @@ def bench_prepare(n: int, tmp: Path) -> dict:
 # ---------------------------------------------------------------- 3. cached features vs encode every epoch
 
 def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
+    import numpy as np
     import torch
 
     from mmllm.batches import FeatureTable
@@ -132,7 +133,6 @@ def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
     data, meta = load_prepared(prepared)
     labels = meta["labels"]
     l2i = {n: i for i, n in enumerate(labels)}
-
     mods = ["text", "image", "audio"]
     text = load_encoder("text", "minilm")
     train = FeatureTable.from_split(data["train"], mods, l2i, 0)

@@ -334,7 +334,8 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
             row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
             if cfg.sequence_features:
                 n = 16
-                row[f"{role}_seq"] = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
+                seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
+                row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
         rows.append(row)
     return rows, errors
 
