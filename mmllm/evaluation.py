@@ -107,10 +107,10 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
         if cfg.split not in ds:
             raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
         return ds[cfg.split].with_format("numpy")[:], str(data)
-    from mmllm.predict import Predictor, raw_records
-    from mmllm.prepare import featurize
+    from mmllm.predict import raw_records
+    from mmllm.prepare import config_from_checkpoint, encoders_for_checkpoint, featurize
 
-    predictor = Predictor(cfg.checkpoint, cfg.device)
+    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config)
     records = []
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):
@@ -118,7 +118,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
         elif item.get("split") in (None, cfg.split):
             item["split"] = cfg.split
             records.append(item)
-    rows, bad = featurize(records, predictor.encoders, predictor.prep, predictor.store)
+    rows, bad = featurize(records, encoders, config_from_checkpoint(config))
     for e in bad:
         warn(f"skipped record {e['id']}: {e['reason']}")
     if not rows:

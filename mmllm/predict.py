@@ -126,7 +126,6 @@ def _one_line(entry: dict) -> str:
 
 
 def run(cfg: PredictConfig) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     predictor = Predictor(cfg.checkpoint, cfg.device)
     out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
     failed = 0

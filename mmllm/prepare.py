@@ -38,9 +38,6 @@ SPLITS = ("train", "validation", "test")
 # ---------------------------------------------------------------- entry point
 
 def run(cfg: PrepareConfig) -> int:
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if cfg.merge:
         return merge(cfg)
     start = time.perf_counter()
