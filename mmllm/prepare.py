@@ -52,6 +52,8 @@ def run(cfg: PrepareConfig) -> int:
                                                                 f"(use train, validation or test)")))
     records = [r for r in records if r["split"] in SPLITS]
     records = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_index]
+    if cfg.shard_index > 0:
+        errors = []  # errors found while reading the manifest are reported once, by shard 0
     roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
     if not records:
         _report(errors, cfg)
