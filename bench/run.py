@@ -327,18 +327,14 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def predict_run(ck: Path, n: int, tmp: Path) -> dict:
-    """Wall time, time to first line and peak RSS (VmHWM) of `mmllm predict` on n JSONL records from stdin."""
+def measure(cmd: list[str], stdin_path: Path | None = None) -> dict:
+    """Run a command: wall time, time to its first stdout line, peak RSS (VmHWM, polled) and its stdout lines."""
     import threading
 
-    path = tmp / f"in{n}.jsonl"
-    words = ["big", "small", "large", "tiny", "huge", "little"]
-    path.write_text("".join(json.dumps({"id": i, "text": f"it is {words[i % 6]} number {i}"}) + "\n" for i in range(n)))
-    exe = str(Path(sys.executable).with_name("mmllm"))
     t = time.perf_counter()
-    with open(path) as stdin:
-        proc = subprocess.Popen([exe, "-q", "predict", str(ck), "-", "--batch-size", "64"], stdin=stdin,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    with open(stdin_path or os.devnull) as stdin:
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                cwd=ROOT)
         peak = [0.0]
 
         def watch():
@@ -350,12 +346,36 @@ def predict_run(ck: Path, n: int, tmp: Path) -> dict:
         watcher.start()
         first = proc.stdout.readline()
         first_s = time.perf_counter() - t
-        lines = 1 + sum(1 for _ in proc.stdout)
+        lines = (1 if first else 0) + sum(1 for _ in proc.stdout)
         proc.wait()
         watcher.join()
-    wall = time.perf_counter() - t
-    assert first and lines == n, (lines, n)
-    return {"records": n, "wall_s": wall, "first_line_s": first_s, "peak_rss_mb": peak[0]}
+    return {"wall_s": time.perf_counter() - t, "first_line_s": first_s, "peak_rss_mb": peak[0], "lines": lines,
+            "returncode": proc.returncode}
+
+
+def predict_run(ck: Path, n: int, tmp: Path) -> dict:
+    """`mmllm predict` on n JSONL records from stdin."""
+    path = tmp / f"in{n}.jsonl"
+    words = ["big", "small", "large", "tiny", "huge", "little"]
+    path.write_text("".join(json.dumps({"id": i, "text": f"it is {words[i % 6]} number {i}"}) + "\n" for i in range(n)))
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    m = measure([exe, "-q", "predict", str(ck), "-", "--batch-size", "64"], path)
+    assert m["lines"] == n and m["returncode"] == 0, m
+    return {"records": n, "wall_s": m["wall_s"], "first_line_s": m["first_line_s"], "peak_rss_mb": m["peak_rss_mb"]}
+
+
+def bench_prepare_memory(tmp: Path, small: int, large: int) -> dict:
+    """Peak RSS of `mmllm prepare --no-cache` on `small` vs `large` records (all modalities)."""
+    exe = str(Path(sys.executable).with_name("mmllm"))
+    out = {}
+    for name, n in (("small", small), ("large", large)):
+        manifest = write_manifest(tmp / f"mem{n}.csv", sample_records(n))
+        m = measure([exe, "-q", "prepare", str(manifest), "--output", str(tmp / f"mem{n}"), "--no-cache"])
+        assert m["returncode"] == 0, m
+        out[name] = {"records": n, "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}
+    ratio = out["large"]["peak_rss_mb"] / out["small"]["peak_rss_mb"]
+    return {**out, "rss_ratio": ratio, "target": "peak RSS large/small <= 1.2 (encode and write in chunks)",
+            "met": ratio <= 1.2}
 
 
 def slope(ns: list[int], ts: list[float]) -> float:
@@ -433,6 +453,11 @@ def write_markdown(results: dict) -> None:
     lines.append(f"| predict memory | peak RSS {q['large']['peak_rss_mb']:.0f} MB ({q['large']['records']} records) | "
                  f"{q['small']['peak_rss_mb']:.0f} MB ({q['small']['records']} records) | {q['rss_ratio']:.2f} | "
                  f"{q['target']} | {q['met']} |")
+    if "prepare_memory" in r:
+        pm = r["prepare_memory"]
+        lines.append(f"| prepare memory | peak RSS {pm['large']['peak_rss_mb']:.0f} MB ({pm['large']['records']} "
+                     f"records) | {pm['small']['peak_rss_mb']:.0f} MB ({pm['small']['records']} records) | "
+                     f"{pm['rss_ratio']:.2f} | {pm['target']} | {pm['met']} |")
     lines += ["", "Other figures from the same run:", "",
               f"- prepare records/s: image {p['records_per_s']['image']:.1f}, audio {p['records_per_s']['audio']:.1f}, "
               f"text {p['records_per_s']['text']:.0f}",
@@ -482,6 +507,8 @@ def main() -> None:
         timed(results, "trainer", bench_trainer, tmp / "sample", 2 if quick else 10)
         ck = text_checkpoint(tmp)
         timed(results, "predict", bench_predict, ck, tmp, 50 if quick else 1000, 200 if quick else 10000)
+        if not quick:
+            timed(results, "prepare_memory", bench_prepare_memory, tmp, 120, 960)
         timed(results, "scaling", bench_scaling, ck, tmp, 4 if quick else 60, 2000,
               results["predict"] if quick else None)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
