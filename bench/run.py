@@ -508,7 +508,7 @@ def main() -> None:
         ck = text_checkpoint(tmp)
         timed(results, "predict", bench_predict, ck, tmp, 50 if quick else 1000, 200 if quick else 10000)
         if not quick:
-            timed(results, "prepare_memory", bench_prepare_memory, tmp, 120, 960)
+            timed(results, "prepare_memory", bench_prepare_memory, tmp, 480, 1920)
         timed(results, "scaling", bench_scaling, ck, tmp, 4 if quick else 60, 2000,
               results["predict"] if quick else None)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
