@@ -368,8 +368,18 @@ def bench_prepare_memory(tmp: Path, small: int, large: int) -> dict:
     """Peak RSS of `mmllm prepare --no-cache` on `small` vs `large` records (all modalities)."""
     exe = str(Path(sys.executable).with_name("mmllm"))
     out = {}
+    from PIL import Image
+
+    records = sample_records(large)
+    for i, r in enumerate(records):  # every image a distinct file and content, so each one is decoded and encoded
+        img = Image.open(ROOT / "sample_data" / r["image"]).convert("RGB")
+        img.putpixel((0, 0), (i % 256, (i // 256) % 256, 7))
+        path = tmp / "mem_images" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        img.save(path)
+        r["image"] = str(path)
     for name, n in (("small", small), ("large", large)):
-        manifest = write_manifest(tmp / f"mem{n}.csv", sample_records(n))
+        manifest = write_manifest(tmp / f"mem{n}.csv", records[:n])
         m = measure([exe, "-q", "prepare", str(manifest), "--output", str(tmp / f"mem{n}"), "--no-cache"])
         assert m["returncode"] == 0, m
         out[name] = {"records": n, "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}

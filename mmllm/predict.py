@@ -81,7 +81,7 @@ class Predictor:
         self.labels = self.config["labels"]
         self.encoders = encoders_for_checkpoint(Path(folder), self.config)
         self.prep = config_from_checkpoint(self.config)
-        self.store = FeatureStore(enabled=False, memo_size=4096)
+        self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
 
     @torch.no_grad()
     def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:

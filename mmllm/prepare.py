@@ -121,11 +121,12 @@ def augment_records(records: list[dict], k: int) -> list[dict]:
 class FeatureStore:
     """Features by key: an in-run memo (dedup of identical files) over an on-disk safetensors cache."""
 
-    def __init__(self, enabled: bool, memo_size: int = 20000):
+    def __init__(self, enabled: bool, memo_bytes: int = 256 << 20):
         self.root = hub.home() / "features"
         self.enabled = enabled
         self.memo: OrderedDict[str, dict] = OrderedDict()
-        self.memo_size = memo_size
+        self.memo_bytes = memo_bytes  # bounded: memory must not grow with the number of records
+        self.size = 0
         self.hits = self.misses = 0
 
     def get(self, key: str) -> dict | None:
@@ -164,9 +165,13 @@ class FeatureStore:
             tmp.replace(path)
 
     def _remember(self, key: str, value: dict) -> None:
+        if key in self.memo:
+            return
         self.memo[key] = value
-        if len(self.memo) > self.memo_size:
-            self.memo.popitem(last=False)
+        self.size += sum(v.nbytes for v in value.values())
+        while self.size > self.memo_bytes and len(self.memo) > 1:
+            _, old = self.memo.popitem(last=False)
+            self.size -= sum(v.nbytes for v in old.values())
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
