@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mmllm.config import AccuracyConfig, BleuConfig, EvalModelConfig, FidConfig
+from mmllm.config import AccuracyConfig, BleuConfig, EvalModelConfig, FidConfig, save_resolved
 from mmllm.console import emit, log, show, warn
 from mmllm.errors import UserError
 from mmllm.metrics import bleu, classification, frechet_distance
@@ -30,6 +30,7 @@ def run_model(cfg: EvalModelConfig) -> int:
     print_table(result)
     if cfg.output:
         write_outputs(result, Path(cfg.output))
+        save_resolved(cfg, Path(cfg.output).with_suffix(".config.json"))
     emit(result)
     return 0
 

@@ -22,7 +22,7 @@ import torch
 
 from mmllm import checkpoint
 from mmllm.batches import FeatureTable
-from mmllm.config import FinetuneConfig
+from mmllm.config import FinetuneConfig, save_resolved
 from mmllm.console import emit, log, progress, warn
 from mmllm.errors import UserError
 from mmllm.metrics import classification
@@ -154,7 +154,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        save_resolved(cfg, out / "finetune_config.json")
     stop = StopFlag()
     start = time.perf_counter()
     trained_records = 0

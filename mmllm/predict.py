@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmllm import checkpoint
-from mmllm.config import PredictConfig
+from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
 from mmllm.records import CANDIDATES, RecordError, error_entry, read_table, to_record
@@ -128,6 +128,8 @@ def _one_line(entry: dict) -> str:
 def run(cfg: PredictConfig) -> int:
     predictor = Predictor(cfg.checkpoint, cfg.device)
     out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
+    if cfg.output:
+        save_resolved(cfg, Path(cfg.output).with_suffix(".config.json"))
     failed = 0
     try:
         batch: list[dict] = []

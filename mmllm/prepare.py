@@ -8,7 +8,6 @@ folder -> rename into place. Memory stays bounded by the chunk size, not the dat
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmllm import hub
-from mmllm.config import PrepareConfig
+from mmllm.config import PrepareConfig, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.media import MediaError, load_audio, load_image, normalize_text
@@ -442,7 +441,7 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
         f.rename(tmp / f.name)
     (tmp / "data").rmdir()
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (tmp / "prepare_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    save_resolved(cfg, tmp / "prepare_config.json")
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(trash)

@@ -215,6 +215,10 @@ def test_eval_and_predict_round_trip(prepared, toy_manifest, tmp_path):
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "ece", "reliance"} <= set(m)
     assert set(m["reliance"]["masked"]) == {"none", "text", "image", "audio"}
     assert out.is_file() and (tmp_path / "m_confusion.png").is_file()
+    assert json.loads((tmp_path / "m.config.json").read_text())["split"] == "test"  # resolved config beside it
+    r = run_cli("predict", str(ck), str(toy_manifest), "--output", str(tmp_path / "p.jsonl"))
+    assert r.exit_code == 0 and r.stdout == "" and len((tmp_path / "p.jsonl").read_text().splitlines()) == 48
+    assert json.loads((tmp_path / "p.config.json").read_text())["top_k"] == 1
     # predict on the raw test records gives the predictions eval scored
     import datasets
 
