@@ -213,7 +213,8 @@ def build(cls: type, file_values: dict, cli_values: dict) -> Any:
             v = values[f.name]
             if isinstance(f.default, float) and isinstance(v, int) and not isinstance(v, bool):
                 values[f.name] = float(v)
-        if f.name in values and f.default_factory is list and isinstance(values[f.name], str):  # type: ignore
+        is_list = f.default_factory is not dataclasses.MISSING  # list fields (opt([...])) are the only factories
+        if f.name in values and is_list and isinstance(values[f.name], str):
             values[f.name] = [values[f.name]]
     cfg = cls(**values)
     problems += validate(cfg)

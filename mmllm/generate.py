@@ -85,7 +85,6 @@ class PrefixDecoder(nn.Module):
             n_pre = inputs.shape[1] - labels.shape[1]
             labels = torch.cat([labels.new_full((len(labels), n_pre), -100), labels], 1)  # loss on targets only
         result = self.decoder(inputs_embeds=inputs, attention_mask=mask, labels=labels)
-        out["logits_shape"] = tuple(result.logits.shape)
         if labels is not None:
             out["loss"] = result.loss
         return out

@@ -61,6 +61,10 @@ def test_config_file_and_flag_override(tmp_path, monkeypatch):
     (tmp_path / "c.json").write_text(json.dumps({"output": "o", "nonsense": 1}))
     r = run_cli("prepare", "x.csv", "--config", str(tmp_path / "c.json"))
     assert r.exit_code == 2 and "unknown option 'nonsense'" in r.stderr
+    (tmp_path / "b.yaml").write_text("ref: r.txt\n")  # a single value for a repeatable option
+    (tmp_path / "h.txt").write_text("a b c\n")
+    r = run_cli("eval", "bleu", "--config", str(tmp_path / "b.yaml"), "--hyp", str(tmp_path / "h.txt"))
+    assert r.exit_code == 2 and "file not found: r.txt" in r.stderr  # the whole name, not its first letter
 
 
 def test_unknown_model_is_one_line(tmp_path, toy_manifest, tiny_models):
