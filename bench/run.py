@@ -124,11 +124,11 @@ def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
 
     from mmllm.batches import FeatureTable
     from mmllm.encoders import load_encoder
-    from mmllm.finetune import predict_table
+    from mmllm.tasks.classify import predict_table
     from mmllm.media import load_audio, load_image
     from mmllm.metrics import classification
     from mmllm.model import ModelConfig, build_model
-    from mmllm.prepare import load_prepared
+    from mmllm.features import load_prepared
 
     data, meta = load_prepared(prepared)
     labels = meta["labels"]
@@ -142,7 +142,7 @@ def bench_cached_epoch(prepared: Path, epochs: int) -> dict:
 
     def make(freeze: bool):
         from mmllm.config import FinetuneConfig
-        from mmllm.finetune import make_optimizer
+        from mmllm.loop import make_optimizer
 
         torch.manual_seed(0)
         cfg = ModelConfig(modalities=mods, num_labels=len(labels), text_dim=384, image_dim=1280, audio_dim=384,
@@ -199,7 +199,7 @@ def bench_trainer(prepared: Path, steps: int) -> dict:
     from mmllm.batches import FeatureTable
     from mmllm.encoders import load_encoder
     from mmllm.model import ModelConfig, build_model
-    from mmllm.prepare import load_prepared
+    from mmllm.features import load_prepared
 
     data, meta = load_prepared(prepared)
     labels = meta["labels"]
@@ -217,7 +217,8 @@ def bench_trainer(prepared: Path, steps: int) -> dict:
     # mmllm's loop: the same fit_epoch code path finetune runs, one epoch capped at `steps` steps
     from mmllm import console
     from mmllm.config import FinetuneConfig
-    from mmllm.finetune import Dist, StopFlag, TrainState, fit_epoch, make_optimizer, make_scheduler
+    from mmllm.loop import StopFlag, TrainState, fit_epoch, make_optimizer, make_scheduler
+    from mmllm.runtime import Dist
 
     console.set_quiet(True)
 

@@ -79,9 +79,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Multim
     if "text" in mcfg.modalities:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from mmllm.encoders import _quiet_transformers
+        from mmllm.console import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(folder / "text_model", trust_remote_code=False)
         text_model = AutoModel.from_config(AutoConfig.from_pretrained(folder / "text_model", trust_remote_code=False))
     model = build_model(mcfg, text_model)

@@ -140,9 +140,9 @@ command(app, "prepare", C.PrepareConfig, "mmllm.prepare:run")
 command(app, "finetune", C.FinetuneConfig, "mmllm.finetune:run")
 command(app, "predict", C.PredictConfig, "mmllm.predict:run")
 command(eval_app, "model", C.EvalModelConfig, "mmllm.evaluation:run_model")
-command(eval_app, "bleu", C.BleuConfig, "mmllm.evaluation:run_bleu")
-command(eval_app, "fid", C.FidConfig, "mmllm.evaluation:run_fid")
-command(eval_app, "accuracy", C.AccuracyConfig, "mmllm.evaluation:run_accuracy")
+command(eval_app, "bleu", C.BleuConfig, "mmllm.scoring:run_bleu")
+command(eval_app, "fid", C.FidConfig, "mmllm.scoring:run_fid")
+command(eval_app, "accuracy", C.AccuracyConfig, "mmllm.scoring:run_accuracy")
 
 
 @models_app.command("list")

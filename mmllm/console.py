@@ -76,3 +76,11 @@ def progress(description: str, total: int | None = None, unit: str = "records") 
                 bar.update(task, rate=f"{speed:.1f} {unit}/s")
 
         yield advance
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own logging and progress bars (mmllm reports progress itself)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mmllm import hub
+from mmllm.console import quiet_transformers
 from mmllm.errors import UserError
 
 
@@ -60,13 +61,6 @@ def weights_hash(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 # ---------------------------------------------------------------- text
 
 class TextEncoder:
@@ -77,7 +71,7 @@ class TextEncoder:
     def __init__(self, name: str, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
-        _quiet_transformers()
+        quiet_transformers()
         self.name = name
         self.folder, self.identity = resolve(name, trust_remote_code)
         if self.folder is None:
@@ -129,7 +123,7 @@ class ImageEncoder:
     role = "image"
 
     def __init__(self, name: str, trust_remote_code: bool = False):
-        _quiet_transformers()
+        quiet_transformers()
         self.name = name
         self.folder, self.identity = resolve(name, trust_remote_code)
         if self.folder is None:
@@ -242,7 +236,7 @@ class AudioEncoder:
     SEQ_LEN = 16  # tokens kept per clip for attention fusion (adaptive average pooling over time)
 
     def __init__(self, name: str, trust_remote_code: bool = False, whisper_full_window: bool = False):
-        _quiet_transformers()
+        quiet_transformers()
         self.name = name
         self.folder, self.identity = resolve(name, trust_remote_code)
         self.whisper_full_window = whisper_full_window
@@ -341,7 +335,7 @@ def load_decoder(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, 
     """(causal LM, tokenizer, identity) for --task generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     folder, identity = resolve(name, trust_remote_code)
     if folder is None:
         raise UserError(f"'{name}' is not a causal language model")

@@ -150,9 +150,9 @@ def _install(alias: Alias) -> None:
         out = tmp_path / "model"
         out.mkdir()
         log(f"{alias.name}: converting into {target} ...")
-        from mmllm.encoders import _quiet_transformers
+        from mmllm.console import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         files = CONVERTERS[alias.name](weights, out)
         (out / MARKER).write_text(json.dumps({"alias": alias.name, "source": alias.source, "sha256": digest,
                                               "files": files}, indent=2))

@@ -6,11 +6,9 @@ recorded in the checkpoint, and each batch's lines are written (and flushed) bef
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,61 +17,21 @@ from mmllm import checkpoint
 from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
-from mmllm.records import CANDIDATES, RecordError, error_entry, read_table, to_record
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def stdin_rows() -> Iterator[tuple[int, dict | RecordError]]:
-    for i, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield i, RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            yield i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")
-            continue
-        yield i, obj
-
-
-def raw_records(source: str, config: dict) -> Iterator[dict | tuple[dict, RecordError]]:
-    """Records (or (stub, error)) in input order. Columns: the training manifest's names, else the usual ones."""
-    trained = config.get("columns") or {}
-    if source == "-":
-        rows, base = stdin_rows(), Path.cwd()
-    else:
-        _, rows = read_table(Path(source))
-        base = Path(source).parent
-    for row, raw in rows:
-        if isinstance(raw, RecordError):
-            yield {"id": f"row{row}", "row": row}, raw
-            continue
-        lower = {c.lower(): c for c in raw}
-        cols = {k: trained.get(k) or next((lower[c] for c in CANDIDATES[k] if c in lower), None) for k in CANDIDATES}
-        try:
-            yield to_record(raw, row, cols, base)
-        except RecordError as e:
-            yield {"id": raw.get(cols.get("id") or "id", f"row{row}"), "row": row}, e
+from mmllm.records import error_entry, raw_records
+from mmllm.runtime import pick_device
 
 
 class Predictor:
     """A checkpoint with its encoders: raw records in, prediction dicts out."""
 
     def __init__(self, folder: str, device: str = "auto"):
-        from mmllm.prepare import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
+        from mmllm.features import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
 
         self.device = pick_device(device)
         self.config = checkpoint.read_config(folder)
         self.generation = self.config.get("task") == "generate"
         if self.generation:
-            from mmllm.generate import load_checkpoint
+            from mmllm.tasks.generate import load_checkpoint
 
             self.model, self.tokenizer = load_checkpoint(Path(folder), self.config, self.device)
         else:
@@ -86,14 +44,14 @@ class Predictor:
     @torch.no_grad()
     def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
         from mmllm.batches import FeatureTable
-        from mmllm.prepare import featurize
+        from mmllm.features import featurize
 
         for r in records:
             r.setdefault("split", "test")
         rows, errors = featurize(records, self.encoders, self.prep, self.store)
         results = {e["id"]: {"id": e["id"], "error": _one_line(e)} for e in errors}
         if rows and self.generation:
-            from mmllm.generate import GenTable
+            from mmllm.tasks.generate import GenTable
 
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False)

@@ -8,30 +8,24 @@ folder -> rename into place. Memory stays bounded by the chunk size, not the dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from mmllm import hub
 from mmllm.config import PrepareConfig, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
-from mmllm.media import MediaError, load_audio, load_image, normalize_text
+from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, arrow_schema, encode_chunk, \
+    load_chunk, load_encoders, load_prepared
 from mmllm.records import RecordError, assign_splits, error_entry, format_error, read_records
 
-SCHEMA_VERSION = 1
-META = "mmllm-prepared.json"
 CHUNK = 256
-SPLITS = ("train", "validation", "test")
 
 
 # ---------------------------------------------------------------- entry point
@@ -77,13 +71,6 @@ def run(cfg: PrepareConfig) -> int:
     return 0
 
 
-def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
-    from mmllm.encoders import load_encoder
-
-    models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
-    return {role: load_encoder(role, models[role], cfg.trust_remote_code) for role in roles}
-
-
 def check_records(records: list[dict], errors: list[dict], has_label: bool) -> list[dict]:
     """Drop duplicate ids (the later ones) and records with an empty label, reporting each."""
     seen: dict[str, int] = {}
@@ -116,86 +103,6 @@ def augment_records(records: list[dict], k: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- encode + write
-
-class FeatureStore:
-    """Features by key: an in-run memo (dedup of identical files) over an on-disk safetensors cache."""
-
-    def __init__(self, enabled: bool, memo_bytes: int = 256 << 20):
-        self.root = hub.home() / "features"
-        self.enabled = enabled
-        self.memo: OrderedDict[str, dict] = OrderedDict()
-        self.memo_bytes = memo_bytes  # bounded: memory must not grow with the number of records
-        self.size = 0
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> dict | None:
-        if key in self.memo:
-            self.memo.move_to_end(key)
-            self.hits += 1
-            return self.memo[key]
-        if self.enabled:
-            path = self._path(key)
-            if path.is_file():
-                from safetensors.numpy import load_file
-
-                try:
-                    value = load_file(str(path))
-                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
-                    return None
-                self._remember(key, value)
-                self.hits += 1
-                return value
-        return None
-
-    def peek(self, key: str) -> dict | None:
-        """Features encoded earlier in this run (no hit counted)."""
-        return self.memo.get(key)
-
-    def put(self, key: str, value: dict) -> None:
-        self.misses += 1
-        self._remember(key, value)
-        if self.enabled:
-            from safetensors.numpy import save_file
-
-            path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({k: np.ascontiguousarray(v) for k, v in value.items()}, str(tmp))
-            tmp.replace(path)
-
-    def _remember(self, key: str, value: dict) -> None:
-        if key in self.memo:
-            return
-        self.memo[key] = value
-        self.size += sum(v.nbytes for v in value.values())
-        while self.size > self.memo_bytes and len(self.memo) > 1:
-            _, old = self.memo.popitem(last=False)
-            self.size -= sum(v.nbytes for v in old.values())
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
-
-
-def content_hash(media: Any) -> str:
-    h = hashlib.sha256()
-    if isinstance(media, bytes):
-        h.update(media)
-        return h.hexdigest()
-    p = Path(media)
-    if p.is_dir():
-        raise MediaError(f"{p} is a folder, not a file")
-    if not p.exists():
-        raise MediaError(f"file not found: {p}" + (" (broken symlink)" if p.is_symlink() else ""))
-    return hub.sha256_file(p)
-
-
-def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: int, rec_id: str) -> str:
-    parts = {"role": role, "content": digest, "encoder": encoder.identity, "pre": encoder.describe()["preprocessing"],
-             "seq": cfg.sequence_features, "aug": [aug, cfg.seed, rec_id] if aug else 0}
-    if role == "audio":
-        parts["max_seconds"] = cfg.max_audio_seconds
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
 
 def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cfg: PrepareConfig,
                      tmp: Path) -> tuple[dict[str, int], list[dict]]:
@@ -240,160 +147,7 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
     return {s: n for s, n in counts.items() if n}, errors
 
 
-def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig, workers) -> list[dict]:
-    """Per record: text, and for each medium either cached features or decoded media to encode."""
-    mapper = workers.map if workers else map
-    return list(mapper(lambda r: load_record(r, encoders, store, cfg), chunk))
-
-
-def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConfig) -> dict:
-    item = {"rec": rec, "error": None, "media": {}}
-    try:
-        for role in ("image", "audio"):
-            if role not in encoders or not rec[role]:
-                continue
-            column = role
-            try:
-                key = feature_key(role, content_hash(rec[role]), encoders[role], cfg, rec.get("aug", 0), rec["id"])
-            except MediaError as e:
-                raise RecordError(column, str(e), _file(rec[role])) from None
-            cached = store.get(key)
-            if cached is not None:
-                item["media"][role] = {"key": key, "features": cached}
-                continue
-            try:
-                decoded = decode(role, rec[role], encoders[role], cfg)
-                if rec.get("aug"):
-                    decoded = AUGMENT[role](decoded, _rng(cfg.seed, rec["id"], rec["aug"]), encoders[role])
-            except MediaError as e:
-                raise RecordError(column, str(e), _file(rec[role])) from None
-            except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-                raise RecordError(column, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) \
-                    from None
-            item["media"][role] = {"key": key, "decoded": decoded}
-    except RecordError as e:
-        item["error"] = error_entry(rec, e)
-    return item
-
-
-def _file(media: Any) -> str | None:
-    return media if isinstance(media, str) else None
-
-
-def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
-    """Canonical media: an RGB image, or mono float32 audio at the encoder's rate (from a path or bytes)."""
-    if role == "image":
-        return load_image(media)
-    return load_audio(media, encoder.sample_rate, cfg.max_audio_seconds)
-
-
-def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig
-                 ) -> tuple[list[dict], list[dict]]:
-    """Encode the distinct media still missing (batched), then assemble the Arrow rows."""
-    from mmllm.encoders import pool_sequence
-
-    errors = [it["error"] for it in loaded if it["error"]]
-    good = [it for it in loaded if not it["error"]]
-    for role in ("image", "audio"):
-        todo: dict[str, Any] = {}
-        for it in good:
-            m = it["media"].get(role)
-            if m and "decoded" in m and m["key"] not in todo and store.peek(m["key"]) is None:
-                todo[m["key"]] = m["decoded"]
-        keys = list(todo)
-        enc = encoders.get(role)
-        for b in range(0, len(keys), cfg.batch_size):
-            batch = keys[b:b + cfg.batch_size]
-            pooled, seqs = enc.encode([todo[k] for k in batch])
-            for j, k in enumerate(batch):
-                value = {"pooled": pooled[j].astype(np.float32)}
-                if cfg.sequence_features:
-                    value["seq"] = pool_sequence(np.asarray(seqs[j]), enc.SEQ_LEN if role == "audio" else 16)
-                store.put(k, value)
-        for it in good:
-            m = it["media"].get(role)
-            if m and "features" not in m:
-                m["features"] = store.peek(m["key"])
-    text_enc = encoders.get("text")
-    texts = [normalize_text(it["rec"]["text"]) for it in good]
-    tokens = text_enc.tokenize(texts, cfg.max_text_tokens) if text_enc and texts else None
-    sentence = text_enc.embed(texts, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
-    rows = []
-    for i, it in enumerate(good):
-        rec = it["rec"]
-        row = {"id": rec["id"], "row": rec["row"], "split": rec["split"], "text": texts[i],
-               "label": rec["label"], "target": normalize_text(rec["target"]) if rec["target"] is not None else None,
-               "has_text": bool(texts[i]) and text_enc is not None}
-        if text_enc:
-            row["input_ids"] = tokens["input_ids"][i]
-            row["attention_mask"] = tokens["attention_mask"][i]
-            if sentence is not None:
-                row["text_emb"] = sentence[i]
-        for role in ("image", "audio"):
-            if role not in encoders:
-                continue
-            m = it["media"].get(role)
-            row[f"has_{role}"] = m is not None
-            row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
-            if cfg.sequence_features:
-                n = 16
-                seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
-                row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
-        rows.append(row)
-    return rows, errors
-
-
-def arrow_schema(encoders: dict, cfg: PrepareConfig):
-    import pyarrow as pa
-
-    fields = [pa.field("id", pa.string()), pa.field("row", pa.int64()), pa.field("split", pa.string()),
-              pa.field("text", pa.string()), pa.field("label", pa.string()), pa.field("target", pa.string()),
-              pa.field("has_text", pa.bool_())]
-    if "text" in encoders:
-        fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8()))]
-        if cfg.sentence_embedding:
-            fields.append(pa.field("text_emb", pa.list_(pa.float32(), encoders["text"].dim)))
-    for role in ("image", "audio"):
-        if role in encoders:
-            dim = encoders[role].dim
-            fields += [pa.field(f"has_{role}", pa.bool_()), pa.field(f"{role}_emb", pa.list_(pa.float32(), dim))]
-            if cfg.sequence_features:
-                fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), 16)))
-    return pa.schema(fields)
-
-
 # ---------------------------------------------------------------- augmentation (training records only)
-
-def _rng(seed: int, rec_id: str, k: int) -> np.random.Generator:
-    return np.random.default_rng([seed, k, zlib.crc32(rec_id.encode())])
-
-
-def augment_image(img, rng: np.random.Generator, encoder: Any):
-    """Horizontal flip, random crop (80-100% area) and brightness/contrast jitter (+-20%)."""
-    from PIL import ImageEnhance, ImageOps
-
-    if rng.random() < 0.5:
-        img = ImageOps.mirror(img)
-    w, h = img.size
-    scale = np.sqrt(rng.uniform(0.8, 1.0))
-    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    img = img.crop((left, top, left + cw, top + ch)).resize((w, h))
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
-    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
-
-
-def augment_audio(clip: np.ndarray, rng: np.random.Generator, encoder: Any) -> np.ndarray:
-    """Gain (+-6 dB), white noise at 30 dB SNR, circular time shift (+-0.1 s)."""
-    clip = clip * np.float32(10 ** (rng.uniform(-6, 6) / 20))
-    power = float(np.mean(clip ** 2)) or 1e-8
-    clip = clip + rng.normal(0, np.sqrt(power / 1000), clip.shape).astype(np.float32)
-    shift = int(rng.integers(-encoder.sample_rate // 10, encoder.sample_rate // 10 + 1))
-    return np.roll(clip, shift).astype(np.float32)
-
-
-AUGMENT = {"image": augment_image, "audio": augment_audio}
-
 
 # ---------------------------------------------------------------- output
 
@@ -503,22 +257,6 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
 
 # ---------------------------------------------------------------- merge shards
 
-def load_prepared(path: str | Path) -> tuple[Any, dict]:
-    """(DatasetDict, metadata) of a prepared folder, with a clear error when it is not one."""
-    import datasets
-
-    p = Path(path)
-    meta_path = p / META
-    if not meta_path.is_file():
-        raise UserError(f"{p} is not a prepared dataset (no {META}); run `mmllm prepare` first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{p}: prepared with schema version {meta.get('schema_version')}, this mmllm reads "
-                        f"{SCHEMA_VERSION}: prepare it again")
-    datasets.disable_progress_bars()
-    return datasets.load_from_disk(str(p)), meta
-
-
 def merge(cfg: PrepareConfig) -> int:
     import datasets
 
@@ -559,35 +297,3 @@ def merge(cfg: PrepareConfig) -> int:
 
 # ---------------------------------------------------------------- featurize raw records (eval / predict)
 
-def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: FeatureStore | None = None
-              ) -> tuple[list[dict], list[dict]]:
-    """Raw records -> (model-ready rows, error entries), with the same code path as `prepare`."""
-    store = store or FeatureStore(cfg.cache)
-    loaded = load_chunk(records, encoders, store, cfg, None)
-    return encode_chunk(loaded, encoders, store, cfg)
-
-
-def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False) -> dict:
-    """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder."""
-    from mmllm.encoders import TextEncoder, load_encoder
-
-    out = {}
-    for role in config["model"]["modalities"]:
-        if role == "text" and (folder / "text_model").is_dir():  # classification: the tokenizer travels with it
-            out[role] = TextEncoder(str(folder / "text_model"))
-            continue
-        recorded = config["encoders"][role]
-        enc = load_encoder(role, recorded["name"], trust_remote_code)
-        if enc.identity != recorded["identity"]:
-            raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
-                            f"trained on {recorded['identity']}")
-        out[role] = enc
-    return out
-
-
-def config_from_checkpoint(config: dict) -> PrepareConfig:
-    pre = config.get("preprocessing", {})
-    return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
-                         max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
-                         sentence_embedding=bool(pre.get("sentence_embedding")),
-                         sequence_features=bool(pre.get("sequence_features")))

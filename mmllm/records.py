@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,40 @@ def assign_splits(records: list[dict], val_fraction: float, test_fraction: float
         n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
         for i, r in enumerate(group):
             r["split"] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+
+
+# ---------------------------------------------------------------- raw records for eval / predict
+
+def stdin_rows() -> Iterator[tuple[int, dict | RecordError]]:
+    for i, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield i, obj
+
+
+def raw_records(source: str, config: dict) -> Iterator[dict | tuple[dict, RecordError]]:
+    """Records (or (stub, error)) in input order. Columns: the training manifest's names, else the usual ones."""
+    trained = config.get("columns") or {}
+    if source == "-":
+        rows, base = stdin_rows(), Path.cwd()
+    else:
+        _, rows = read_table(Path(source))
+        base = Path(source).parent
+    for row, raw in rows:
+        if isinstance(raw, RecordError):
+            yield {"id": f"row{row}", "row": row}, raw
+            continue
+        lower = {c.lower(): c for c in raw}
+        cols = {k: trained.get(k) or next((lower[c] for c in CANDIDATES[k] if c in lower), None) for k in CANDIDATES}
+        try:
+            yield to_record(raw, row, cols, base)
+        except RecordError as e:
+            yield {"id": raw.get(cols.get("id") or "id", f"row{row}"), "row": row}, e

@@ -178,7 +178,7 @@ def test_lora_and_shared_projection(prepared, tmp_path):
 
 
 def test_resume_matches_uninterrupted(prepared, tmp_path, monkeypatch):
-    import mmllm.finetune as ft
+    import mmllm.loop as ft
 
     full = finetune(prepared, tmp_path / "full", "--epochs", "4", "--modality-dropout", "0.3")
     original = ft.fit_epoch

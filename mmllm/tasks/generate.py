@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmllm.errors import UserError
+from mmllm.tasks import Task
 
 PROMPT = "Describe the input.{context}\nDescription:"
 
@@ -176,8 +177,7 @@ def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
     return decoder
 
 
-def generation_task(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any):
-    from mmllm import finetune
+def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
     from mmllm.encoders import load_decoder
 
     if not meta.get("has_target"):
@@ -204,7 +204,7 @@ def generation_task(fcfg: Any, data: Any, meta: dict, modalities: list[str], dis
     def save(m: PrefixDecoder, out: Path, metrics: dict) -> None:
         save_checkpoint(m, out, tokenizer, meta, metrics)
 
-    return finetune.Task(model, train, validate, save)
+    return Task(model, train, validate, save)
 
 
 @torch.no_grad()

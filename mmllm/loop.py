@@ -1,0 +1,336 @@
+"""The training loop shared by every task: fit / validate per epoch, early stopping, resumable state.
+
+An explicit loop in small functions: fit_epoch -> validate -> early stopping -> save. Runs alone or under
+`torchrun` (DDP: gloo on CPU, nccl on GPU; rank 0 writes). A resumable state (weights, optimizer, scheduler,
+RNG, step) is written after every epoch and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmllm.config import FinetuneConfig, save_resolved
+from mmllm.console import emit, log, progress, warn
+from mmllm.errors import UserError
+from mmllm.model import penalty
+from mmllm.runtime import Dist
+from mmllm.tasks import Task
+
+STATE_DIR = "resume"
+
+
+def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
+    """The loop: epochs of fit + validate, early stopping, resumable state, final checkpoint (rank 0)."""
+    out = Path(cfg.output)
+    run = start_run(task, cfg, dist, out)
+    stop = StopFlag()
+    start = time.perf_counter()
+    try:
+        with stop:
+            trained_records = run_epochs(task, run, cfg, dist, stop, out)
+        if stop.hit:
+            if dist.main:
+                save_state(out / STATE_DIR, task.model, run.optimizer, run.scheduler, run.state)
+                warn(f"interrupted: resumable state saved in {out / STATE_DIR}; continue with --resume")
+            return 130
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    finish(task, run, cfg, dist, out, trained_records, time.perf_counter() - start)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run carries between epochs."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    ddp_model: torch.nn.Module
+
+
+def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
+    """Optimizer, schedule and state (fresh or resumed); the output folder's metrics log and resolved config."""
+    model = task.model
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / dist.world / cfg.batch_size) / cfg.grad_accum)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    state = TrainState()
+    if cfg.resume:
+        state = load_state(out / STATE_DIR, model, optimizer, scheduler)
+        log(f"resumed at epoch {state.epoch}, step {state.step}")
+    elif dist.main and (out / STATE_DIR).exists():
+        raise UserError(f"--output {out} holds an unfinished run: add --resume, or choose another folder")
+    ddp_model = model
+    if dist.world > 1:
+        # the text model's pooler (unused: mean pooling instead) has no gradient: DDP must know
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        save_resolved(cfg, out / "finetune_config.json")
+    return Run(optimizer, scheduler, state, ddp_model)
+
+
+def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
+    """Epochs until the budget, early stopping or Ctrl-C; returns the number of records trained on."""
+    state, model = run.state, task.model
+    trained_records = 0
+    while state.epoch < cfg.epochs and not state.stopped_early and not (cfg.max_steps and state.step >= cfg.max_steps):
+        trained_records += fit_epoch(run.ddp_model, model, task.train, run.optimizer, run.scheduler, cfg, dist, state,
+                                     stop, out if dist.main else None)
+        if stop.hit:
+            break
+        val_metrics = task.validate(model)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        record = {"epoch": state.epoch, "step": state.step, "train_loss": state.epoch_loss, **val_metrics}
+        state.history.append(record)
+        early_stopping_update(state, model, val_metrics, cfg)
+        if dist.main:
+            append_jsonl(out / "metrics.jsonl", record)
+            save_state(out / STATE_DIR, model, run.optimizer, run.scheduler, state)
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if isinstance(v, float))
+            log(f"epoch {state.epoch}: train_loss {state.epoch_loss:.4f}  {shown}"
+                + ("  (best)" if state.best_epoch == state.epoch else ""))
+    return trained_records
+
+
+def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, trained_records: int,
+           elapsed: float) -> None:
+    """Restore the best weights, validate them, write the checkpoint and summary (rank 0)."""
+    state, model = run.state, task.model
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state, strict=False)  # restore the best weights (early stopping)
+    final = task.validate(model)
+    summary = {"output": str(out), "epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
+               "monitor": cfg.monitor, "best": state.best, "stopped_early": state.stopped_early, **final,
+               "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
+               "world_size": dist.world}
+    if dist.main:
+        task.save(model, out, final)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(state.history, out / "training_curves.png")
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        emit(summary)
+
+
+@dataclasses.dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    epoch_loss: float = 0.0
+    epoch_losses: list = dataclasses.field(default_factory=list)  # step losses of the current epoch
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list = dataclasses.field(default_factory=list)
+    best_state: dict | None = None
+
+
+class StopFlag:
+    """SIGINT sets a flag; the loop finishes the current step, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.hit = True
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW; pretrained backbone at --backbone-lr, new layers at --lr; decay only on matrices."""
+    backbone = {id(p) for p in model.backbone_parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in backbone, p.dim() >= 2), []).append(p)
+    params = [{"params": ps, "lr": cfg.backbone_lr if is_bb else cfg.lr,
+               "weight_decay": cfg.weight_decay if is_matrix else 0.0}
+              for (is_bb, is_matrix), ps in sorted(groups.items())]
+    try:  # the fused kernel (one pass over all tensors) is ~20% faster per step than foreach, CPU and GPU
+        return torch.optim.AdamW(params, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total: int):
+    warmup = int(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress_ = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress_)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int, dist: Dist) -> list[int]:
+    """Deterministic shuffle per epoch; each rank takes every world-th index (like DistributedSampler)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if dist.world > 1:
+        order += order[: (-len(order)) % dist.world]  # pad so every rank gets the same number
+        order = order[dist.rank::dist.world]
+    return order
+
+
+def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneConfig, dist: Dist,
+              state: TrainState, stop: StopFlag, out: Path | None) -> int:
+    """One pass over the training split; returns the number of records seen."""
+    ddp_model.train()
+    order = epoch_order(len(train), cfg.seed, state.epoch, dist)
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    if state.batch_in_epoch == 0:
+        state.epoch_losses = []
+    losses, seen = state.epoch_losses, 0
+    with progress(f"epoch {state.epoch + 1}/{cfg.epochs}", total=len(batches), unit="batches") as advance:
+        advance(state.batch_in_epoch)
+        for b in range(state.batch_in_epoch, len(batches)):
+            batch = train.batch(batches[b], dist.device)
+            with autocast:
+                ce = ddp_model(batch)["loss"]
+            l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
+            loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
+            (loss / cfg.grad_accum).backward()
+            seen += len(batches[b])
+            state.batch_in_epoch = b + 1
+            if state.batch_in_epoch % cfg.grad_accum == 0 or b == len(batches) - 1:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                losses.append(ce.item())
+                if out is not None:
+                    append_jsonl(out / "metrics.jsonl", {"step": state.step, "epoch": state.epoch + 1,
+                                                         "loss": loss.item(), "ce": ce.item(), "l2": l2_term.item(),
+                                                         "l1": l1_term.item(), "lr": scheduler.get_last_lr()[-1]})
+            advance(1, info=f"loss {ce.item():.4f}")
+            if stop.hit or (cfg.max_steps and state.step >= cfg.max_steps):
+                break
+    state.epoch_loss = float(np.mean(losses)) if losses else float("nan")
+    return seen
+
+
+def early_stopping_update(state: TrainState, model, metrics: dict, cfg: FinetuneConfig) -> None:
+    """Track the best --monitor value; keep its weights; stop after --patience epochs without improvement."""
+    value = metrics[cfg.monitor]
+    lower_is_better = cfg.monitor == "val_loss"
+    improved = state.best is None or (state.best - value > cfg.min_delta if lower_is_better
+                                      else value - state.best > cfg.min_delta)
+    if improved:
+        state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+        state.best_state = trainable_state(model)
+    else:
+        state.bad_epochs += 1
+        if cfg.patience and state.bad_epochs >= cfg.patience:
+            state.stopped_early = True
+            log(f"early stopping: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs; "
+                f"best epoch {state.best_epoch}")
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    """Copies of what training changes (trainable parameters and buffers); frozen weights stay as loaded."""
+    state = model.state_dict(keep_vars=True)
+    return {k: v.detach().cpu().clone() for k, v in state.items()
+            if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(folder: Path, model, optimizer, scheduler, state: TrainState) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    if state.best_state is not None:
+        save_file(state.best_state, str(tmp / "best.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "best_state"}
+    (tmp / "state.json").write_text(json.dumps(fields, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").is_file():
+        raise UserError(f"--resume: no resumable state in {folder}")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only, no pickle code
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    if (folder / "best.safetensors").is_file():
+        state.best_state = load_file(str(folder / "best.safetensors"))
+    return state
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+    a.set_xlabel("epoch")
+    a.legend()
+    shown = [k for k in ("val_accuracy", "val_f1", "val_bleu", "val_chrf") if k in history[0]]
+    for key in shown:
+        b.plot(epochs, [h[key] for h in history], label=key)
+    b.set_xlabel("epoch")
+    if shown:
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,170 @@
+"""`mmllm eval bleu|fid|accuracy`: standalone metrics over files, no checkpoint needed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mmllm.config import AccuracyConfig, BleuConfig, FidConfig
+from mmllm.console import emit, show, warn
+from mmllm.errors import UserError
+from mmllm.metrics import bleu, classification, frechet_distance
+
+
+def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> list[str]:
+    """Plain lines, or one field of each JSON line (auto-detected when every line is a JSON object)."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"file not found: {p}")
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError(f"{p} is not UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if field or (lines and all(_is_json_object(line) for line in lines if line.strip())):
+        out = []
+        for i, line in enumerate(lines, start=1):
+            obj = json.loads(line)
+            key = field or next((c for c in candidates if c in obj), None)
+            if key is None or key not in obj:
+                raise UserError(f"{path}, line {i}: no field '{field or '/'.join(candidates)}'")
+            out.append(str(obj[key]))
+        return out
+    return lines
+
+
+def _is_json_object(line: str) -> bool:
+    s = line.strip()
+    if not (s.startswith("{") and s.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(s), dict)
+    except ValueError:
+        return False
+
+
+def run_bleu(cfg: BleuConfig) -> int:
+    hyps = read_lines(cfg.hyp, cfg.field, ("prediction", "text", "hypothesis", "generated"))
+    refs = [read_lines(r, cfg.field, ("target", "reference", "text", "ref")) for r in cfg.ref]
+    for r, path in zip(refs, cfg.ref):
+        if len(r) != len(hyps):
+            raise UserError(f"--ref {path}: {len(r)} lines, but --hyp has {len(hyps)}")
+    try:
+        result = bleu(hyps, refs, cfg.tokenize, cfg.lowercase)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"--tokenize {cfg.tokenize}: {e}") from None
+    show(result["bleu_detail"])
+    emit({k: v for k, v in result.items() if k != "bleu_detail"})
+    return 0
+
+
+def run_accuracy(cfg: AccuracyConfig) -> int:
+    pred = read_lines(cfg.pred, None, (cfg.pred_field,))
+    gold = _read_gold(cfg.gold, cfg.gold_field)
+    if len(pred) != len(gold):
+        raise UserError(f"--pred has {len(pred)} records, --gold has {len(gold)}")
+    names = sorted(set(gold) | set(pred))
+    index = {n: i for i, n in enumerate(names)}
+    result = classification(np.array([index[g] for g in gold]), np.array([index[p] for p in pred]), names)
+    show(f"accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  (n={result['n']})")
+    emit(result)
+    return 0
+
+
+def _read_gold(path: str, field: str) -> list[str]:
+    if path.endswith((".csv", ".tsv", ".parquet")):
+        from mmllm.records import read_table
+
+        columns, rows = read_table(Path(path))
+        if field not in columns:
+            raise UserError(f"--gold {path}: no column '{field}' (columns: {', '.join(columns)})")
+        return [str(r[field]) for _, r in rows if isinstance(r, dict)]
+    return read_lines(path, None, (field,))
+
+
+def run_fid(cfg: FidConfig) -> int:
+    real, real_size = image_features(cfg.real, cfg)
+    gen, gen_size = image_features(cfg.generated, cfg)
+    dim = real.shape[1]
+    for name, f in (("REAL", real), ("GENERATED", gen)):
+        if len(f) < 2:
+            raise UserError(f"{name}: need at least 2 images, found {len(f)}")
+        if len(f) < dim:
+            warn(f"{name} has {len(f)} images, fewer than the feature dimension {dim}: the covariance is "
+                 "singular and FID is biased upwards; use more images for comparable numbers")
+    fid = frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0), np.cov(gen, rowvar=False))
+    extractor = f"inception-torchscript:{cfg.fid_model}" if cfg.fid_model else f"{cfg.image_model} (not InceptionV3)"
+    result = {"fid": fid, "extractor": extractor, "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen),
+              "resolution": real_size, "comparable_to_published": bool(cfg.fid_model)}
+    show(f"FID {fid:.4f}  extractor {extractor}  real {len(real)} / generated {len(gen)} images at {real_size}")
+    emit(result)
+    return 0
+
+
+def list_images(source: str, image_column: str | None) -> list[str]:
+    from mmllm.records import IMAGE_EXT, detect_columns, read_table
+
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXT and f.is_file())
+        if not files:
+            raise UserError(f"{p}: no images found")
+        return files
+    columns, rows = read_table(p)
+    col = detect_columns(columns, {"image": image_column})["image"]
+    if not col:
+        raise UserError(f"{p}: no image column (use --image-column)")
+    return [str(Path(r[col]) if Path(r[col]).is_absolute() else p.parent / r[col])
+            for _, r in rows if isinstance(r, dict) and r.get(col)]
+
+
+def image_features(source: str, cfg: FidConfig) -> tuple[np.ndarray, str]:
+    """(N, D) features of every image in a folder/manifest, and the resolution the extractor saw."""
+    import torch
+
+    from mmllm.media import MediaError, load_image
+
+    files = list_images(source, cfg.image_column)
+    if cfg.fid_model:
+        path = Path(cfg.fid_model)
+        if not path.is_file():
+            raise UserError(f"--fid-model: file not found: {path}")
+        try:
+            net = torch.jit.load(str(path), map_location="cpu").eval()
+        except RuntimeError as e:
+            raise UserError(f"--fid-model {path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+        size = 299
+    else:
+        from mmllm.encoders import load_encoder
+
+        enc = load_encoder("image", cfg.image_model)
+        size = enc.image_size
+    feats = []
+    for start in range(0, len(files), cfg.batch_size):
+        images = []
+        for f in files[start:start + cfg.batch_size]:
+            try:
+                images.append(load_image(f))
+            except MediaError as e:
+                warn(f"skipped {f}: {e}")
+        if not images:
+            continue
+        with torch.inference_mode():
+            if cfg.fid_model:  # standard FID: uint8 NCHW at 299x299 into the TorchScript Inception
+                from PIL import Image
+
+                x = torch.from_numpy(np.stack([np.asarray(im.resize((299, 299), Image.BICUBIC)) for im in images]))
+                feats.append(net(x.permute(0, 3, 1, 2).contiguous()).reshape(len(images), -1).double().numpy())
+            else:
+                feats.append(enc.encode(images)[0].astype(np.float64))
+    if not feats:
+        raise UserError(f"{source}: no readable images")
+    return np.concatenate(feats), f"{size}x{size}"

@@ -1,0 +1,91 @@
+"""`--task classify`: the multimodal classifier over prepared features, its validation and predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmllm import checkpoint
+from mmllm.batches import FeatureTable
+from mmllm.errors import UserError
+from mmllm.metrics import classification
+from mmllm.model import ModelConfig, build_model
+from mmllm.tasks import Task
+
+
+def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
+    if not meta["labels"]:
+        raise UserError(f"{cfg.prepared} has no labels: use a label column for --task classify")
+    labels = meta["labels"]
+    label_to_id = {n: i for i, n in enumerate(labels)}
+    tokenizer = text_config = text_model = None
+    if "text" in modalities:
+        from mmllm.encoders import TextEncoder
+
+        text = TextEncoder(meta["encoders"]["text"]["name"])
+        if text.identity != meta["encoders"]["text"]["identity"]:
+            raise UserError(f"text model {text.name} is now {text.identity}, prepared with "
+                            f"{meta['encoders']['text']['identity']}: prepare again")
+        tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
+    pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
+    sequence = cfg.fusion == "attention" and bool(meta["preprocessing"].get("sequence_features"))
+    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence)
+    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence)
+    enc = meta["encoders"]
+    mcfg = ModelConfig(modalities=modalities, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=cfg.fusion,
+                       dropout=cfg.dropout, text_dim=enc.get("text", {}).get("dim"),
+                       image_dim=enc.get("image", {}).get("dim"), audio_dim=enc.get("audio", {}).get("dim"),
+                       share_projections=cfg.share_projections, modality_dropout=cfg.modality_dropout,
+                       freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
+                       text_model_type=getattr(text_config, "model_type", None), sequence=sequence)
+    model = build_model(mcfg, text_model).to(dist.device)
+    if cfg.class_weights == "auto":
+        model.class_weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device)
+
+    def save(model_: torch.nn.Module, out: Path, metrics: dict) -> None:
+        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
+                "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
+                "metrics": metrics}
+        checkpoint.save(model_, out, info, tokenizer, text_config)
+
+    return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size), save)
+
+
+def auto_class_weights(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse class frequency, normalized to mean 1."""
+    counts = torch.bincount(labels[labels >= 0], minlength=n).float().clamp(min=1)
+    w = counts.sum() / (n * counts)
+    return w / w.mean()
+
+
+@torch.no_grad()
+def predict_table(model, table: FeatureTable, device, batch_size: int, drop: frozenset = frozenset()
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(probabilities (N, C), gold ids (N,), mean gate weights or None) over a table."""
+    model.eval()
+    probs, golds, gates = [], [], []
+    for batch in table.batches(batch_size, device):
+        gold = batch.pop("labels", None)
+        out = model(batch, drop=drop)
+        probs.append(out["logits"].float().softmax(-1).cpu())
+        if gold is not None:
+            golds.append(gold.cpu())
+        if out["gates"] is not None:
+            gates.append(out["gates"].float().cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.cfg.num_labels))
+    g = torch.cat(golds).numpy() if golds else np.full(len(p), -100)
+    return p, g, (torch.cat(gates).numpy() if gates else None)
+
+
+def validate(model, val: FeatureTable, labels: list[str], device, batch_size: int) -> dict:
+    probs, gold, _ = predict_table(model, val, device, batch_size)
+    keep = gold >= 0
+    logp = np.log(np.clip(probs[keep], 1e-12, 1))
+    cw = model.class_weights
+    w = cw.cpu().numpy()[gold[keep]] if cw is not None else np.ones(keep.sum())
+    loss = float(-(w * logp[np.arange(keep.sum()), gold[keep]]).sum() / max(w.sum(), 1e-12))
+    m = classification(gold, probs.argmax(1), labels)
+    return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_f1": m["macro_f1"]}
