@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,27 @@ from typing import Any
 from mmllm.errors import UserError
 
 ROLES = ("text", "image", "audio")
+MAX_AUGMENT = 100  # augmented variants per training record
+MAX_AUDIO_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
+MAX_CONFIG_BYTES = 1 << 20
+# the validation metrics each task produces: what --monitor may name
+TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": ("val_loss", "val_bleu")}
+# finetune options that only one task reads (the other task would silently ignore them)
+TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text"),
+             "generate": ("decoder", "prefix_tokens", "train_decoder", "max_new_tokens")}
+# finetune options a --resume may change: they are applied from the resumed step on; all others are refused
+# prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
+MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
+                 "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
+                 "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
+                 "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code")
+RESUMABLE = ("epochs", "max_steps", "patience", "min_delta", "lr", "backbone_lr", "weight_decay", "grad_clip",
+             "warmup_ratio", "schedule", "device", "num_workers", "output", "resume")
 
 
-def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (),
-        hidden: bool = False) -> Any:
-    """A config field: default, help line, whether it is a positional CLI argument, allowed values."""
-    meta = {"help": help, "argument": argument, "choices": choices, "hidden": hidden}
+def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (), panel: str = "") -> Any:
+    """A config field: default, help line, whether it is a positional CLI argument, allowed values, help panel."""
+    meta = {"help": help, "argument": argument, "choices": choices, "panel": panel}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,191 +53,325 @@ class PrepareConfig:
     """Manifest or folder -> prepared Arrow dataset with precomputed features."""
 
     input: list = opt([], "Manifest (CSV/JSONL/Parquet), folder of class subfolders, or a save_to_disk folder; "
-                          "with --merge: the shard folders to join.", argument=True)
-    output: str = opt(None, "Output folder for the prepared dataset (written atomically).")
-    text_column: str = opt(None, "Column with the text (auto-detected: text, sentence, caption, prompt, ...).")
-    image_column: str = opt(None, "Column with image paths (auto-detected: image, image_path, img, ...).")
-    audio_column: str = opt(None, "Column with audio paths (auto-detected: audio, audio_path, wav, ...).")
-    label_column: str = opt(None, "Column with the class label (auto-detected: label, class, category).")
-    target_column: str = opt(None, "Column with the target text for generation (auto-detected: target, ...).")
-    split_column: str = opt(None, "Column with train/validation/test (auto-detected: split).")
-    id_column: str = opt(None, "Column with a record id (auto-detected: id); default: the row number.")
-    text_model: str = opt("minilm", "Text model: alias, local Hugging Face folder or hub id.")
-    image_model: str = opt("efficientnet-lite0", "Image encoder: alias, local folder or hub id.")
-    audio_model: str = opt("whisper-tiny.en", "Audio encoder: alias (also logmel, mfcc), local folder or hub id.")
-    max_text_tokens: int = opt(128, "Truncate text to this many tokens.")
-    max_audio_seconds: float = opt(30.0, "Trim audio to this many seconds.")
-    sequence_features: bool = opt(False, "Also store image/audio token sequences (for attention fusion).")
-    sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.")
-    val_fraction: float = opt(0.1, "Validation fraction when there is no split column (stratified).")
-    test_fraction: float = opt(0.1, "Test fraction when there is no split column (stratified).")
-    augment: int = opt(0, "Augmented variants added per training record (images and audio).")
+                          "with --merge: the shard folders to join.", argument=True, panel="Data")
+    output: str = opt(None, "Output folder for the prepared dataset (written atomically).", panel="Output")
+    text_column: str = opt(None, "Column with the text (auto-detected: text, sentence, caption, prompt, ...).",
+                           panel="Data")
+    image_column: str = opt(None, "Column with image paths (auto-detected: image, image_path, img, ...).", panel="Data")
+    audio_column: str = opt(None, "Column with audio paths (auto-detected: audio, audio_path, wav, ...).", panel="Data")
+    label_column: str = opt(None, "Column with the class label (auto-detected: label, class, category).", panel="Data")
+    target_column: str = opt(None, "Column with the target text for generation (auto-detected: target, ...).",
+                             panel="Data")
+    split_column: str = opt(None, "Column with train/validation/test (auto-detected: split).", panel="Data")
+    id_column: str = opt(None, "Column with a record id (auto-detected: id); default: the row number.", panel="Data")
+    text_model: str = opt("minilm", "Text model: alias, local Hugging Face folder or hub id.", panel="Model")
+    image_model: str = opt("efficientnet-lite0", "Image encoder: alias, local folder or hub id.", panel="Model")
+    audio_model: str = opt("whisper-tiny.en", "Audio encoder: alias (also logmel, mfcc), local folder or hub id.",
+                           panel="Model")
+    max_text_tokens: int = opt(128, "Truncate text to this many tokens.", panel="Model")
+    max_audio_seconds: float = opt(30.0, "Trim audio to this many seconds.", panel="Model")
+    sequence_features: bool = opt(False, "Also store image/audio token sequences (for attention fusion).",
+                                  panel="Model")
+    sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.", panel="Model")
+    val_fraction: float = opt(0.1, "Validation fraction when there is no split column (stratified).", panel="Data")
+    test_fraction: float = opt(0.1, "Test fraction when there is no split column (stratified).", panel="Data")
+    augment: int = opt(0, "Augmented variants added per training record (images and audio).", panel="Data")
     on_error: str = opt("skip", "What a bad record does: skip it (reported) or fail the run.",
-                        choices=("skip", "fail"))
-    cache: bool = opt(True, "Reuse features cached by content hash + encoder identity + preprocessing.")
-    batch_size: int = opt(32, "Encoder batch size.")
-    num_workers: int = opt(0, "Threads that decode media while the encoders run.")
-    shard_index: int = opt(0, "Which shard of the input this run prepares (0-based).")
-    num_shards: int = opt(1, "Split the input into this many disjoint shards (job arrays).")
-    merge: bool = opt(False, "Join prepared shard folders (given as INPUT...) into --output.")
-    seed: int = opt(0, "Seed for splits and augmentation.")
-    trust_remote_code: bool = opt(False, "Allow Hugging Face models that run their own code.")
+                        choices=("skip", "fail"), panel="Data")
+    cache: bool = opt(True, "Reuse features cached by content hash + encoder identity + preprocessing.",
+                      panel="Runtime")
+    batch_size: int = opt(32, "Encoder batch size.", panel="Runtime")
+    num_workers: int = opt(0, "Threads that decode media while the encoders run.", panel="Runtime")
+    shard_index: int = opt(0, "Which shard of the input this run prepares (0-based).", panel="Data")
+    num_shards: int = opt(1, "Split the input into this many disjoint shards (job arrays).", panel="Data")
+    merge: bool = opt(False, "Join prepared shard folders (given as INPUT...) into --output.", panel="Data")
+    seed: int = opt(0, "Seed for splits and augmentation.", panel="Runtime")
+    trust_remote_code: bool = opt(False, "Allow Hugging Face models that run their own code.", panel="Model")
+    max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
+                           panel="Data")
 
 
 @dataclass
 class FinetuneConfig:
     """Prepared dataset -> fine-tuned checkpoint folder."""
 
-    prepared: str = opt(None, "Prepared dataset folder (from mmllm prepare).", argument=True)
-    output: str = opt(None, "Checkpoint folder to write.")
+    prepared: str = opt(None, "Prepared dataset folder (from mmllm prepare).", argument=True, panel="Data")
+    output: str = opt(None, "Checkpoint folder to write.", panel="Output")
+    report_to: str = opt("none", "Also log metrics to TensorBoard event files in OUTPUT/tensorboard "
+                                 "(needs pip install 'mmllm[tensorboard]').", choices=("none", "tensorboard"),
+                         panel="Output")
     task: str = opt("classify", "classify (label column) or generate (target column).",
-                    choices=("classify", "generate"))
-    modalities: str = opt("text,image,audio", "Comma-separated modalities the model may use.")
-    fusion: str = opt("concat", "How modalities are fused.", choices=("concat", "gated", "attention"))
-    hidden_size: int = opt(256, "Width of the shared projection space and the head.")
-    dropout: float = opt(0.1, "Dropout in projections, fusion and head.")
-    freeze_text: bool = opt(False, "Keep the pretrained text model frozen.")
-    lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).")
-    share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).")
-    modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.")
-    epochs: int = opt(20, "Maximum number of epochs (0: save the untrained model, e.g. as a baseline).")
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).")
-    batch_size: int = opt(32, "Records per batch (per process).")
-    grad_accum: int = opt(1, "Gradient accumulation steps.")
-    lr: float = opt(1e-3, "Learning rate of the new layers (projections, fusion, head).")
-    backbone_lr: float = opt(3e-5, "Learning rate of the pretrained text model / decoder.")
-    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (not the L2 penalty).")
-    l2: float = opt(0.0, "L2 penalty: adds l2 * sum ||W||^2 over weight matrices to the loss.")
-    l1: float = opt(0.0, "L1 penalty: adds l1 * sum |W| over weight matrices to the loss.")
-    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.")
-    schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
-    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0: off).")
-    precision: str = opt("fp32", "Training precision.", choices=("fp32", "bf16"))
+                    choices=("classify", "generate"), panel="Model")
+    modalities: str = opt("text,image,audio", "Comma-separated modalities the model may use.", panel="Model")
+    fusion: str = opt("concat", "How modalities are fused: concat (joined vectors), gated (learned weight per "
+                               "modality), attention (over token sequences, see prepare --sequence-features).",
+                       choices=("concat", "gated", "attention"), panel="Model")
+    hidden_size: int = opt(256, "Width of the shared projection space and the head.", panel="Model")
+    dropout: float = opt(0.1, "Dropout in projections, fusion and head.", panel="Model")
+    freeze_text: bool = opt(False, "Keep the pretrained text model frozen.", panel="Model")
+    lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).", panel="Model")
+    share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).", panel="Model")
+    modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
+    epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
+                            "model, e.g. as a baseline).", panel="Training")
+    budget_steps: int = opt(1500, "Without --epochs: train for about this many optimizer steps (epochs = "
+                                  "budget / steps per epoch, between 2 and 200).", panel="Training")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", panel="Training")
+    batch_size: int = opt(32, "Records per batch (per process).", panel="Training")
+    grad_accum: int = opt(1, "Gradient accumulation steps.", panel="Training")
+    lr: float = opt(1e-3, "Learning rate of the new layers (projections, fusion, head).", panel="Training")
+    backbone_lr: float = opt(3e-5, "Learning rate of the pretrained text model / decoder.", panel="Training")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (not the L2 penalty).", panel="Training")
+    l2: float = opt(0.0, "L2 penalty: adds l2 * sum ||W||^2 over weight matrices to the loss.", panel="Training")
+    l1: float = opt(0.0, "L1 penalty: adds l1 * sum |W| over weight matrices to the loss.", panel="Training")
+    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup (at most --max-warmup-steps).",
+                              panel="Training")
+    max_warmup_steps: int = opt(100, "Upper bound of the warmup, in optimizer steps.", panel="Training")
+    schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"),
+                        panel="Training")
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0: off).", panel="Training")
+    precision: str = opt("fp32", "Training precision: fp32; bf16 (autocast); fp16 (autocast with a gradient scaler, "
+                               "CUDA only).", choices=("fp32", "bf16", "fp16"), panel="Runtime")
     monitor: str = opt("val_loss", "Early-stopping metric.", choices=("val_loss", "val_accuracy", "val_f1",
-                                                                      "val_bleu"))
-    patience: int = opt(3, "Epochs without improvement before stopping (0: never stop early).")
-    min_delta: float = opt(0.0, "Smallest change that counts as an improvement.")
-    class_weights: str = opt("none", "Loss weights per class.", choices=("none", "auto"))
-    decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.")
-    prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).")
-    train_decoder: bool = opt(False, "Fine-tune the whole decoder, not only the projector (--task generate).")
-    max_new_tokens: int = opt(32, "Longest generated text during validation (--task generate).")
-    resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.")
-    seed: int = opt(0, "Random seed.")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
-    num_workers: int = opt(0, "DataLoader worker processes.")
-    trust_remote_code: bool = opt(False, "Allow Hugging Face models that run their own code.")
+                                                                      "val_bleu"), panel="Early stopping")
+    patience: int = opt(5, "Epochs without improvement before stopping (0: never stop early); epochs inside "
+                           "warmup, before --min-steps or before the training loss falls never count.",
+                               panel="Early stopping")
+    min_steps: int = opt(300, "Early stopping never stops before this many optimizer steps.",
+                         panel="Early stopping")
+    min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", panel="Early stopping")
+    class_weights: str = opt("none", "Loss weights per class: none, or auto (inverse class frequency).",
+                             choices=("none", "auto"), panel="Training")
+    decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.", panel="Model")
+    prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).", panel="Model")
+    train_decoder: bool = opt(False, "Fine-tune the whole decoder, not only the projector (--task generate).",
+                              panel="Model")
+    max_new_tokens: int = opt(32, "Longest generated text during validation (--task generate).", panel="Training")
+    resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.", panel="Training")
+    seed: int = opt(0, "Random seed.", panel="Runtime")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
 
 
 @dataclass
 class EvalModelConfig:
     """Metrics of a checkpoint on a prepared folder or a raw manifest."""
 
-    checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True)
+    checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
     data: str = opt(None, "Prepared folder, or a raw manifest featurized with the checkpoint's encoders.",
-                    argument=True)
-    split: str = opt("test", "Split to evaluate.")
-    output: str = opt(None, "Also write the metrics JSON (and confusion matrix PNG) here.")
-    reliance: bool = opt(True, "Also evaluate with each modality masked in turn.")
-    batch_size: int = opt(64, "Batch size.")
-    bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.")
-    max_new_tokens: int = opt(32, "Longest generated text (generation checkpoints).")
-    num_beams: int = opt(1, "Beam search width (generation checkpoints).")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+                    argument=True, panel="Data")
+    split: str = opt("test", "Split to evaluate.", panel="Data")
+    output: str = opt(None, "Also write the metrics JSON (and confusion matrix PNG) here.", panel="Output")
+    reliance: bool = opt(True, "Also evaluate with each modality masked in turn.", panel="Output")
+    batch_size: int = opt(64, "Batch size.", panel="Runtime")
+    bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.", panel="Generation")
+    max_new_tokens: int = opt(32, "Longest generated text (generation checkpoints).", panel="Generation")
+    num_beams: int = opt(1, "Beam search width (generation checkpoints).", panel="Generation")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
+    max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
+                           panel="Data")
 
 
 @dataclass
 class BleuConfig:
     """Corpus BLEU and chrF exactly as sacreBLEU computes them."""
 
-    hyp: str = opt("-", "Hypotheses: a text file (one per line), JSONL with --field, or - for stdin.")
-    ref: list = opt([], "Reference file(s); repeat --ref for multiple references.")
-    field: str = opt(None, "Field to read when a file is JSONL (default: text / prediction / target).")
-    tokenize: str = opt("13a", "sacreBLEU tokenizer (13a, intl, zh, ja-mecab, char, none, ...).")
-    lowercase: bool = opt(False, "Case-insensitive BLEU.")
+    hyp: str = opt("-", "Hypotheses: a text file (one per line), JSONL with --field, or - for stdin.", panel="Data")
+    ref: list = opt([], "Reference file(s); repeat --ref for multiple references.", panel="Data")
+    field: str = opt(None, "Field to read when a file is JSONL (default: text / prediction / target).", panel="Data")
+    tokenize: str = opt("13a", "sacreBLEU tokenizer (13a, intl, zh, ja-mecab, char, none, ...).", panel="Metric")
+    lowercase: bool = opt(False, "Case-insensitive BLEU.", panel="Metric")
+
+
+@dataclass
+class WerConfig:
+    """Word and character error rates (WER, CER) exactly as jiwer computes them."""
+
+    hyp: str = opt("-", "Hypotheses: a text file (one per line), JSONL with --field, or - for stdin.", panel="Data")
+    ref: str = opt(None, "References: a text file (one per line) or JSONL with --field.", panel="Data")
+    field: str = opt(None, "Field to read when a file is JSONL (default: text / prediction / target).", panel="Data")
 
 
 @dataclass
 class FidConfig:
     """Frechet distance between the feature distributions of two image sets."""
 
-    real: str = opt(None, "Folder or manifest of real images.", argument=True)
-    generated: str = opt(None, "Folder or manifest of generated images.", argument=True)
-    fid_model: str = opt(None, "InceptionV3 TorchScript (inception-2015-12-05.pt) for standard FID; "
-                               "default: the embedded image encoder.")
-    image_model: str = opt("efficientnet-lite0", "Feature extractor when --fid-model is not given.")
-    image_column: str = opt(None, "Image column when REAL/GENERATED are manifests.")
-    batch_size: int = opt(32, "Batch size.")
+    real: str = opt(None, "Folder or manifest of real images.", argument=True, panel="Data")
+    generated: str = opt(None, "Folder or manifest of generated images.", argument=True, panel="Data")
+    fid_model: str = opt(None, "NVIDIA's InceptionV3 TorchScript (inception-2015-12-05.pt; its 2048-d pool3 "
+                               "features) for standard FID; default: the embedded image encoder, not comparable "
+                               "to published FID.", panel="Model")
+    image_model: str = opt("efficientnet-lite0", "Feature extractor when --fid-model is not given.", panel="Model")
+    image_column: str = opt(None, "Image column when REAL/GENERATED are manifests.", panel="Data")
+    batch_size: int = opt(32, "Batch size.", panel="Runtime")
 
 
 @dataclass
 class AccuracyConfig:
     """Accuracy, macro-F1 and confusion matrix of predictions made elsewhere."""
 
-    pred: str = opt(None, "Predictions: JSONL (field `prediction`) or one label per line.")
-    gold: str = opt(None, "Gold labels: JSONL/CSV (field `label`) or one label per line.")
-    pred_field: str = opt("prediction", "Field with the predicted label in JSONL/CSV.")
-    gold_field: str = opt("label", "Field with the gold label in JSONL/CSV.")
+    pred: str = opt(None, "Predictions: JSONL (field `prediction`) or one label per line.", panel="Data")
+    gold: str = opt(None, "Gold labels: JSONL/CSV (field `label`) or one label per line.", panel="Data")
+    pred_field: str = opt("prediction", "Field with the predicted label in JSONL/CSV.", panel="Data")
+    gold_field: str = opt("label", "Field with the gold label in JSONL/CSV.", panel="Data")
 
 
 @dataclass
 class PredictConfig:
     """Stream predictions for raw records as JSON lines."""
 
-    checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True)
-    input: str = opt("-", "Manifest (CSV/JSONL/Parquet), or - for JSONL on stdin.", argument=True)
-    output: str = opt(None, "Write JSONL here instead of stdout.")
-    top_k: int = opt(1, "Class probabilities per record (classification).")
-    batch_size: int = opt(16, "Records per batch.")
-    strict: bool = opt(False, "Stop at the first bad record.")
-    max_new_tokens: int = opt(32, "Longest generated text (generation).")
-    num_beams: int = opt(1, "Beam search width (generation).")
-    do_sample: bool = opt(False, "Sample instead of greedy/beam decoding (generation).")
-    temperature: float = opt(1.0, "Sampling temperature (generation).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (generation).")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
+    input: str = opt("-", "Manifest (CSV/JSONL/Parquet), or - for JSONL on stdin.", argument=True, panel="Data")
+    output: str = opt(None, "Write JSONL here instead of stdout.", panel="Output")
+    top_k: int = opt(1, "Class probabilities per record (classification).", panel="Output")
+    batch_size: int = opt(16, "Records per batch.", panel="Runtime")
+    strict: bool = opt(False, "Stop at the first bad record.", panel="Data")
+    max_new_tokens: int = opt(32, "Longest generated text (generation).", panel="Generation")
+    num_beams: int = opt(1, "Beam search width (generation).", panel="Generation")
+    do_sample: bool = opt(False, "Sample instead of greedy/beam decoding (generation).", panel="Generation")
+    temperature: float = opt(1.0, "Sampling temperature (generation).", panel="Generation")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (generation).", panel="Generation")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
+    max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
+                           panel="Data")
+    max_line_mb: int = opt(16, "Longest JSON line read, in MB; longer lines get an error without being parsed.",
+                           panel="Data")
 
 
 def read_config_file(path: str | Path) -> dict:
-    """Keys of a YAML or JSON config file (the command's option names, with - or _)."""
+    """Keys of a YAML or JSON config file (the command's option names, with - or _).
+
+    YAML is read safely and without aliases (`*name`): a few hundred bytes of nested aliases expand to
+    gigabytes. Values are converted to each option's type later, in `build`."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config: file not found: {p}")
-    text = p.read_text(encoding="utf-8-sig")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"--config: {p} is larger than {MAX_CONFIG_BYTES >> 20} MB: not a config file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config: {p} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                        "save it as UTF-8") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader()) or {}  # noqa: S506 - a SafeLoader subclass
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"--config: cannot parse {p}: {str(e).splitlines()[0]}") from None
+        first = " ".join(str(e).split())
+        raise UserError(f"--config: cannot parse {p}: {first[:300]}") from None
     if not isinstance(data, dict):
         raise UserError(f"--config: {p} must hold a mapping of option names to values")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"--config: {p}: option names must be text (got {bad[0]!r})")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def build(cls: type, file_values: dict, cli_values: dict) -> Any:
-    """Defaults <- config file <- explicit flags; then validate everything at once."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(file_values) - names)
-    problems = [f"--config: unknown option '{k}'" for k in unknown]
-    values = {k: v for k, v in file_values.items() if k in names}
-    values.update(cli_values)
-    for f in dataclasses.fields(cls):
-        if f.name in values and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-            v = values[f.name]
-            if isinstance(f.default, float) and isinstance(v, int) and not isinstance(v, bool):
-                values[f.name] = float(v)
-        is_list = f.default_factory is not dataclasses.MISSING  # list fields (opt([...])) are the only factories
-        if f.name in values and is_list and isinstance(values[f.name], str):
-            values[f.name] = [values[f.name]]
+def _yaml_loader() -> type:
+    """yaml.SafeLoader that refuses aliases (anchors alone are harmless)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not allowed; write the value out")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def build(cls: type, file_values: dict, cli_values: dict, source: str | Path | None = None) -> Any:
+    """Defaults <- config file <- explicit flags, each converted to its option's type; then validate
+    everything at once (for `finetune --resume`, also against the interrupted run's options)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"--config {source}" if source else "--config"
+    problems = [f"{where}: unknown option '{k}'" for k in sorted(set(file_values) - set(fields))]
+    values = {}
+    for given, name_of in ((file_values, lambda k: f"{where}: {k}"), (cli_values, flag)):
+        for k, v in given.items():
+            if k not in fields:
+                continue
+            try:
+                values[k] = coerce(fields[k], v)
+            except ValueError as e:
+                problems.append(f"{name_of(k)}: {e}")
     cfg = cls(**values)
     problems += validate(cfg)
+    if not problems and isinstance(cfg, FinetuneConfig) and cfg.resume:
+        check_resume(cfg)
     if problems:
         raise UserError("; ".join(problems))
     return cfg
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """`value` as the type of field `f` (str, int, float, bool, list); ValueError says what was expected.
+
+    Strings that spell a number are numbers (YAML 1.1 reads `1e-3` as a string); numbers given for a
+    text option become text; anything else that does not fit is refused."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError("no value given (remove the key, or give a value)")
+    if kind == "bool":
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if isinstance(value, bool) or word in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else word in _TRUE
+        raise ValueError(f"expected true or false (got {_shown(value)})")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _number(value, "a whole number")
+        if number != int(number):
+            raise ValueError(f"expected a whole number (got {_shown(value)})")
+        return int(number)
+    if kind == "float":
+        return float(_number(value, "a number"))
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        hint = f"; write it as '{','.join(map(str, value))}'" if isinstance(value, list) and all(
+            isinstance(v, (str, int, float)) for v in value) else ""
+        raise ValueError(f"expected text (got {_shown(value)}){hint}")
+    if kind == "list":
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"expected a list of text values (got {_shown(value)})")
+        return [str(v) for v in items]
+    return value
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _number(value: Any, expected: str) -> float | int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected {expected} (got {_shown(value)})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected {expected} (got {_shown(value)})")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number (got {value})")
+    return value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__} {json.dumps(value, default=str)[:60]}"
+    return repr(value)[:60]
 
 
 def validate(cfg: Any) -> list[str]:
@@ -230,14 +381,16 @@ def validate(cfg: Any) -> list[str]:
         v = getattr(cfg, f.name)
         if f.metadata.get("choices") and v not in f.metadata["choices"]:
             problems.append(f"{flag(f.name)}: '{v}' is not one of {', '.join(f.metadata['choices'])}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{flag(f.name)}: must be a finite number (got {v})")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
             problems.append(f"{flag(f.name)}: must be >= 0 (got {v})")
     for name in ("val_fraction", "test_fraction", "modality_dropout", "dropout", "warmup_ratio"):
         v = getattr(cfg, name, None)
         if v is not None and not 0 <= v < 1:
             problems.append(f"{flag(name)}: must be in [0, 1) (got {v})")
     for name in ("batch_size", "grad_accum", "num_shards", "hidden_size", "top_k", "num_beams",
-                 "max_text_tokens", "max_new_tokens"):
+                 "max_text_tokens", "max_new_tokens", "max_file_mb", "max_line_mb"):
         v = getattr(cfg, name, None)
         if v is not None and v < 1:
             problems.append(f"{flag(name)}: must be >= 1 (got {v})")
@@ -252,6 +405,7 @@ def validate(cfg: Any) -> list[str]:
             problems.append(f"--shard-index: must be < --num-shards ({cfg.num_shards})")
         if cfg.val_fraction + cfg.test_fraction >= 1:
             problems.append("--val-fraction + --test-fraction: must be < 1")
+        problems += prepare_rules(cfg)
     if isinstance(cfg, FinetuneConfig):
         if not cfg.prepared:
             problems.append("PREPARED: required")
@@ -261,17 +415,134 @@ def validate(cfg: Any) -> list[str]:
         bad = [m for m in mods if m not in ROLES]
         if bad or not mods:
             problems.append(f"--modalities: use a comma-separated subset of {','.join(ROLES)} (got '{cfg.modalities}')")
+        problems += finetune_rules(cfg)
     if isinstance(cfg, EvalModelConfig) and (not cfg.checkpoint or not cfg.data):
         problems.append("CHECKPOINT and DATA: both required")
     if isinstance(cfg, BleuConfig) and not cfg.ref:
         problems.append("--ref: give at least one reference file")
+    if isinstance(cfg, WerConfig) and not cfg.ref:
+        problems.append("--ref: give the reference file")
     if isinstance(cfg, AccuracyConfig) and (not cfg.pred or not cfg.gold):
         problems.append("--pred and --gold: both required")
     if isinstance(cfg, FidConfig) and (not cfg.real or not cfg.generated):
         problems.append("REAL and GENERATED: both required")
     if isinstance(cfg, PredictConfig) and not cfg.checkpoint:
         problems.append("CHECKPOINT: required")
+    if isinstance(cfg, PredictConfig):
+        problems += sampling_rules(cfg)
+    problems += device_rules(cfg)
     return problems
+
+
+def default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def prepare_rules(cfg: PrepareConfig) -> list[str]:
+    """Bounds and cross-option rules of `prepare`."""
+    problems = []
+    if cfg.augment > MAX_AUGMENT:
+        problems.append(f"--augment: at most {MAX_AUGMENT} variants per record (got {cfg.augment})")
+    if not 0 < cfg.max_audio_seconds <= MAX_AUDIO_SECONDS:
+        problems.append(f"--max-audio-seconds: must be in (0, {MAX_AUDIO_SECONDS:g}] (got {cfg.max_audio_seconds})")
+    if cfg.merge:  # merging joins finished shards: the options that build a dataset were fixed back then
+        ignored = [flag(n) for n in MERGE_IGNORES if getattr(cfg, n, None) != default(PrepareConfig, n)]
+        if ignored:
+            problems.append(f"--merge: {', '.join(ignored)} do not apply when joining prepared shards "
+                            "(they were fixed when each shard was prepared)")
+    return problems
+
+
+def finetune_rules(cfg: FinetuneConfig) -> list[str]:
+    """Cross-option rules of `finetune`: what the task reads, what it produces, what excludes what."""
+    problems = []
+    task = cfg.task if cfg.task in TASK_METRICS else "classify"
+    if cfg.monitor not in TASK_METRICS[task]:
+        problems.append(f"--monitor: --task {task} produces {', '.join(TASK_METRICS[task])} (got {cfg.monitor})")
+    other = "generate" if task == "classify" else "classify"
+    for name in TASK_ONLY[other]:
+        if hasattr(cfg, name) and getattr(cfg, name) != default(FinetuneConfig, name):
+            problems.append(f"{flag(name)}: only used by --task {other} (this is --task {task})")
+    mods = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
+    explicit = cfg.modalities != default(FinetuneConfig, "modalities")
+    if len(set(mods)) != len(mods):
+        problems.append(f"--modalities: each modality once (got '{cfg.modalities}')")
+    if cfg.lora_r and cfg.freeze_text and task == "classify":
+        problems.append("--lora-r and --freeze-text: LoRA trains adapters on the text model, --freeze-text keeps "
+                        "it fixed; choose one")
+    if cfg.lora_r and cfg.train_decoder and task == "generate":
+        problems.append("--lora-r and --train-decoder: LoRA trains adapters, --train-decoder the whole decoder; "
+                        "choose one")
+    if task == "classify" and explicit and "text" not in mods:
+        problems += [f"{flag(n)}: needs the text modality (--modalities {cfg.modalities})"
+                     for n in ("lora_r", "freeze_text") if getattr(cfg, n)]
+    if task == "classify" and explicit and cfg.share_projections and not {"image", "audio"} <= set(mods):
+        problems.append("--share-projections: shares the image and audio projection; needs both modalities")
+    if task == "classify" and explicit and cfg.modality_dropout and len(set(mods)) < 2:
+        problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
+    if cfg.max_steps and not cfg.epochs:
+        problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
+    if task == "generate" and cfg.prefix_tokens < 1:
+        problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
+    return problems
+
+
+def sampling_rules(cfg: PredictConfig) -> list[str]:
+    """--temperature and --top-p shape sampling only: without --do-sample they would be ignored."""
+    problems = []
+    if cfg.temperature <= 0:
+        problems.append(f"--temperature: must be > 0 (got {cfg.temperature})")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top-p: must be in (0, 1] (got {cfg.top_p})")
+    if not cfg.do_sample:
+        problems += [f"{flag(n)}: only used with --do-sample" for n in ("temperature", "top_p")
+                     if getattr(cfg, n) != default(PredictConfig, n)]
+    return problems
+
+
+def device_rules(cfg: Any) -> list[str]:
+    """--device names a device kind this tool knows (whether it exists is checked by runtime.pick_device)."""
+    device = getattr(cfg, "device", None)
+    if device is None:
+        return []
+    kind, _, index = str(device).partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        return [f"--device: use auto, cpu, cuda, cuda:N or mps (got '{device}')"]
+    return []
+
+
+def check_resume(cfg: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
+    """On --resume: refuse options that change the model or data, naming every key that differs from the
+    interrupted run (its finetune_config.json); return the changed options that are applied {name: (old, new)}."""
+    out = Path(cfg.output)
+    saved_path = out / "finetune_config.json"
+    if not (out / "resume").is_dir():
+        return {}  # nothing to resume: the training loop says so
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {saved_path} is missing or unreadable, so the interrupted run's options "
+                        "are unknown; start a new --output") from None
+    changed = {}
+    for f in dataclasses.fields(cfg):
+        old, new = saved.get(f.name, default(FinetuneConfig, f.name)), getattr(cfg, f.name)
+        if f.name == "resume" or _same(f.name, old, new):
+            continue
+        changed[f.name] = (old, new)
+    refused = [f"{k} ({old} -> {new})" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    if refused:
+        raise UserError(f"--resume: {out} was trained with other values of options that change the model or "
+                        f"data: {', '.join(refused)}; resume with the same values, or start a new --output")
+    return changed
+
+
+def _same(name: str, old: Any, new: Any) -> bool:
+    if name in ("prepared", "output") and isinstance(old, str) and isinstance(new, str):
+        return old == new or os.path.realpath(old) == os.path.realpath(new)
+    if name == "modalities" and isinstance(old, str) and isinstance(new, str):
+        return old.replace(" ", "") == new.replace(" ", "")
+    return old == new
 
 
 def save_resolved(cfg: Any, path: str | Path) -> None:

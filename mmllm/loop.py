@@ -7,6 +7,7 @@ RNG, step) is written after every epoch and on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,8 @@ from mmllm.runtime import Dist
 from mmllm.tasks import Task
 
 STATE_DIR = "resume"
+MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
+LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 
 
 def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
@@ -60,15 +63,16 @@ class Run:
     scheduler: Any
     state: TrainState
     ddp_model: torch.nn.Module
+    plan: Schedule
 
 
 def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
     """Optimizer, schedule and state (fresh or resumed); the output folder's metrics log and resolved config."""
     model = task.model
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / dist.world / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    plan = plan_schedule(cfg, len(task.train), dist.world)
+    cfg.epochs = plan.epochs  # the saved config says what ran
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps, plan.warmup_steps)
     state = TrainState()
     if cfg.resume:
         state = load_state(out / STATE_DIR, model, optimizer, scheduler)
@@ -84,7 +88,7 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
         if not cfg.resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         save_resolved(cfg, out / "finetune_config.json")
-    return Run(optimizer, scheduler, state, ddp_model)
+    return Run(optimizer, scheduler, state, ddp_model, plan)
 
 
 def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
@@ -101,7 +105,9 @@ def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: Stop
         state.batch_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.step, "train_loss": state.epoch_loss, **val_metrics}
         state.history.append(record)
-        early_stopping_update(state, model, val_metrics, cfg)
+        if state.initial_loss is None and state.epoch_losses:
+            state.initial_loss = float(np.mean(state.epoch_losses[:5]))
+        early_stopping_update(state, model, val_metrics, cfg, run.plan.warmup_steps)
         if dist.main:
             append_jsonl(out / "metrics.jsonl", record)
             save_state(out / STATE_DIR, model, run.optimizer, run.scheduler, state)
@@ -118,8 +124,14 @@ def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, tra
     if state.best_state is not None:
         model.load_state_dict(state.best_state, strict=False)  # restore the best weights (early stopping)
     final = task.validate(model)
+    if not state.stop_reason:
+        budget = cfg.max_steps and state.step >= cfg.max_steps
+        state.stop_reason = (f"stopped: step budget (--max-steps {cfg.max_steps})" if budget
+                             else f"finished: all {cfg.epochs} epochs ({run.plan.epochs_from})")
+    log(state.stop_reason)
     summary = {"output": str(out), "epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
-               "monitor": cfg.monitor, "best": state.best, "stopped_early": state.stopped_early, **final,
+               "monitor": cfg.monitor, "best": state.best, "stopped_early": state.stopped_early,
+               "stop_reason": state.stop_reason, "schedule": dataclasses.asdict(run.plan), **final,
                "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
                "world_size": dist.world}
     if dist.main:
@@ -141,6 +153,8 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    stop_reason: str = ""
+    initial_loss: float | None = None  # mean loss of the first optimizer steps: has training started to learn?
     history: list = dataclasses.field(default_factory=list)
     best_state: dict | None = None
 
@@ -183,8 +197,35 @@ def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.O
         return torch.optim.AdamW(params)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total: int):
-    warmup = int(cfg.warmup_ratio * total)
+@dataclasses.dataclass
+class Schedule:
+    """The training budget, fixed before the first step (printed and saved in metrics.json)."""
+
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    min_steps: int
+    epochs_from: str  # "--epochs" or "--budget-steps"
+
+
+def plan_schedule(cfg: FinetuneConfig, n_train: int, world: int) -> Schedule:
+    """Epochs from --budget-steps unless --epochs is given (small data: more epochs, large data: fewer)."""
+    steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world / cfg.batch_size) / cfg.grad_accum))
+    if cfg.epochs is None:
+        epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(cfg.budget_steps / steps_per_epoch)))
+        source = "--budget-steps"
+    else:
+        epochs, source = cfg.epochs, "--epochs"
+    total = min(cfg.max_steps, steps_per_epoch * epochs) if cfg.max_steps else steps_per_epoch * epochs
+    warmup = min(int(cfg.warmup_ratio * total), cfg.max_warmup_steps)
+    plan = Schedule(epochs, steps_per_epoch, total, warmup, cfg.min_steps, source)
+    log(f"schedule: {epochs} epochs ({source}) x {steps_per_epoch} steps = {total} optimizer steps; warmup "
+        f"{warmup} steps; early stopping only after step {max(warmup, cfg.min_steps)} and once the training loss fell")
+    return plan
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total: int, warmup: int):
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -223,14 +264,18 @@ def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneC
         advance(state.batch_in_epoch)
         for b in range(state.batch_in_epoch, len(batches)):
             batch = train.batch(batches[b], dist.device)
-            with autocast:
-                ce = ddp_model(batch)["loss"]
-            l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
-            loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
-            (loss / cfg.grad_accum).backward()
+            last_micro = (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1
+            # DDP: gradients of the earlier micro-batches accumulate locally; only the last one all-reduces
+            sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
+            with sync:
+                with autocast:
+                    ce = ddp_model(batch)["loss"]
+                l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
+                loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
+                (loss / cfg.grad_accum).backward()
             seen += len(batches[b])
             state.batch_in_epoch = b + 1
-            if state.batch_in_epoch % cfg.grad_accum == 0 or b == len(batches) - 1:
+            if last_micro:
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -243,14 +288,20 @@ def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneC
                                                          "loss": loss.item(), "ce": ce.item(), "l2": l2_term.item(),
                                                          "l1": l1_term.item(), "lr": scheduler.get_last_lr()[-1]})
             advance(1, info=f"loss {ce.item():.4f}")
-            if stop.hit or (cfg.max_steps and state.step >= cfg.max_steps):
+            # Ctrl-C ends the loop only after an optimizer step: unsaved accumulated gradients are never lost
+            if last_micro and (stop.hit or (cfg.max_steps and state.step >= cfg.max_steps)):
                 break
     state.epoch_loss = float(np.mean(losses)) if losses else float("nan")
     return seen
 
 
-def early_stopping_update(state: TrainState, model, metrics: dict, cfg: FinetuneConfig) -> None:
-    """Track the best --monitor value; keep its weights; stop after --patience epochs without improvement."""
+def early_stopping_update(state: TrainState, model, metrics: dict, cfg: FinetuneConfig, warmup_steps: int = 0
+                          ) -> None:
+    """Track the best --monitor value; keep its weights; stop after --patience epochs without improvement.
+
+    Epochs that end inside warmup or before --min-steps never count as bad, and nothing stops before the
+    training loss has fallen below LOSS_FELL x its starting value: early stopping cannot fire before learning.
+    """
     value = metrics[cfg.monitor]
     lower_is_better = cfg.monitor == "val_loss"
     improved = state.best is None or (state.best - value > cfg.min_delta if lower_is_better
@@ -258,12 +309,16 @@ def early_stopping_update(state: TrainState, model, metrics: dict, cfg: Finetune
     if improved:
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
         state.best_state = trainable_state(model)
-    else:
-        state.bad_epochs += 1
-        if cfg.patience and state.bad_epochs >= cfg.patience:
-            state.stopped_early = True
-            log(f"early stopping: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs; "
-                f"best epoch {state.best_epoch}")
+        return
+    learning = state.initial_loss is not None and state.epoch_loss < LOSS_FELL * state.initial_loss
+    if state.step <= max(warmup_steps, cfg.min_steps) or not learning:
+        return  # too early to judge: warmup, the minimum step count, or a loss that has not fallen yet
+    state.bad_epochs += 1
+    if cfg.patience and state.bad_epochs >= cfg.patience:
+        state.stopped_early = True
+        state.stop_reason = (f"stopped: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs "
+                             f"after warmup; best epoch {state.best_epoch}")
+        log(state.stop_reason)
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
@@ -286,8 +341,11 @@ def save_state(folder: Path, model, optimizer, scheduler, state: TrainState) -> 
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
     if state.best_state is not None:
         save_file(state.best_state, str(tmp / "best.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's generator (dropout on GPU)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+               tmp / "optimizer.pt")
     fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "best_state"}
     (tmp / "state.json").write_text(json.dumps(fields, indent=2))
     if folder.exists():
@@ -305,6 +363,8 @@ def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state(blob["cuda_rng"])
     state = TrainState(**json.loads((folder / "state.json").read_text()))
     if (folder / "best.safetensors").is_file():
         state.best_state = load_file(str(folder / "best.safetensors"))
