@@ -13,6 +13,7 @@ from mmllm.batches import FeatureTable
 from mmllm.errors import UserError
 from mmllm.metrics import classification
 from mmllm.model import ModelConfig, build_model
+from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Task
 
 
@@ -51,7 +52,7 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
                 "metrics": metrics}
         checkpoint.save(model_, out, info, tokenizer, text_config)
 
-    return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size), save)
+    return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size, dist), save)
 
 
 def auto_class_weights(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -62,12 +63,17 @@ def auto_class_weights(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_table(model, table: FeatureTable, device, batch_size: int, drop: frozenset = frozenset()
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(probabilities (N, C), gold ids (N,), mean gate weights or None) over a table."""
+def predict_table(model, table: FeatureTable, device, batch_size: int, drop: frozenset = frozenset(),
+                  dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(probabilities (N, C), gold ids (N,), gate weights (N, M) or None) over a table.
+
+    Under DDP each rank predicts its contiguous shard of the rows; the shards are gathered in rank order,
+    so every rank returns the same arrays, in table order, as a single process would."""
     model.eval()
     probs, golds, gates = [], [], []
-    for batch in table.batches(batch_size, device):
+    rows = shard(len(table), dist)
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = table.batch(range(start, min(rows.stop, start + batch_size)), device)
         gold = batch.pop("labels", None)
         out = model(batch, drop=drop)
         probs.append(out["logits"].float().softmax(-1).cpu())
@@ -75,13 +81,18 @@ def predict_table(model, table: FeatureTable, device, batch_size: int, drop: fro
             golds.append(gold.cpu())
         if out["gates"] is not None:
             gates.append(out["gates"].float().cpu())
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.cfg.num_labels))
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.cfg.num_labels), dtype=np.float32)
     g = torch.cat(golds).numpy() if golds else np.full(len(p), -100)
-    return p, g, (torch.cat(gates).numpy() if gates else None)
+    parts = gather((p, g, torch.cat(gates).numpy() if gates else None), dist)  # [(p, g, gates)] per rank
+    kept_gates = [x[2] for x in parts if x[2] is not None]
+    return (np.concatenate([x[0] for x in parts]), np.concatenate([x[1] for x in parts]),
+            np.concatenate(kept_gates) if kept_gates else None)
 
 
-def validate(model, val: FeatureTable, labels: list[str], device, batch_size: int) -> dict:
-    probs, gold, _ = predict_table(model, val, device, batch_size)
+def validate(model, val: FeatureTable, labels: list[str], device, batch_size: int, dist: Dist | None = None
+             ) -> dict:
+    """Validation loss (class-weighted like training), accuracy and macro-F1; sharded over DDP ranks."""
+    probs, gold, _ = predict_table(model, val, device, batch_size, dist=dist)
     keep = gold >= 0
     logp = np.log(np.clip(probs[keep], 1e-12, 1))
     cw = model.class_weights

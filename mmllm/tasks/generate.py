@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmllm.errors import UserError
+from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Task
 
 PROMPT = "Describe the input.{context}\nDescription:"
@@ -195,9 +196,9 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     val = GenTable.from_split(data["validation"], prefix_mods, tokenizer, with_targets=True)
 
     def validate(m: PrefixDecoder) -> dict:
-        out = {"val_loss": validation_loss(m, val, fcfg.batch_size, dist.device)}
+        out = {"val_loss": validation_loss(m, val, fcfg.batch_size, dist.device, dist)}
         if fcfg.monitor == "val_bleu":
-            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens)
+            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens, dist=dist)
             out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
         return out
 
@@ -208,27 +209,35 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
 
 
 @torch.no_grad()
-def validation_loss(model: PrefixDecoder, table: GenTable, batch_size: int, device: Any) -> float:
+def validation_loss(model: PrefixDecoder, table: GenTable, batch_size: int, device: Any,
+                    dist: Dist | None = None) -> float:
+    """Mean target-token cross-entropy; under DDP each rank sums its shard and the sums are gathered."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(table), batch_size):
-        batch = table.batch(range(start, min(len(table), start + batch_size)), device)
+    rows = shard(len(table), dist)
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = table.batch(range(start, min(rows.stop, start + batch_size)), device)
         n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over
         total += float(model(batch)["loss"]) * n
         count += n
-    return total / max(1, count)
+    sums = gather((total, count), dist)  # [(total, count)] per rank
+    return sum(t for t, _ in sums) / max(1, sum(c for _, c in sums))
 
 
 def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: int, device: Any,
-            max_new_tokens: int, num_beams: int = 1, tokenize: str = "13a", drop: frozenset = frozenset()) -> dict:
-    """Greedy/beam outputs streamed into sacreBLEU (only strings are kept, never logits)."""
+            max_new_tokens: int, num_beams: int = 1, tokenize: str = "13a", drop: frozenset = frozenset(),
+            dist: Dist | None = None) -> dict:
+    """Greedy/beam outputs streamed into sacreBLEU (only strings are kept, never logits); under DDP each
+    rank generates for its shard and the hypotheses are gathered in table order."""
     from mmllm.metrics import bleu
 
     model.eval()
-    hyps = []
-    for start in range(0, len(table), batch_size):
-        batch = table.batch(range(start, min(len(table), start + batch_size)), device, with_targets=False, drop=drop)
+    hyps: list[str] = []
+    rows = shard(len(table), dist)
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = table.batch(range(start, min(rows.stop, start + batch_size)), device, with_targets=False, drop=drop)
         hyps += model.generate(batch, tokenizer, max_new_tokens, num_beams)
+    hyps = [h for part in gather(hyps, dist) for h in part]
     m = bleu(hyps, [table.targets], tokenize)
     return {"val_bleu": m["bleu"], "val_chrf": m["chrf"], "hypotheses": hyps, "bleu_signature": m["bleu_signature"]}
 
@@ -239,10 +248,10 @@ def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict,
     """Weights: projector always; decoder weights only when trained (LoRA adapters or --train-decoder)."""
     from safetensors.torch import save_file
 
-    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, unwrap
+    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, unwrap, write_marker
 
     model = unwrap(model)
-    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out)
     state = model.state_dict()
     if not (model.cfg.lora_r or model.cfg.train_decoder):
         state = {k: v for k, v in state.items() if not k.startswith("decoder.")}  # frozen: referenced by identity
