@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import click
 import typer
+import typer.core
+from rich.text import Text
 
 from mmllm import __version__, config as C
 from mmllm.console import err, set_quiet
@@ -23,7 +25,7 @@ from mmllm.errors import UserError
 
 app = typer.Typer(help="Fine-tune pretrained language models together with image and audio inputs.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
-eval_app = typer.Typer(help="Metrics: of a checkpoint (model) or standalone (bleu, fid, accuracy).",
+eval_app = typer.Typer(help="Metrics: of a checkpoint (model) or standalone (bleu, wer, fid, accuracy).",
                        no_args_is_help=True)
 models_app = typer.Typer(help="Embedded pretrained models: list and pull.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -49,30 +51,94 @@ def main_options(
     set_quiet(quiet)
 
 
+QUIET_OPTION = typer.Option("--quiet", "-q", help="Silence progress and logs on stderr.")
+KINDS = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+METAVARS = {str: "TEXT", int: "INT", float: "FLOAT", list: "TEXT"}
+
+
+def _help(f: dataclasses.Field, kind: type) -> str:
+    """A field's help line with its choices and default, e.g. 'How ... [choices: a, b] [default: a]'."""
+    meta, default = f.metadata, f.default if f.default is not dataclasses.MISSING else None
+    text = meta["help"]
+    if meta.get("choices"):
+        text += f" [choices: {', '.join(meta['choices'])}]"
+    if kind is bool:
+        text += f" [default: {'on' if default else 'off'}]"
+    elif default not in (None, []):
+        text += f" [default: {default}]"
+    return text
+
+
 def _param(f: dataclasses.Field) -> inspect.Parameter:
     """A typer parameter for one config field (default None: 'not given', so --config can supply it)."""
     meta = f.metadata
-    kind = f.type if not isinstance(f.type, str) else {"str": str, "int": int, "float": float, "bool": bool,
-                                                      "list": list}[f.type]
-    if kind is list:
-        annotation: Any = Optional[list[str]]
-    elif kind is bool:
-        annotation = Optional[bool]
-    else:
-        annotation = Optional[kind]
-    default = f.default if f.default is not dataclasses.MISSING else None
-    shown = default if default not in (None, []) else None
+    kind = KINDS[f.type] if isinstance(f.type, str) else f.type
+    annotation: Any = Optional[list[str]] if kind is list else Optional[kind]
+    panel = meta.get("panel") or None
     if meta["argument"]:
-        info = typer.Argument(help=meta["help"], show_default=shown is not None, metavar=f.name.upper())
+        info = typer.Argument(help=_help(f, kind), show_default=False, metavar=f.name.upper(),
+                              rich_help_panel=panel)
     elif kind is bool:
         name = f.name.replace("_", "-")
-        info = typer.Option(f"--{name}/--no-{name}", help=meta["help"] + f" [default: {default}]",
-                            show_default=False)
+        info = typer.Option(f"--{name}/--no-{name}", help=_help(f, kind), show_default=False, rich_help_panel=panel)
     else:
-        help_text = meta["help"] + (f" [default: {shown}]" if shown is not None else "")
-        info = typer.Option(C.flag(f.name), help=help_text, show_default=False)
+        info = typer.Option(C.flag(f.name), help=_help(f, kind), show_default=False, metavar=METAVARS[kind],
+                            rich_help_panel=panel)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[annotation, info])
+
+
+# ---------------------------------------------------------------- help: panels readable at 80 columns
+
+PANELS = ("Arguments", "Data", "Model", "Generation", "Training", "Early stopping", "Metric", "Output", "Runtime",
+          "Options")
+
+
+class PanelCommand(typer.core.TyperCommand):
+    """Help in titled panels; each flag on its own line (never cut), help text wrapped beside it."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        print_help(self, ctx)
+
+
+def _flags(param: Any) -> Text:
+    """The flag cell: '--name METAVAR' (or 'NAME' for an argument); a boolean's --no-name on a second line."""
+    if param.param_type_name == "argument":
+        return Text((param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else ""), style="bold cyan")
+    cell = Text(", ".join(param.opts), style="bold cyan")
+    if not getattr(param, "is_flag", False):
+        cell.append(" " + (param.metavar or "VALUE"), style="yellow")
+    for negative in param.secondary_opts:
+        cell.append("\n" + negative, style="bold magenta")
+    return cell
+
+
+def print_help(command: Any, ctx: Any) -> None:
+    """The help of a command: usage, description, then one panel per group of options."""
+    from rich.console import Console
+    from rich.padding import Padding
+    from rich.panel import Panel
+    from rich.table import Table
+
+    console = Console(width=ctx.terminal_width, highlight=False)  # None: the terminal's width ($COLUMNS)
+    console.print(f"\n {command.get_usage(ctx)}\n", style="bold")
+    if command.help:
+        console.print(Padding(Text(" ".join(command.help.split())), (0, 1, 1, 1)))
+    groups: dict[str, list] = {}
+    for p in command.get_params(ctx):
+        if not getattr(p, "hidden", False):
+            panel = "Arguments" if p.param_type_name == "argument" else getattr(p, "rich_help_panel", None)
+            groups.setdefault(panel or "Options", []).append(p)
+    flag_width = max(len(line) for ps in groups.values() for p in ps for line in _flags(p).plain.split("\n"))
+    for name in sorted(groups, key=lambda n: PANELS.index(n) if n in PANELS else len(PANELS)):
+        table = Table.grid(padding=(0, 2), expand=True)
+        table.add_column(no_wrap=True, min_width=flag_width)  # flags are never wrapped or cut
+        table.add_column(ratio=1)
+        for p in groups[name]:
+            flag_cell, help_cell = _flags(p), Text(p.help or "")
+            help_cell.highlight_regex(r"\[(default|choices): [^\]]*\]", "dim")
+            table.add_row(flag_cell, help_cell)
+        console.print(Panel(table, title=name, title_align="left", border_style="dim"))
 
 
 def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
@@ -90,7 +156,7 @@ def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
             given = {k: v for k, v in kwargs.items()
                      if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)
                      and v is not None}
-            cfg = C.build(cls, file_values, given)
+            cfg = C.build(cls, file_values, given, source=config)
             module, func = target.split(":")
             return getattr(importlib.import_module(module), func)(cfg)
 
@@ -102,15 +168,15 @@ def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
     params += [_param(f) for f in dataclasses.fields(cls)]
     params.append(inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-        annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of these options; "
-                                                                            "flags override it.")]))
-    params.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, typer.Option("--quiet", "-q", help="Silence progress and logs on stderr.")]))
+        annotation=Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="YAML/JSON file of these "
+                                                                            "options; flags override it.")]))
+    params.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation=Annotated[bool, QUIET_OPTION]))
     params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks.")]))
     body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     body.__doc__ = cls.__doc__
-    group.command(name, help=cls.__doc__)(body)
+    group.command(name, help=cls.__doc__, cls=PanelCommand)(body)
 
 
 def guarded(call: Callable[[], Any]) -> int:
@@ -139,30 +205,39 @@ def guarded(call: Callable[[], Any]) -> int:
 command(app, "prepare", C.PrepareConfig, "mmllm.prepare:run")
 command(app, "finetune", C.FinetuneConfig, "mmllm.finetune:run")
 command(app, "predict", C.PredictConfig, "mmllm.predict:run")
+command(app, "serve", C.ServeConfig, "mmllm.serve:run")
 command(eval_app, "model", C.EvalModelConfig, "mmllm.evaluation:run_model")
 command(eval_app, "bleu", C.BleuConfig, "mmllm.scoring:run_bleu")
+command(eval_app, "wer", C.WerConfig, "mmllm.scoring:run_wer")
 command(eval_app, "fid", C.FidConfig, "mmllm.scoring:run_fid")
 command(eval_app, "accuracy", C.AccuracyConfig, "mmllm.scoring:run_accuracy")
 
 
-@models_app.command("list")
-def models_list() -> None:
+@models_app.command("list", cls=PanelCommand)
+def models_list(quiet: Annotated[bool, QUIET_OPTION] = False) -> None:
     """Each built-in alias with role, parameters, size, license, source and whether it is ready (JSON on stdout)."""
     from mmllm import hub
+
+    if quiet:
+        set_quiet(True)
 
     code = guarded(hub.list_models)
     if code:
         raise typer.Exit(code)
 
 
-@models_app.command("pull")
+@models_app.command("pull", cls=PanelCommand)
 def models_pull(
     names: Annotated[Optional[list[str]], typer.Argument(help="Aliases to pull.", metavar="NAME")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Pull every built-in model.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-download and convert even when ready.")] = False,
+    quiet: Annotated[bool, QUIET_OPTION] = False,
 ) -> None:
     """Install and convert built-in models into the cache ($MMLLM_HOME, default ~/.cache/mmllm)."""
     from mmllm import hub
+
+    if quiet:
+        set_quiet(True)
 
     code = guarded(lambda: hub.pull(names or [], all_=all_, force=force))
     if code:

@@ -33,7 +33,7 @@ MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", 
                  "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code")
 RESUMABLE = ("epochs", "max_steps", "patience", "min_delta", "lr", "backbone_lr", "weight_decay", "grad_clip",
-             "warmup_ratio", "schedule", "device", "num_workers", "output", "resume")
+             "warmup_ratio", "schedule", "device", "num_workers", "output", "resume", "overwrite")
 
 
 def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (), panel: str = "") -> Any:
@@ -55,6 +55,8 @@ class PrepareConfig:
     input: list = opt([], "Manifest (CSV/JSONL/Parquet), folder of class subfolders, or a save_to_disk folder; "
                           "with --merge: the shard folders to join.", argument=True, panel="Data")
     output: str = opt(None, "Output folder for the prepared dataset (written atomically).", panel="Output")
+    overwrite: bool = opt(False, "Replace an existing prepared dataset written by mmllm (never anything else).",
+                          panel="Output")
     text_column: str = opt(None, "Column with the text (auto-detected: text, sentence, caption, prompt, ...).",
                            panel="Data")
     image_column: str = opt(None, "Column with image paths (auto-detected: image, image_path, img, ...).", panel="Data")
@@ -97,6 +99,8 @@ class FinetuneConfig:
 
     prepared: str = opt(None, "Prepared dataset folder (from mmllm prepare).", argument=True, panel="Data")
     output: str = opt(None, "Checkpoint folder to write.", panel="Output")
+    overwrite: bool = opt(False, "Replace an existing checkpoint written by mmllm (never anything else).",
+                          panel="Output")
     report_to: str = opt("none", "Also log metrics to TensorBoard event files in OUTPUT/tensorboard "
                                  "(needs pip install 'mmllm[tensorboard]').", choices=("none", "tensorboard"),
                          panel="Output")
@@ -161,6 +165,8 @@ class EvalModelConfig:
                     argument=True, panel="Data")
     split: str = opt("test", "Split to evaluate.", panel="Data")
     output: str = opt(None, "Also write the metrics JSON (and confusion matrix PNG) here.", panel="Output")
+    overwrite: bool = opt(False, "Replace an existing eval result written by mmllm (never anything else).",
+                          panel="Output")
     reliance: bool = opt(True, "Also evaluate with each modality masked in turn.", panel="Output")
     batch_size: int = opt(64, "Batch size.", panel="Runtime")
     bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.", panel="Generation")
@@ -222,6 +228,8 @@ class PredictConfig:
     checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
     input: str = opt("-", "Manifest (CSV/JSONL/Parquet), or - for JSONL on stdin.", argument=True, panel="Data")
     output: str = opt(None, "Write JSONL here instead of stdout.", panel="Output")
+    overwrite: bool = opt(False, "Replace an existing predictions file written by mmllm (never anything else).",
+                          panel="Output")
     top_k: int = opt(1, "Class probabilities per record (classification).", panel="Output")
     batch_size: int = opt(16, "Records per batch.", panel="Runtime")
     strict: bool = opt(False, "Stop at the first bad record.", panel="Data")
@@ -236,6 +244,23 @@ class PredictConfig:
     max_line_mb: int = opt(16, "Longest JSON line read, in MB; longer lines get an error without being parsed.",
                            panel="Data")
 
+
+
+@dataclass
+class ServeConfig:
+    """An HTTP JSON service over the same predictor as `mmllm predict`, with micro-batching."""
+
+    checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
+    host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).", panel="Runtime")
+    port: int = opt(8000, "TCP port (0: any free port, printed on stderr).", panel="Runtime")
+    max_batch: int = opt(32, "Most records predicted together; concurrent requests share a batch.", panel="Runtime")
+    batch_wait_ms: float = opt(5.0, "How long the first request of a batch waits for others to join.",
+                               panel="Runtime")
+    top_k: int = opt(1, "Default class probabilities per record (a request may pass ?top_k=N).", panel="Output")
+    max_request_mb: int = opt(64, "Largest request body, in MB (413 beyond).", panel="Data")
+    max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
+                           panel="Data")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
 
 def read_config_file(path: str | Path) -> dict:
     """Keys of a YAML or JSON config file (the command's option names, with - or _).
@@ -338,9 +363,9 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        hint = f"; write it as '{','.join(map(str, value))}'" if isinstance(value, list) and all(
+        hint = f", written as '{','.join(map(str, value))}'" if isinstance(value, list) and all(
             isinstance(v, (str, int, float)) for v in value) else ""
-        raise ValueError(f"expected text (got {_shown(value)}){hint}")
+        raise ValueError(f"expected text{hint} (got {_shown(value)})")
     if kind == "list":
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):

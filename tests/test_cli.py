@@ -94,3 +94,90 @@ def test_missing_model_says_what_to_run(tmp_path, monkeypatch):
         assert "mmllm models pull minilm" in str(e)
     else:
         raise AssertionError("expected a UserError")
+
+
+# ---------------------------------------------------------------- help: defaults, choices, panels, 80 columns
+
+def _help(args: list[str], width: int) -> str:
+    from typer.testing import CliRunner
+
+    from mmllm.cli import app
+
+    r = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": str(width)}, terminal_width=width)
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def _commands():
+    from mmllm import config as C
+
+    return [(["prepare"], C.PrepareConfig), (["finetune"], C.FinetuneConfig), (["predict"], C.PredictConfig),
+            (["eval", "model"], C.EvalModelConfig), (["eval", "bleu"], C.BleuConfig), (["eval", "fid"], C.FidConfig),
+            (["eval", "accuracy"], C.AccuracyConfig)]
+
+
+def test_help_at_80_columns_shows_every_flag_uncut():
+    import dataclasses
+    import re
+
+    from mmllm.config import flag
+
+    for args, cls in _commands():
+        out = _help(args, 80)
+        assert max(len(line) for line in out.splitlines()) <= 80, args
+        assert "…" not in out  # rich's ellipsis: something was cut
+        for f in dataclasses.fields(cls):
+            if f.metadata["argument"]:
+                assert re.search(rf"(?m)^│ {f.name.upper()}\b", out), (args, f.name)
+                continue
+            names = [flag(f.name)] + (["--no-" + f.name.replace("_", "-")] if f.type == "bool" else [])
+            for name in names:
+                assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", out), (args, name)
+        for name in ("--config", "--quiet, -q", "--debug", "--help"):
+            assert name in out
+
+
+def test_help_shows_defaults_choices_and_panels():
+    import dataclasses
+
+    out = _help(["finetune"], 300)  # wide: no help line wraps
+    from mmllm.config import FinetuneConfig
+
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.type == "bool":
+            assert f"[default: {'on' if f.default else 'off'}]" in out, f.name
+        elif f.default not in (None, dataclasses.MISSING):
+            assert f"[default: {f.default}]" in out, f.name
+        if f.metadata["choices"]:
+            assert f"[choices: {', '.join(f.metadata['choices'])}]" in out, f.name
+    assert "[choices: concat, gated, attention] [default: concat]" in out
+    assert "[choices: fp32, bf16, fp16] [default: fp32]" in out
+    titles = [line.split("─", 2)[1].strip() for line in out.splitlines() if line.startswith("╭─")]
+    assert titles == ["Arguments", "Model", "Training", "Early stopping", "Output", "Runtime", "Options"]
+    prepare = _help(["prepare"], 300)
+    titles = [line.split("─", 2)[1].strip() for line in prepare.splitlines() if line.startswith("╭─")]
+    assert titles == ["Arguments", "Data", "Model", "Output", "Runtime", "Options"]
+    assert "[default: efficientnet-lite0]" in prepare and "[default: on]" in prepare  # --cache
+
+
+def test_every_config_field_has_a_known_panel():
+    import dataclasses
+
+    from mmllm import config as C
+    from mmllm.cli import PANELS
+
+    classes = [cls for _, cls in _commands()] + [getattr(C, "WerConfig", C.BleuConfig)]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("panel") in PANELS, f"{cls.__name__}.{f.name}: opt(..., panel=...) missing"
+
+
+def test_quiet_on_every_command():
+    for args, _ in _commands():
+        assert run_cli(*args, "-q", "--help").exit_code == 0, args
+    for args in (["models", "list"], ["models", "pull", "logmel"]):
+        loud, quiet = run_cli(*args), run_cli(*args, "-q")
+        assert loud.exit_code == 0 and quiet.exit_code == 0, quiet.output
+        assert json.loads(quiet.stdout) == json.loads(loud.stdout)
+        assert quiet.stderr.strip() == ""
+    assert "nothing to pull" in run_cli("models", "pull", "logmel").stderr
