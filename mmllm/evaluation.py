@@ -11,7 +11,7 @@ import numpy as np
 from mmllm.config import EvalModelConfig, save_resolved
 from mmllm.console import emit, log, show, warn
 from mmllm.errors import UserError
-from mmllm.metrics import classification
+from mmllm.metrics import classification, error_rates
 
 
 # ---------------------------------------------------------------- eval model
@@ -77,9 +77,11 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
     args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize)
     scored = bleu_of(model, table, *args)
+    rates = error_rates(scored["hypotheses"], table.targets)
     result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,
                               "split": cfg.split, "n": len(table), "bleu": scored["val_bleu"],
                               "chrf": scored["val_chrf"], "bleu_signature": scored["bleu_signature"],
+                              **{k: v for k, v in rates.items() if k != "n"},
                               "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
                                            list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
     if cfg.reliance and mods:
@@ -151,7 +153,7 @@ def print_table(result: dict) -> None:
     t = Table(title=f"{result['split']}: {result['n']} records")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("accuracy", "macro_f1", "ece", "bleu", "chrf"):
+    for k in ("accuracy", "macro_f1", "ece", "bleu", "chrf", "wer", "cer"):
         if k in result:
             t.add_row(k, f"{result[k]:.4f}")
     show(t)

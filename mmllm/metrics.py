@@ -12,31 +12,54 @@ def confusion(gold: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
+F1_LABELS = {"union": "union of gold and predicted", "all": "all classes of the checkpoint"}
+F1_DEFINITION = ("unweighted mean over macro_f1_labels of per-class F1 = 2TP/(2TP+FP+FN); precision, recall and F1 "
+                 "are 0 where undefined (scikit-learn zero_division=0)")
+
+
 def classification(gold: np.ndarray, pred: np.ndarray, names: list[str], probs: np.ndarray | None = None,
-                   n_bins: int = 15) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and (with probs) ECE."""
+                   n_bins: int = 15, f1_labels: str = "union") -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and (with probs) ECE.
+
+    Equal to scikit-learn with zero_division=0. Macro-F1 averages over the classes that occur in gold or
+    predictions (scikit-learn's default labels, f1_labels="union") or over every name (f1_labels="all").
+    Records with gold < 0 are ignored.
+    """
     gold, pred = np.asarray(gold), np.asarray(pred)
     keep = gold >= 0
     gold, pred = gold[keep], pred[keep]
     n = len(names)
     cm = confusion(gold, pred, n)
     tp = np.diag(cm).astype(float)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros(n), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros(n), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
-    present = cm.sum(1) > 0  # macro average over classes that occur in the gold labels
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * tp, predicted + support)  # 2TP / (2TP + FP + FN) = 2PR / (P + R)
+    averaged = (predicted + support) > 0 if f1_labels == "union" else np.ones(n, dtype=bool)
     out = {"n": int(len(gold)), "accuracy": float((gold == pred).mean()) if len(gold) else 0.0,
-           "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+           "macro_f1": float(f1[averaged].mean()) if averaged.any() else 0.0,
+           "macro_f1_labels": F1_LABELS[f1_labels], "macro_f1_classes": int(averaged.sum()),
+           "macro_f1_definition": F1_DEFINITION, "zero_division": 0,
            "per_class": {names[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                                    "support": int(cm[i].sum())} for i in range(n)},
-           "confusion_matrix": {"labels": names, "matrix": cm.tolist()}}
+                                    "support": int(support[i])} for i in range(n)},
+           "confusion_matrix": {"labels": names, "matrix": cm.tolist(), "rows": "gold", "columns": "predicted"}}
     if probs is not None:
         out["ece"] = expected_calibration_error(np.asarray(probs)[keep], gold, n_bins)
+        out["ece_definition"] = ece_definition(n_bins)
     return out
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0."""
+    return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
+
+
+def ece_definition(n_bins: int = 15) -> str:
+    return (f"equal-width, {n_bins} bins, top-label confidence: bins (k/{n_bins}, (k+1)/{n_bins}], "
+            "sum over bins of (bin share) * |accuracy - mean confidence| (Guo et al. 2017)")
+
+
 def expected_calibration_error(probs: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+    """ECE with equal-width, right-closed bins of the top-label confidence (Guo et al. 2017)."""
     if len(gold) == 0:
         return 0.0
     conf = probs.max(1)
@@ -48,6 +71,23 @@ def expected_calibration_error(probs: np.ndarray, gold: np.ndarray, n_bins: int 
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
     return float(ece)
+
+
+def error_rates(hyps: list[str], refs: list[str]) -> dict:
+    """Corpus WER and CER with jiwer's default transforms (case and punctuation kept)."""
+    from importlib.metadata import version
+
+    import jiwer
+
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses, {len(refs)} references")
+    v = version("jiwer")
+    return {"wer": float(jiwer.process_words(refs, hyps).wer), "cer": float(jiwer.process_characters(refs, hyps).cer),
+            "n": len(hyps),
+            "wer_definition": f"jiwer {v}: word edits (S+D+I) / reference words over the corpus; words split on "
+                              "whitespace after stripping and collapsing spaces; case and punctuation kept; a fraction",
+            "cer_definition": f"jiwer {v}: character edits (S+D+I) / reference characters over the corpus, spaces "
+                              "counted, after stripping; case and punctuation kept; a fraction"}
 
 
 def bleu(hyps: list[str], refs: list[list[str]], tokenize: str = "13a", lowercase: bool = False) -> dict:
@@ -62,9 +102,13 @@ def bleu(hyps: list[str], refs: list[list[str]], tokenize: str = "13a", lowercas
             "chrf": c.score, "chrf_signature": str(chrf.get_signature()), "n": len(hyps)}
 
 
+FID_DEFINITION = ("||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^1/2) over the feature means and unbiased "
+                  "covariances (pytorch-fid's algorithm)")
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), stable for near-singular covariances."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), stable for near-singular covariances (as pytorch-fid)."""
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)

@@ -1,17 +1,18 @@
-"""`mmllm eval bleu|fid|accuracy`: standalone metrics over files, no checkpoint needed."""
+"""`mmllm eval bleu|wer|fid|accuracy`: standalone metrics over files, no checkpoint needed."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mmllm.config import AccuracyConfig, BleuConfig, FidConfig
+from mmllm.config import AccuracyConfig, BleuConfig, FidConfig, WerConfig
 from mmllm.console import emit, show, warn
 from mmllm.errors import UserError
-from mmllm.metrics import bleu, classification, frechet_distance
+from mmllm.metrics import FID_DEFINITION, bleu, classification, error_rates, frechet_distance
 
 
 def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> list[str]:
@@ -66,6 +67,19 @@ def run_bleu(cfg: BleuConfig) -> int:
     return 0
 
 
+def run_wer(cfg: WerConfig) -> int:
+    hyps = read_lines(cfg.hyp, cfg.field, ("prediction", "text", "hypothesis", "generated", "transcript"))
+    refs = read_lines(cfg.ref, cfg.field, ("target", "reference", "text", "ref", "transcript"))
+    if len(refs) != len(hyps):
+        raise UserError(f"--ref {cfg.ref}: {len(refs)} lines, but --hyp has {len(hyps)}")
+    if not hyps:
+        raise UserError(f"--hyp {cfg.hyp}: no lines")
+    result = error_rates(hyps, refs)
+    show(f"WER {result['wer']:.4f}  CER {result['cer']:.4f}  (n={result['n']})")
+    emit(result)
+    return 0
+
+
 def run_accuracy(cfg: AccuracyConfig) -> int:
     pred = read_lines(cfg.pred, None, (cfg.pred_field,))
     gold = _read_gold(cfg.gold, cfg.gold_field)
@@ -90,6 +104,11 @@ def _read_gold(path: str, field: str) -> list[str]:
     return read_lines(path, None, (field,))
 
 
+FID_FEATURES = "inception pool3 2048"
+FID_PREPROCESSING = ("RGB, PIL bicubic resize to 299x299, uint8 NCHW (0-255) into the TorchScript, which scales "
+                     "to [-1, 1] itself; called with return_features=True")
+
+
 def run_fid(cfg: FidConfig) -> int:
     real, real_size = image_features(cfg.real, cfg)
     gen, gen_size = image_features(cfg.generated, cfg)
@@ -101,12 +120,67 @@ def run_fid(cfg: FidConfig) -> int:
             warn(f"{name} has {len(f)} images, fewer than the feature dimension {dim}: the covariance is "
                  "singular and FID is biased upwards; use more images for comparable numbers")
     fid = frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0), np.cov(gen, rowvar=False))
-    extractor = f"inception-torchscript:{cfg.fid_model}" if cfg.fid_model else f"{cfg.image_model} (not InceptionV3)"
-    result = {"fid": fid, "extractor": extractor, "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen),
-              "resolution": real_size, "comparable_to_published": bool(cfg.fid_model)}
-    show(f"FID {fid:.4f}  extractor {extractor}  real {len(real)} / generated {len(gen)} images at {real_size}")
+    result = {"fid": fid, "fid_definition": FID_DEFINITION, **fid_extractor(cfg, int(dim), real_size),
+              "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen), "resolution": real_size}
+    show(f"FID {fid:.4f}  extractor {result['extractor']}  real {len(real)} / generated {len(gen)} images "
+         f"at {real_size}")
+    if "fid_note" in result:
+        warn(result["fid_note"])
     emit(result)
     return 0
+
+
+def fid_extractor(cfg: FidConfig, dim: int, size: str) -> dict:
+    """What the features are, so that the number is never read without its meaning."""
+    if cfg.fid_model and dim == 2048:
+        return {"extractor": f"inception-torchscript:{cfg.fid_model}", "fid_features": FID_FEATURES,
+                "fid_preprocessing": FID_PREPROCESSING, "comparable_to_published": True}
+    if cfg.fid_model:
+        return {"extractor": f"torchscript:{cfg.fid_model}", "fid_features": f"return_features output, {dim}-d",
+                "fid_preprocessing": FID_PREPROCESSING, "comparable_to_published": False,
+                "fid_note": f"not comparable to published FID: {cfg.fid_model} gives {dim}-d features, not the "
+                            "2048-d pool3 of inception-2015-12-05.pt"}
+    return {"extractor": f"{cfg.image_model} (not InceptionV3)", "fid_features": f"{cfg.image_model} {dim}",
+            "fid_preprocessing": f"the image encoder's own preprocessing at {size}",
+            "comparable_to_published": False,
+            "fid_note": f"not comparable to published FID: features from {cfg.image_model}, not InceptionV3 pool3; "
+                        "pass --fid-model inception-2015-12-05.pt for the standard number"}
+
+
+def load_fid_model(path_str: str) -> Any:
+    """NVIDIA's TorchScript InceptionV3 (inception-2015-12-05.pt); refused unless forward takes return_features."""
+    import torch
+
+    path = Path(path_str)
+    if not path.is_file():
+        raise UserError(f"--fid-model: file not found: {path}")
+    try:
+        net = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--fid-model {path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+    try:
+        args = [a.name for a in net.forward.schema.arguments]
+    except (AttributeError, RuntimeError):
+        args = ["return_features"] if "return_features" in getattr(net, "code", "") else []
+    if "return_features" not in args:
+        raise UserError(f"--fid-model {path}: forward has no return_features argument; expected NVIDIA's "
+                        "inception-2015-12-05.pt, whose forward(img, return_features=True) gives 2048-d pool3 features")
+    return net
+
+
+def inception_features(net: Any, images: list) -> np.ndarray:
+    """(N, D) features (D = 2048 pool3 for inception-2015-12-05.pt): PIL bicubic to 299x299, uint8 NCHW,
+    forward(x, return_features=True)."""
+    import torch
+    from PIL import Image
+
+    x = torch.from_numpy(np.stack([np.asarray(im.resize((299, 299), Image.BICUBIC)) for im in images]))
+    f = net(x.permute(0, 3, 1, 2).contiguous(), return_features=True)  # (N, 3, 299, 299) uint8 -> (N, D)
+    if not isinstance(f, torch.Tensor) or f.dim() != 2 or len(f) != len(images):
+        shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise UserError(f"--fid-model: forward(x, return_features=True) gave {shape}, expected ({len(images)}, 2048) "
+                        "pool3 features as inception-2015-12-05.pt gives")
+    return f.double().numpy()
 
 
 def list_images(source: str, image_column: str | None) -> list[str]:
@@ -134,13 +208,7 @@ def image_features(source: str, cfg: FidConfig) -> tuple[np.ndarray, str]:
 
     files = list_images(source, cfg.image_column)
     if cfg.fid_model:
-        path = Path(cfg.fid_model)
-        if not path.is_file():
-            raise UserError(f"--fid-model: file not found: {path}")
-        try:
-            net = torch.jit.load(str(path), map_location="cpu").eval()
-        except RuntimeError as e:
-            raise UserError(f"--fid-model {path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+        net = load_fid_model(cfg.fid_model)
         size = 299
     else:
         from mmllm.encoders import load_encoder
@@ -158,11 +226,8 @@ def image_features(source: str, cfg: FidConfig) -> tuple[np.ndarray, str]:
         if not images:
             continue
         with torch.inference_mode():
-            if cfg.fid_model:  # standard FID: uint8 NCHW at 299x299 into the TorchScript Inception
-                from PIL import Image
-
-                x = torch.from_numpy(np.stack([np.asarray(im.resize((299, 299), Image.BICUBIC)) for im in images]))
-                feats.append(net(x.permute(0, 3, 1, 2).contiguous()).reshape(len(images), -1).double().numpy())
+            if cfg.fid_model:  # standard FID: pool3 features of the TorchScript Inception
+                feats.append(inception_features(net, images))
             else:
                 feats.append(enc.encode(images)[0].astype(np.float64))
     if not feats:

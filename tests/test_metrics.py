@@ -1,4 +1,5 @@
-"""Standalone metrics: BLEU equals the sacrebleu CLI, FID is right and stable, accuracy from files."""
+"""Metrics equal their reference implementations: BLEU the sacrebleu CLI, F1 scikit-learn, WER/CER jiwer,
+FID pytorch-fid's algorithm, ECE a direct re-implementation; each output names its definition."""
 
 import json
 import subprocess
@@ -7,10 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli
-from mmllm.metrics import classification, expected_calibration_error, frechet_distance
+from mmllm.metrics import classification, error_rates, expected_calibration_error, frechet_distance
 
 HYP = ["the cat sat on the mat", "a quick brown fox jumps", "hello world again", "nothing matches here at all"]
 REF1 = ["the cat sat on a mat", "the quick brown fox jumps", "hello world", "completely different words"]
@@ -102,22 +105,73 @@ def test_fid_command_self_zero_and_grows_with_distortion(tmp_path, tiny_models):
     assert abs(same["fid"]) < 1e-6
     assert 0 < fids[0] < fids[1]
     assert same["n_real"] == 12 and same["resolution"] == "32x32" and "not InceptionV3" in same["extractor"]
+    assert not same["comparable_to_published"] and "not comparable to published FID" in same["fid_note"]
 
 
-def test_fid_with_torchscript_extractor(tmp_path):
-    class Tiny(torch.nn.Module):  # stands in for inception-2015-12-05.pt: uint8 NCHW in, features out
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = x.float() / 255.0
-            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+class StandInInception(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt: uint8 NCHW 299x299 in; 24-d "pool" features with
+    return_features=True, 10 class probabilities otherwise (different sizes: using the wrong one fails)."""
 
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(path))
-    real, gen = image_set(tmp_path / "r", 10), image_set(tmp_path / "g", 10, blur=2.0, seed=3)
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(12, 24, generator=g))
+        self.register_buffer("head", torch.randn(24, 10, generator=g))
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if img.dtype != torch.uint8 or img.shape[1] != 3 or img.shape[2] != 299 or img.shape[3] != 299:
+            raise ValueError("expected uint8 NCHW 299x299")
+        x = img.float() / 255.0
+        stats = torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, :150].mean((2, 3)), x[:, :, :, :150].mean((2, 3))], 1)
+        feats = torch.tanh(stats @ self.proj)  # (N, 24)
+        if return_features:
+            return feats
+        return torch.softmax(feats @ self.head, 1)  # (N, 10)
+
+
+class NoFeatures(torch.nn.Module):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img.float().mean((2, 3))
+
+
+def direct_features(net, folder) -> np.ndarray:
+    images = [Image.open(f).convert("RGB").resize((299, 299), Image.BICUBIC) for f in sorted(folder.glob("*.png"))]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+    return net(x, return_features=True).double().numpy()
+
+
+def test_fid_with_torchscript_extractor_uses_pool_features(tmp_path):
+    path = tmp_path / "inception.pt"
+    net = torch.jit.script(StandInInception())
+    net.save(str(path))
+    real, gen = image_set(tmp_path / "r", 30), image_set(tmp_path / "g", 30, blur=2.0, seed=3)
     r = run_cli("eval", "fid", str(real), str(gen), "--fid-model", str(path))
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["feature_dim"] == 6 and out["resolution"] == "299x299" and out["comparable_to_published"]
-    assert out["fid"] > 0
+    assert out["feature_dim"] == 24 and out["resolution"] == "299x299"  # the 10-d plain output was not used
+    a, b = direct_features(net, real), direct_features(net, gen)
+    assert out["fid"] == pytest.approx(reference_fid(a, b), rel=1e-6, abs=1e-9) and out["fid"] > 0
+    assert "uint8 NCHW" in out["fid_preprocessing"] and "299x299" in out["fid_preprocessing"]
+    assert out["fid_definition"].startswith("||mu_r - mu_g||^2")
+    # not the 2048-d Inception pool3: the output says so instead of claiming a published-comparable number
+    assert not out["comparable_to_published"] and "not comparable to published FID" in out["fid_note"]
+
+
+def test_fid_model_labels_2048_pool3_as_comparable():
+    from mmllm.config import FidConfig
+    from mmllm.scoring import fid_extractor
+
+    d = fid_extractor(FidConfig(real="r", generated="g", fid_model="inception-2015-12-05.pt"), 2048, "299x299")
+    assert d["comparable_to_published"] and d["fid_features"] == "inception pool3 2048" and "fid_note" not in d
+
+
+def test_fid_model_without_return_features_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.jit.script(NoFeatures()).save(str(path))
+    real = image_set(tmp_path / "r", 3)
+    r = run_cli("eval", "fid", str(real), str(real), "--fid-model", str(path))
+    assert r.exit_code == 2 and "return_features" in r.stderr and "inception-2015-12-05.pt" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_accuracy_command(tmp_path):
@@ -135,3 +189,142 @@ def test_classification_and_ece():
     assert m["accuracy"] == 0.75 and m["per_class"]["y"]["recall"] == 0.5 and m["per_class"]["z"]["precision"] == 0.5
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     assert expected_calibration_error(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.5 * 0.1 + 0.5 * 0.1)
+
+
+# ---------------------------------------------------------------- classification == scikit-learn
+
+@st.composite
+def labelled(draw):
+    """(gold, pred, n_classes): random classes, so some are only predicted and some have no support."""
+    n = draw(st.integers(1, 6))
+    size = draw(st.integers(1, 30))
+    gold = draw(st.lists(st.integers(0, n - 1), min_size=size, max_size=size))
+    pred = draw(st.lists(st.integers(0, n - 1), min_size=size, max_size=size))
+    return np.array(gold), np.array(pred), n
+
+
+@settings(max_examples=400, deadline=None)
+@given(labelled())
+def test_classification_equals_sklearn(case):
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    gold, pred, n = case
+    names = [f"c{i}" for i in range(n)]
+    union = classification(gold, pred, names)
+    every = classification(gold, pred, names, f1_labels="all")
+    assert union["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert union["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
+    assert every["macro_f1"] == pytest.approx(
+        f1_score(gold, pred, labels=list(range(n)), average="macro", zero_division=0), abs=1e-12)
+    assert union["macro_f1_classes"] == len(set(gold) | set(pred)) and every["macro_f1_classes"] == n
+    p, r, f, support = precision_recall_fscore_support(gold, pred, labels=list(range(n)), zero_division=0)
+    for i, name in enumerate(names):
+        c = union["per_class"][name]
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx((p[i], r[i], f[i], support[i]))
+    assert union["confusion_matrix"]["matrix"] == confusion_matrix(gold, pred, labels=list(range(n))).tolist()
+
+
+def test_macro_f1_counts_classes_only_predicted():
+    m = classification(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), ["a", "b", "c"])
+    assert m["macro_f1"] == pytest.approx(5 / 9)  # scikit-learn: (2/3 + 1 + 0) / 3 = 0.556, not 0.833
+    assert m["macro_f1_labels"] == "union of gold and predicted" and m["zero_division"] == 0
+    assert "2TP/(2TP+FP+FN)" in m["macro_f1_definition"]
+    # a class the checkpoint knows but nobody used counts only with f1_labels="all"
+    m4 = classification(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), ["a", "b", "c", "d"], f1_labels="all")
+    assert m4["macro_f1"] == pytest.approx(5 / 12) and m4["macro_f1_labels"] == "all classes of the checkpoint"
+    # records with gold < 0 (unlabelled) are ignored
+    assert classification(np.array([0, -100, 1]), np.array([0, 1, 1]), ["a", "b"])["n"] == 2
+
+
+# ---------------------------------------------------------------- ECE == direct re-implementation
+
+def reference_ece(probs: np.ndarray, gold: np.ndarray, n_bins: int = 15) -> float:
+    """Guo et al. 2017 written out: bin k holds confidences in (k/B, (k+1)/B]."""
+    conf, hit = probs.max(1), (probs.argmax(1) == gold).astype(float)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    total = 0.0
+    for k in range(n_bins):
+        sel = bins == k
+        if sel.sum():
+            total += sel.sum() / len(conf) * abs(hit[sel].mean() - conf[sel].mean())
+    return total
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_ece_equals_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 300)), int(rng.integers(2, 12))
+    probs = rng.dirichlet(np.full(k, rng.uniform(0.1, 3.0)), size=n)
+    gold = rng.integers(0, k, size=n)
+    assert expected_calibration_error(probs, gold) == pytest.approx(reference_ece(probs, gold), abs=1e-12)
+    m = classification(gold, probs.argmax(1), [str(i) for i in range(k)], probs)
+    assert m["ece"] == pytest.approx(reference_ece(probs, gold), abs=1e-12)
+    assert m["ece_definition"].startswith("equal-width, 15 bins, top-label confidence")
+
+
+# ---------------------------------------------------------------- FID == pytorch-fid's algorithm
+
+def pytorch_fid_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid's calculate_frechet_distance (fid_score.py), as published."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_frechet_distance_equals_pytorch_fid(seed):
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(2, 24))
+    a = rng.normal(size=(int(rng.integers(d + 2, 80)), d)) @ rng.normal(size=(d, d))
+    b = rng.normal(rng.normal(), rng.uniform(0.5, 2), size=(int(rng.integers(d + 2, 80)), d))
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    expected = pytorch_fid_distance(*stats)
+    assert frechet_distance(*stats) == pytest.approx(expected, rel=1e-7, abs=1e-7)
+    assert frechet_distance(*stats) == pytest.approx(reference_fid(a, b), rel=1e-5, abs=1e-5)
+
+
+# ---------------------------------------------------------------- WER / CER == jiwer
+
+sentences = st.lists(st.lists(st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "Mat", "mat."]), max_size=8)
+                     .map(" ".join), min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_error_rates_equal_jiwer(data):
+    import jiwer
+
+    refs = data.draw(sentences)
+    hyps = data.draw(st.lists(st.sampled_from(["the cat", "", "a  mat", "the cat sat on the mat", "cat sat"]),
+                              min_size=len(refs), max_size=len(refs)))
+    out = error_rates(hyps, refs)
+    assert out["wer"] == pytest.approx(jiwer.wer(refs, hyps)) and out["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert out["n"] == len(refs) and "jiwer" in out["wer_definition"] and "characters" in out["cer_definition"]
+
+
+def test_wer_command(tmp_path):
+    import jiwer
+
+    refs = ["the cat sat on the mat", "hello world", "a b c d"]
+    hyps = ["the cat sat on mat", "hello there world", "a b x d"]
+    h, r = write_lines(tmp_path / "h.txt", hyps), write_lines(tmp_path / "r.txt", refs)
+    out = run_cli("eval", "wer", "--hyp", str(h), "--ref", str(r))
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    assert res["wer"] == pytest.approx(jiwer.wer(refs, hyps)) == pytest.approx(3 / 12)
+    assert res["cer"] == pytest.approx(jiwer.cer(refs, hyps)) and res["n"] == 3
+    assert {"wer_definition", "cer_definition"} <= set(res)
+    jl = write_lines(tmp_path / "r.jsonl", [json.dumps({"id": i, "target": t}) for i, t in enumerate(refs)])
+    stdin = "\n".join(json.dumps({"prediction": x}) for x in hyps) + "\n"
+    assert json.loads(run_cli("eval", "wer", "--hyp", "-", "--ref", str(jl), input=stdin).stdout)["wer"] == res["wer"]
+    short = run_cli("eval", "wer", "--hyp", str(h), "--ref", str(write_lines(tmp_path / "s", ["x"])))
+    assert short.exit_code == 2 and "1 lines" in short.stderr
+    missing = run_cli("eval", "wer", "--hyp", str(h))
+    assert missing.exit_code == 2 and "--ref" in missing.stderr
