@@ -32,8 +32,9 @@ MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", 
                  "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
                  "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code")
-RESUMABLE = ("epochs", "max_steps", "patience", "min_delta", "lr", "backbone_lr", "weight_decay", "grad_clip",
-             "warmup_ratio", "schedule", "device", "num_workers", "output", "resume", "overwrite")
+RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "lr", "backbone_lr",
+             "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device", "num_workers",
+             "output", "overwrite", "report_to", "resume")
 
 
 def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (), panel: str = "") -> Any:
@@ -506,8 +507,10 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
         problems.append("--share-projections: shares the image and audio projection; needs both modalities")
     if task == "classify" and explicit and cfg.modality_dropout and len(set(mods)) < 2:
         problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
-    if cfg.max_steps and not cfg.epochs:
+    if cfg.max_steps and cfg.epochs == 0:
         problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
+    if getattr(cfg, "precision", None) == "fp16" and cfg.device in ("cpu", "mps"):
+        problems.append(f"--precision fp16: needs a CUDA device (got --device {cfg.device}); use bf16 or fp32")
     if task == "generate" and cfg.prefix_tokens < 1:
         problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
     return problems

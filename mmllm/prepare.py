@@ -52,6 +52,7 @@ def run(cfg: PrepareConfig) -> int:
         _report(errors, cfg)
         raise UserError(f"no usable records in {cfg.input[0]}")
     encoders = load_encoders(cfg, roles)
+    check_text_limit(encoders.get("text"), cfg.max_text_tokens)
     records = augment_records(records, cfg.augment)
     tmp = _fresh_tmp(out)
     try:
@@ -88,6 +89,20 @@ def check_records(records: list[dict], errors: list[dict], has_label: bool) -> l
             continue
         kept.append(r)
     return kept
+
+
+def check_text_limit(text: Any, max_tokens: int) -> None:
+    """--max-text-tokens must fit the text model's positions: longer inputs would fail finetune mid-epoch."""
+    if text is None:
+        return
+    config = getattr(text, "config", None)
+    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    model_max = getattr(getattr(text, "tokenizer", None), "model_max_length", None)
+    limits.append(model_max if isinstance(model_max, int) and model_max < 1_000_000 else None)  # else: unset
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    if limits and max_tokens > min(limits):
+        raise UserError(f"--max-text-tokens {max_tokens}: the text model '{text.name}' takes at most {min(limits)} "
+                        f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
 
 
 def augment_records(records: list[dict], k: int) -> list[dict]:

@@ -33,7 +33,14 @@ def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> lis
     if field or (lines and all(_is_json_object(line) for line in lines if line.strip())):
         out = []
         for i, line in enumerate(lines, start=1):
-            obj = json.loads(line)
+            if not line.strip():
+                continue  # a blank line in JSONL is not a record
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path}, line {i}: not a JSON line ({e})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}, line {i}: expected a JSON object, got {type(obj).__name__}")
             key = field or next((c for c in candidates if c in obj), None)
             if key is None or key not in obj:
                 raise UserError(f"{path}, line {i}: no field '{field or '/'.join(candidates)}'")
