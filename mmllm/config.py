@@ -31,7 +31,8 @@ TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "cl
 MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
                  "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
                  "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
-                 "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code")
+                 "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
+                 "precision")
 RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "lr", "backbone_lr",
              "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device", "num_workers",
              "output", "overwrite", "report_to", "resume")
@@ -84,6 +85,9 @@ class PrepareConfig:
     cache: bool = opt(True, "Reuse features cached by content hash + encoder identity + preprocessing.",
                       panel="Runtime")
     batch_size: int = opt(32, "Encoder batch size.", panel="Runtime")
+    precision: str = opt("auto", "Frozen encoders: bf16 autocast (+ channels_last for conv nets) or fp32; auto: "
+                                 "bf16 where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU.",
+                         choices=("auto", "fp32", "bf16"), panel="Runtime")
     num_workers: int = opt(0, "Threads that decode media while the encoders run.", panel="Runtime")
     shard_index: int = opt(0, "Which shard of the input this run prepares (0-based).", panel="Data")
     num_shards: int = opt(1, "Split the input into this many disjoint shards (job arrays).", panel="Data")
@@ -173,6 +177,9 @@ class EvalModelConfig:
     bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.", panel="Generation")
     max_new_tokens: int = opt(32, "Longest generated text (generation checkpoints).", panel="Generation")
     num_beams: int = opt(1, "Beam search width (generation checkpoints).", panel="Generation")
+    precision: str = opt("checkpoint", "Frozen encoders on a raw manifest: as the checkpoint's data was prepared, "
+                                       "or auto, fp32, bf16.", choices=("checkpoint", "auto", "fp32", "bf16"),
+                         panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
     max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
                            panel="Data")
@@ -239,6 +246,8 @@ class PredictConfig:
     do_sample: bool = opt(False, "Sample instead of greedy/beam decoding (generation).", panel="Generation")
     temperature: float = opt(1.0, "Sampling temperature (generation).", panel="Generation")
     top_p: float = opt(1.0, "Nucleus sampling threshold (generation).", panel="Generation")
+    precision: str = opt("checkpoint", "Frozen encoders: as the checkpoint's data was prepared, or auto, fp32, "
+                                       "bf16.", choices=("checkpoint", "auto", "fp32", "bf16"), panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
     max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
                            panel="Data")
