@@ -17,6 +17,7 @@ from collections.abc import Callable
 import click
 import typer
 import typer.core
+from rich.markup import escape
 from rich.text import Text
 
 from mmllm import __version__, config as C
@@ -187,7 +188,7 @@ def guarded(call: Callable[[], Any]) -> int:
     except UserError as e:
         if STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -197,7 +198,7 @@ def guarded(call: Callable[[], Any]) -> int:
     except Exception as e:  # noqa: BLE001 - a bug, not a user mistake: still one line unless --debug
         if STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {type(e).__name__}: {e} (run with --debug for the traceback)",
+        err.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   markup=True, highlight=False, soft_wrap=True)
         return 1
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mmllm import outputs
 from mmllm.config import EvalModelConfig, save_resolved
 from mmllm.console import emit, log, show, warn
 from mmllm.errors import UserError
@@ -20,6 +21,8 @@ def run_model(cfg: EvalModelConfig) -> int:
     from mmllm import checkpoint
     from mmllm.runtime import pick_device
 
+    if cfg.output:
+        check_outputs(cfg)
     device = pick_device(cfg.device)
     config = checkpoint.read_config(cfg.checkpoint)
     if config.get("task") == "generate":
@@ -29,9 +32,23 @@ def run_model(cfg: EvalModelConfig) -> int:
     print_table(result)
     if cfg.output:
         write_outputs(result, Path(cfg.output))
-        save_resolved(cfg, Path(cfg.output).with_suffix(".config.json"))
+        with outputs.atomic_file(outputs.config_path(cfg.output)) as tmp:
+            save_resolved(cfg, tmp)
     emit(result)
     return 0
+
+
+def check_outputs(cfg: EvalModelConfig) -> None:
+    """Before any work: refuse an --output (or the config and plot written beside it) that is an input, or
+    exists and is not mmllm's of the same kind, or is and --overwrite was not given (mmllm.outputs)."""
+    out = Path(cfg.output)
+    for path, kind in ((out, outputs.EVAL_RESULT), (outputs.config_path(out), outputs.RESOLVED_CONFIG),
+                       (confusion_path(out), outputs.PLOT)):
+        outputs.check(path, kind, [cfg.checkpoint, cfg.data], cfg.overwrite)
+
+
+def confusion_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_confusion.png")
 
 
 def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
@@ -45,7 +62,7 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
     labels = config["labels"]
     mods = model.cfg.modalities
     pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
-    columns, source = eval_columns(cfg, config, mods)
+    columns, source, split = eval_columns(cfg, config, mods)
     table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence)
     unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
     if unseen:
@@ -60,7 +77,7 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
         raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
     padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
     result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
-                              "split": cfg.split, **classification(gold, padded.argmax(1), names, padded)}
+                              "split": split, **classification(gold, padded.argmax(1), names, padded)}
     if cfg.reliance:
         result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
     return result
@@ -71,7 +88,7 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
 
     model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
     mods = model.cfg.modalities
-    columns, source = eval_columns(cfg, config, mods)
+    columns, source, split = eval_columns(cfg, config, mods)
     table = GenTable(columns, mods, tokenizer, with_targets=False)
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
@@ -79,7 +96,7 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     scored = bleu_of(model, table, *args)
     rates = error_rates(scored["hypotheses"], table.targets)
     result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,
-                              "split": cfg.split, "n": len(table), "bleu": scored["val_bleu"],
+                              "split": split, "n": len(table), "bleu": scored["val_bleu"],
                               "chrf": scored["val_chrf"], "bleu_signature": scored["bleu_signature"],
                               **{k: v for k, v in rates.items() if k != "n"},
                               "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
@@ -93,8 +110,9 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     return result
 
 
-def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[dict, str]:
-    """Columns of the split: a prepared folder (encoders checked) or a raw manifest featurized on the fly."""
+def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[dict, str, str]:
+    """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
+    featurized on the fly."""
     from mmllm.features import META, load_prepared
 
     data = Path(cfg.data)
@@ -108,7 +126,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
                                 f"{config['encoders'][role]['name']}")
         if cfg.split not in ds:
             raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
-        return ds[cfg.split].with_format("numpy")[:], str(data)
+        return ds[cfg.split].with_format("numpy")[:], str(data), cfg.split
     from mmllm.records import raw_records
     from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
 
@@ -117,15 +135,35 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):
             warn(f"skipped record {item[0]['id']}: {item[1].reason}")
-        elif item.get("split") in (None, cfg.split):
-            item["split"] = cfg.split
+        else:
             records.append(item)
-    rows, bad = featurize(records, encoders, config_from_checkpoint(config))
+    records, split = raw_split(records, cfg.split, data)
+    prep = config_from_checkpoint(config)
+    prep.max_file_mb = cfg.max_file_mb
+    rows, bad = featurize(records, encoders, prep)
     for e in bad:
         warn(f"skipped record {e['id']}: {e['reason']}")
     if not rows:
-        raise UserError(f"{data}: no usable records for split '{cfg.split}'")
-    return {k: [r.get(k) for r in rows] for k in rows[0]}, str(data)
+        raise UserError(f"{data}: no usable records for split '{split}'")
+    return {k: [r.get(k) for r in rows] for k in rows[0]}, str(data), split
+
+
+def raw_split(records: list[dict], wanted: str, data: Path) -> tuple[list[dict], str]:
+    """The records of split `wanted` of a raw manifest, and the split's name. Without split values every record
+    is used, under the name "all"; a split the manifest does not have is an error."""
+    from mmllm.records import SPLIT_NAMES
+
+    present = sorted({r["split"] for r in records if r.get("split")})
+    if not present:
+        warn(f"{data} has no split column: evaluating all {len(records)} records (reported as split 'all')")
+        return [dict(r, split="all") for r in records], "all"
+    name = SPLIT_NAMES.get(wanted.strip().lower(), wanted.strip().lower())
+    if name not in present:
+        raise UserError(f"--split: {data} has no split '{wanted}' (has: {', '.join(present)})")
+    unsplit = sum(not r.get("split") for r in records)
+    if unsplit:
+        warn(f"{unsplit} records of {data} have no split value: not evaluated")
+    return [r for r in records if r.get("split") == name], name
 
 
 def reliance(model, table, device, batch_size: int, names: list[str], gold: np.ndarray, n_unseen: int,
@@ -171,28 +209,46 @@ def print_table(result: dict) -> None:
 
 
 def write_outputs(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """The result JSON and (classification) the confusion matrix PNG, each written beside and renamed."""
+    with outputs.atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     cm = result.get("confusion_matrix")
     if cm:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        m = np.array(cm["matrix"])
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(m), 1 + 0.6 * len(m)))
-        ax.imshow(m, cmap="Blues")
-        ax.set_xticks(range(len(m)), cm["labels"], rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(m)), cm["labels"], fontsize=7)
-        for i in range(len(m)):
-            for j in range(len(m)):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("gold")
-        fig.tight_layout()
-        fig.savefig(path.with_name(path.stem + "_confusion.png"), dpi=100)
+        fig = confusion_figure(cm["matrix"], cm["labels"])
+        with outputs.atomic_file(confusion_path(path)) as tmp:
+            fig.savefig(tmp, dpi=100, format="png", metadata=outputs.PNG_INFO)
         plt.close(fig)
     log(f"wrote {path}")
+
+
+def confusion_figure(matrix: list[list[int]], labels: list[str]):
+    """The confusion matrix as a figure: cells ~0.5 inch each (the image grows with the classes), every count
+    written in its cell, white on dark cells and black on light ones, font sized to the cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    n = len(m)
+    cell = 0.5 if n <= 40 else max(0.25, 20 / n)  # inches per class: huge label sets stay under ~20-25 inches
+    side = 2.5 + cell * n  # room for the tick labels
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    digits = len(str(int(m.max()))) if m.size else 1
+    font = max(4.0, min(11.0, 36 * cell, 100 * cell / digits))  # points (1/72 inch): the count fits its cell
+    tick_font = max(5.0, min(10.0, cell * 72 * 0.5))
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=tick_font)
+    ax.set_yticks(range(n), labels, fontsize=tick_font)
+    threshold = m.max() / 2 if m.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=font,
+                    color="white" if m[i, j] > threshold else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    fig.tight_layout()
+    return fig

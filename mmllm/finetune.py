@@ -18,6 +18,9 @@ from mmllm.tasks import build_task
 
 def run(cfg: FinetuneConfig) -> int:
     dist = setup_distributed(cfg.device)
+    loop.preflight(cfg, dist.device)  # fp16 needs CUDA, --report-to needs its package: say so before models load
+    if dist.main:
+        loop.check_output(cfg)  # before any model loads: refuse an --output this run must not write
     torch.manual_seed(cfg.seed)
     data, meta = load_prepared(cfg.prepared)
     if "train" not in data or "validation" not in data:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmllm.config import FinetuneConfig, save_resolved
+from mmllm import checkpoint, outputs
+from mmllm.config import FinetuneConfig, check_resume, save_resolved
 from mmllm.console import emit, log, progress, warn
 from mmllm.errors import UserError
 from mmllm.model import penalty
@@ -28,6 +29,9 @@ from mmllm.runtime import Dist
 from mmllm.tasks import Task
 
 STATE_DIR = "resume"
+# an mmllm checkpoint folder, finished or interrupted (a run interrupted before markers existed has resume/)
+CHECKPOINT = outputs.Kind("a checkpoint", True, lambda p: checkpoint.is_checkpoint(p)
+                          or (p / STATE_DIR / "state.json").is_file(), checkpoint.MARKER)
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
 LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 
@@ -40,12 +44,18 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
     start = time.perf_counter()
     try:
         with stop:
-            trained_records = run_epochs(task, run, cfg, dist, stop, out)
+            trained_records = run_epochs(task, run, cfg, dist, stop, run.folder)
         if stop.hit:
             if dist.main:
-                save_state(out / STATE_DIR, task.model, run.optimizer, run.scheduler, run.state)
+                save_state(run.folder / STATE_DIR, task.model, run.optimizer, run.scheduler, run.state)
+                if run.folder != out:  # --overwrite: the interrupted new run replaces the old checkpoint
+                    outputs.replace(run.folder, out, CHECKPOINT)
                 warn(f"interrupted: resumable state saved in {out / STATE_DIR}; continue with --resume")
             return 130
+    except BaseException:
+        if dist.main and run.folder != out:  # --overwrite: a failed run leaves the old checkpoint as it was
+            shutil.rmtree(run.folder, ignore_errors=True)
+        raise
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -64,6 +74,9 @@ class Run:
     state: TrainState
     ddp_model: torch.nn.Module
     plan: Schedule
+    folder: Path  # where rank 0 writes: --output, or (--overwrite) a fresh folder that replaces it at the end
+    scaler: Any = None  # torch.amp.GradScaler: scales the fp16 loss (disabled for fp32/bf16)
+    report: Any = None  # --report-to tensorboard: called with every metrics.jsonl record (rank 0)
 
 
 def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
@@ -74,21 +87,44 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps, plan.warmup_steps)
     state = TrainState()
+    folder = output_folder(cfg, out) if dist.main else out
     if cfg.resume:
+        changed = check_resume(cfg)  # refuses options that would change the model or the data
         state = load_state(out / STATE_DIR, model, optimizer, scheduler)
-        log(f"resumed at epoch {state.epoch}, step {state.step}")
-    elif dist.main and (out / STATE_DIR).exists():
-        raise UserError(f"--output {out} holds an unfinished run: add --resume, or choose another folder")
+        applied = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items() if k not in ("output", "device"))
+        log(f"resumed at epoch {state.epoch}, step {state.step}" + (f"; applying {applied}" if applied else ""))
     ddp_model = model
     if dist.world > 1:
         # the text model's pooler (unused: mean pooling instead) has no gradient: DDP must know
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        save_resolved(cfg, out / "finetune_config.json")
-    return Run(optimizer, scheduler, state, ddp_model, plan)
+        save_resolved(cfg, folder / "finetune_config.json")
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+    report = TensorBoard(folder / "tensorboard") if cfg.report_to == "tensorboard" and dist.main else None
+    return Run(optimizer, scheduler, state, ddp_model, plan, folder, scaler, report)
+
+
+def check_output(cfg: FinetuneConfig) -> bool:
+    """Refuse an --output this run must not write (mmllm.outputs); True when it replaces a checkpoint."""
+    out = Path(cfg.output)
+    if cfg.resume:  # the run's own folder: continued, never replaced
+        outputs.check(out, CHECKPOINT, [cfg.prepared], overwrite=True)
+        return False
+    if (out / STATE_DIR).is_dir() and not cfg.overwrite and CHECKPOINT.ours(out):
+        raise UserError(f"--output {out} holds an unfinished run: add --resume to continue it, --overwrite to "
+                        "start over, or choose another folder")
+    return outputs.check(out, CHECKPOINT, [cfg.prepared], cfg.overwrite)
+
+
+def output_folder(cfg: FinetuneConfig, out: Path) -> Path:
+    """The folder rank 0 writes, marked as a checkpoint from the start: --output itself when it is new, empty
+    or resumed; with --overwrite of a checkpoint, a fresh folder beside it that replaces it at the end."""
+    replaces = check_output(cfg)
+    if cfg.resume:
+        return out
+    folder = outputs.beside(out, folder=True) if replaces else out
+    checkpoint.write_marker(folder)
+    return folder
 
 
 def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
@@ -97,7 +133,7 @@ def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: Stop
     trained_records = 0
     while state.epoch < cfg.epochs and not state.stopped_early and not (cfg.max_steps and state.step >= cfg.max_steps):
         trained_records += fit_epoch(run.ddp_model, model, task.train, run.optimizer, run.scheduler, cfg, dist, state,
-                                     stop, out if dist.main else None)
+                                     stop, out if dist.main else None, scaler=run.scaler, report=run.report)
         if stop.hit:
             break
         val_metrics = task.validate(model)
@@ -110,6 +146,8 @@ def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: Stop
         early_stopping_update(state, model, val_metrics, cfg, run.plan.warmup_steps)
         if dist.main:
             append_jsonl(out / "metrics.jsonl", record)
+            if run.report is not None:
+                run.report(record)
             save_state(out / STATE_DIR, model, run.optimizer, run.scheduler, state)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if isinstance(v, float))
             log(f"epoch {state.epoch}: train_loss {state.epoch_loss:.4f}  {shown}"
@@ -135,10 +173,14 @@ def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, tra
                "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
                "world_size": dist.world}
     if dist.main:
-        task.save(model, out, final)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_curves(state.history, out / "training_curves.png")
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        task.save(model, run.folder, final)
+        (run.folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(state.history, run.folder / "training_curves.png", state.best_epoch)
+        if run.report is not None:
+            run.report.close()
+        shutil.rmtree(run.folder / STATE_DIR, ignore_errors=True)
+        if run.folder != out:
+            outputs.replace(run.folder, out, CHECKPOINT)
         emit(summary)
 
 
@@ -251,12 +293,14 @@ def epoch_order(n: int, seed: int, epoch: int, dist: Dist) -> list[int]:
 
 
 def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneConfig, dist: Dist,
-              state: TrainState, stop: StopFlag, out: Path | None) -> int:
+              state: TrainState, stop: StopFlag, out: Path | None, scaler: Any = None, report: Any = None) -> int:
     """One pass over the training split; returns the number of records seen."""
+    scaler = scaler or torch.amp.GradScaler(dist.device.type, enabled=False)  # fp16: scale the loss (see Run)
     ddp_model.train()
     order = epoch_order(len(train), cfg.seed, state.epoch, dist)
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = torch.autocast(dist.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     if state.batch_in_epoch == 0:
         state.epoch_losses = []
     losses, seen = state.epoch_losses, 0
@@ -272,21 +316,25 @@ def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneC
                     ce = ddp_model(batch)["loss"]
                 l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
                 loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
             seen += len(batches[b])
             state.batch_in_epoch = b + 1
             if last_micro:
                 if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)  # skipped when a scaled fp16 gradient overflowed
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 losses.append(ce.item())
                 if out is not None:
-                    append_jsonl(out / "metrics.jsonl", {"step": state.step, "epoch": state.epoch + 1,
-                                                         "loss": loss.item(), "ce": ce.item(), "l2": l2_term.item(),
-                                                         "l1": l1_term.item(), "lr": scheduler.get_last_lr()[-1]})
+                    step_record = {"step": state.step, "epoch": state.epoch + 1, "loss": loss.item(), "ce": ce.item(),
+                                   "l2": l2_term.item(), "l1": l1_term.item(), "lr": scheduler.get_last_lr()[-1]}
+                    append_jsonl(out / "metrics.jsonl", step_record)
+                    if report is not None:
+                        report(step_record)
             advance(1, info=f"loss {ce.item():.4f}")
             # Ctrl-C ends the loop only after an optimizer step: unsaved accumulated gradients are never lost
             if last_micro and (stop.hit or (cfg.max_steps and state.step >= cfg.max_steps)):
@@ -354,14 +402,25 @@ def save_state(folder: Path, model, optimizer, scheduler, state: TrainState) -> 
 
 
 def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
+    """The interrupted run's weights, optimizer moments, schedule position, RNG and counters. The learning
+    rates, weight decay and schedule of this invocation apply from the resumed step on (check_resume has
+    refused the options that may not change)."""
     from safetensors.torch import load_file
 
     if not (folder / "state.json").is_file():
         raise UserError(f"--resume: no resumable state in {folder}")
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only, no pickle code
-    optimizer.load_state_dict(blob["optimizer"])
+    wanted = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this run's --lr etc.
+    try:
+        optimizer.load_state_dict(blob["optimizer"])
+    except ValueError as e:
+        raise UserError(f"--resume: the optimizer state in {folder} does not fit this model ({e})") from None
     scheduler.load_state_dict(blob["scheduler"])
+    scheduler.base_lrs = [lr for lr, _ in wanted]
+    for group, (lr, decay), factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = lr, decay
+        group["lr"] = lr * factor(scheduler.last_epoch)  # what the schedule gives at the resumed step
     torch.set_rng_state(blob["torch_rng"])
     if "cuda_rng" in blob and torch.cuda.is_available():
         torch.cuda.set_rng_state(blob["cuda_rng"])
@@ -371,26 +430,79 @@ def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
     return state
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
+def preflight(cfg: FinetuneConfig, device: torch.device) -> None:
+    """Refuse, before any model loads, what this run cannot do here: fp16 without CUDA, TensorBoard missing."""
+    import importlib.util
 
-    matplotlib.use("Agg")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16: needs a CUDA GPU (this run is on {device.type}); use --precision bf16 "
+                        "or fp32")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--report-to tensorboard: the tensorboard package is not installed; "
+                        "pip install 'mmllm[tensorboard]' (or tensorboard)")
+
+
+class TensorBoard:
+    """--report-to tensorboard: every metrics.jsonl record as scalars; optimizer steps under train/ (x: step),
+    epochs under epoch/ (x: epoch). View with `tensorboard --logdir OUTPUT/tensorboard`."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def __call__(self, record: dict) -> None:
+        per_epoch = "train_loss" in record
+        x = record["epoch"] if per_epoch else record["step"]
+        for key, value in record.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{'epoch' if per_epoch else 'train'}/{key}", value, x)
+        if per_epoch:
+            self.writer.flush()  # an interrupted run keeps every finished epoch
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
+    """training_curves.png: losses and validation metrics per epoch (see `curves_figure`)."""
     import matplotlib.pyplot as plt
 
     if not history:
         return
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    a.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
-    a.set_xlabel("epoch")
-    a.legend()
-    shown = [k for k in ("val_accuracy", "val_f1", "val_bleu", "val_chrf") if k in history[0]]
-    for key in shown:
-        b.plot(epochs, [h[key] for h in history], label=key)
-    b.set_xlabel("epoch")
-    if shown:
-        b.legend()
-    fig.tight_layout()
+    fig = curves_figure(history, best_epoch)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def curves_figure(history: list[dict], best_epoch: int | None = None):
+    """Losses (left) and validation metrics (right) per epoch: points with lines (a 1-epoch run shows its
+    points), whole-number epoch ticks, the best epoch (the weights kept) marked by a dashed line and stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = [(axes[0], ["train_loss", "val_loss"], "loss"),
+              (axes[1], [k for k in ("val_accuracy", "val_f1", "val_bleu", "val_chrf") if k in history[0]], "metric")]
+    for ax, keys, ylabel in panels:
+        for key in keys:
+            values = [h.get(key, float("nan")) for h in history]
+            line, = ax.plot(epochs, values, marker="o", markersize=4, label=key.replace("_", " "))
+            if best_epoch in epochs:
+                ax.plot([best_epoch], [values[epochs.index(best_epoch)]], marker="*", markersize=13,
+                        color=line.get_color(), linestyle="none")
+        if best_epoch in epochs:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

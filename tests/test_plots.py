@@ -1,0 +1,140 @@
+"""Training curves, the confusion-matrix image, TensorBoard logging and --precision fp16's refusal on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+
+def _history(n: int) -> list[dict]:
+    return [{"epoch": e, "step": 3 * e, "train_loss": 1.0 / e, "val_loss": 1.2 / e + 0.1 * (e == n),
+             "val_accuracy": 0.5 + 0.05 * e} for e in range(1, n + 1)]
+
+
+def _integer_ticks(ax) -> list[float]:
+    lo, hi = ax.get_xlim()
+    return [t for t in ax.get_xticks() if lo <= t <= hi]
+
+
+def test_curves_mark_the_best_epoch_with_whole_epoch_ticks():
+    import matplotlib.pyplot as plt
+
+    from mmllm.loop import curves_figure
+
+    fig = curves_figure(_history(7), best_epoch=4)
+    for ax in fig.axes:
+        ticks = _integer_ticks(ax)
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        best_lines = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [4, 4]]  # the dashed vertical line
+        assert best_lines and best_lines[0].get_linestyle() == "--"
+        stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+        assert stars and all(list(s.get_xdata()) == [4] for s in stars)
+    loss_axis = fig.axes[0]
+    star_y = sorted(float(s.get_ydata()[0]) for s in loss_axis.get_lines() if s.get_marker() == "*")
+    assert star_y == pytest.approx(sorted([1.0 / 4, 1.2 / 4]))  # the stars sit on the curves at epoch 4
+    plt.close(fig)
+
+
+def test_one_epoch_curves_are_not_empty(tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mmllm.loop import curves_figure, plot_curves
+
+    fig = curves_figure(_history(1), best_epoch=1)
+    curves = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert len(curves) == 3 and all(len(ln.get_xdata()) == 1 for ln in curves)  # one visible point per curve
+    assert _integer_ticks(fig.axes[0]) == [1.0]
+    plt.close(fig)
+    plot_curves(_history(1), tmp_path / "c.png", best_epoch=1)
+    image = np.asarray(Image.open(tmp_path / "c.png").convert("L"))
+    assert image.shape == (380, 1000)
+    assert (image < 200).sum() > 2000  # markers, text and the best-epoch line: not a blank plot
+
+
+def test_confusion_image_grows_with_classes_and_every_count_is_readable(tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mmllm.evaluation import confusion_figure, write_outputs
+
+    sizes = {}
+    for n in (2, 12, 60):
+        rng = np.random.default_rng(n)
+        m = rng.integers(0, 5, (n, n)) + np.diag(rng.integers(50, 120, n))
+        fig = confusion_figure(m.tolist(), [f"class-{i}" for i in range(n)])
+        ax = fig.axes[0]
+        texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t for t in ax.texts}
+        assert len(texts) == n * n and all(texts[j, i].get_text() == str(m[i, j]) for i in range(n) for j in range(n))
+        for (j, i), t in texts.items():  # dark (high) cells get white text, light cells black
+            assert t.get_color() == ("white" if m[i, j] > m.max() / 2 else "black")
+            assert t.get_fontsize() >= 4
+        sizes[n] = tuple(fig.get_size_inches())
+        plt.close(fig)
+    assert sizes[2][0] < sizes[12][0] < sizes[60][0] and sizes[12][0] >= 8
+    result = {"confusion_matrix": {"labels": ["a", "b", "c"], "matrix": [[9, 1, 0], [0, 7, 3], [2, 0, 8]]}}
+    write_outputs(result, tmp_path / "m.json")
+    png = Image.open(tmp_path / "m_confusion.png")
+    assert png.size[0] >= 500 and png.size[1] >= 400
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])  # cpu: refused by validate; auto: by the device it resolves to
+def test_fp16_refused_on_cpu_before_anything_loads(tmp_path, device):
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("auto resolves to a GPU here")
+    r = run_cli("finetune", str(tmp_path / "not-prepared-yet"), "--output", str(tmp_path / "o"), "--precision", "fp16",
+                "--device", device)
+    assert r.exit_code == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--precision fp16: needs a CUDA" in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "o"), "--report-to", "tensorboard")
+    assert r.exit_code == 2
+    assert "pip install 'mmllm[tensorboard]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def text_prepared(tiny_models, tmp_path):
+    """A small prepared text-only dataset (tiny BERT)."""
+    rows = [{"id": i, "text": ["it is big", "it is small", "a red thing"][i % 3], "label": "bsr"[i % 3]}
+            for i in range(30)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = run_cli("prepare", tmp_path / "m.jsonl", "--output", tmp_path / "p", "--text-model", tiny_models["text"],
+                "--max-text-tokens", "16")
+    assert r.exit_code == 0, r.output
+    return tmp_path / "p"
+
+
+def test_report_to_tensorboard_writes_event_files(text_prepared, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ck"
+    r = run_cli("finetune", str(text_prepared), "--output", str(out), "--epochs", "2", "--hidden-size", "16",
+                "--batch-size", "8", "--report-to", "tensorboard")
+    assert r.exit_code == 0, r.output
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [rec for rec in logged if "train_loss" in rec]
+    steps = [rec for rec in logged if "lr" in rec]
+    val = [(e.step, e.value) for e in events.Scalars("epoch/val_loss")]
+    assert [s for s, _ in val] == [1, 2]
+    assert [v for _, v in val] == pytest.approx([rec["val_loss"] for rec in epochs], rel=1e-6)
+    lr = events.Scalars("train/lr")
+    assert [e.step for e in lr] == [rec["step"] for rec in steps]
+    assert [e.value for e in lr] == pytest.approx([rec["lr"] for rec in steps], rel=1e-5)
+    from PIL import Image
+
+    assert Image.open(out / "training_curves.png").size == (1000, 380)
