@@ -203,6 +203,7 @@ def labelled(draw):
     return np.array(gold), np.array(pred), n
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found")
 @settings(max_examples=400, deadline=None)
 @given(labelled())
 def test_classification_equals_sklearn(case):
