@@ -5,30 +5,51 @@
     labels.json            label map (name -> id)
     text_model/            the text model's Hugging Face config + tokenizer files (no weights)
     metrics.jsonl, metrics.json, finetune_config.json, training_curves.png   (written by finetune)
+    mmllm-checkpoint.json  the marker that says the folder is mmllm's checkpoint (see mmllm.outputs)
 Loading needs nothing else, reads only JSON and safetensors, and never runs remote code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmllm.config import MAX_AUDIO_SECONDS, ROLES
 from mmllm.errors import UserError
 from mmllm.model import ModelConfig, MultimodalClassifier, build_model
 
 FORMAT = "mmllm-checkpoint"
 VERSION = 1
+MARKER = "mmllm-checkpoint.json"
+
+
+def write_marker(folder: Path) -> None:
+    """Mark `folder` as an mmllm checkpoint (written first, so even an interrupted run is recognised)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"format": FORMAT, "version": VERSION, "mmllm_version": __import__("mmllm").__version__}
+    (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A folder mmllm wrote as a checkpoint: its marker, or (checkpoints older than markers) config.json's format."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, text_config: Any) -> None:
     """Write weights + self-description into `folder` (which the caller renames into place)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(file_tensors(unwrap(model).state_dict()), str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    write_marker(folder)
+    save_weights(file_tensors(unwrap(model).state_dict()), folder / "model.safetensors")
     config = {"format": FORMAT, "version": VERSION, "model": unwrap(model).cfg.to_dict(), **info}
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "labels.json").write_text(json.dumps({n: i for i, n in enumerate(info.get("labels", []))}, indent=2,
@@ -36,6 +57,20 @@ def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, 
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / "text_model")
         text_config.save_pretrained(folder / "text_model")
+
+
+def save_weights(tensors: dict, path: Path) -> None:
+    """safetensors file with the mode every other file gets (safetensors itself creates it 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def file_tensors(state: dict) -> dict:
@@ -62,9 +97,144 @@ def read_config(folder: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise UserError(f"{path}: corrupt JSON ({e})") from None
-    if config.get("format") != FORMAT:
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{folder} is not an mmllm checkpoint (config.json has no format '{FORMAT}')")
+    problems = check_config(config, folder)
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged; fine-tune again)")
     return config
+
+
+# ---------------------------------------------------------------- schema of config.json
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kind: str  # bool, int, number, str, list, dict, fraction ([0, 1))
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple = ()
+    required: bool = False
+
+
+FUSIONS = ("concat", "gated", "attention")
+MAX_WIDTH = 1 << 16
+MODEL_RULES = {
+    "modalities": Rule("list", required=True), "num_labels": Rule("int", 1, 1 << 20, required=True),
+    "hidden_size": Rule("int", 1, MAX_WIDTH), "fusion": Rule("str", choices=FUSIONS), "dropout": Rule("fraction"),
+    "text_dim": Rule("int", 1, MAX_WIDTH), "image_dim": Rule("int", 1, MAX_WIDTH),
+    "audio_dim": Rule("int", 1, MAX_WIDTH), "share_projections": Rule("bool"), "modality_dropout": Rule("fraction"),
+    "freeze_text": Rule("bool"), "lora_r": Rule("int", 0, MAX_WIDTH), "text_model_type": Rule("str"),
+    "sequence": Rule("bool"), "extra": Rule("dict"),
+}
+GENERATION_RULES = {
+    "modalities": Rule("list", required=True), "dims": Rule("dict", required=True),
+    "prefix_tokens": Rule("int", 1, 1024), "hidden_size": Rule("int", 1, MAX_WIDTH), "dropout": Rule("fraction"),
+    "lora_r": Rule("int", 0, MAX_WIDTH), "train_decoder": Rule("bool"), "decoder": Rule("str", required=True),
+    "decoder_identity": Rule("str"),
+}
+PREPROCESSING_RULES = {
+    "max_text_tokens": Rule("int", 1, 1 << 20), "max_audio_seconds": Rule("number", 0.001, MAX_AUDIO_SECONDS),
+    "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),
+}
+
+
+def check_value(name: str, value: Any, rule: Rule) -> str | None:
+    """The problem with one field, or None (None values of optional fields are fine)."""
+    if value is None:
+        return f"{name} is missing" if rule.required else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"bool": isinstance(value, bool), "int": isinstance(value, int) and number, "str": isinstance(value, str),
+          "number": number and math.isfinite(value), "fraction": number and 0 <= value < 1,
+          "list": isinstance(value, list), "dict": isinstance(value, dict)}[rule.kind]
+    if not ok:
+        expected = {"bool": "true or false", "int": "an integer", "str": "text", "number": "a finite number",
+                    "fraction": "a number in [0, 1)", "list": "a list", "dict": "an object"}[rule.kind]
+        return f"{name} must be {expected} (got {json.dumps(value)[:40]})"
+    if rule.choices and value not in rule.choices:
+        return f"{name} '{value}' is not one of {', '.join(rule.choices)}"
+    if rule.lo is not None and value < rule.lo:
+        return f"{name} must be >= {rule.lo:g} (got {value})"
+    if rule.hi is not None and value > rule.hi:
+        return f"{name} must be <= {rule.hi:g} (got {value})"
+    return None
+
+
+def check_section(section: Any, name: str, rules: dict[str, Rule], closed: bool = True) -> list[str]:
+    """Problems of one object of config.json; `closed`: keys without a rule are refused too."""
+    if not isinstance(section, dict):
+        return [f"{name} must be an object"]
+    problems = [f"{name}.{k} is not a known field" for k in section if k not in rules] if closed else []
+    return problems + [p for k, rule in rules.items() if (p := check_value(f"{name}.{k}", section.get(k), rule))]
+
+
+def check_modalities(mods: Any, name: str) -> list[str]:
+    if not isinstance(mods, list):
+        return []  # reported by its rule
+    bad = [m for m in mods if m not in ROLES]
+    if bad:
+        return [f"{name} has '{bad[0]}', not one of {', '.join(ROLES)}"]
+    return [f"{name} lists a modality twice"] if len(set(mods)) != len(mods) else []
+
+
+def check_config(config: dict, folder: Path) -> list[str]:
+    """Every problem with a checkpoint's config.json: types, ranges, label count, known names, files."""
+    problems = []
+    version, task = config.get("version"), config.get("task", "classify")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        problems.append(f"version {json.dumps(version)} is not one this mmllm reads (1 to {VERSION})")
+    if task not in ("classify", "generate"):
+        return problems + [f"task '{task}' is not classify or generate"]
+    labels = config.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        problems.append("labels must be a list of label names")
+    elif len(set(labels)) != len(labels):
+        problems.append("labels lists a label twice")
+    problems += check_section(config.get("preprocessing", {}), "preprocessing", PREPROCESSING_RULES, closed=False)
+    if task == "generate":
+        return problems + check_generation(config, folder)
+    model = config.get("model")
+    problems += check_section(model, "model", MODEL_RULES)
+    if problems:
+        return problems
+    mods = model["modalities"]
+    problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
+    if isinstance(labels, list) and model["num_labels"] != len(labels):
+        problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
+    problems += [f"model.{m}_dim is missing (the model uses {m})" for m in mods
+                 if m in ROLES and model.get(f"{m}_dim") is None]
+    if "text" in mods and not (folder / "text_model").is_dir():
+        problems.append("text_model/ (tokenizer and text model config) is missing")
+    return problems + check_encoders(config, [m for m in mods if m != "text"])
+
+
+def check_generation(config: dict, folder: Path) -> list[str]:
+    gen = config.get("generation")
+    problems = check_section(gen, "generation", GENERATION_RULES)
+    if problems:
+        return problems
+    problems += check_modalities(gen["modalities"], "generation.modalities")
+    problems += [f"generation.dims.{m} must be a positive size" for m in gen["modalities"]
+                 if not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
+    model = config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("modalities"), list):
+        return problems + ["model.modalities must be a list"]
+    problems += check_modalities(model["modalities"], "model.modalities")
+    if not (folder / "decoder").is_dir():
+        problems.append("decoder/ (tokenizer and decoder config) is missing")
+    return problems + (check_encoders(config, model["modalities"]) if not problems else [])
+
+
+def check_encoders(config: dict, roles: list[str]) -> list[str]:
+    """The encoder identities that raw records are featurized with (eval on manifests, predict)."""
+    encoders = config.get("encoders")
+    if not isinstance(encoders, dict):
+        return ["encoders must be an object"]
+    problems = []
+    for role in roles:
+        entry = encoders.get(role)
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "identity")):
+            problems.append(f"encoders.{role} must name the encoder (name, identity)")
+    return problems
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MultimodalClassifier, dict, Any]:

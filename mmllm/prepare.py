@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-from mmllm.config import PrepareConfig, save_resolved
+from mmllm.config import PrepareConfig, default, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, arrow_schema, encode_chunk, \
@@ -52,7 +52,7 @@ def run(cfg: PrepareConfig) -> int:
         _report(errors, cfg)
         raise UserError(f"no usable records in {cfg.input[0]}")
     encoders = load_encoders(cfg, roles)
-    check_text_limit(encoders.get("text"), cfg.max_text_tokens)
+    cfg.max_text_tokens = check_text_limit(encoders.get("text"), cfg.max_text_tokens)
     records = augment_records(records, cfg.augment)
     tmp = _fresh_tmp(out)
     try:
@@ -91,18 +91,23 @@ def check_records(records: list[dict], errors: list[dict], has_label: bool) -> l
     return kept
 
 
-def check_text_limit(text: Any, max_tokens: int) -> None:
-    """--max-text-tokens must fit the text model's positions: longer inputs would fail finetune mid-epoch."""
+def check_text_limit(text: Any, max_tokens: int) -> int:
+    """--max-text-tokens must fit the text model's positions (longer inputs would fail finetune mid-epoch):
+    a value given beyond them is refused; the default is lowered to them (and recorded)."""
     if text is None:
-        return
+        return max_tokens
     config = getattr(text, "config", None)
     limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
     model_max = getattr(getattr(text, "tokenizer", None), "model_max_length", None)
     limits.append(model_max if isinstance(model_max, int) and model_max < 1_000_000 else None)  # else: unset
     limits = [n for n in limits if isinstance(n, int) and n > 0]
-    if limits and max_tokens > min(limits):
-        raise UserError(f"--max-text-tokens {max_tokens}: the text model '{text.name}' takes at most {min(limits)} "
-                        f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
+    if not limits or max_tokens <= min(limits):
+        return max_tokens
+    if max_tokens == default(PrepareConfig, "max_text_tokens"):
+        log(f"max_text_tokens: {min(limits)}, the most the text model '{text.name}' takes")
+        return min(limits)
+    raise UserError(f"--max-text-tokens {max_tokens}: the text model '{text.name}' takes at most {min(limits)} "
+                    f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
 
 
 def augment_records(records: list[dict], k: int) -> list[dict]:

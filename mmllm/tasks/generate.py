@@ -246,16 +246,14 @@ def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: i
 
 def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict, metrics: dict) -> None:
     """Weights: projector always; decoder weights only when trained (LoRA adapters or --train-decoder)."""
-    from safetensors.torch import save_file
-
-    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, unwrap, write_marker
+    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, save_weights, unwrap, write_marker
 
     model = unwrap(model)
     write_marker(out)
     state = model.state_dict()
     if not (model.cfg.lora_r or model.cfg.train_decoder):
         state = {k: v for k, v in state.items() if not k.startswith("decoder.")}  # frozen: referenced by identity
-    save_file(file_tensors(state), str(out / "model.safetensors"), metadata={"format": FORMAT})
+    save_weights(file_tensors(state), out / "model.safetensors")
     decoder = model.decoder.get_base_model() if hasattr(model.decoder, "get_base_model") else model.decoder
     decoder.config.save_pretrained(out / "decoder")
     tokenizer.save_pretrained(out / "decoder")
