@@ -20,10 +20,12 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmllm import outputs
 from mmllm.console import emit, log, show
 from mmllm.errors import UserError
 
 MARKER = "mmllm-model.json"
+MODEL = outputs.marked_folder("a model pulled by mmllm", MARKER)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ def pull(names: list[str], all_: bool = False, force: bool = False) -> None:
 
 def _install(alias: Alias) -> None:
     target = model_dir(alias.name)
+    # before downloading: a folder there that mmllm did not pull is never replaced, even with --force
+    outputs.check(target, MODEL, overwrite=True, flag=f"models pull {alias.name}: the model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias.name}-") as tmp:
         tmp_path = Path(tmp)
@@ -156,9 +160,7 @@ def _install(alias: Alias) -> None:
         files = CONVERTERS[alias.name](weights, out)
         (out / MARKER).write_text(json.dumps({"alias": alias.name, "source": alias.source, "sha256": digest,
                                               "files": files}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
+        outputs.replace(out, target, MODEL)
     log(f"{alias.name}: ready")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmllm import checkpoint
+from mmllm import checkpoint, outputs
 from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
@@ -24,7 +24,7 @@ from mmllm.runtime import pick_device
 class Predictor:
     """A checkpoint with its encoders: raw records in, prediction dicts out."""
 
-    def __init__(self, folder: str, device: str = "auto"):
+    def __init__(self, folder: str, device: str = "auto", max_file_mb: int = 512):
         from mmllm.features import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
 
         self.device = pick_device(device)
@@ -39,17 +39,20 @@ class Predictor:
         self.labels = self.config["labels"]
         self.encoders = encoders_for_checkpoint(Path(folder), self.config)
         self.prep = config_from_checkpoint(self.config)
+        self.prep.max_file_mb = max_file_mb
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
 
     @torch.no_grad()
     def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
+        """One result per record, in order, each with the record's id as given (`given_id`, else `id`)."""
         from mmllm.batches import FeatureTable
         from mmllm.features import featurize
 
-        for r in records:
-            r.setdefault("split", "test")
+        given = [r.get("given_id", r["id"]) for r in records]
+        # records are looked up by position: ids may repeat, and are echoed untouched
+        records = [{**r, "id": str(i), "split": r.get("split") or "test"} for i, r in enumerate(records)]
         rows, errors = featurize(records, self.encoders, self.prep, self.store)
-        results = {e["id"]: {"id": e["id"], "error": _one_line(e)} for e in errors}
+        results = {e["id"]: {"error": _one_line(e)} for e in errors}
         if rows and self.generation:
             from mmllm.tasks.generate import GenTable
 
@@ -58,7 +61,7 @@ class Predictor:
             texts = self.model.generate(table.batch(range(len(rows)), self.device, with_targets=False),
                                         self.tokenizer, **generation)
             for row, text in zip(rows, texts):
-                results[row["id"]] = {"id": row["id"], "generated": text}
+                results[row["id"]] = {"generated": text}
         elif rows:
             mods = self.model.cfg.modalities
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
@@ -70,12 +73,11 @@ class Predictor:
             k = min(top_k, len(self.labels))
             for row, p in zip(rows, probs):
                 best = np.argsort(-p)[:k]
-                res: dict[str, Any] = {"id": row["id"], "prediction": self.labels[int(best[0])],
-                                       "probability": float(p[best[0]])}
+                res: dict[str, Any] = {"prediction": self.labels[int(best[0])], "probability": float(p[best[0]])}
                 if top_k > 1:
                     res["top_k"] = [{"label": self.labels[int(i)], "probability": float(p[i])} for i in best]
                 results[row["id"]] = res
-        return [results[r["id"]] for r in records]
+        return [{"id": i, **results[r["id"]]} for i, r in zip(given, records)]
 
 
 def _one_line(entry: dict) -> str:
@@ -83,20 +85,26 @@ def _one_line(entry: dict) -> str:
     return f"{col}{entry['reason']}"
 
 
+def error_line(stub: dict, e: Exception) -> str:
+    """The "error" text of a record that could not be read (stub: its id and row)."""
+    return _one_line(error_entry(stub, e))
+
+
 def run(cfg: PredictConfig) -> int:
-    predictor = Predictor(cfg.checkpoint, cfg.device)
-    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
     if cfg.output:
-        save_resolved(cfg, Path(cfg.output).with_suffix(".config.json"))
+        check_outputs(cfg)
+    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
+    tmp = outputs.beside(cfg.output) if cfg.output else None  # renamed onto --output when every line is written
+    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
     failed = 0
     try:
         batch: list[dict] = []
-        for item in raw_records(cfg.input, predictor.config):
+        for item in raw_records(cfg.input, predictor.config, cfg.max_line_mb):
             if isinstance(item, tuple):  # unreadable record: report in order, after pending ones
                 failed += flush(predictor, batch, cfg, out)
                 batch = []
                 stub, e = item
-                emit({"id": stub["id"], "error": _one_line(error_entry(stub, e))}, out)
+                emit({"id": stub["id"], "error": error_line(stub, e)}, out)
                 failed += 1
                 if cfg.strict:
                     raise UserError(f"record {stub['id']}: {e.reason}")
@@ -106,30 +114,55 @@ def run(cfg: PredictConfig) -> int:
                 failed += flush(predictor, batch, cfg, out)
                 batch = []
         failed += flush(predictor, batch, cfg, out)
+    except BaseException:
+        if tmp:  # an existing --output stays as it was
+            out.close()
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if cfg.output:
             out.close()
+    if tmp:
+        outputs.replace(tmp, cfg.output, outputs.PREDICTIONS)
+        with outputs.atomic_file(outputs.config_path(cfg.output)) as config_tmp:
+            save_resolved(cfg, config_tmp)
     if failed:
         warn(f"{failed} record(s) failed (lines with \"error\")")
         return 1
     return 0
 
 
+def check_outputs(cfg: PredictConfig) -> None:
+    """Before any work: refuse an --output (or the config written beside it) that is an input, or exists and
+    is not mmllm's of the same kind, or is and --overwrite was not given (mmllm.outputs)."""
+    for path, kind in ((Path(cfg.output), outputs.PREDICTIONS),
+                       (outputs.config_path(cfg.output), outputs.RESOLVED_CONFIG)):
+        outputs.check(path, kind, [cfg.input, cfg.checkpoint], cfg.overwrite)
+
+
 def flush(predictor: Predictor, batch: list[dict], cfg: PredictConfig, out) -> int:
     if not batch:
         return 0
     failed = 0
-    seen: set = set()
-    for r in batch:  # duplicate ids inside a batch would collide: make them unique for the lookup
-        if r["id"] in seen:
-            r["id"] = f"{r['id']}#row{r['row']}"
-        seen.add(r["id"])
     generation = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
                       temperature=cfg.temperature, top_p=cfg.top_p) if predictor.generation else {}
-    for res in predictor.predict(batch, cfg.top_k, **generation):
+    for res in predict_each(predictor, batch, cfg.top_k, generation):
         emit(res, out)
         if "error" in res:
             failed += 1
             if cfg.strict:
                 raise UserError(f"record {res['id']}: {res['error']}")
     return failed
+
+
+def predict_each(predictor: Predictor, batch: list[dict], top_k: int, generation: dict) -> list[dict]:
+    """Results of a batch; if the batch fails as a whole, each record alone, so that a failure is the error
+    of the record that caused it and never of the run."""
+    try:
+        return predictor.predict(batch, top_k, **generation)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - isolated below
+        if len(batch) == 1:
+            return [{"id": batch[0].get("given_id", batch[0]["id"]), "error": f"{type(e).__name__}: {str(e)[:120]}"}]
+    return [res for r in batch for res in predict_each(predictor, [r], top_k, generation)]

@@ -9,7 +9,6 @@ folder -> rename into place. Memory stays bounded by the chunk size, not the dat
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -18,19 +17,23 @@ from pathlib import Path
 from typing import Any
 
 
+from mmllm import outputs
 from mmllm.config import PrepareConfig, default, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, arrow_schema, encode_chunk, \
     load_chunk, load_encoders, load_prepared
-from mmllm.records import RecordError, assign_splits, error_entry, format_error, read_records
+from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, error_entry, format_error, \
+    read_records
 
 CHUNK = 256
+PREPARED = outputs.marked_folder("a prepared dataset", META)
 
 
 # ---------------------------------------------------------------- entry point
 
 def run(cfg: PrepareConfig) -> int:
+    outputs.check(cfg.output, PREPARED, cfg.input, cfg.overwrite)
     if cfg.merge:
         return merge(cfg)
     start = time.perf_counter()
@@ -38,12 +41,14 @@ def run(cfg: PrepareConfig) -> int:
     records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in
                                                         ("id", "text", "image", "audio", "label", "target", "split")})
     records = check_records(records, errors, has_label=bool(cols["label"]))
+    report_columns(cols, records)
     assign_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     bad_split = [r for r in records if r["split"] not in SPLITS]
     for r in bad_split:
         errors.append(error_entry(r, RecordError(cols["split"], f"unknown split '{r['split']}' "
                                                                 f"(use train, validation or test)")))
     records = [r for r in records if r["split"] in SPLITS]
+    warn_splits(records, has_label=bool(cols["label"]))
     records = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_index]
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
@@ -54,7 +59,7 @@ def run(cfg: PrepareConfig) -> int:
     encoders = load_encoders(cfg, roles)
     cfg.max_text_tokens = check_text_limit(encoders.get("text"), cfg.max_text_tokens)
     records = augment_records(records, cfg.augment)
-    tmp = _fresh_tmp(out)
+    tmp = outputs.beside(out, folder=True)
     try:
         rows_per_split, errors = encode_and_write(records, errors, encoders, cfg, tmp)
         _report(errors, cfg)
@@ -108,6 +113,37 @@ def check_text_limit(text: Any, max_tokens: int) -> int:
         return min(limits)
     raise UserError(f"--max-text-tokens {max_tokens}: the text model '{text.name}' takes at most {min(limits)} "
                     f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
+
+
+def report_columns(cols: dict, records: list[dict]) -> None:
+    """Say which column became which role; warn about columns left unused, media columns empty in every
+    record, and a missing label/target column (naming the names looked for and the flags that set them)."""
+    if not isinstance(cols, ColumnMap):  # a class folder: labels are the folder names
+        return
+    log("columns: " + ", ".join(f"{key} <- {col}" for key, col in cols.items() if col))
+    if cols.ignored:
+        warn(f"columns not used: {', '.join(cols.ignored)} (give one a role with --text-column, --image-column, "
+             "--audio-column, --label-column or --target-column)")
+    for role in ("text", "image", "audio"):
+        if cols[role] and records and not any(r[role] for r in records):
+            warn(f"column {cols[role]} ({role}) is empty in every record: no {role} features")
+    if not cols["label"] and not cols["target"]:
+        warn(f"no label or target column found (looked for {', '.join(CANDIDATES['label'])}; "
+             f"{', '.join(CANDIDATES['target'])}): name it with --label-column (to classify) or --target-column "
+             "(to generate), or finetune has nothing to learn")
+
+
+def warn_splits(records: list[dict], has_label: bool) -> None:
+    """Warn when finetune could not use the splits: no training or validation records, or a single class."""
+    counts = Counter(r["split"] for r in records)
+    for split in ("train", "validation"):
+        if records and not counts[split]:
+            warn(f"no {split} records ({dict(counts)}): finetune needs train and validation records; "
+                 "add records, or change --val-fraction / the split column")
+    classes = {r["label"] for r in records if r["split"] == "train" and r["label"] not in (None, "")}
+    if has_label and len(classes) == 1:
+        warn(f"every training record has the label '{next(iter(classes))}': a classifier cannot learn from one "
+             "class (is --label-column the right column?)")
 
 
 def augment_records(records: list[dict], k: int) -> list[dict]:
@@ -171,26 +207,6 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
 
 # ---------------------------------------------------------------- output
 
-def _fresh_tmp(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 def _labels(tmp: Path) -> list:
     import pyarrow as pa
 
@@ -216,16 +232,12 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
     (tmp / "data").rmdir()
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     save_resolved(cfg, tmp / "prepare_config.json")
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    outputs.replace(tmp, out, PREPARED)
 
 
 def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list) -> dict:
+    from mmllm.encoders import resolve_precision
+
     features = {}
     for role, enc in encoders.items():
         if role == "text":
@@ -241,13 +253,15 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
         "mmllm_version": __import__("mmllm").__version__,
         "input": [str(Path(p).resolve()) for p in cfg.input],
         "columns": cols,
+        "ignored_columns": list(getattr(cols, "ignored", [])),
         "modalities": list(encoders),
         "encoders": {role: enc.describe() for role, enc in encoders.items()},
         "features": features,
         "preprocessing": {"max_text_tokens": cfg.max_text_tokens, "max_audio_seconds": cfg.max_audio_seconds,
                           "text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB",
                           "audio": "mono float32", "augment": cfg.augment, "seed": cfg.seed,
-                          "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding},
+                          "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding,
+                          "precision": resolve_precision(cfg.precision)},  # what the frozen encoders ran in
         "labels": labels,
         "has_target": bool(cols.get("target")),
         "counts": counts,
@@ -289,7 +303,7 @@ def merge(cfg: PrepareConfig) -> int:
         if mine != theirs or meta["features"] != first["features"]:
             raise UserError(f"--merge: {path} was prepared with other encoders or features ({mine} vs {theirs})")
     out = Path(cfg.output)
-    tmp = _fresh_tmp(out)
+    tmp = outputs.beside(out, folder=True)
     try:
         parts = {}
         for split in SPLITS:
@@ -304,9 +318,7 @@ def merge(cfg: PrepareConfig) -> int:
         meta["input"] = [str(Path(p).resolve()) for p in cfg.input]
         meta["shard"] = {"merged": len(loaded)}
         (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        outputs.replace(tmp, out, PREPARED)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
-from collections.abc import Iterator
+from typing import Any, BinaryIO
+from collections.abc import Iterable, Iterator
 
 from mmllm.errors import UserError
 
@@ -33,6 +34,10 @@ CANDIDATES = {
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 KEYS = ("id", "text", "image", "audio", "label", "target", "split")
+JSONL_EXT = (".jsonl", ".ndjson", ".json")
+ROLES = ("text", "image", "audio")
+MB = 1 << 20
+MAX_LINE_MB = 16  # default longest JSON line (predict: --max-line-mb)
 
 
 class RecordError(ValueError):
@@ -43,12 +48,9 @@ class RecordError(ValueError):
         self.column, self.reason, self.file = column, reason, file
 
 
-def read_table(path: Path) -> tuple[list[str], Iterator[tuple[int, dict | RecordError]]]:
+def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str], Iterator[tuple[int, Any]]]:
     """Column names and an iterator of (row number, row dict or RecordError) of a manifest file."""
-    if not path.exists():
-        raise UserError(f"input not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; expected a manifest file")
+    _check_manifest(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -58,56 +60,119 @@ def read_table(path: Path) -> tuple[list[str], Iterator[tuple[int, dict | Record
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot read Parquet manifest {path}: {str(e).splitlines()[0]}") from None
         return table.column_names, ((i + 1, r) for i, r in enumerate(table.to_pylist()))
+    if suffix in JSONL_EXT:
+        return _jsonl_rows(path, max_line_mb)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}): "
                         "re-save it as UTF-8") from None
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return _jsonl_rows(text, path)
     if suffix in (".csv", ".tsv", ".txt"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if not columns:
             raise UserError(f"{path} is empty: expected a header row")
 
-        def rows() -> Iterator[tuple[int, dict | RecordError]]:
-            for i, r in enumerate(reader, start=2):  # row 1 is the header
-                if None in r:
-                    yield i, RecordError(None, f"{len(r[None]) + len(columns)} fields, header has {len(columns)}")
-                    continue
-                yield i, {k.strip(): v for k, v in r.items()}
-        return columns, rows()
+        return columns, _csv_rows(reader, columns)
     raise UserError(f"{path}: unsupported manifest type '{suffix}' (use .csv, .tsv, .jsonl or .parquet)")
 
 
-def _jsonl_rows(text: str, path: Path) -> tuple[list[str], Iterator]:
-    lines = text.splitlines()
-    parsed: list[tuple[int, Any]] = []
-    columns: dict[str, None] = {}
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def _check_manifest(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"input not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; expected a manifest file")
+
+
+def _csv_rows(reader: csv.DictReader, columns: list[str]) -> Iterator[tuple[int, dict | RecordError]]:
+    """Rows of a CSV reader; a row the csv module rejects (e.g. a field over its size limit) is that row's error."""
+    i = 1  # row 1 is the header
+    while True:
+        i += 1
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            parsed.append((i, RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")))
+            r = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield i, RecordError(None, f"unreadable CSV row ({e})")
             continue
-        if not isinstance(obj, dict):
-            parsed.append((i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")))
+        if None in r:
+            yield i, RecordError(None, f"{len(r[None]) + len(columns)} fields, header has {len(columns)}")
             continue
-        columns.update(dict.fromkeys(obj))
-        parsed.append((i, obj))
+        yield i, {k.strip(): v for k, v in r.items()}
+
+
+def _jsonl_rows(path: Path, max_line_mb: float) -> tuple[list[str], Iterator]:
+    columns: dict[str, None] = {}
+    with open(path, "rb") as f:
+        parsed = list(json_lines(f, max_line_mb))
+    for _, obj in parsed:
+        if isinstance(obj, dict):
+            columns.update(dict.fromkeys(obj))
     if not parsed:
         raise UserError(f"{path} is empty: no records")
     return list(columns), iter(parsed)
 
 
-def detect_columns(columns: list[str], given: dict[str, str | None]) -> dict[str, str | None]:
+def json_lines(stream: BinaryIO, max_line_mb: float = MAX_LINE_MB) -> Iterator[tuple[int, dict | RecordError]]:
+    """(line number, object or RecordError) of each non-blank line of a JSONL byte stream. Memory stays bounded
+    by the line limit: a longer line is skipped unread; any failure to parse a line is that line's error."""
+    limit = max(1, int(max_line_mb * MB))
+    for i, line in enumerate(_bounded_lines(stream, limit), start=1):
+        if line is None:
+            yield i, RecordError(None, f"line longer than {max_line_mb:g} MB (--max-line-mb): not parsed")
+            continue
+        if i == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
+        if line.strip():
+            yield i, parse_json_line(line)
+
+
+def _bounded_lines(stream: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """Lines of at most `limit` bytes (newline excluded); None for a longer line, whose rest is read and dropped
+    in 1 MB pieces."""
+    while line := stream.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            del line
+            while (rest := stream.readline(MB)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield line
+
+
+def parse_json_line(line: bytes) -> dict | RecordError:
+    """One JSONL line -> its object, or a RecordError saying why not (never raises)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RecordError(None, f"not UTF-8 (invalid byte 0x{line[e.start]:02x} at byte {e.start + 1}): "
+                                 "re-save it as UTF-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return RecordError(None, "JSON nested too deeply to read")
+    except Exception as e:  # noqa: BLE001 - e.g. an integer of more than 4300 digits
+        return RecordError(None, f"cannot parse JSON ({type(e).__name__}: {str(e)[:120]})")
+    if not isinstance(obj, dict):
+        return RecordError(None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class ColumnMap(dict):
+    """Canonical key -> column name or None (a plain dict to JSON), and `ignored`: the input's columns that
+    have no role, in input order."""
+
+    ignored: list[str] = []
+
+
+def detect_columns(columns: list[str], given: dict[str, str | None]) -> ColumnMap:
     """Map canonical keys to column names: given flags win (and must exist), else the first candidate found."""
     lower = {c.lower(): c for c in columns}
-    out: dict[str, str | None] = {}
+    out = ColumnMap()
     missing = []
     for key in KEYS:
         flag_value = given.get(key)
@@ -122,6 +187,8 @@ def detect_columns(columns: list[str], given: dict[str, str | None]) -> dict[str
     if not any(out[k] for k in ("text", "image", "audio")):
         raise UserError(f"no text, image or audio column found (columns: {', '.join(columns)}); "
                         "name them with --text-column / --image-column / --audio-column")
+    used = set(out.values())
+    out.ignored = [c for c in columns if c not in used]
     return out
 
 
@@ -176,6 +243,28 @@ def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> d
     return rec
 
 
+def checked_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> dict:
+    """to_record, with any failure (a RecursionError on a deeply nested cell, anything) as a RecordError."""
+    try:
+        return to_record(raw, row, cols, base)
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one record's failure is that record's error
+        raise RecordError(None, f"unreadable record ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def given_id(raw: dict, column: str | None, row: int) -> Any:
+    """The record's id exactly as given (a JSON scalar), or `rowN` when it has none usable."""
+    v = raw.get(column) if column else None
+    if v is None or v == "" or (isinstance(v, float) and not math.isfinite(v)):
+        return f"row{row}"
+    if isinstance(v, (str, int, float)):  # bool is an int
+        return v
+    if isinstance(v, (dict, list, tuple)):
+        return f"row{row}"
+    return str(v)
+
+
 def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[list[dict], list[dict], dict]:
     """(records, errors, column map) of a manifest file, a class folder or a `save_to_disk` folder."""
     path = Path(source).expanduser()
@@ -191,9 +280,9 @@ def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[lis
             errors.append(error_entry({"id": f"row{row}", "row": row}, raw))
             continue
         try:
-            records.append(to_record(raw, row, cols, path.parent))
+            records.append(checked_record(raw, row, cols, path.parent))
         except RecordError as e:
-            errors.append(error_entry({"id": raw.get(cols["id"]) if cols["id"] else f"row{row}", "row": row}, e))
+            errors.append(error_entry({"id": given_id(raw, cols["id"], row), "row": row}, e))
     return records, errors, cols
 
 
@@ -229,7 +318,7 @@ def _read_saved_dataset(path: Path, given: dict) -> tuple[list[dict], list[dict]
         cols = detect_columns(part.column_names, given)
         for i, raw in enumerate(part, start=1):
             try:
-                rec = to_record(raw, len(records) + 1, cols, path)
+                rec = checked_record(raw, len(records) + 1, cols, path)
             except RecordError as e:
                 errors.append(error_entry({"id": f"row{i}", "row": i}, e))
                 continue
@@ -257,52 +346,147 @@ def format_error(entry: dict) -> str:
 
 
 def assign_splits(records: list[dict], val_fraction: float, test_fraction: float, seed: int) -> None:
-    """Seeded, stratified by label: records without a split get train / validation / test."""
+    """Seeded, stratified by label: records without a split get train / validation / test.
+
+    Split sizes are taken over all these records (round(N * fraction)) and shared out among the labels by
+    largest remainder, so many small classes do not each round down to none. A split with a fraction > 0 is
+    never empty while one record is left for training (validation is served before test), and a label keeps
+    one training record unless no other label can give one."""
     todo = [r for r in records if not r.get("split")]
     groups: dict[Any, list[dict]] = defaultdict(list)
     for r in todo:
         groups[r.get("label")].append(r)
     rng = random.Random(seed)
-    for key in sorted(groups, key=lambda k: (k is None, str(k))):
-        group = groups[key]
-        rng.shuffle(group)
-        n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
-        for i, r in enumerate(group):
-            r["split"] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+    keys = sorted(groups, key=lambda k: (k is None, str(k)))
+    for key in keys:
+        rng.shuffle(groups[key])
+    tie = [rng.random() for _ in keys]  # seeded order among labels with equal claims
+    sizes = [len(groups[k]) for k in keys]
+    n = len(todo)
+    n_val = min(max(round(n * val_fraction), int(val_fraction > 0)), max(n - 1, 0))
+    n_test = min(max(round(n * test_fraction), int(test_fraction > 0)), max(n - 1 - n_val, 0))
+    val = _share(n_val, [s * val_fraction for s in sizes], sizes, tie)
+    test = _share(n_test, [s * test_fraction for s in sizes], [s - v for s, v in zip(sizes, val)], tie)
+    for key, v, t in zip(keys, val, test):
+        for i, r in enumerate(groups[key]):
+            r["split"] = "validation" if i < v else "test" if i < v + t else "train"
+
+
+def _share(total: int, exact: list[float], room: list[int], tie: list[float]) -> list[int]:
+    """`total` records shared among groups: the floor of each group's `exact` share, then one more each to
+    the largest remainders; a group gives its last record (of `room`) only when no other group can."""
+    counts = [min(int(e), max(r - 1, 0)) for e, r in zip(exact, room)]
+    given = sum(counts)
+    order = sorted(range(len(counts)), key=lambda i: (counts[i] - exact[i], -room[i], tie[i]))
+    for keep in (1, 0):
+        for i in order:
+            if given >= total:
+                return counts
+            if counts[i] < room[i] - keep:
+                counts[i] += 1
+                given += 1
+    return counts
 
 
 # ---------------------------------------------------------------- raw records for eval / predict
 
-def stdin_rows() -> Iterator[tuple[int, dict | RecordError]]:
-    for i, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield i, RecordError(None, f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            yield i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")
-            continue
-        yield i, obj
-
-
-def raw_records(source: str, config: dict) -> Iterator[dict | tuple[dict, RecordError]]:
-    """Records (or (stub, error)) in input order. Columns: the training manifest's names, else the usual ones."""
-    trained = config.get("columns") or {}
+def input_rows(source: str, max_line_mb: float = MAX_LINE_MB) -> tuple[Iterator[tuple[int, Any]], Path]:
+    """(rows, folder that relative media paths start from) of `-` (JSONL on stdin) or a manifest; JSONL is
+    streamed line by line, with each line bounded by `max_line_mb`."""
     if source == "-":
-        rows, base = stdin_rows(), Path.cwd()
-    else:
-        _, rows = read_table(Path(source))
-        base = Path(source).parent
+        stdin = getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8"))
+        return json_lines(stdin, max_line_mb), Path.cwd()
+    path = Path(source)
+    if path.suffix.lower() in JSONL_EXT:
+        _check_manifest(path)
+
+        def streamed() -> Iterator[tuple[int, Any]]:
+            with open(path, "rb") as f:
+                yield from json_lines(f, max_line_mb)
+        return streamed(), path.parent
+    return read_table(path, max_line_mb)[1], path.parent
+
+
+def checkpoint_inputs(config: dict) -> list[str]:
+    """The record keys (canonical) a checkpoint can read: its modalities, and the prompt text of a generator."""
+    mods = list(config.get("model", {}).get("modalities", []))
+    if config.get("task") == "generate" and "text" not in mods:
+        mods.insert(0, "text")
+    return mods
+
+
+def record_columns(raw: dict, trained: dict) -> dict[str, str | None]:
+    """Per canonical key, the record's key: the training manifest's column name, else the usual names."""
+    lower = {str(c).lower(): c for c in raw}
+    cols: dict[str, str | None] = {}
+    for k, names in CANDIDATES.items():
+        own = trained.get(k)
+        cols[k] = own if own in raw else next((lower[c] for c in [str(own or "").lower(), *names] if c in lower), None)
+    return cols
+
+
+class InputCheck:
+    """Refuses records with none of a checkpoint's inputs (naming the keys expected) and warns once about each
+    key it does not know."""
+
+    def __init__(self, config: dict):
+        self.trained = config.get("columns") or {}
+        self.inputs = checkpoint_inputs(config)
+        self.known = {c.lower() for names in CANDIDATES.values() for c in names}
+        self.known |= {str(c).lower() for c in self.trained.values() if c}
+        self.warned: set[str] = set()
+        names = [n for m in self.inputs for n in dict.fromkeys([self.trained.get(m) or m, m])]
+        self.expected = " or ".join(f'"{n}"' for n in names) or "none (the checkpoint has no inputs)"
+
+    def warn_unknown(self, raw: dict, cols: dict[str, str | None]) -> None:
+        """Warn (once per key) about keys mmllm does not know, and about media this checkpoint does not use."""
+        if len(self.warned) >= 100:  # enough said; and memory stays bounded on adversarial input
+            return
+        unknown = [k for k in raw if str(k).lower() not in self.known and k not in self.warned]
+        unused = [cols[m] for m in ROLES if cols[m] and m not in self.inputs and cols[m] not in self.warned]
+        for keys, what in ((unknown, "unknown key(s)"), (unused, "key(s) of inputs this checkpoint does not use")):
+            if keys:
+                from mmllm.console import warn
+
+                self.warned.update(keys)
+                more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+                shown = ", ".join(repr(str(k)[:40]) for k in keys[:5]) + more
+                warn(f"ignoring {what} {shown}: this checkpoint reads {self.expected} (and id, label, target)")
+
+    def missing(self, rec: dict, raw: dict) -> RecordError | None:
+        from mmllm.media import normalize_text
+
+        if any(normalize_text(rec[m]) if m == "text" else rec[m] is not None for m in self.inputs):
+            return None
+        got = ", ".join(str(k)[:40] for k in list(raw)[:8]) or "none"
+        return RecordError(None, f"no input: expected {self.expected} (got keys: {got})")
+
+
+def raw_records(source: str, config: dict, max_line_mb: float = MAX_LINE_MB
+                ) -> Iterator[dict | tuple[dict, RecordError]]:
+    """Records (or (stub, error)) of `-` (JSONL on stdin) or a manifest, in input order: see convert_rows."""
+    rows, base = input_rows(source, max_line_mb)
+    return convert_rows(rows, config, base)
+
+
+def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path
+                 ) -> Iterator[dict | tuple[dict, RecordError]]:
+    """(row number, raw dict or RecordError) -> records for a checkpoint, or (stub, error), in order. Each record
+    has `given_id`: its id exactly as given. Columns: the training manifest's names, else the usual ones. A record
+    with none of the checkpoint's inputs is an error naming the keys expected."""
+    check = InputCheck(config)
     for row, raw in rows:
         if isinstance(raw, RecordError):
             yield {"id": f"row{row}", "row": row}, raw
             continue
-        lower = {c.lower(): c for c in raw}
-        cols = {k: trained.get(k) or next((lower[c] for c in CANDIDATES[k] if c in lower), None) for k in CANDIDATES}
+        cols = record_columns(raw, check.trained)
+        check.warn_unknown(raw, cols)
+        stub = {"id": given_id(raw, cols["id"], row), "row": row}
         try:
-            yield to_record(raw, row, cols, base)
+            rec = checked_record(raw, row, cols, base)
         except RecordError as e:
-            yield {"id": raw.get(cols.get("id") or "id", f"row{row}"), "row": row}, e
+            yield stub, e
+            continue
+        rec["given_id"] = stub["id"]
+        problem = check.missing(rec, raw)
+        yield (stub, problem) if problem else rec
