@@ -74,7 +74,8 @@ def _param(f: dataclasses.Field) -> inspect.Parameter:
     """A typer parameter for one config field (default None: 'not given', so --config can supply it)."""
     meta = f.metadata
     kind = KINDS[f.type] if isinstance(f.type, str) else f.type
-    annotation: Any = Optional[list[str]] if kind is list else Optional[kind]
+    # numbers arrive as text and are converted by config.build: a bad value is one line naming the flag
+    annotation: Any = Optional[list[str]] if kind is list else Optional[str] if kind in (int, float) else Optional[kind]
     panel = meta.get("panel") or None
     if meta["argument"]:
         info = typer.Argument(help=_help(f, kind), show_default=False, metavar=f.name.upper(),

@@ -19,7 +19,7 @@ import numpy as np
 from mmllm import hub
 from mmllm.config import PrepareConfig
 from mmllm.errors import UserError
-from mmllm.media import MediaError, load_audio, load_image, normalize_text
+from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
 from mmllm.records import RecordError, error_entry
 
 SCHEMA_VERSION = 1
@@ -109,17 +109,20 @@ class FeatureStore:
         return self.root / key[:2] / f"{key}.safetensors"
 
 
-def content_hash(media: Any) -> str:
+def content_hash(media: Any, max_mb: float | None = None) -> str:
+    """sha256 of media bytes or of a file, which is first checked (stat only) to be a regular file of at
+    most `max_mb` MB: a named pipe or a device is refused before anything opens it."""
     h = hashlib.sha256()
     if isinstance(media, bytes):
+        check_bytes(media, max_mb)
         h.update(media)
         return h.hexdigest()
     p = Path(media)
-    if p.is_dir():
-        raise MediaError(f"{p} is a folder, not a file")
-    if not p.exists():
-        raise MediaError(f"file not found: {p}" + (" (broken symlink)" if p.is_symlink() else ""))
-    return hub.sha256_file(p)
+    check_file(p, max_mb)
+    try:
+        return hub.sha256_file(p)
+    except OSError as e:
+        raise MediaError(f"cannot read ({e.strerror or e}): {p}") from None
 
 
 def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: int, rec_id: str) -> str:
@@ -144,9 +147,10 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
                 continue
             column = role
             try:
-                key = feature_key(role, content_hash(rec[role]), encoders[role], cfg, rec.get("aug", 0), rec["id"])
+                digest = content_hash(rec[role], cfg.max_file_mb)
             except MediaError as e:
                 raise RecordError(column, str(e), _file(rec[role])) from None
+            key = feature_key(role, digest, encoders[role], cfg, rec.get("aug", 0), rec["id"])
             cached = store.get(key)
             if cached is not None:
                 item["media"][role] = {"key": key, "features": cached}
@@ -163,6 +167,8 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
             item["media"][role] = {"key": key, "decoded": decoded}
     except RecordError as e:
         item["error"] = error_entry(rec, e)
+    except Exception as e:  # noqa: BLE001 - one record's failure is that record's error, never the run's
+        item["error"] = error_entry(rec, RecordError(None, f"{type(e).__name__}: {str(e)[:120]}"))
     return item
 
 

@@ -6,23 +6,55 @@ Every failure raises `MediaError` with a short reason; callers attach the record
 from __future__ import annotations
 
 import io
+import os
+import stat
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit (~ 0.25 GiB RGBA), enforced as an error
+MB = 1 << 20
 
 
 class MediaError(ValueError):
     """A media file that cannot be used, with the reason."""
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.is_dir():
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_file(path: str | Path, max_mb: float | None = None) -> int:
+    """Size in bytes of a media path that is safe to open: a regular, non-empty file (after following
+    symlinks) of at most `max_mb` MB. Checked with stat only, so a named pipe or a device never blocks."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(f"file not found: {path}" + (" (broken symlink)" if path.is_symlink() else "")) from None
+    except (OSError, ValueError) as e:  # permission, name too long, embedded NUL byte, symlink loop ...
+        raise MediaError(f"cannot open ({getattr(e, 'strerror', None) or e}): {path}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise MediaError(f"{path} is a folder, not a file")
-    if not path.exists():
-        raise MediaError(f"file not found: {path}" + (" (broken symlink)" if path.is_symlink() else ""))
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        raise MediaError(f"not a regular file ({kind}): {path}")
+    if max_mb is not None and st.st_size > max_mb * MB:
+        raise MediaError(f"file too large ({st.st_size / MB:.1f} MB > --max-file-mb {max_mb:g}): {path}")
+    if st.st_size == 0:
+        raise MediaError(f"empty file: {path}")
+    return st.st_size
+
+
+def check_bytes(data: bytes, max_mb: float | None = None) -> None:
+    """The same size limit for media given inline as bytes."""
+    if max_mb is not None and len(data) > max_mb * MB:
+        raise MediaError(f"media bytes too large ({len(data) / MB:.1f} MB > --max-file-mb {max_mb:g})")
+
+
+def _read_bytes(path: Path) -> bytes:
+    check_file(path)
     data = path.read_bytes()
     if not data:
         raise MediaError(f"empty file: {path}")
@@ -74,10 +106,7 @@ def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float 
             raise MediaError("empty audio bytes")
     else:
         path = Path(source)
-        if path.is_dir() or not path.exists():
-            _read_bytes(path)
-        if path.stat().st_size == 0:
-            raise MediaError(f"empty file: {path}")
+        check_file(path)
         handle = str(path)
     try:
         with sf.SoundFile(handle) as f:

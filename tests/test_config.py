@@ -156,7 +156,9 @@ def test_device_names_are_checked():
 
 def test_max_text_tokens_beyond_the_model_is_refused_by_prepare(tiny_models, toy_manifest, tmp_path):
     out = tmp_path / "p"
-    line = one_line_error(run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--max-text-tokens", "1000"))
+    r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--max-text-tokens", "1000")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "error" in x]  # after prepare's report of the columns
     assert "--max-text-tokens 1000" in line and "at most 64" in line  # the tiny BERT has 64 positions
     assert not out.exists()
     r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--max-text-tokens", "64")
@@ -268,3 +270,11 @@ def test_every_problem_reported_at_once(tmp_path, no_work):
                                   "--fusion", "gated"))
     for part in ("epochs:", "--monitor", "--fusion"):
         assert part in line
+
+
+def test_bad_number_flags_are_one_line_naming_each_flag(no_work):
+    line = one_line_error(run_cli(*FINETUNE, "--epochs", "abc", "--lr", "1e-x", "--batch-size", "2.5"))
+    assert "--epochs: expected a whole number (got 'abc')" in line and "--lr: expected a number" in line
+    assert "--batch-size" in line
+    r = run_cli(*FINETUNE, "--epochs", "2", "--lr", "1e-3")
+    assert r.exit_code == 0 and (no_work["cfg"].epochs, no_work["cfg"].lr) == (2, 0.001)
