@@ -18,6 +18,7 @@ import numpy as np
 
 from mmllm import hub
 from mmllm.config import PrepareConfig
+from mmllm.console import log
 from mmllm.errors import UserError
 from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
 from mmllm.records import RecordError, error_entry
@@ -44,10 +45,12 @@ def load_prepared(path: str | Path) -> tuple[Any, dict]:
 
 
 def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
-    from mmllm.encoders import load_encoder
+    from mmllm.encoders import load_encoder, precision_note, resolve_precision
 
     models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
-    return {role: load_encoder(role, models[role], cfg.trust_remote_code) for role in roles}
+    precision = resolve_precision(cfg.precision)
+    log(precision_note(cfg.precision, precision))
+    return {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
 
 
 class FeatureStore:
@@ -130,6 +133,8 @@ def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: i
              "seq": cfg.sequence_features, "aug": [aug, cfg.seed, rec_id] if aug else 0}
     if role == "audio":
         parts["max_seconds"] = cfg.max_audio_seconds
+    if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
+        parts["precision"] = encoder.precision
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -297,17 +302,25 @@ def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: Fe
     return encode_chunk(loaded, encoders, store, cfg)
 
 
-def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False) -> dict:
-    """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder."""
-    from mmllm.encoders import TextEncoder, load_encoder
+def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False,
+                            precision: str = "checkpoint") -> dict:
+    """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder.
 
+    `precision` "checkpoint" runs them as the checkpoint's data was prepared (fp32 when it recorded none)."""
+    from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision
+
+    requested = precision
+    if precision == "checkpoint":
+        precision = config.get("preprocessing", {}).get("precision", "fp32")
+    precision = resolve_precision(precision)
+    log(precision_note(requested, precision))
     out = {}
     for role in config["model"]["modalities"]:
         if role == "text" and (folder / "text_model").is_dir():  # classification: the tokenizer travels with it
-            out[role] = TextEncoder(str(folder / "text_model"))
+            out[role] = TextEncoder(str(folder / "text_model"), precision=precision)
             continue
         recorded = config["encoders"][role]
-        enc = load_encoder(role, recorded["name"], trust_remote_code)
+        enc = load_encoder(role, recorded["name"], trust_remote_code, precision)
         if enc.identity != recorded["identity"]:
             raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
                             f"trained on {recorded['identity']}")
@@ -319,5 +332,6 @@ def config_from_checkpoint(config: dict) -> PrepareConfig:
     pre = config.get("preprocessing", {})
     return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
                          max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
+                         precision=pre.get("precision", "fp32"),
                          sentence_embedding=bool(pre.get("sentence_embedding")),
                          sequence_features=bool(pre.get("sequence_features")))

@@ -1,0 +1,151 @@
+"""Frozen encoders in bf16 autocast (+ channels_last for conv nets) give the fp32 pooled features to cosine 0.999,
+for each family: tiny random models from conftest, and the real embedded weights (marked slow)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REAL_HOME, run_cli, sine, tiny_prepare_args
+from mmllm.encoders import load_encoder, native_bf16, resolve_precision
+from mmllm.features import feature_key
+from mmllm.config import PrepareConfig
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (B, D) arrays."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def photos(n: int = 6) -> list:
+    """Real photographs bundled with scikit-learn, plus random crops of them (varied, natural statistics)."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    base = [Image.fromarray(a) for a in load_sample_images().images]
+    out = list(base)
+    while len(out) < n:
+        img = base[len(out) % 2]
+        x, y = int(rng.integers(0, 300)), int(rng.integers(0, 200))
+        out.append(img.crop((x, y, x + 200, y + 200)))
+    return out
+
+
+def clips() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [sine(0.7, 300), sine(1.3, 900) + 0.05 * rng.standard_normal(20800).astype(np.float32)]
+
+
+TEXTS = ["it is a big red thing", "small blue one", "yes", "the tiny thing is large no"]
+
+
+def pooled(role: str, name: str, precision: str, media) -> np.ndarray:
+    enc = load_encoder(role, name, precision=precision)
+    assert enc.precision == precision
+    if role == "text":
+        return enc.embed(media)
+    return enc.encode(media)[0]
+
+
+# measured (torch 2.13, AMX CPU), worst record: BERT 1.0000, ViT 0.99999, wav2vec2 0.99998, Whisper 0.99999;
+# real weights (slow test): EfficientNet-Lite0 0.99968, Whisper tiny.en 0.99995, MiniLM 0.99998
+TINY = [("text", "text", lambda: TEXTS), ("image", "image", lambda: photos(4)), ("audio", "audio", clips),
+        ("audio", "whisper", clips)]
+
+
+@pytest.mark.parametrize("role,model,media", TINY, ids=[m for _, m, _ in TINY])
+def test_bf16_matches_fp32_tiny(tiny_models, role, model, media):
+    items = media()
+    fp32 = pooled(role, str(tiny_models[model]), "fp32", items)
+    bf16 = pooled(role, str(tiny_models[model]), "bf16", items)
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+    assert cosine(fp32, bf16).min() >= 0.999
+
+
+@pytest.mark.parametrize("kind", ["resnet", "convnext"])
+def test_conv_net_runs_channels_last(tmp_path, kind):
+    from test_encoders import save_image_model
+
+    folder = save_image_model(kind, tmp_path / kind)
+    fp32 = load_encoder("image", str(folder), precision="fp32")
+    bf16 = load_encoder("image", str(folder), precision="bf16")
+    assert not fp32.channels_last_for(fp32.model) and bf16.channels_last_for(bf16.model)
+    convs = [m for m in bf16.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    grouped = [c for c in bf16.model.modules() if isinstance(c, torch.nn.Conv2d) and c.groups > 1]
+    assert len(grouped) == (2 if kind == "convnext" else 0)  # ConvNeXt's depthwise convs, which run in fp32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(c(torch.ones(1, c.in_channels, 8, 8)).dtype == torch.float32 for c in grouped)
+    a, b = fp32.encode(photos(4))[0], bf16.encode(photos(4))[0]
+    assert cosine(a, b).min() >= 0.999
+
+
+def test_vit_is_not_channels_last(tiny_models):
+    enc = load_encoder("image", str(tiny_models["image"]), precision="bf16")
+    assert not enc.channels_last_for(enc.model)  # one patch conv: nothing to gain
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
+    monkeypatch.setattr("mmllm.encoders.native_bf16", lambda device="cpu": False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr("mmllm.encoders.native_bf16", lambda device="cpu": True)
+    assert resolve_precision("auto") == "bf16"
+
+
+def test_native_bf16_reads_cpu_flags():
+    flags = open("/proc/cpuinfo").read()
+    assert native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_librosa_front_ends_stay_fp32():
+    enc = load_encoder("audio", "logmel", precision="bf16")
+    assert enc.precision == "fp32"
+
+
+def test_precision_in_feature_key(tiny_models):
+    cfg = PrepareConfig(input=["x"], output="y")
+    fp32 = load_encoder("image", str(tiny_models["image"]), precision="fp32")
+    bf16 = load_encoder("image", str(tiny_models["image"]), precision="bf16")
+    k32, k16 = (feature_key("image", "abc", e, cfg, 0, "r1") for e in (fp32, bf16))
+    assert k32 != k16  # bf16 features never answer an fp32 lookup, nor the reverse
+    again = load_encoder("image", str(tiny_models["image"]), precision="fp32")
+    assert feature_key("image", "abc", again, cfg, 0, "r1") == k32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepare_records_precision(tiny_models, toy_manifest, tmp_path, precision):
+    out = tmp_path / f"prep_{precision}"
+    result = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out), "--precision", precision)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "mmllm-prepared.json").read_text())
+    assert meta["preprocessing"]["precision"] == precision
+    assert meta["encoders"]["image"]["precision"] == precision
+    assert f"frozen encoders: {'fp32' if precision == 'fp32' else 'bf16 autocast'}" in result.stderr
+
+
+def test_prepare_auto_records_what_ran(tiny_models, toy_manifest, tmp_path):
+    out = tmp_path / "prep_auto"
+    result = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, out))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "mmllm-prepared.json").read_text())
+    assert meta["preprocessing"]["precision"] == resolve_precision("auto")
+    assert "(auto: " in result.stderr
+
+
+REAL = [("image", "efficientnet-lite0", lambda: photos(8)), ("audio", "whisper-tiny.en", clips),
+        ("text", "minilm", lambda: ["A cat sits on the mat.", "Stock markets fell sharply on Tuesday.",
+                                    "What colour is the car?", "hello"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role,name,media", REAL, ids=[n for _, n, _ in REAL])
+def test_bf16_matches_fp32_real_weights(role, name, media):
+    if not (REAL_HOME / "models" / name).is_dir():
+        pytest.skip(f"{name} is not pulled (mmllm models pull {name})")
+    items = media()
+    fp32, bf16 = pooled(role, name, "fp32", items), pooled(role, name, "bf16", items)
+    assert cosine(fp32, bf16).min() >= 0.999
