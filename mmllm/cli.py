@@ -7,7 +7,6 @@ same name. Heavy libraries are imported only inside the step modules, so `mmllm 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from mmllm import __version__, config as C
+from mmllm.api import run_step
 from mmllm.console import err, set_quiet
 from mmllm.errors import UserError
 
@@ -159,8 +159,7 @@ def command(group: typer.Typer, name: str, cls: type, target: str) -> None:
                      if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)
                      and v is not None}
             cfg = C.build(cls, file_values, given, source=config)
-            module, func = target.split(":")
-            return getattr(importlib.import_module(module), func)(cfg)
+            return run_step(target, cfg)  # the same call as the Python API's (mmllm.api)
 
         code = guarded(call)
         if code:

@@ -15,6 +15,7 @@ from rich.console import Console
 
 err = Console(stderr=True, highlight=False)
 QUIET = False
+CAPTURED: list | None = None  # set by `capture`: emit() collects here instead of printing
 
 
 def set_quiet(quiet: bool) -> None:
@@ -40,10 +41,30 @@ def warn(message: str) -> None:
 
 
 def emit(obj: Any, stream=None) -> None:
-    """Write one JSON document (one line) to stdout and flush, so pipes see it at once."""
+    """Write one JSON document (one line) to stdout and flush, so pipes see it at once (inside `capture`:
+    collect it instead)."""
+    if CAPTURED is not None:
+        CAPTURED.append(json.loads(json.dumps(obj, ensure_ascii=False, default=_jsonable)))  # what a pipe reads
+        return
     stream = stream or sys.stdout
     stream.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
     stream.flush()
+
+
+@contextmanager
+def capture(quiet: bool | None = None) -> Iterator[list]:
+    """Collect the documents `emit` would print, as the dicts a JSON reader of stdout gets (the Python API
+    returns them); `quiet` sets --quiet meanwhile."""
+    global CAPTURED
+    saved, saved_quiet = CAPTURED, QUIET
+    CAPTURED = []
+    if quiet is not None:
+        set_quiet(quiet)
+    try:
+        yield CAPTURED
+    finally:
+        CAPTURED = saved
+        set_quiet(saved_quiet)
 
 
 def _jsonable(obj: Any) -> Any:

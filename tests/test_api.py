@@ -1,0 +1,57 @@
+"""The Python API: the same steps, validation and results as the CLI; `import mmllm` stays light."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, load_json_lines, run_cli
+
+
+def test_import_is_light_and_step_modules_stay_modules():
+    code = ("import sys, mmllm; heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy') "
+            "if m in sys.modules];"
+            "import mmllm.prepare as p; from mmllm import finetune as f;"
+            "print(heavy, callable(mmllm.prepare), p is mmllm.prepare, hasattr(p, 'run'), callable(f), "
+            "mmllm.FinetuneConfig.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[] True True True True FinetuneConfig", out.stderr
+
+
+def test_configs_are_validated_like_the_cli(tmp_path):
+    import mmllm
+    from mmllm.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        mmllm.finetune(tmp_path, tmp_path / "o", fusion="magic", dropout=2.0)
+    assert "--fusion: 'magic' is not one of concat, gated, attention" in str(e.value) and "--dropout" in str(e.value)
+    with pytest.raises(TypeError, match="unknown option.*fusionn"):
+        mmllm.finetune(tmp_path, tmp_path / "o", fusionn="gated")
+    cfg = mmllm.make_config(mmllm.FinetuneConfig, mmllm.FinetuneConfig(prepared="p", output="o", lr=1), epochs=3)
+    assert (cfg.lr, cfg.epochs, cfg.fusion) == (1.0, 3, "concat") and isinstance(cfg.lr, float)
+
+
+def test_prepare_finetune_predict_match_the_cli(tiny_models, tmp_path):
+    import mmllm
+
+    rows = [{"id": f"r{i}", "text": ["it is big", "it is small", "a red thing"][i % 3], "label": "bsr"[i % 3]}
+            for i in range(30)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = mmllm.prepare(tmp_path / "m.jsonl", tmp_path / "p", text_model=tiny_models["text"], max_text_tokens=16,
+                            quiet=True)
+    assert summary["output"] == str(tmp_path / "p") and sum(summary["counts"].values()) == 30
+    config = mmllm.FinetuneConfig(hidden_size=16, epochs=2, batch_size=8)
+    result = mmllm.finetune(tmp_path / "p", tmp_path / "ck", config=config, quiet=True)
+    assert result["epochs"] == 2 and result["output"] == str(tmp_path / "ck")
+    assert result == json.loads((tmp_path / "ck" / "metrics.json").read_text())  # the summary the CLI writes
+    records = [{"id": "a", "text": "it is big"}, {"id": "b", "text": "a red thing"}, {"id": "c"},
+               {"text": "it is small"}]
+    model = mmllm.load(tmp_path / "ck", device="cpu")
+    got = model.predict(records, top_k=2)
+    stdin = "\n".join(json.dumps(r) for r in records) + "\n"
+    cli = run_cli("predict", str(tmp_path / "ck"), "-", "--top-k", "2", input=stdin)
+    assert got == load_json_lines(cli.stdout)  # the very dicts the CLI writes
+    assert [g["id"] for g in got] == ["a", "b", "c", "row4"] and "error" in got[2]
+    assert got[0]["prediction"] in model.labels and len(got[0]["top_k"]) == 2
+    assert model.predict({"text": "it is big"}) == {k: v for k, v in got[0].items() if k != "top_k"} | {"id": "row1"}
+    assert records[0] == {"id": "a", "text": "it is big"}  # the caller's records are untouched
