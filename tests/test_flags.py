@@ -233,3 +233,24 @@ def test_hub_sha_mismatch_is_one_line_and_installs_nothing(monkeypatch, tmp_path
     assert line.startswith("error: ") and sum(x.startswith("error") for x in lines) == 1 and "Traceback" not in r.stderr
     assert "sha256" in line and alias.sha256[:12] in line and "not installing" in line
     assert list((tmp_path / "home" / "models").iterdir()) == []  # no model folder, no temporary left behind
+
+
+def test_resume_state_restores_the_cuda_rng(monkeypatch, tmp_path):
+    """save_state keeps the CUDA generator's state beside the CPU one; load_state puts both back."""
+    saved_cuda = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: saved_cuda.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: restored.append(state))
+    model, _ = classify_setup()
+    cfg = cfg_of(lr=1e-2)
+    optimizer = loop.make_optimizer(model, cfg)
+    scheduler = loop.make_scheduler(optimizer, cfg, 5, 0)
+    torch.manual_seed(123)
+    cpu_state = torch.get_rng_state()
+    loop.save_state(tmp_path / "resume", model, optimizer, scheduler, loop.TrainState(step=2))
+    torch.rand(5)  # the CPU generator moves on
+    state = loop.load_state(tmp_path / "resume", model, optimizer, scheduler)
+    assert state.step == 2 and torch.equal(torch.get_rng_state(), cpu_state)
+    assert len(restored) == 1 and torch.equal(restored[0], saved_cuda)
