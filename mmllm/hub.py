@@ -137,7 +137,8 @@ def pull(names: list[str], all_: bool = False, force: bool = False) -> None:
 def _install(alias: Alias) -> None:
     target = model_dir(alias.name)
     # before downloading: a folder there that mmllm did not pull is never replaced, even with --force
-    outputs.check(target, MODEL, overwrite=True, flag=f"models pull {alias.name}: the model folder")
+    outputs.check(target, MODEL, overwrite=True, flag=f"models pull {alias.name}: the model folder",
+                  advice="move it away, or set MMLLM_HOME to another cache")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias.name}-") as tmp:
         tmp_path = Path(tmp)

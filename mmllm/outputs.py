@@ -43,7 +43,7 @@ def marked_folder(name: str, marker: str, also: Callable[[Path], bool] | None = 
 
 
 def check(out: str | Path, kind: Kind, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-          flag: str = "--output") -> bool:
+          flag: str = "--output", advice: str = "choose another path") -> bool:
     """Refuse (UserError, one line) an output that must not be written; True when an existing one will be
     replaced (it is mmllm's own of this kind and `overwrite` is set), False when there is nothing to replace."""
     out = Path(out)
@@ -70,7 +70,7 @@ def check(out: str | Path, kind: Kind, inputs: Iterable[str | Path] = (), overwr
         return False
     if not kind.ours(out):
         raise UserError(f"{flag} {out} already exists and is not {kind.name} written by mmllm (no {kind.sign}): "
-                        "choose another path; mmllm never replaces what it did not write")
+                        f"{advice}; mmllm never replaces what it did not write")
     if not overwrite:
         raise UserError(f"{flag} {out} already holds {kind.name}: add --overwrite to replace it, "
                         "or choose another path")
