@@ -91,9 +91,9 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 
 def precision_note(requested: str, resolved: str) -> str:
     """One stderr line saying how the frozen encoders run, and why."""
-    how = "bf16 autocast (channels_last for conv nets)" if resolved == "bf16" else "fp32"
-    why = {"auto": " (auto: " + ("native bf16 on this machine)" if resolved == "bf16" else "no native bf16 here)"),
-           "checkpoint": " (as the checkpoint's data was prepared)"}.get(requested, "")
+    how = "bf16 autocast + channels_last" if resolved == "bf16" else "fp32"
+    why = {"auto": " (auto: " + ("native bf16 here)" if resolved == "bf16" else "no native bf16 here)"),
+           "checkpoint": " (as in the checkpoint)"}.get(requested, "")
     return f"frozen encoders: {how}{why}"
 
 

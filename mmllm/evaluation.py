@@ -130,7 +130,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
     from mmllm.records import raw_records
     from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
 
-    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config)
+    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision)
     records = []
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):

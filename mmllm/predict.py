@@ -24,7 +24,7 @@ from mmllm.runtime import pick_device
 class Predictor:
     """A checkpoint with its encoders: raw records in, prediction dicts out."""
 
-    def __init__(self, folder: str, device: str = "auto", max_file_mb: int = 512):
+    def __init__(self, folder: str, device: str = "auto", max_file_mb: int = 512, precision: str = "checkpoint"):
         from mmllm.features import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
 
         self.device = pick_device(device)
@@ -37,7 +37,7 @@ class Predictor:
         else:
             self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
         self.labels = self.config["labels"]
-        self.encoders = encoders_for_checkpoint(Path(folder), self.config)
+        self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision)
         self.prep = config_from_checkpoint(self.config)
         self.prep.max_file_mb = max_file_mb
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
@@ -93,7 +93,7 @@ def error_line(stub: dict, e: Exception) -> str:
 def run(cfg: PredictConfig) -> int:
     if cfg.output:
         check_outputs(cfg)
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
+    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb, cfg.precision)
     tmp = outputs.beside(cfg.output) if cfg.output else None  # renamed onto --output when every line is written
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
     failed = 0

@@ -149,3 +149,17 @@ def test_bf16_matches_fp32_real_weights(role, name, media):
     items = media()
     fp32, bf16 = pooled(role, name, "fp32", items), pooled(role, name, "bf16", items)
     assert cosine(fp32, bf16).min() >= 0.999
+
+
+def test_predict_uses_the_checkpoint_precision_unless_given(trained_checkpoint):
+    recorded = json.loads((trained_checkpoint / "config.json").read_text())["preprocessing"]["precision"]
+    assert recorded == resolve_precision("auto")  # prepared with the default
+    stdin = '{"id": "a", "text": "it is big"}\n'
+    as_recorded = run_cli("predict", str(trained_checkpoint), "-", input=stdin)
+    assert as_recorded.exit_code == 0, as_recorded.output
+    how = "bf16 autocast" if recorded == "bf16" else "fp32"
+    assert f"frozen encoders: {how}" in as_recorded.stderr and "(as in the checkpoint)" in as_recorded.stderr
+    forced = run_cli("predict", str(trained_checkpoint), "-", "--precision", "fp32", input=stdin)
+    assert forced.exit_code == 0, forced.output
+    assert "frozen encoders: fp32\n" in forced.stderr  # given: no reason added
+    assert json.loads(forced.stdout)["prediction"] == json.loads(as_recorded.stdout)["prediction"]
