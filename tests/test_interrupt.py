@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,14 +49,20 @@ def test_kill_9_during_prepare_leaves_nothing_and_rerun_reuses_cache(tiny_models
     proc.wait()
     assert not out.exists()  # nothing at the final path
     cached = sum(1 for _ in features.rglob("*.safetensors"))
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert cached >= 300
+    verbose = [c for c in cmd if c != "-q"]  # the features log line: "N encoded, M reused"
+    done = subprocess.run(verbose, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["counts"]
+    assert sum(json.loads(done.stdout)["counts"].values()) == 1500
     assert not list(tmp_path.glob(".prepared.tmp-*"))  # the killed run's temporary folder is cleaned up
-    rerun = subprocess.run(cmd[:3] + ["prepare", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "again"),
-                                      "--image-model", str(tiny_models["image"])], cwd=ROOT, env=env(),
+    encoded, reused = map(int, re.search(r"features: (\d+) encoded, (\d+) reused", done.stderr).groups())
+    assert reused >= cached and encoded == 1500 - reused  # what the killed run encoded is not encoded again
+    assert sum(1 for _ in features.rglob("*.safetensors")) == 1500  # one cache file per distinct image
+    rerun = subprocess.run(verbose[:3] + ["prepare", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "again"),
+                                          "--image-model", str(tiny_models["image"])], cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and cached >= 300
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "features: 0 encoded, 1500 reused" in rerun.stderr
 
 
 def finetune_cmd(prepared, out, *extra):
