@@ -74,9 +74,13 @@ def test_whisper_uses_real_length(tiny_models):
     enc = load_encoder("audio", str(tiny_models["whisper"]))
     _, seqs = enc.encode([sine(0.5), sine(2.2)])
     assert [len(s) for s in seqs] == [25, 110]  # 50 encoder frames per second of real audio, not 1500
-    enc.whisper_full_window = True
-    pooled_full, seqs_full = enc.encode([sine(0.5)])
-    assert len(seqs_full[0]) == 25
+    full = load_encoder("audio", str(tiny_models["whisper"]))
+    full.whisper_full_window = True  # pad to Whisper's 30-s window: the same 25 real frames, other context
+    _, seqs_full = full.encode([sine(0.5)])
+    assert seqs_full[0].shape == seqs[0].shape == (25, enc.dim)
+    assert not np.allclose(seqs_full[0], seqs[0], atol=1e-4)  # the window changes what the frames attend to
+    _, again = enc.encode([sine(0.5)])
+    np.testing.assert_array_equal(again[0], seqs[0])  # deterministic
 
 
 @pytest.mark.parametrize("name,dim", [("logmel", 128), ("mfcc", 80)])

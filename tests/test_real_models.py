@@ -75,25 +75,16 @@ def test_converted_whisper_transcribes_speech(tmp_path):
     assert word_error_rate(sentence, text) < 0.3, text
 
 
-def test_whisper_real_length_is_faster_and_as_useful():
-    """Real-length encoding vs 30 s padding: >= 10x faster on 1-s clips, features nearly the same."""
-    import time
-
+def test_whisper_real_length_is_as_useful():
+    """Real-length encoding vs 30 s padding: nearly the same features (bench/ measures the speed-up)."""
     from mmllm.encoders import AudioEncoder
 
     rng = np.random.default_rng(0)
     clip = (0.1 * rng.standard_normal(16000)).astype(np.float32)
-    short = AudioEncoder("whisper-tiny.en")
-    full = AudioEncoder("whisper-tiny.en", whisper_full_window=True)
-    short.encode([clip]), full.encode([clip])  # warm up
-    t0 = time.perf_counter()
-    a, _ = short.encode([clip] * 3)
-    t1 = time.perf_counter()
-    b, _ = full.encode([clip] * 3)
-    t2 = time.perf_counter()
+    a, _ = AudioEncoder("whisper-tiny.en").encode([clip])
+    b, _ = AudioEncoder("whisper-tiny.en", whisper_full_window=True).encode([clip])
     cos = float(a[0] @ b[0] / np.linalg.norm(a[0]) / np.linalg.norm(b[0]))
     assert cos > 0.8
-    assert (t2 - t1) > 3 * (t1 - t0)  # loose bound here; bench/ measures the real ratio
 
 
 def test_smollm2_completes_a_prompt():
