@@ -38,6 +38,7 @@ JSONL_EXT = (".jsonl", ".ndjson", ".json")
 ROLES = ("text", "image", "audio")
 MB = 1 << 20
 MAX_LINE_MB = 16  # default longest JSON line (predict: --max-line-mb)
+JSON_SPACE = b" \t\r\n"  # a JSONL line of only these is blank (JSON's own whitespace)
 
 
 class RecordError(ValueError):
@@ -125,7 +126,7 @@ def json_lines(stream: BinaryIO, max_line_mb: float = MAX_LINE_MB) -> Iterator[t
             continue
         if i == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-        if line.strip():
+        if line.strip(JSON_SPACE):
             yield i, parse_json_line(line)
 
 
