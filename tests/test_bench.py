@@ -1,24 +1,114 @@
-"""bench/run.py --quick runs and writes every key (no timing assertions)."""
+"""bench/run.py --quick: every benchmark runs, each written number is what its docstring says it is, and the tracked
+bench/results.json and BENCHMARKS.md are left alone (no timing assertions)."""
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+BENCH = ROOT / "bench"
 
 
-def test_bench_quick_writes_results(tmp_path):
-    out = tmp_path / "results.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(out),
-                        "--no-markdown"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+@pytest.fixture
+def bench_run(monkeypatch):
+    """bench/run.py as a module (its siblings import as top-level modules, as when run as a script)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run
+
+    return run
+
+
+def tracked_state() -> tuple:
+    status = subprocess.run(["git", "status", "--porcelain", "--", "bench", "BENCHMARKS.md"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    return status, (BENCH / "results.json").read_bytes(), (ROOT / "BENCHMARKS.md").read_bytes()
+
+
+def test_only_a_full_run_without_out_writes_the_tracked_files(bench_run, tmp_path):
+    assert bench_run.destinations(False, None) == bench_run.TRACKED
+    assert bench_run.destinations(False, str(tmp_path)) == (tmp_path / "results.json", tmp_path / "BENCHMARKS.md")
+    results, md = bench_run.destinations(True, None)  # a new temporary folder, outside the repository
+    assert results.parent == md.parent and results.parent.is_dir() and not list(results.parent.iterdir())
+    assert ROOT not in results.parents
+    results.parent.rmdir()
+    for folder in (ROOT, BENCH):
+        with pytest.raises(SystemExit, match="--quick never writes"):
+            bench_run.destinations(True, str(folder))
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def check_ratios(res: dict) -> None:
+    """Every ratio is the quotient its benchmark documents, every `met` follows its target."""
+    s = res["startup"]
+    assert close(s["ratio"], s["help_s"] / s["import_typer_s"]) and s["met"] == (s["help_s"] <= 0.5 and s["ratio"] <= 8)
+    p = res["prepare"]
+    assert close(p["ratio"], p["prepare_s"] / p["encoder_forward_s"]) and p["met"] == (p["ratio"] <= 1.5)
+    c = res["cached_epoch"]
+    for variant in ("frozen_text", "finetuned_text"):
+        v = c[variant]
+        assert close(v["speedup"], v["online"]["epoch_s"] / v["cached"]["epoch_s"])
+        assert v["accuracy_diff"] == abs(v["online"]["test_accuracy"] - v["cached"]["test_accuracy"])
+        assert 0 <= v["cached"]["test_accuracy"] <= 1 and 0 <= v["online"]["test_accuracy"] <= 1
+    assert c["speedup"] == c["frozen_text"]["speedup"] and c["accuracy_diff"] == c["frozen_text"]["accuracy_diff"]
+    assert c["met"] == (c["speedup"] >= 10 and c["accuracy_diff"] <= 0.01)
+    assert c["feature_max_abs_diff"] < 1e-4  # the online baseline computes the features the cache holds
+    t = res["trainer"]
+    assert close(t["ratio"], t["mmllm_records_per_s"] / t["trainer_records_per_s"]) and t["met"] == (t["ratio"] >= 1)
+    assert close(t["mfu_fraction"], t["text_step_flops_per_s"] / t["matmul_flops_per_s"])
+    q = res["predict"]
+    assert close(q["rss_ratio"], q["large"]["peak_rss_mb"] / q["small"]["peak_rss_mb"])
+    assert q["met"] == (q["rss_ratio"] <= 1.2)
+    big = q["large"]
+    assert close(q["records_per_s_batch"], (big["records"] - 64) / (big["last_line_s"] - big["first_line_s"]))
+    sc = res["scaling"]
+    assert sc["predict_n"] == [100, 400] and sc["predict_streamed_n"] == [36, 336]  # --quick reuses predict's runs
+    assert sc["predict_streamed_s"] == [q[k]["last_line_s"] - q[k]["first_line_s"] for k in ("small", "large")]
+    assert close(sc["prepare_slope"], np.polyfit(np.log(sc["n"]), np.log(sc["prepare_s"]), 1)[0])
+    assert close(sc["predict_slope"], np.polyfit(np.log([36, 336]), np.log(sc["predict_streamed_s"]), 1)[0])
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_checked_numbers_beside_the_tracked_files(bench_run, tmp_path):
+    before = tracked_state()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert {"startup", "prepare", "cached_epoch", "trainer", "predict", "scaling", "versions"} <= set(res)
-    assert res["startup"]["help_s"] > 0 and res["prepare"]["ratio"] > 0 and res["trainer"]["ratio"] > 0
-    assert res["predict"]["large"]["records"] == 200 and len(res["scaling"]["prepare_s"]) == 3
-    assert set(json.loads(r.stdout.strip().splitlines()[-1])) == {"startup", "prepare", "cached_epoch", "trainer",
-                                                                   "predict"}
+    assert tracked_state() == before  # nothing tracked rewritten (nor any new file under bench/)
+    assert sorted(p.name for p in out.iterdir()) == ["BENCHMARKS.md", "results.json"]
+    res = json.loads((out / "results.json").read_text())
+    benches = ["startup", "prepare", "cached_epoch", "trainer", "predict", "scaling"]  # prepare_memory: full only
+    assert list(res) == ["date", "mode", "versions", *benches] and res["mode"] == "quick"
+    positive = {"startup": ["help_s", "import_typer_s", "ratio"],
+                "prepare": ["prepare_s", "encoder_forward_s", "ratio"],
+                "cached_epoch": ["speedup"],
+                "trainer": ["mmllm_records_per_s", "trainer_records_per_s", "ratio", "text_step_flops_per_s",
+                            "matmul_flops_per_s", "mfu_fraction"],
+                "predict": ["records_per_s_batch", "rss_ratio"], "scaling": []}
+    for name, keys in positive.items():
+        for key in keys + ["bench_seconds"]:
+            assert math.isfinite(res[name][key]) and res[name][key] > 0, (name, key, res[name][key])
+    assert all(v > 0 and math.isfinite(v) for v in res["prepare"]["records_per_s"].values())
+    for variant in ("frozen_text", "finetuned_text"):
+        assert all(res["cached_epoch"][variant][k]["epoch_s"] > 0 for k in ("cached", "online"))
+    for run in (res["predict"]["small"], res["predict"]["large"]):
+        assert 0 < run["first_line_s"] < run["last_line_s"] < run["wall_s"] and run["peak_rss_mb"] > 100
+    assert [res["predict"][k]["records"] for k in ("small", "large")] == [100, 400]
+    sc = res["scaling"]
+    assert sc["n"] == [2, 4, 8] and all(x > 0 for x in sc["prepare_s"] + sc["predict_streamed_s"])
+    assert math.isfinite(sc["prepare_slope"]) and math.isfinite(sc["predict_slope"])
+    check_ratios(res)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {k: res[k]["met"] for k in benches if k != "scaling"}
+    md = (out / "BENCHMARKS.md").read_text()
+    assert "mode: quick" in md and "None" not in md and md.count("\n| ") == 7  # the header and 6 rows
+    assert f"{res['predict']['records_per_s_batch']:.0f} records/s in batch mode" in md
+    res["predict"]["records_per_s_batch"] = None  # nothing streamed after the first batch: reported, not a crash
+    assert "- predict: n/a records/s" in bench_run.render(res)
