@@ -38,8 +38,10 @@ test: models-all
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
+# full run: updates bench/results.json and BENCHMARKS.md; `make bench BENCH_ARGS=--quick` (about a minute) writes
+# under a temporary folder instead (or BENCH_ARGS="--quick --out DIR")
 bench: models
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmllm tests
