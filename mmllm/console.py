@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from rich.console import Console
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line stays one line in pipes
 QUIET = False
 CAPTURED: list | None = None  # set by `capture`: emit() collects here instead of printing
 
