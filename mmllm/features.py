@@ -26,6 +26,7 @@ from mmllm.records import RecordError, error_entry
 SCHEMA_VERSION = 1
 META = "mmllm-prepared.json"
 SPLITS = ("train", "validation", "test")
+CHARS_PER_TOKEN = 64  # text beyond max_text_tokens x this many characters is never tokenized
 
 
 def load_prepared(path: str | Path) -> tuple[Any, dict]:
@@ -217,8 +218,11 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
                 m["features"] = store.peek(m["key"])
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
-    tokens = text_enc.tokenize(texts, cfg.max_text_tokens) if text_enc and texts else None
-    sentence = text_enc.embed(texts, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
+    # the tokenizer would read (and hold offsets for) a whole 15 MB text before truncating it to a few hundred
+    # tokens: it only ever needs the head (no token of a real text is CHARS_PER_TOKEN characters long)
+    heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
+    tokens = text_enc.tokenize(heads, cfg.max_text_tokens) if text_enc and texts else None
+    sentence = text_enc.embed(heads, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
     rows = []
     for i, it in enumerate(good):
         rec = it["rec"]

@@ -166,6 +166,16 @@ def test_predict_memory_on_a_120_mb_line_stays_near_a_normal_run(text_ckpt):
     assert big_rss <= 1.2 * normal_rss, (big_rss, normal_rss)
 
 
+def test_predict_memory_on_a_12_mb_text_under_the_line_limit(text_ckpt):
+    """A text just under --max-line-mb is predicted, and only its head is tokenized (was 2.5 GB vs 0.42 GB)."""
+    good = json.dumps({"id": "a", "text": "it is big"}).encode()
+    normal_rss, code, _ = _peak_predict(text_ckpt, good + b"\n")
+    assert code == 0
+    big = b'{"id": "big", "text": "' + b"big " * (3 << 20) + b'"}'  # 12 MB of text on one line
+    big_rss, code, out = _peak_predict(text_ckpt, big + b"\n" + good + b"\n")
+    assert code == 0 and [o["id"] for o in out] == ["big", "a"] and "prediction" in out[0]
+    assert big_rss <= normal_rss + 400 * 1024, (big_rss, normal_rss)  # kB: the line and its decoded copies
+
 # ---------------------------------------------------------------- 12.3 one bad line never kills a run
 
 DEEP_ARRAY = "[" * 100_000 + "]" * 100_000
