@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models models-all demo test test-fast bench lint clean
+.PHONY: setup models models-all demo test test-fast bench quality lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ test-fast: $(STAMP)
 # under a temporary folder instead (or BENCH_ARGS="--quick --out DIR")
 bench: models
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# quality suite on real public data (bench/quality_data.py fetches it with apt-get download into quality_data/,
+# git-ignored): writes bench/quality.json and bench/QUALITY.md; about 25 minutes on 2 cores
+quality: models
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmllm tests
