@@ -32,7 +32,7 @@ MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", 
                  "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
                  "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
-                 "precision")
+                 "precision", "transcribe", "transcribe_model", "transcript_reference_column")
 RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "lr", "backbone_lr",
              "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device", "num_workers",
              "output", "overwrite", "report_to", "resume")
@@ -77,6 +77,14 @@ class PrepareConfig:
     sequence_features: bool = opt(False, "Also store image/audio token sequences (for attention fusion).",
                                   panel="Model")
     sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.", panel="Model")
+    transcribe: bool = opt(False, "Transcribe the audio (speech recognition) and give the transcript to the text "
+                                  "model as a second segment after the text (or as the text when there is none).",
+                           panel="Model")
+    transcribe_model: str = opt("whisper-tiny.en", "Whisper model for --transcribe: alias, local folder or hub id.",
+                                panel="Model")
+    transcript_reference_column: str = opt(None, "Column with the true transcript: prepare reports the WER of "
+                                                 "--transcribe against it (auto-detected: transcript_reference, "
+                                                 "reference).", panel="Data")
     val_fraction: float = opt(0.1, "Validation fraction when there is no split column (stratified).", panel="Data")
     test_fraction: float = opt(0.1, "Test fraction when there is no split column (stratified).", panel="Data")
     augment: int = opt(0, "Augmented variants added per training record (images and audio).", panel="Data")
@@ -481,6 +489,9 @@ def prepare_rules(cfg: PrepareConfig) -> list[str]:
         problems.append(f"--augment: at most {MAX_AUGMENT} variants per record (got {cfg.augment})")
     if not 0 < cfg.max_audio_seconds <= MAX_AUDIO_SECONDS:
         problems.append(f"--max-audio-seconds: must be in (0, {MAX_AUDIO_SECONDS:g}] (got {cfg.max_audio_seconds})")
+    if not cfg.transcribe:
+        problems += [f"{flag(n)}: only used with --transcribe" for n in ("transcribe_model",
+                     "transcript_reference_column") if getattr(cfg, n) != default(PrepareConfig, n)]
     if cfg.merge:  # merging joins finished shards: the options that build a dataset were fixed back then
         ignored = [flag(n) for n in MERGE_IGNORES if getattr(cfg, n, None) != default(PrepareConfig, n)]
         if ignored:

@@ -124,9 +124,21 @@ class TextEncoder:
         self.dim = int(self.config.hidden_size)
         self._model = None
 
-    def tokenize(self, texts: list[str], max_tokens: int) -> dict:
-        enc = self.tokenizer(texts, truncation=True, max_length=max_tokens, padding=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def tokenize(self, texts: list[str], max_tokens: int, pairs: list[str | None] | None = None) -> dict:
+        """Token ids per text; with `pairs`, a text and its pair are two segments of one input (BERT: [CLS] text
+        [SEP] pair [SEP], both truncated to fit), and a record with only one of them is tokenized alone."""
+        if pairs is None:
+            enc = self.tokenizer(texts, truncation=True, max_length=max_tokens, padding=False)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        firsts = [t or p or "" for t, p in zip(texts, pairs)]
+        both = [i for i, (t, p) in enumerate(zip(texts, pairs)) if t and p]
+        out = self.tokenize(firsts, max_tokens)
+        if both:
+            enc = self.tokenizer([texts[i] for i in both], [pairs[i] for i in both], truncation=True,
+                                 max_length=max_tokens, padding=False)
+            for j, i in enumerate(both):
+                out["input_ids"][i], out["attention_mask"][i] = enc["input_ids"][j], enc["attention_mask"][j]
+        return out
 
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModel
@@ -363,20 +375,12 @@ class AudioEncoder:
 
     def _whisper(self, clip: np.ndarray) -> np.ndarray:
         """(T', D) encoder states for the real frames of one clip."""
-        enc = self.model
-        seconds = len(clip) / self.sample_rate
-        window = 30.0 if self.whisper_full_window else min(30.0, max(1.0, math.ceil(seconds)))
+        window = whisper_window(len(clip), self.sample_rate, self.whisper_full_window)
         n = int(window * self.sample_rate)
         feats = self.processor(clip[:n], sampling_rate=self.sample_rate, return_tensors="pt", padding="max_length",
                                max_length=n).input_features  # (1, mels, frames)
         with autocast(self.precision):
-            x = torch.nn.functional.gelu(enc.conv1(feats))
-            x = torch.nn.functional.gelu(enc.conv2(x)).transpose(1, 2)  # (1, frames/2, D)
-            x = x + enc.embed_positions.weight[: x.shape[1]]
-            for layer in enc.layers:
-                out = layer(x, attention_mask=None)
-                x = out[0] if isinstance(out, tuple) else out
-            x = enc.layer_norm(x)[0].float()
+            x = whisper_states(self.model, feats)[0].float()
         real = max(1, min(x.shape[0], -(-len(clip) * 50 // self.sample_rate)))  # 50 encoder frames per second
         return x[:real].float().numpy()
 
@@ -397,10 +401,142 @@ class AudioEncoder:
                 "preprocessing": {"sample_rate": self.sample_rate, "channels": 1, **self.params}}
 
 
+def whisper_window(samples: int, sample_rate: int, full: bool = False, least: float = 1.0) -> float:
+    """Seconds of audio a Whisper encoder sees: the clip's length rounded up to whole seconds (`least` to 30),
+    or 30."""
+    return 30.0 if full else min(30.0, max(least, math.ceil(samples / sample_rate)))
+
+
+def whisper_states(enc: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """A WhisperEncoder on log-mels of any window up to 30 s: (B, mels, frames) -> (B, frames/2, D), by using the
+    first frames/2 rows of its positional table (the encoder itself insists on 30 s)."""
+    x = torch.nn.functional.gelu(enc.conv1(feats))
+    x = torch.nn.functional.gelu(enc.conv2(x)).transpose(1, 2)  # (B, frames/2, D)
+    x = x + enc.embed_positions.weight[: x.shape[1]]
+    for layer in enc.layers:
+        out = layer(x, attention_mask=None)
+        x = out[0] if isinstance(out, tuple) else out
+    return enc.layer_norm(x)
+
+
 def pool_sequence(seq: np.ndarray, n: int) -> np.ndarray:
     """(T, D) -> (n, D) by averaging n equal time spans (repeats rows when T < n)."""
     t = torch.from_numpy(np.ascontiguousarray(seq)).T[None]  # (1, D, T)
     return torch.nn.functional.adaptive_avg_pool1d(t, n)[0].T.numpy()
+
+
+# ---------------------------------------------------------------- speech recognition
+
+class Transcriber:
+    """Speech -> text with a Whisper model (`prepare --transcribe`): its encoder on the clip's real length (whole
+    seconds, as AudioEncoder, but at least MIN_WINDOW), its decoder greedy and batched.
+    `transcribe(list[np.ndarray]) -> list[str]`."""
+
+    role = "transcript"
+    MAX_TOKENS = 224  # Whisper's own cap on the tokens of one 30 s window
+    TOKENS_PER_SECOND = 8  # a cap per second of window (speech is ~4): a decoder stuck repeating stops early
+    # whisper-tiny.en on the 48 sample_data clips (0.3-0.6 s of speech): windows of 1-2 s make the decoder repeat
+    # itself ("Yes, yes, yes, ...") on 20 clips, 5 s on 3, 10 s and 30 s on none; 10 s costs a third of 30 s
+    MIN_WINDOW = 10.0
+
+    def __init__(self, name: str, trust_remote_code: bool = False, precision: str = "fp32"):
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+        quiet_transformers()
+        self.name = name
+        self.precision = resolve_precision(precision)
+        self.folder, self.identity = resolve(name, trust_remote_code)
+        config = AutoConfig.from_pretrained(self.folder) if self.folder is not None else None
+        if getattr(config, "model_type", None) != "whisper":
+            raise UserError(f"--transcribe-model: '{name}' is not a Whisper model (a Hugging Face "
+                            "WhisperForConditionalGeneration folder or id, or whisper-tiny.en)")
+        self.config = config
+        self.processor = AutoFeatureExtractor.from_pretrained(self.folder)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"--transcribe-model: {self.folder} has no usable tokenizer ({str(e)[:120]})") from None
+        self.sample_rate = int(self.processor.sampling_rate)
+        self.prompt = self._prompt()
+        self.max_tokens = max(1, min(self.MAX_TOKENS, config.max_target_positions - len(self.prompt)))  # per window
+        vocab = config.vocab_size
+        eos = config.eos_token_id
+        specials = [i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special and i != eos]
+        self.suppress = sorted({i for i in specials + list(config.suppress_tokens or []) if 0 <= i < vocab})
+        self.begin_suppress = sorted({i for i in config.begin_suppress_tokens or [] if 0 <= i < vocab})
+        self.clips = 0  # clips transcribed by this instance (not served from the cache)
+
+    def _prompt(self) -> list[int]:
+        """<|startoftranscript|> [<|en|><|transcribe|> on multilingual models] <|notimestamps|>, as far as the
+        tokenizer has them."""
+        def token(text: str) -> list[int]:
+            i = self.tokenizer.convert_tokens_to_ids(text)
+            return [i] if isinstance(i, int) and i != self.tokenizer.unk_token_id else []
+
+        task = token("<|en|>") + token("<|transcribe|>") if self.config.vocab_size >= 51865 else []
+        return [self.config.decoder_start_token_id] + task + token("<|notimestamps|>")
+
+    @functools.cached_property
+    def model(self) -> torch.nn.Module:
+        """Weights load on first use, so a run served from the cache never loads them."""
+        import inspect
+
+        from transformers import WhisperForConditionalGeneration
+
+        model = WhisperForConditionalGeneration.from_pretrained(self.folder, dtype=torch.float32).eval()
+        # transformers 5.x names the KV cache `cache`; 4.x `past_key_values`
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        return model
+
+    @torch.inference_mode()
+    def transcribe(self, clips: list[np.ndarray]) -> list[str]:
+        """One transcript per clip, in order. Clips with the same window are decoded together, so a clip's
+        transcript does not depend on the other clips of the batch."""
+        out = [""] * len(clips)
+        groups: dict[float, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(whisper_window(len(clip), self.sample_rate, least=self.MIN_WINDOW), []).append(i)
+        for window, idx in groups.items():
+            for i, ids in zip(idx, self._greedy([clips[i] for i in idx], window)):
+                out[i] = " ".join(self.tokenizer.decode(ids, skip_special_tokens=True).split())
+        self.clips += len(clips)
+        return out
+
+    def _greedy(self, clips: list[np.ndarray], window: float) -> list[list[int]]:
+        """Greedy token ids (prompt and end token left out) of clips that share one window, with a KV cache."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        n = int(window * self.sample_rate)
+        feats = self.processor([c[:n] for c in clips], sampling_rate=self.sample_rate, return_tensors="pt",
+                               padding="max_length", max_length=n).input_features  # (B, mels, frames)
+        eos = self.config.eos_token_id
+        tokens = [[] for _ in clips]
+        done = torch.zeros(len(clips), dtype=torch.bool)
+        step_ids, past = torch.tensor([self.prompt] * len(clips)), None  # (B, P)
+        with autocast(self.precision):
+            states = BaseModelOutput(last_hidden_state=whisper_states(self.model.model.encoder, feats))
+            for step in range(min(self.max_tokens, int(self.TOKENS_PER_SECOND * window))):
+                out = self.model(encoder_outputs=states, decoder_input_ids=step_ids, use_cache=True,
+                                 **{self._cache_arg: past})
+                logits = out.logits[:, -1].float()  # (B, V)
+                logits[:, self.suppress] = -math.inf
+                if step == 0:
+                    logits[:, self.begin_suppress] = -math.inf
+                nxt = torch.where(done, eos, logits.argmax(-1))  # (B,)
+                for b in torch.nonzero(nxt != eos).flatten().tolist():
+                    tokens[b].append(int(nxt[b]))
+                done |= nxt == eos
+                if done.all():
+                    break
+                step_ids, past = nxt[:, None], getattr(out, "cache", None) or out.past_key_values
+        return tokens
+
+    def describe(self) -> dict:
+        return {"name": self.name, "identity": self.identity, "precision": self.precision,
+                "preprocessing": {"sample_rate": self.sample_rate, "decoding": "greedy", "prompt": self.prompt,
+                                  "window": f"real length, whole seconds, {self.MIN_WINDOW:g} to 30 s",
+                                  "max_tokens": f"{self.TOKENS_PER_SECOND} per second of window, at most "
+                                                f"{self.max_tokens}"}}
 
 
 # ---------------------------------------------------------------- decoder

@@ -51,7 +51,20 @@ def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
     models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
     precision = resolve_precision(cfg.precision)
     log(precision_note(cfg.precision, precision))
-    return {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
+    out = {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
+    if cfg.transcribe and "audio" in roles:
+        out["transcript"] = load_transcriber(cfg.transcribe_model, cfg.trust_remote_code, precision)
+    return out
+
+
+def load_transcriber(name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
+    """The speech recognizer of --transcribe, under the key "transcript" of an encoders dict (not a modality)."""
+    from mmllm.encoders import Transcriber
+
+    try:
+        return Transcriber(name, trust_remote_code, precision)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the --transcribe-model '{name}': {str(e).splitlines()[0]}") from None
 
 
 class FeatureStore:
@@ -139,6 +152,23 @@ def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: i
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def transcript_key(digest: str, transcriber: Any, cfg: PrepareConfig) -> str:
+    """Cache key of a clip's transcript: its content, the recognizer's identity, decoding and audio limit."""
+    parts = {"role": "transcript", "content": digest, "model": transcriber.identity,
+             "pre": transcriber.describe()["preprocessing"], "max_seconds": cfg.max_audio_seconds,
+             "precision": transcriber.precision}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def text_value(text: str) -> dict:
+    """A transcript as a feature-cache value (UTF-8 bytes), and back with `value_text`."""
+    return {"utf8": np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()}
+
+
+def value_text(value: dict) -> str:
+    return bytes(np.asarray(value["utf8"], dtype=np.uint8)).decode("utf-8")
+
+
 def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig, workers) -> list[dict]:
     """Per record: text, and for each medium either cached features or decoded media to encode."""
     mapper = workers.map if workers else map
@@ -152,14 +182,11 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
             if role not in encoders or not rec[role]:
                 continue
             column = role
-            try:
-                digest = content_hash(rec[role], cfg.max_file_mb)
-            except MediaError as e:
-                raise RecordError(column, str(e), _file(rec[role])) from None
+            digest = _digest(rec, role, cfg)
             key = feature_key(role, digest, encoders[role], cfg, rec.get("aug", 0), rec["id"])
             cached = store.get(key)
             if cached is not None:
-                item["media"][role] = {"key": key, "features": cached}
+                item["media"][role] = {"key": key, "digest": digest, "features": cached}
                 continue
             try:
                 decoded = decode(role, rec[role], encoders[role], cfg)
@@ -170,12 +197,40 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
             except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
                 raise RecordError(column, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) \
                     from None
-            item["media"][role] = {"key": key, "decoded": decoded}
+            item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
+        if "transcript" in encoders and rec["audio"]:
+            item["transcript"] = load_transcript(rec, encoders, store, cfg, item["media"].get("audio"))
     except RecordError as e:
         item["error"] = error_entry(rec, e)
     except Exception as e:  # noqa: BLE001 - one record's failure is that record's error, never the run's
         item["error"] = error_entry(rec, RecordError(None, f"{type(e).__name__}: {str(e)[:120]}"))
     return item
+
+
+def _digest(rec: dict, role: str, cfg: PrepareConfig) -> str:
+    try:
+        return content_hash(rec[role], cfg.max_file_mb)
+    except MediaError as e:
+        raise RecordError(role, str(e), _file(rec[role])) from None
+
+
+def load_transcript(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConfig, audio: dict | None) -> dict:
+    """The record's cached transcript, or its audio to transcribe: the un-augmented clip (augmented copies share
+    the transcript), decoded once when the audio encoder decoded it at the same rate."""
+    transcriber = encoders["transcript"]
+    key = transcript_key(audio["digest"] if audio else _digest(rec, "audio", cfg), transcriber, cfg)
+    cached = store.get(key)
+    if cached is not None:
+        return {"key": key, "text": value_text(cached)}
+    if audio and "decoded" in audio and not rec.get("aug") and encoders["audio"].sample_rate == transcriber.sample_rate:
+        return {"key": key, "decoded": audio["decoded"]}
+    try:
+        return {"key": key, "decoded": decode("audio", rec["audio"], transcriber, cfg)}
+    except MediaError as e:
+        raise RecordError("audio", str(e), _file(rec["audio"])) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
+        raise RecordError("audio", f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec["audio"])) \
+            from None
 
 
 def _file(media: Any) -> str | None:
@@ -189,13 +244,10 @@ def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
     return load_audio(media, encoder.sample_rate, cfg.max_audio_seconds)
 
 
-def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig
-                 ) -> tuple[list[dict], list[dict]]:
-    """Encode the distinct media still missing (batched), then assemble the Arrow rows."""
+def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig) -> None:
+    """Encode each distinct medium still missing (batched) into the store; attach the features to the items."""
     from mmllm.encoders import pool_sequence
 
-    errors = [it["error"] for it in loaded if it["error"]]
-    good = [it for it in loaded if not it["error"]]
     for role in ("image", "audio"):
         todo: dict[str, Any] = {}
         for it in good:
@@ -216,19 +268,53 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
             m = it["media"].get(role)
             if m and "features" not in m:
                 m["features"] = store.peek(m["key"])
+
+
+def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cfg: PrepareConfig
+                     ) -> list[str | None]:
+    """Per item: its transcript (cached, or transcribed now once per distinct clip, batched), None without audio."""
+    todo: dict[str, Any] = {}
+    for it in good:
+        t = it.get("transcript")
+        if t and "decoded" in t and t["key"] not in todo and store.peek(t["key"]) is None:
+            todo[t["key"]] = t["decoded"]
+    keys = list(todo)
+    for b in range(0, len(keys), cfg.batch_size):
+        batch = keys[b:b + cfg.batch_size]
+        for k, text in zip(batch, transcriber.transcribe([todo[k] for k in batch])):
+            store.put(k, text_value(text))
+    out: list[str | None] = []
+    for it in good:
+        t = it.get("transcript")
+        out.append(None if t is None else t["text"] if "text" in t else value_text(store.peek(t["key"])))
+    return out
+
+
+def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig
+                 ) -> tuple[list[dict], list[dict]]:
+    """Encode the distinct media still missing (batched), transcribe the audio (--transcribe), then assemble the
+    Arrow rows."""
+    errors = [it["error"] for it in loaded if it["error"]]
+    good = [it for it in loaded if not it["error"]]
+    encode_media(good, encoders, store, cfg)
+    transcriber = encoders.get("transcript")
+    transcripts = transcribe_chunk(good, transcriber, store, cfg) if transcriber else [None] * len(good)
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
     # the tokenizer would read (and hold offsets for) a whole 15 MB text before truncating it to a few hundred
     # tokens: it only ever needs the head (no token of a real text is CHARS_PER_TOKEN characters long)
     heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
-    tokens = text_enc.tokenize(heads, cfg.max_text_tokens) if text_enc and texts else None
+    pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcriber else None
+    tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs) if text_enc and texts else None
     sentence = text_enc.embed(heads, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
     rows = []
     for i, it in enumerate(good):
         rec = it["rec"]
         row = {"id": rec["id"], "row": rec["row"], "split": rec["split"], "text": texts[i],
                "label": rec["label"], "target": normalize_text(rec["target"]) if rec["target"] is not None else None,
-               "has_text": bool(texts[i]) and text_enc is not None}
+               "has_text": bool(texts[i] or transcripts[i]) and text_enc is not None}
+        if transcriber:
+            row["transcript"] = transcripts[i]
         if text_enc:
             row["input_ids"] = tokens["input_ids"][i]
             row["attention_mask"] = tokens["attention_mask"][i]
@@ -254,6 +340,8 @@ def arrow_schema(encoders: dict, cfg: PrepareConfig):
     fields = [pa.field("id", pa.string()), pa.field("row", pa.int64()), pa.field("split", pa.string()),
               pa.field("text", pa.string()), pa.field("label", pa.string()), pa.field("target", pa.string()),
               pa.field("has_text", pa.bool_())]
+    if "transcript" in encoders:
+        fields.append(pa.field("transcript", pa.string()))
     if "text" in encoders:
         fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8()))]
         if cfg.sentence_embedding:
@@ -329,6 +417,12 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
             raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
                             f"trained on {recorded['identity']}")
         out[role] = enc
+    recorded = config.get("preprocessing", {}).get("transcribe")
+    if recorded and "text" in out:  # the text model was trained on text + transcript: transcribe as prepare did
+        out["transcript"] = load_transcriber(recorded["name"], trust_remote_code, precision)
+        if out["transcript"].identity != recorded["identity"]:
+            raise UserError(f"--transcribe-model '{recorded['name']}' is now {out['transcript'].identity}, but the "
+                            f"checkpoint was trained on transcripts of {recorded['identity']}")
     return out
 
 
@@ -338,4 +432,6 @@ def config_from_checkpoint(config: dict) -> PrepareConfig:
                          max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
                          precision=pre.get("precision", "fp32"),
                          sentence_embedding=bool(pre.get("sentence_embedding")),
-                         sequence_features=bool(pre.get("sequence_features")))
+                         sequence_features=bool(pre.get("sequence_features")),
+                         transcribe=bool(pre.get("transcribe")),
+                         transcribe_model=(pre.get("transcribe") or {}).get("name", "whisper-tiny.en"))

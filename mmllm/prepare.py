@@ -53,6 +53,11 @@ def run(cfg: PrepareConfig) -> int:
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
     roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
+    if cfg.transcribe and "audio" in roles and "text" not in roles:
+        roles.insert(0, "text")  # the transcripts become the text model's input
+    elif cfg.transcribe and "audio" not in roles:
+        warn("--transcribe: no record has audio, nothing to transcribe")
+    references = read_references(cfg, cols) if cfg.transcribe else None
     if not records:
         _report(errors, cfg)
         raise UserError(f"no usable records in {cfg.input[0]}")
@@ -67,12 +72,16 @@ def run(cfg: PrepareConfig) -> int:
             raise UserError(f"every record of {cfg.input[0]} was skipped ({len(errors)} errors, see above)")
         labels = sorted({lab for lab in _labels(tmp) if lab is not None})
         meta = build_meta(cfg, cols, encoders, rows_per_split, labels, errors)
+        if "transcript" in encoders:
+            meta["transcripts"] = transcript_report(encoders["transcript"], tmp, references)
         _finish(tmp, out, meta, cfg)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = {"output": str(out), "counts": rows_per_split, "skipped": len(errors), "labels": len(labels),
                "seconds": round(time.perf_counter() - start, 2)}
+    if meta.get("transcripts"):
+        summary["transcripts"] = {k: v for k, v in meta["transcripts"].items() if not k.endswith("_definition")}
     emit(summary)
     return 0
 
@@ -238,7 +247,9 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
 def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list) -> dict:
     from mmllm.encoders import resolve_precision
 
-    features = {}
+    transcriber = encoders.get("transcript")
+    encoders = {role: enc for role, enc in encoders.items() if role != "transcript"}  # the modalities
+    features = {"transcript": ["string"]} if transcriber else {}
     for role, enc in encoders.items():
         if role == "text":
             features["input_ids"] = ["T"]
@@ -261,13 +272,71 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
                           "text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB",
                           "audio": "mono float32", "augment": cfg.augment, "seed": cfg.seed,
                           "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding,
-                          "precision": resolve_precision(cfg.precision)},  # what the frozen encoders ran in
+                          "precision": resolve_precision(cfg.precision),  # what the frozen encoders ran in
+                          "transcribe": transcriber.describe() if transcriber else None},
         "labels": labels,
         "has_target": bool(cols.get("target")),
         "counts": counts,
         "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
         "skipped": errors,
     }
+
+
+REFERENCE_COLUMNS = ("transcript_reference", "reference")
+
+
+def read_references(cfg: PrepareConfig, cols: dict) -> tuple[str, dict[int, str]] | None:
+    """(column, reference transcript per manifest row) of --transcript-reference-column, or of an unused column
+    named transcript_reference / reference; None when there is none."""
+    from mmllm.media import normalize_text
+    from mmllm.records import read_table
+
+    given = cfg.transcript_reference_column
+    column = given or next((c for c in getattr(cols, "ignored", []) if c.lower() in REFERENCE_COLUMNS), None)
+    path = Path(cfg.input[0])
+    if column is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"--transcript-reference-column: {path} is a folder; references are read from a manifest")
+    columns, rows = read_table(path)
+    if column not in columns:
+        raise UserError(f"--transcript-reference-column: no column '{column}' (columns: {', '.join(columns)})")
+    return column, {row: normalize_text(raw.get(column)) for row, raw in rows if isinstance(raw, dict)}
+
+
+def transcript_report(transcriber: Any, tmp: Path, references: tuple[str, dict[int, str]] | None) -> dict:
+    """What --transcribe wrote: the recognizer, counts per record, and the WER against a reference column
+    (metrics.error_rates, as `mmllm eval wer`; also after lowercasing and removing punctuation)."""
+    import re
+
+    import pyarrow as pa
+
+    from mmllm.metrics import error_rates
+
+    written: dict[int, str] = {}  # manifest row -> transcript (augmented copies share their record's)
+    for f in (tmp / "_arrow").glob("*.arrow"):
+        with pa.ipc.open_stream(str(f)) as reader:
+            for r in reader.read_all().select(["row", "transcript"]).to_pylist():
+                if r["transcript"] is not None:
+                    written[r["row"]] = r["transcript"]
+    report: dict[str, Any] = {"model": transcriber.name, "identity": transcriber.identity, "records": len(written),
+                              "empty": sum(not t for t in written.values()), "transcribed": transcriber.clips}
+    log(f"transcripts: {len(written)} records ({report['empty']} empty); {transcriber.clips} clips transcribed, "
+        "the others from the cache or identical files")
+    if references:
+        column, refs = references
+        rows = [r for r in sorted(written) if refs.get(r)]
+        hyps, gold = [written[r] for r in rows], [refs[r] for r in rows]
+        report.update(reference_column=column, wer=None, cer=None, wer_normalized=None, n_reference=len(rows))
+        if rows:
+            plain = lambda xs: [" ".join(re.sub(r"[^\w\s']", " ", x.lower()).split()) for x in xs]  # noqa: E731
+            rates, loose = error_rates(hyps, gold), error_rates(plain(hyps), plain(gold))
+            report.update({k: v for k, v in rates.items() if k != "n"}, wer_normalized=loose["wer"],
+                          wer_normalized_definition="the same WER after lowercasing and replacing punctuation "
+                                                    "(all but letters, digits, _ and ') by spaces")
+            log(f"transcripts: WER {rates['wer']:.4f} (normalized {loose['wer']:.4f}) against column {column} "
+                f"({len(rows)} records)")
+    return report
 
 
 def _report(errors: list[dict], cfg: PrepareConfig) -> None:

@@ -413,6 +413,8 @@ def checkpoint_inputs(config: dict) -> list[str]:
     mods = list(config.get("model", {}).get("modalities", []))
     if config.get("task") == "generate" and "text" not in mods:
         mods.insert(0, "text")
+    if (config.get("preprocessing") or {}).get("transcribe") and "text" in mods and "audio" not in mods:
+        mods.append("audio")  # transcribed into the text model's input (prepare --transcribe)
     return mods
 
 

@@ -1,0 +1,170 @@
+"""prepare --transcribe: Whisper transcripts stored, cached, paired with the text for the text model, and redone by
+predict/eval for raw records. The tiny random Whisper writes gibberish, but the same gibberish every time."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import load_json_lines, make_tokenizer, run_cli, write_wav
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tiny_models, tmp_path_factory) -> Path:
+    """The tiny random Whisper of conftest with a tokenizer, so its token ids decode to words."""
+    folder = tmp_path_factory.mktemp("asr") / "whisper"
+    shutil.copytree(tiny_models["whisper"], folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_manifest(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "m.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def speech_manifest(tmp_path) -> Path:
+    """24 records: 4 distinct clips (sines), a split column; some records without text, some without audio."""
+    rows = []
+    for i in range(24):
+        audio = write_wav(tmp_path / f"a{i}.wav", freq=300 + 100 * (i % 4), seconds=0.5 + 0.1 * (i % 4))
+        rows.append({"id": f"r{i}", "text": "" if i % 6 == 1 else ["it is big", "it is small"][i % 2],
+                     "audio": "" if i % 6 == 2 else audio.name, "label": ["b", "s"][i % 2],
+                     "reference": ["yes", "no"][i % 2], "split": ["train", "train", "validation", "test"][i % 4]})
+    return write_manifest(tmp_path, rows)
+
+
+def prepare(models: dict, whisper: Path, manifest: Path, out: Path, *extra: str) -> dict:
+    r = run_cli("prepare", manifest, "--output", out, "--text-model", models["text"], "--audio-model",
+                models["whisper"], "--transcribe", "--transcribe-model", whisper, "--batch-size", "3", *extra)
+    assert r.exit_code == 0, r.output
+    return load_json_lines(r.stdout)[-1]
+
+
+def split_rows(out: Path) -> list[dict]:
+    from mmllm.features import load_prepared
+
+    ds, _ = load_prepared(out)
+    return [row for split in ds for row in ds[split].to_list()]
+
+
+def test_transcripts_stored_reported_and_paired_with_text(tiny_models, tiny_whisper, speech_manifest, tmp_path):
+    from mmllm.encoders import Transcriber
+    from mmllm.features import META
+    from mmllm.media import load_audio
+
+    summary = prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / META).read_text())
+    asr = Transcriber(str(tiny_whisper))
+    assert meta["preprocessing"]["transcribe"]["identity"] == asr.identity
+    assert meta["features"]["transcript"] == ["string"]
+    rows = {r["id"]: r for r in split_rows(tmp_path / "p")}
+    with_audio = [r for r in rows.values() if r["transcript"] is not None]
+    assert len(with_audio) == 20 and all(rows[f"r{i}"]["transcript"] is None for i in range(2, 24, 6))
+    assert meta["transcripts"]["records"] == 20 and summary["transcripts"]["records"] == 20
+    assert meta["transcripts"]["transcribed"] == 4  # one per distinct clip
+    # the stored transcript is what the recognizer says of the clip, alone in its batch
+    clip = load_audio(speech_manifest.parent / "a0.wav", 16000)
+    assert rows["r0"]["transcript"] == asr.transcribe([clip])[0] != ""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["text"])
+    for r in rows.values():
+        if r["text"] and r["transcript"]:  # [CLS] text [SEP] transcript [SEP]
+            assert r["input_ids"] == tok(r["text"], r["transcript"], truncation=True, max_length=64)["input_ids"]
+        else:  # the one there is, alone
+            assert r["input_ids"] == tok(r["text"] or r["transcript"], truncation=True, max_length=64)["input_ids"]
+        assert r["has_text"] == bool(r["text"] or r["transcript"])
+    assert rows["r1"]["text"] == "" and rows["r1"]["has_text"]  # no text: the transcript is the text
+
+
+def test_second_prepare_reuses_transcripts(tiny_models, tiny_whisper, speech_manifest, tmp_path):
+    prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path / "p1")
+    summary = prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path / "p2")
+    assert summary["transcripts"]["transcribed"] == 0 and summary["transcripts"]["records"] == 20
+    assert split_rows(tmp_path / "p1") == split_rows(tmp_path / "p2")
+    cached = list((Path(tmp_path / "mmllm_home") / "features").rglob("*.safetensors"))
+    assert len(cached) == 4 + 4  # audio features and transcripts of the 4 distinct clips
+
+
+def test_wer_against_reference_column(tiny_models, tiny_whisper, speech_manifest, tmp_path):
+    import jiwer
+
+    from mmllm.features import META
+
+    prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path / "p")
+    report = json.loads((tmp_path / "p" / META).read_text())["transcripts"]
+    rows = sorted((r for r in split_rows(tmp_path / "p") if r["transcript"] is not None), key=lambda r: r["row"])
+    refs = {i + 2: ["yes", "no"][i % 2] for i in range(24)}  # the CSV's first record is on row 2
+    hyps, gold = [r["transcript"] for r in rows], [refs[r["row"]] for r in rows]
+    assert report["reference_column"] == "reference" and report["n_reference"] == 20
+    assert report["wer"] == pytest.approx(jiwer.wer(gold, hyps))
+    assert report["wer_normalized"] == pytest.approx(jiwer.wer(gold, [h.lower() for h in hyps]))
+
+
+def test_transcribe_flags_checked(tiny_models, speech_manifest, tmp_path):
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--transcribe-model", "x")
+    assert r.exit_code == 2 and "--transcribe-model: only used with --transcribe" in r.stderr
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"],
+                "--audio-model", tiny_models["whisper"], "--transcribe", "--transcribe-model", tiny_models["text"])
+    assert r.exit_code == 2 and "is not a Whisper model" in r.stderr
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"],
+                "--audio-model", tiny_models["whisper"], "--transcribe", "--transcript-reference-column", "nope")
+    assert r.exit_code == 2 and "no column 'nope'" in r.stderr
+
+
+def test_predict_and_eval_transcribe_raw_records_like_prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path):
+    """A text-only model trained on text + transcripts: predict and eval on the raw manifest transcribe the audio
+    as prepare did (same input ids, same probabilities), and a record with only audio is predicted."""
+    from mmllm.features import featurize
+    from mmllm.predict import Predictor
+    from mmllm.records import raw_records
+
+    prepare(tiny_models, tiny_whisper, speech_manifest, tmp_path / "p")
+    r = run_cli("finetune", tmp_path / "p", "--output", tmp_path / "ck", "--modalities", "text", "--epochs", "1",
+                "--hidden-size", "16")
+    assert r.exit_code == 0, r.output
+    predictor = Predictor(str(tmp_path / "ck"))
+    assert "transcript" in predictor.encoders
+    records = [x for x in raw_records(str(speech_manifest), predictor.config) if isinstance(x, dict)]
+    rows, errors = featurize(records, predictor.encoders, predictor.prep)
+    prepared = {r["id"]: r for r in split_rows(tmp_path / "p")}
+    assert not errors and len(rows) == 24
+    for row in rows:
+        assert row["transcript"] == prepared[row["id"]]["transcript"]
+        assert list(row["input_ids"]) == prepared[row["id"]]["input_ids"]
+    on_raw = run_cli("eval", "model", tmp_path / "ck", speech_manifest, "--no-reliance")
+    on_prepared = run_cli("eval", "model", tmp_path / "ck", tmp_path / "p", "--no-reliance")
+    assert on_raw.exit_code == 0 and on_prepared.exit_code == 0, on_raw.output + on_prepared.output
+    a, b = load_json_lines(on_raw.stdout)[-1], load_json_lines(on_prepared.stdout)[-1]
+    assert a["n"] == b["n"] == 6 and a["accuracy"] == b["accuracy"] and a["ece"] == pytest.approx(b["ece"], abs=1e-6)
+    audio_only = json.dumps({"id": "x", "audio": str(speech_manifest.parent / "a0.wav")})
+    r = run_cli("predict", tmp_path / "ck", "-", input=audio_only + "\n")
+    assert r.exit_code == 0, r.output
+    out = load_json_lines(r.stdout)
+    assert out[0]["id"] == "x" and out[0]["prediction"] in ("b", "s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_whisper_tiny_en_transcribes_a_spoken_word(tmp_path):
+    from mmllm.encoders import Transcriber
+    from mmllm.media import load_audio
+
+    clips = []
+    for word in ("yes", "no", "banana"):
+        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(tmp_path / f"{word}.wav"), word], check=True)
+        clips.append(load_audio(tmp_path / f"{word}.wav", 16000))
+    texts = Transcriber("whisper-tiny.en").transcribe(clips)
+    for word, text in zip(("yes", "no", "banana"), texts):
+        assert word in text.lower(), texts
