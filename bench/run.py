@@ -73,13 +73,14 @@ def timed(results: dict, name: str, fn: Callable[..., dict], *args) -> None:
 
 
 def prepared_sample(tmp: Path, n: int) -> Path:
-    """The first n records of sample_data (their own ids), prepared with the feature cache, as a user would."""
+    """The first n records of sample_data (their own ids), prepared by this code: features the user's cache holds
+    may come from another mmllm version, and epochs checks that its baseline computes the same features."""
     from mmllm import prepare
     from mmllm.config import PrepareConfig
 
     manifest = write_manifest(tmp / "sample.csv", list(csv.DictReader(open(SAMPLE, encoding="utf-8")))[:n])
     with quiet_stdout():
-        prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / "sample")))
+        prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / "sample"), cache=False))
     return tmp / "sample"
 
 
