@@ -1,11 +1,14 @@
 """A checkpoint is a folder that describes itself.
 
-    model.safetensors      all weights (text model included)
+    model.safetensors      the weights outside the text model: projections, fusion, head
+    text_model/            the trained text model as a complete Hugging Face folder (config, safetensors with
+                           LoRA adapters merged, tokenizer): `AutoModel.from_pretrained(ckpt / "text_model")`
     config.json            model config, labels, encoder identities + preprocessing, task
     labels.json            label map (name -> id)
-    text_model/            the text model's Hugging Face config + tokenizer files (no weights)
+    README.md              the model card (mmllm.modelcard)
     metrics.jsonl, metrics.json, finetune_config.json, training_curves.png   (written by finetune)
     mmllm-checkpoint.json  the marker that says the folder is mmllm's checkpoint (see mmllm.outputs)
+Checkpoints written before text_model/ held weights keep them under `text.` in model.safetensors; both load.
 Loading needs nothing else, reads only JSON and safetensors, and never runs remote code.
 """
 
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmllm.config import MAX_AUDIO_SECONDS, ROLES
+from mmllm.config import FUSIONS, MAX_AUDIO_SECONDS, ROLES
 from mmllm.errors import UserError
 from mmllm.model import ModelConfig, MultimodalClassifier, build_model
 
@@ -47,16 +50,56 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, text_config: Any) -> None:
-    """Write weights + self-description into `folder` (which the caller renames into place)."""
+    """Write weights + self-description into `folder` (which the caller renames into place): the text model
+    as a Hugging Face folder in text_model/, every other weight in model.safetensors, and the model card."""
+    from mmllm import modelcard
+
     write_marker(folder)
-    save_weights(file_tensors(unwrap(model).state_dict()), folder / "model.safetensors")
-    config = {"format": FORMAT, "version": VERSION, "model": unwrap(model).cfg.to_dict(), **info}
+    net = unwrap(model)
+    state = net.state_dict()
+    if net.text is not None:
+        save_hf_model(net.text, folder / "text_model")
+        state = {k: v for k, v in state.items() if not k.startswith("text.")}  # stored once, in text_model/
+    save_weights(file_tensors(state), folder / "model.safetensors")
+    config = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict(), **info}
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "labels.json").write_text(json.dumps({n: i for i, n in enumerate(info.get("labels", []))}, indent=2,
                                                    ensure_ascii=False) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / "text_model")
-        text_config.save_pretrained(folder / "text_model")
+        if net.text is None:
+            text_config.save_pretrained(folder / "text_model")
+    modelcard.write(folder, config)
+
+
+def save_hf_model(model: torch.nn.Module, folder: Path) -> None:
+    """`model` as a complete Hugging Face folder (config.json + safetensors) that `AutoModel` (or
+    `AutoModelForCausalLM`) loads without peft: LoRA adapters are merged into the weights they adapt."""
+    from mmllm.console import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" bar
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.save_pretrained(folder, state_dict=merged_state(model))
+
+
+def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict in the plain model's names; with LoRA, W + scale * B @ A for every adapted weight.
+    Computed beside the model, which stays as it is (still adapted, unmerged)."""
+    if not hasattr(model, "get_base_model"):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {f"{name}.weight": m.get_delta_weight(m.active_adapters[0]).detach()
+              for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        value = value.detach()
+        out[key] = (value + deltas[key].to(value.dtype) if key in deltas else value).cpu()
+    return out
 
 
 def save_weights(tensors: dict, path: Path) -> None:
@@ -116,7 +159,6 @@ class Rule:
     required: bool = False
 
 
-FUSIONS = ("concat", "gated", "attention")
 MAX_WIDTH = 1 << 16
 MODEL_RULES = {
     "modalities": Rule("list", required=True), "num_labels": Rule("int", 1, 1 << 20, required=True),
@@ -238,33 +280,67 @@ def check_encoders(config: dict, roles: list[str]) -> list[str]:
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MultimodalClassifier, dict, Any]:
-    """(model in eval mode, checkpoint config, tokenizer or None)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """(model in eval mode, checkpoint config, tokenizer or None). The text model comes from text_model/
+    (its Hugging Face weights, LoRA merged), or from model.safetensors in checkpoints of the older layout."""
     folder = Path(folder)
     config = read_config(folder)
     mcfg = ModelConfig(**config["model"])
+    state = read_weights(folder / "model.safetensors")
+    old_layout = any(k.startswith("text.") for k in state)  # text weights inside model.safetensors
     tokenizer = text_model = None
     if "text" in mcfg.modalities:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        from mmllm.console import quiet_transformers
-
-        quiet_transformers()
-        tokenizer = AutoTokenizer.from_pretrained(folder / "text_model", trust_remote_code=False)
-        text_model = AutoModel.from_config(AutoConfig.from_pretrained(folder / "text_model", trust_remote_code=False))
-    model = build_model(mcfg, text_model)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{folder}: missing model.safetensors")
+        tokenizer, text_model = load_text_model(folder / "text_model", with_weights=not old_layout)
+    # the older layout stores LoRA adapters unmerged: rebuild them; text_model/ holds merged weights
+    model = build_model(mcfg, text_model) if old_layout else MultimodalClassifier(mcfg, text_model)
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:200]
         raise UserError(f"{folder}: config.json and model.safetensors disagree ({first.strip()})") from None
+    missing = [k for k in missing if old_layout or not k.startswith("text.")]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"{folder}: config.json and model.safetensors disagree ({what})")
     return model.to(device).eval(), config, tokenizer
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path.parent}: missing {path.name}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load_text_model(folder: Path, with_weights: bool) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, text model) of a checkpoint's text_model/; without weights: built from its config."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from mmllm.console import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if not with_weights:
+        return tokenizer, AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    return tokenizer, load_hf_weights(AutoModel, folder)
+
+
+def load_hf_weights(auto: Any, folder: Path) -> torch.nn.Module:
+    """`auto.from_pretrained(folder)` in float32, refusing a folder whose weights are missing or incomplete."""
+    from safetensors import SafetensorError
+
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder}: no model.safetensors (the trained weights): the checkpoint is incomplete")
+    try:
+        model, info = auto.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32,
+                                           output_loading_info=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{folder}: cannot load its weights ({str(e).splitlines()[0][:200]})") from None
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        bad = sorted(info.get("missing_keys") or [])[:1] or [str(info["mismatched_keys"][0])]
+        raise UserError(f"{folder}: config.json and model.safetensors disagree (missing or mismatched {bad[0]})")
+    return model

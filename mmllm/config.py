@@ -18,6 +18,7 @@ from typing import Any
 from mmllm.errors import UserError
 
 ROLES = ("text", "image", "audio")
+FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear")  # --fusion; checked in every checkpoint
 MAX_AUGMENT = 100  # augmented variants per training record
 MAX_AUDIO_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
 MAX_CONFIG_BYTES = 1 << 20
@@ -121,8 +122,11 @@ class FinetuneConfig:
                     choices=("classify", "generate"), panel="Model")
     modalities: str = opt("text,image,audio", "Comma-separated modalities the model may use.", panel="Model")
     fusion: str = opt("concat", "How modalities are fused: concat (joined vectors), gated (learned weight per "
-                               "modality), attention (over token sequences, see prepare --sequence-features).",
-                       choices=("concat", "gated", "attention"), panel="Model")
+                               "modality), attention (over modality vectors and stored sequences), transformer "
+                               "(a CLS token over text tokens, image grid and audio frames) or bilinear (low-rank "
+                               "products of modality projections); the last two model interactions. Image/audio "
+                               "sequences need prepare --sequence-features, else one pooled token each.",
+                       choices=FUSIONS, panel="Model")
     hidden_size: int = opt(256, "Width of the shared projection space and the head.", panel="Model")
     dropout: float = opt(0.1, "Dropout in projections, fusion and head.", panel="Model")
     freeze_text: bool = opt(False, "Keep the pretrained text model frozen.", panel="Model")
@@ -174,8 +178,8 @@ class EvalModelConfig:
     """Metrics of a checkpoint on a prepared folder or a raw manifest."""
 
     checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
-    data: str = opt(None, "Prepared folder, or a raw manifest featurized with the checkpoint's encoders.",
-                    argument=True, panel="Data")
+    data: str = opt(None, "Prepared folder, or raw data featurized with the checkpoint's encoders: a manifest, "
+                          "a folder of class subfolders or a save_to_disk folder.", argument=True, panel="Data")
     split: str = opt("test", "Split to evaluate.", panel="Data")
     output: str = opt(None, "Also write the metrics JSON (and confusion matrix PNG) here.", panel="Output")
     overwrite: bool = opt(False, "Replace an existing eval result written by mmllm (never anything else).",
@@ -242,7 +246,8 @@ class PredictConfig:
     """Stream predictions for raw records as JSON lines."""
 
     checkpoint: str = opt(None, "Checkpoint folder (from mmllm finetune).", argument=True, panel="Data")
-    input: str = opt("-", "Manifest (CSV/JSONL/Parquet), or - for JSONL on stdin.", argument=True, panel="Data")
+    input: str = opt("-", "Manifest (CSV/JSONL/Parquet), folder of class subfolders, save_to_disk folder, or - for "
+                         "JSONL on stdin.", argument=True, panel="Data")
     output: str = opt(None, "Write JSONL here instead of stdout.", panel="Output")
     overwrite: bool = opt(False, "Replace an existing predictions file written by mmllm (never anything else).",
                           panel="Output")

@@ -2,6 +2,11 @@
 
 Built from a `ModelConfig` stored in every checkpoint. `forward(batch, labels)` returns a dict with
 `logits` (B, C), `loss` when labels are given, and `gates` (B, M) for gated fusion.
+
+Fusions: concat, gated and attention (over one vector per modality, plus stored image/audio sequences) see each
+modality mostly on its own; transformer (a CLS token attending over text token states, image grid and audio
+frames) and bilinear (low-rank products of the modality projections, as in LMF) model interactions such as
+"does the word in the text name the colour in the picture".
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmllm.config import FUSIONS
 from mmllm.encoders import mean_pool
 
 
@@ -20,7 +26,7 @@ class ModelConfig:
     modalities: list[str]  # subset of text, image, audio, in this order
     num_labels: int
     hidden_size: int = 256
-    fusion: str = "concat"  # concat | gated | attention
+    fusion: str = "concat"  # concat | gated | attention | transformer | bilinear
     dropout: float = 0.1
     text_dim: int | None = None
     image_dim: int | None = None
@@ -30,7 +36,7 @@ class ModelConfig:
     freeze_text: bool = False
     lora_r: int = 0
     text_model_type: str | None = None
-    sequence: bool = False  # attention fusion over the stored image/audio token sequences, not one vector each
+    sequence: bool = False  # attention/transformer fusion over the stored image/audio token sequences
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -42,8 +48,21 @@ def projection(dim: int, hidden: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout))
 
 
+TOKEN_FUSIONS = ("attention", "transformer")  # fusions that read token sequences, not one vector per modality
+BILINEAR_RANK = 8  # rank R of the low-rank bilinear fusion
+
+
+def encoder_stack(hidden: int, dropout: float, layers: int = 2) -> nn.TransformerEncoder:
+    """A small pre-norm transformer encoder: 4 heads (1 when the width is not divisible), FFN 2x wide."""
+    layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
+                                       dropout=dropout, batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
 class Fusion(nn.Module):
-    """(B, M, H) modality vectors + (B, M) presence -> (B, H); gated fusion also returns weights (B, M)."""
+    """(B, M, H) modality vectors + (B, M) presence -> (B, H); gated fusion also returns weights (B, M).
+
+    attention and transformer take tokens (B, T, H), their presence (B, T) and `index` (T,), each token's modality."""
 
     def __init__(self, kind: str, n: int, hidden: int, dropout: float):
         super().__init__()
@@ -52,26 +71,45 @@ class Fusion(nn.Module):
             self.net = nn.Sequential(nn.Linear(n * hidden, hidden), nn.GELU(), nn.Dropout(dropout))
         elif kind == "gated":
             self.gate = nn.Linear(n * hidden, n)
-        elif kind == "attention":
+        elif kind in TOKEN_FUSIONS:
             self.modality_embedding = nn.Parameter(torch.zeros(n, hidden))
-            layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
-                                               dropout=dropout, batch_first=True, norm_first=True)
-            self.net = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+            self.net = encoder_stack(hidden, dropout)
+            if kind == "transformer":
+                self.cls = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)  # the token whose final state is read
+                self.norm = nn.LayerNorm(hidden)
+        elif kind == "bilinear":
+            # per modality R projections (the bias plays LMF's appended 1, keeping lower-order terms)
+            self.factors = nn.ModuleList(nn.Linear(hidden, BILINEAR_RANK * hidden) for _ in range(n))
+            self.norm = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout))
         else:
-            raise ValueError(f"unknown fusion '{kind}'")
+            raise ValueError(f"unknown fusion '{kind}' (known: {', '.join(FUSIONS)})")
 
     def forward(self, x: torch.Tensor, present: torch.Tensor, index: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, M, H) or, for attention over sequences, (B, T, H) with `index` (T,) naming each token's modality."""
         if self.kind == "concat":
             return self.net(x.flatten(1)), None
         if self.kind == "gated":
             scores = self.gate(x.flatten(1)).masked_fill(~present, float("-inf"))  # (B, M)
             weights = scores.softmax(-1)
             return (weights.unsqueeze(-1) * x).sum(1), weights
+        if self.kind == "bilinear":
+            return self.norm(self.bilinear(x)), None
         emb = self.modality_embedding if index is None else self.modality_embedding[index]
+        if self.kind == "transformer":
+            cls = self.cls.expand(x.shape[0], -1, -1)  # (B, 1, H)
+            keep = torch.cat([present.new_ones(x.shape[0], 1), present], 1)  # (B, 1 + T)
+            h = self.net(torch.cat([cls, x + emb], 1), src_key_padding_mask=~keep)  # (B, 1 + T, H)
+            return self.norm(h[:, 0]), None
         h = self.net(x + emb, src_key_padding_mask=~present)  # (B, T, H)
         return mean_pool(h, present), None
+
+    def bilinear(self, x: torch.Tensor) -> torch.Tensor:
+        """sum over r of the elementwise product over modalities m of (W_m^r x_m + b_m^r): (B, M, H) -> (B, H)."""
+        b, m, h = x.shape
+        z = self.factors[0](x[:, 0]).view(b, BILINEAR_RANK, h)  # (B, R, H)
+        for i in range(1, m):
+            z = z * self.factors[i](x[:, i]).view(b, BILINEAR_RANK, h)
+        return z.sum(1)
 
 
 class MultimodalClassifier(nn.Module):
@@ -100,9 +138,7 @@ class MultimodalClassifier(nn.Module):
         for i, m in enumerate(self.cfg.modalities):
             proj = self.proj[m] if m in self.proj else self.proj["image"]
             if m == "text":
-                out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                states = out.last_hidden_state  # (B, T, D_text)
-                feat = mean_pool(states, batch["attention_mask"])  # (B, D_text)
+                feat = mean_pool(batch["text_seq"], batch["attention_mask"])  # (B, D_text)
             else:
                 feat = batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare
             v = proj(feat)
@@ -123,25 +159,34 @@ class MultimodalClassifier(nn.Module):
 
     def sequence_tokens(self, batch: dict, x: torch.Tensor, present: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each modality's vector followed by its projected token sequence (B, S, H) when stored:
-        tokens (B, T, H), presence (B, T), modality index (T,)."""
+        """Each modality's vector followed by its projected token sequence (B, S, H) when there is one:
+        tokens (B, T, H), presence (B, T), modality index (T,).
+
+        Image/audio sequences are the stored ones (prepare --sequence-features); the transformer fusion also
+        reads the text model's token states, padding excluded. A token of an absent modality is masked."""
         tokens, here, index = [], [], []
         for i, m in enumerate(self.cfg.modalities):
-            parts = [x[:, i:i + 1]]  # (B, 1, H)
-            if f"{m}_seq" in batch:
+            parts, masks = [x[:, i:i + 1]], [present[:, i:i + 1]]  # (B, 1, H), (B, 1)
+            if m == "text" and self.cfg.fusion == "transformer":
+                parts.append(self.proj["text"](batch["text_seq"]))  # (B, S, H)
+                masks.append(batch["attention_mask"].bool() & present[:, i:i + 1])
+            elif m != "text" and self.cfg.sequence and f"{m}_seq" in batch:
                 proj = self.proj[m] if m in self.proj else self.proj["image"]
                 seq = proj(batch[f"{m}_seq"])  # (B, S, H)
                 parts.append(torch.where(present[:, i, None, None], seq, self.placeholder[i].expand_as(seq)))
-            t = torch.cat(parts, 1)
-            tokens.append(t)
-            here.append(present[:, i:i + 1].expand(-1, t.shape[1]))
-            index += [i] * t.shape[1]
+                masks.append(present[:, i:i + 1].expand(-1, seq.shape[1]))
+            tokens += parts
+            here += masks
+            index += [i] * sum(t.shape[1] for t in parts)
         return torch.cat(tokens, 1), torch.cat(here, 1), torch.tensor(index, device=x.device)
 
     def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
         """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
+        if "text" in self.cfg.modalities:  # the text model's token states (B, T, D_text), read by the fusion
+            out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            batch = {**batch, "text_seq": out.last_hidden_state}
         x, present = self.modality_vectors(batch, drop)
-        if self.cfg.sequence:
+        if self.cfg.fusion in TOKEN_FUSIONS:
             fused, gates = self.fusion(*self.sequence_tokens(batch, x, present))  # (B, H)
         else:
             fused, gates = self.fusion(x, present)  # (B, H)

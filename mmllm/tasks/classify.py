@@ -12,7 +12,8 @@ from mmllm import checkpoint
 from mmllm.batches import FeatureTable
 from mmllm.errors import UserError
 from mmllm.metrics import classification
-from mmllm.model import ModelConfig, build_model
+from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
+from mmllm.modelcard import data_summary
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Task
 
@@ -32,7 +33,7 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
                             f"{meta['encoders']['text']['identity']}: prepare again")
         tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
     pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
-    sequence = cfg.fusion == "attention" and bool(meta["preprocessing"].get("sequence_features"))
+    sequence = uses_sequences(cfg.fusion, meta, modalities)
     train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence)
     val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence)
     enc = meta["encoders"]
@@ -49,10 +50,23 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
     def save(model_: torch.nn.Module, out: Path, metrics: dict) -> None:
         info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
                 "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
-                "metrics": metrics}
+                "data": data_summary(meta), "metrics": metrics}
         checkpoint.save(model_, out, info, tokenizer, text_config)
 
     return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size, dist), save)
+
+
+def uses_sequences(fusion: str, meta: dict, modalities: list[str]) -> bool:
+    """Whether the fusion reads the stored image/audio sequences; says so when it would but they were not stored."""
+    if fusion not in TOKEN_FUSIONS or not {"image", "audio"} & set(modalities):
+        return False
+    if meta["preprocessing"].get("sequence_features"):
+        return True
+    from mmllm.console import log
+
+    log(f"fusion {fusion}: the prepared data has no image/audio sequences, so each enters as one pooled token "
+        "(prepare with --sequence-features for the image grid and audio frames)")
+    return False
 
 
 def auto_class_weights(labels: torch.Tensor, n: int) -> torch.Tensor:
