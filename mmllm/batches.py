@@ -44,7 +44,11 @@ class FeatureTable:
             from mmllm.errors import UserError
 
             raise UserError(f"prepared data has no column {missing[0]} (prepared without that modality?)")
-        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, label_to_id, pad_id, sequence)
+        from mmllm.features import label_strings
+
+        columns = ds.select_columns(wanted).with_format("numpy")[:]
+        columns["label"] = label_strings(ds)  # names (the prepared column is a ClassLabel of ids)
+        return cls(columns, modalities, label_to_id, pad_id, sequence)
 
     def __len__(self) -> int:
         return self.n

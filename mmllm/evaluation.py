@@ -113,7 +113,7 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
 def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[dict, str, str]:
     """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
     featurized on the fly."""
-    from mmllm.features import META, load_prepared
+    from mmllm.features import META, label_strings, load_prepared
 
     data = Path(cfg.data)
     if (data / META).is_file():
@@ -126,7 +126,9 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
                                 f"{config['encoders'][role]['name']}")
         if cfg.split not in ds:
             raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
-        return ds[cfg.split].with_format("numpy")[:], str(data), cfg.split
+        columns = ds[cfg.split].with_format("numpy")[:]
+        columns["label"] = label_strings(ds[cfg.split])  # names (the prepared column is a ClassLabel of ids)
+        return columns, str(data), cfg.split
     from mmllm.records import raw_records
     from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
 

@@ -45,6 +45,25 @@ def load_prepared(path: str | Path) -> tuple[Any, dict]:
     return datasets.load_from_disk(str(p)), meta
 
 
+def label_column(ds: Any) -> Any:
+    """A prepared split's labels as an Arrow string array (null where unlabeled): a `ClassLabel` column's ids are
+    decoded to their names; the string column of data prepared before labels were ClassLabel is read as is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = ds.select_columns(["label"]).with_format("arrow")[:]["label"]
+    names = getattr(ds.features["label"], "names", None)
+    if names is None:
+        return column.cast(pa.string())
+    ids = pc.if_else(pc.less(column, 0), pa.scalar(None, column.type), column)  # -1: no label (datasets' custom)
+    return pc.take(pa.array(names, pa.string()), ids)
+
+
+def label_strings(ds: Any) -> list[str | None]:
+    """The label names of a prepared split, one per row (None where unlabeled)."""
+    return label_column(ds).to_pylist()
+
+
 def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
     from mmllm.encoders import load_encoder, precision_note, resolve_precision
 

@@ -22,7 +22,7 @@ from mmllm.config import PrepareConfig, default, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, arrow_schema, encode_chunk, \
-    load_chunk, load_encoders, load_prepared
+    label_column, load_chunk, load_encoders, load_prepared
 from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, error_entry, format_error, \
     read_records
 
@@ -232,7 +232,8 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
 
     datasets.disable_progress_bars()
     arrow_dir = tmp / "_arrow"
-    parts = {f.stem: datasets.Dataset.from_file(str(f)) for f in sorted(arrow_dir.glob("*.arrow"))}
+    parts = {f.stem: with_class_labels(datasets.Dataset.from_file(str(f)), meta["labels"])
+             for f in sorted(arrow_dir.glob("*.arrow"))}
     datasets.DatasetDict(parts).save_to_disk(str(tmp / "data"))
     del parts
     shutil.rmtree(arrow_dir)
@@ -242,6 +243,28 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     save_resolved(cfg, tmp / "prepare_config.json")
     outputs.replace(tmp, out, PREPARED)
+
+
+def with_class_labels(ds: Any, names: list[str]) -> Any:
+    """`ds` with its label column as a `datasets.ClassLabel` of `names` (ids in that order; unlabeled rows stay
+    null). Only the label column is rebuilt: the other columns stay as they are (memory-mapped). Without any
+    label names (no label column) the column stays text."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not names:
+        return ds
+    strings = label_column(ds)
+    ids = pc.index_in(strings, value_set=pa.array(names, pa.string())).cast(pa.int64())
+    unknown = pc.sum(pc.and_(pc.is_null(ids), pc.is_valid(strings))).as_py()
+    if unknown:
+        raise ValueError(f"{unknown} labels are not among the label names")  # a bug, never a user's input
+    table = ds.with_format("arrow")[:]  # (the rows in order, whatever indices mapping ds has)
+    table = table.set_column(table.schema.get_field_index("label"), pa.field("label", pa.int64()), ids)
+    features = ds.features.copy()
+    features["label"] = datasets.ClassLabel(names=names)
+    return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
 
 
 def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list) -> dict:
@@ -375,14 +398,15 @@ def merge(cfg: PrepareConfig) -> int:
     tmp = outputs.beside(out, folder=True)
     try:
         parts = {}
-        for split in SPLITS:
-            pieces = [ds[split] for ds, _ in loaded if split in ds]
+        names = sorted({lab for _, m in loaded for lab in m["labels"]})
+        for split in SPLITS:  # each shard's label ids are renumbered into the union of the shards' labels
+            pieces = [with_class_labels(ds[split], names) for ds, _ in loaded if split in ds]
             if pieces:
                 parts[split] = datasets.concatenate_datasets(pieces)
         datasets.DatasetDict(parts).save_to_disk(str(tmp))
         meta = dict(first)
         meta["counts"] = {s: len(d) for s, d in parts.items()}
-        meta["labels"] = sorted({lab for _, m in loaded for lab in m["labels"]})
+        meta["labels"] = names
         meta["skipped"] = [e for _, m in loaded for e in m["skipped"]]
         meta["input"] = [str(Path(p).resolve()) for p in cfg.input]
         meta["shard"] = {"merged": len(loaded)}

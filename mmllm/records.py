@@ -269,7 +269,7 @@ def given_id(raw: dict, column: str | None, row: int) -> Any:
 def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[list[dict], list[dict], dict]:
     """(records, errors, column map) of a manifest file, a class folder or a `save_to_disk` folder."""
     path = Path(source).expanduser()
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+    if is_saved_dataset(path):
         return _read_saved_dataset(path, given_columns)
     if path.is_dir():
         return _read_class_folder(path)
@@ -309,15 +309,33 @@ def _read_class_folder(path: Path) -> tuple[list[dict], list[dict], dict]:
     return records, [], cols
 
 
-def _read_saved_dataset(path: Path, given: dict) -> tuple[list[dict], list[dict], dict]:
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+
+
+def saved_parts(path: Path) -> list[tuple[str | None, Any]]:
+    """(split name or None, Dataset) of a `save_to_disk` folder."""
     import datasets
 
     ds = datasets.load_from_disk(str(path))
-    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    return list(ds.items()) if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+
+
+def named_rows(part: Any) -> Iterator[dict]:
+    """The rows of a Dataset with `ClassLabel` ids replaced by their names (None stays None: unlabeled)."""
+    import datasets
+
+    classes = {c: f for c, f in part.features.items() if isinstance(f, datasets.ClassLabel)}
+    for raw in part:
+        yield {**raw, **{c: f.int2str(raw[c]) for c, f in classes.items()
+                         if isinstance(raw[c], int) and raw[c] >= 0}} if classes else raw
+
+
+def _read_saved_dataset(path: Path, given: dict) -> tuple[list[dict], list[dict], dict]:
     records, errors, cols = [], [], {}
-    for split, part in parts:
+    for split, part in saved_parts(path):
         cols = detect_columns(part.column_names, given)
-        for i, raw in enumerate(part, start=1):
+        for i, raw in enumerate(named_rows(part), start=1):
             try:
                 rec = checked_record(raw, len(records) + 1, cols, path)
             except RecordError as e:
@@ -392,12 +410,15 @@ def _share(total: int, exact: list[float], room: list[int], tie: list[float]) ->
 # ---------------------------------------------------------------- raw records for eval / predict
 
 def input_rows(source: str, max_line_mb: float = MAX_LINE_MB) -> tuple[Iterator[tuple[int, Any]], Path]:
-    """(rows, folder that relative media paths start from) of `-` (JSONL on stdin) or a manifest; JSONL is
-    streamed line by line, with each line bounded by `max_line_mb`."""
+    """(rows, folder that relative media paths start from) of `-` (JSONL on stdin), a manifest, or a folder of
+    class subfolders or a `save_to_disk` folder (the inputs prepare takes); JSONL is streamed line by line, with
+    each line bounded by `max_line_mb`."""
     if source == "-":
         stdin = getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8"))
         return json_lines(stdin, max_line_mb), Path.cwd()
     path = Path(source)
+    if path.is_dir():
+        return folder_rows(path), path
     if path.suffix.lower() in JSONL_EXT:
         _check_manifest(path)
 
@@ -406,6 +427,24 @@ def input_rows(source: str, max_line_mb: float = MAX_LINE_MB) -> tuple[Iterator[
                 yield from json_lines(f, max_line_mb)
         return streamed(), path.parent
     return read_table(path, max_line_mb)[1], path.parent
+
+
+def folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(row number, raw dict) of a folder, read as prepare reads it: a `save_to_disk` dataset (each row gets its
+    split's name), or class subfolders (id: the file's path in the folder, label: its subfolder's name)."""
+    if not is_saved_dataset(path):
+        records = _read_class_folder(path)[0]
+        return ((r["row"], {k: r[k] for k in ("id", "image", "audio", "label") if r[k] is not None}) for r in records)
+
+    def saved() -> Iterator[tuple[int, Any]]:
+        row = 0
+        for split, part in saved_parts(path):
+            for raw in named_rows(part):
+                row += 1
+                if split and "split" not in raw:
+                    raw = {**raw, "split": SPLIT_NAMES.get(split, split)}
+                yield row, raw
+    return saved()
 
 
 def checkpoint_inputs(config: dict) -> list[str]:

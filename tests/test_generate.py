@@ -84,7 +84,10 @@ def test_generation_trainable_decoder_round_trip(prepared, tiny_decoder, tmp_pat
     gen_finetune(prepared, tiny_decoder, out, "--epochs", "1", *extra)
     from safetensors.torch import load_file
 
-    assert any(k.startswith("decoder.") for k in load_file(str(out / "model.safetensors")))
+    assert not any(k.startswith("decoder.") for k in load_file(str(out / "model.safetensors")))
+    decoder = load_file(str(out / "decoder" / "model.safetensors"))  # the trained decoder: a Hugging Face folder
+    original = load_file(str(tiny_decoder / "model.safetensors"))
+    assert decoder.keys() == original.keys() and any(not decoder[k].equal(v) for k, v in original.items())
     r = run_cli("eval", "model", str(out), str(prepared), "--max-new-tokens", "4", "--no-reliance")
     assert r.exit_code == 0, r.output
 

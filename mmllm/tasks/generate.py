@@ -203,7 +203,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         return out
 
     def save(m: PrefixDecoder, out: Path, metrics: dict) -> None:
-        save_checkpoint(m, out, tokenizer, meta, metrics)
+        save_checkpoint(m, out, tokenizer, meta, metrics, str(Path(fcfg.prepared).resolve()))
 
     return Task(model, train, validate, save)
 
@@ -244,48 +244,62 @@ def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: i
 
 # ---------------------------------------------------------------- checkpoint
 
-def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict, metrics: dict) -> None:
-    """Weights: projector always; decoder weights only when trained (LoRA adapters or --train-decoder)."""
-    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, save_weights, unwrap, write_marker
+def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict, metrics: dict,
+                    prepared: str = "") -> None:
+    """Projector weights in model.safetensors; decoder/ holds the decoder's tokenizer and config, and when the
+    decoder was trained (LoRA adapters, merged, or --train-decoder) its weights: a Hugging Face folder that
+    `AutoModelForCausalLM` loads. A frozen decoder is referenced by identity, never copied."""
+    from mmllm import modelcard
+    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, save_hf_model, save_weights, unwrap, write_marker
 
     model = unwrap(model)
     write_marker(out)
-    state = model.state_dict()
-    if not (model.cfg.lora_r or model.cfg.train_decoder):
-        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}  # frozen: referenced by identity
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
     save_weights(file_tensors(state), out / "model.safetensors")
-    decoder = model.decoder.get_base_model() if hasattr(model.decoder, "get_base_model") else model.decoder
-    decoder.config.save_pretrained(out / "decoder")
+    if model.cfg.lora_r or model.cfg.train_decoder:
+        save_hf_model(model.decoder, out / "decoder")
+    else:
+        decoder = model.decoder.get_base_model() if hasattr(model.decoder, "get_base_model") else model.decoder
+        decoder.config.save_pretrained(out / "decoder")
     tokenizer.save_pretrained(out / "decoder")
     config = {"format": FORMAT, "version": VERSION, "task": "generate", "generation": asdict(model.cfg),
               "model": {"modalities": model.cfg.modalities}, "encoders": meta["encoders"],
               "columns": meta["columns"], "preprocessing": meta["preprocessing"], "labels": [],
+              "prepared": prepared, "data": modelcard.data_summary(meta),
               "metrics": {k: v for k, v in metrics.items() if k != "hypotheses"}}
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    modelcard.write(out, config)
 
 
 def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDecoder, Any]:
-    from safetensors.torch import load_file
+    """(model in eval mode, tokenizer). The decoder: decoder/'s weights (trained, LoRA merged), the checkpoint's
+    model.safetensors (older layout: trained weights under `decoder.`), or the frozen decoder by identity."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from mmllm.checkpoint import load_hf_weights, read_weights
     from mmllm.encoders import load_decoder
 
     cfg = GenConfig(**config["generation"])
-    state = load_file(str(folder / "model.safetensors"))
-    has_decoder = any(k.startswith("decoder.") for k in state)
+    state = read_weights(folder / "model.safetensors")
+    old_layout = any(k.startswith("decoder.") for k in state)
     tokenizer = AutoTokenizer.from_pretrained(folder / "decoder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.train_decoder and has_decoder:
-        decoder = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "decoder"))
+    trained = cfg.lora_r > 0 or cfg.train_decoder
+    if trained and not old_layout:
+        decoder = load_hf_weights(AutoModelForCausalLM, folder / "decoder").requires_grad_(False)
+    elif cfg.train_decoder and old_layout:
+        decoder = prepare_decoder(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "decoder")),
+                                  cfg)
     else:
         decoder, _, identity = load_decoder(cfg.decoder)
         if identity != cfg.decoder_identity:
             raise UserError(f"decoder '{cfg.decoder}' is now {identity}, the checkpoint was trained on "
                             f"{cfg.decoder_identity}")
-    model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg))
+        decoder = prepare_decoder(decoder, cfg)
+    model = PrefixDecoder(cfg, decoder)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("decoder.") or has_decoder]
+    missing = [k for k in missing if not k.startswith("decoder.") or old_layout]
     if missing or unexpected:
         raise UserError(f"{folder}: config.json and model.safetensors disagree (missing {missing[:2]}, "
                         f"unexpected {unexpected[:2]})")
