@@ -15,7 +15,8 @@ For each dataset of bench/quality_data.py, in one run, on the same test split:
 For the generation dataset: BLEU (sacreBLEU, `mmllm eval model`) of the untrained model (`--epochs 0`: the
 projector at its initialization, the decoder as pretrained: a zero-shot baseline) and of the trained one.
 Accuracy and macro-F1 of the baselines are scikit-learn's; mmllm's come from `mmllm eval model`.
-Wall times are per step; the machine has 2 cores shared with other work, so they are noisy.
+Wall times are per step; the machine has 2 cores shared with other work, so they are noisy. Each command runs with
+OMP_NUM_THREADS=1 unless the caller sets it (torch's 2 threads collapse when the other core is busy).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data  # noqa: E402
 from common import ROOT, mmllm_exe, versions, write_text  # noqa: E402
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads collapse when the other core is busy (shared machine)
 JSON_OUT, MD_OUT = ROOT / "bench" / "quality.json", ROOT / "bench" / "QUALITY.md"
 TASKS = {"digits_match": "classify", "prompts": "generate", "fortunes": "classify"}
 MODALITIES = {"digits_match": ["image", "audio"], "fortunes": ["text"], "prompts": ["audio"]}
@@ -123,12 +126,12 @@ def train_and_eval(name: str, prepared: Path, work: Path, flags: list[str], log:
     res, eval_s = mmllm(["eval", "model", str(ckpt), str(prepared), "--split", "test", "--no-reliance"], log)
     saved = json.loads((ckpt / "metrics.json").read_text()) if (ckpt / "metrics.json").is_file() else {}
     return {**metrics_of(res), "finetune_s": round(fit_s, 1), "eval_s": round(eval_s, 1),
-            "epochs": saved.get("epochs_run", fit.get("epochs_run", fit.get("epochs"))),
+            "epochs": saved.get("epochs", fit.get("epochs")), "steps": saved.get("steps", fit.get("steps")),
             "stop_reason": saved.get("stop_reason", fit.get("stop_reason")), "flags": flags}
 
 
-def run_dataset(name: str, work: Path, data: Path, n_train: int, n_eval: int) -> dict:
-    """All baselines and mmllm's defaults on one dataset."""
+def run_dataset(name: str, work: Path, data: Path, n_train: int, n_eval: int, singles: bool = True) -> dict:
+    """All baselines and mmllm's defaults on one dataset (singles=False: without the single-modality runs)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     log = work / f"{name}.log"
@@ -149,7 +152,7 @@ def run_dataset(name: str, work: Path, data: Path, n_train: int, n_eval: int) ->
                                              "--sentence-embedding"], log)
         t = time.perf_counter()
         out["hand_baseline"] = {**hand_baseline(base_data, mods), "fit_s": round(time.perf_counter() - t, 1)}
-        if len(mods) > 1:
+        if singles and len(mods) > 1:
             out["single"] = {m: train_and_eval(f"only-{m}", prepared, work, ["--modalities", m], log) for m in mods}
         out["mmllm"] = train_and_eval("defaults", prepared, work, [], log)
     out["total_s"] = round(time.perf_counter() - t0, 1)
@@ -158,12 +161,12 @@ def run_dataset(name: str, work: Path, data: Path, n_train: int, n_eval: int) ->
 
 
 def run(names: list[str], work: Path, data: Path = quality_data.DEFAULT_OUT, n_train: int = 1000,
-        n_eval: int = 150) -> dict:
+        n_eval: int = 150, singles: bool = True) -> dict:
     results = {"date": datetime.date.today().isoformat(), "versions": versions(), "train": n_train, "eval": n_eval,
                "datasets": {}}
     t = time.perf_counter()
     for name in names:
-        results["datasets"][name] = run_dataset(name, work, data, n_train, n_eval)
+        results["datasets"][name] = run_dataset(name, work, data, n_train, n_eval, singles)
     results["total_s"] = round(time.perf_counter() - t, 1)
     return results
 
@@ -199,7 +202,8 @@ def markdown(results: dict) -> str:
         if d["task"] == "generate":
             u, m = d["untrained"], d["mmllm"]
             lines.append(f"| {name} (generate) | {mods} | - | - | untrained (zero-shot) BLEU {u.get('bleu', 0):.2f} | "
-                         f"BLEU {m.get('bleu', 0):.2f} | - | {m['epochs']}, {m['stop_reason']} | prepare "
+                         f"BLEU {m.get('bleu', 0):.2f} | - | {m['epochs']} ({m.get('steps')} steps), "
+                         f"{m['stop_reason']} | prepare "
                          f"{d['prepare_s']}, finetune {m['finetune_s']}, eval {m['eval_s']} |")
             continue
         m, h, maj = d["mmllm"], d["hand_baseline"], d["majority"]
@@ -209,7 +213,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {mods} | {pct(maj['accuracy'])} / {pct(maj['macro_f1'])} | {single_s} | "
                      f"{pct(h['accuracy'])} / {pct(h['macro_f1'])} ({h['chosen']}) | "
                      f"{pct(m.get('accuracy'))} / {pct(m.get('macro_f1'))} | "
-                     f"{100 * (m.get('accuracy', 0) - h['accuracy']):+.1f} | {m['epochs']}, {m['stop_reason']} | "
+                     f"{100 * (m.get('accuracy', 0) - h['accuracy']):+.1f} | {m['epochs']} ({m.get('steps')} steps), "
+                     f"{m['stop_reason']} | "
                      f"prepare {d['prepare_s']}, finetune {m['finetune_s']}, eval {m['eval_s']}, total "
                      f"{d['total_s']} |")
     lines += ["", "Cells are test accuracy / macro-F1 in percent. Targets (issue 15): mmllm defaults beat the hand "
