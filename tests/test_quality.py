@@ -1,0 +1,43 @@
+"""Regression check of the quality suite (bench/quality.py) on one real dataset, small: the handwritten-digit /
+spoken-digit matching task with the real embedded encoders. Its data comes from scikit-learn and Debian's archive
+(apt-get download, cached in quality_data/debs); without apt the test is skipped."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+pytestmark = pytest.mark.slow
+
+# The defaults of 2026-11-29 reach 0.56 on the full-size task (1000 training records, bench/QUALITY.md) and 0.467
+# on this small one (60 test records, seeded, one thread): chance. The floor sits a few points under that; raise it
+# as fusion and transcription lift the measured value.
+MIN_ACCURACY = 0.38
+
+
+def have_debs() -> bool:
+    debs = ROOT / "quality_data" / "debs"
+    return debs.is_dir() and any(debs.glob("asterisk-core-sounds-*-wav*")) or shutil.which("apt-get") is not None
+
+
+@pytest.mark.skipif(not have_debs(), reason="needs Debian's asterisk-core-sounds-*-wav (apt-get download)")
+def test_quality_digits_match_small(tmp_path, monkeypatch):
+    import quality
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    results = quality.run(["digits_match"], tmp_path / "work", tmp_path / "data", n_train=200, n_eval=60,
+                          singles=False)
+    d = results["datasets"]["digits_match"]
+    assert d["counts"] == {"train": 200, "validation": 60, "test": 60}
+    assert d["majority"]["accuracy"] == pytest.approx(0.5)  # balanced same/different
+    assert 0.0 <= d["hand_baseline"]["accuracy"] <= 1.0 and d["hand_baseline"]["chosen"]
+    assert d["mmllm"]["accuracy"] >= MIN_ACCURACY
+    md = quality.markdown(results)
+    assert "| digits_match |" in md and "hand baseline" in md
