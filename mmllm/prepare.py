@@ -348,11 +348,11 @@ def transcript_report(transcriber: Any, tmp: Path, references: tuple[str, dict[i
         "the others from the cache or identical files")
     if references:
         column, refs = references
-        rows = [r for r in sorted(written) if refs.get(r)]
+        plain = lambda xs: [" ".join(re.sub(r"[^\w\s']", " ", x.lower()).split()) for x in xs]  # noqa: E731
+        rows = [r for r in sorted(written) if plain([refs.get(r) or ""])[0]]  # jiwer refuses an empty reference
         hyps, gold = [written[r] for r in rows], [refs[r] for r in rows]
         report.update(reference_column=column, wer=None, cer=None, wer_normalized=None, n_reference=len(rows))
         if rows:
-            plain = lambda xs: [" ".join(re.sub(r"[^\w\s']", " ", x.lower()).split()) for x in xs]  # noqa: E731
             rates, loose = error_rates(hyps, gold), error_rates(plain(hyps), plain(gold))
             report.update({k: v for k, v in rates.items() if k != "n"}, wer_normalized=loose["wer"],
                           wer_normalized_definition="the same WER after lowercasing and replacing punctuation "
