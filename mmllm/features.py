@@ -26,6 +26,7 @@ from mmllm.records import RecordError, error_entry
 SCHEMA_VERSION = 1
 META = "mmllm-prepared.json"
 SPLITS = ("train", "validation", "test")
+ENCODER_CODE = 2  # bump when an encoder's computation changes, so cached features are not reused
 CHARS_PER_TOKEN = 64  # text beyond max_text_tokens x this many characters is never tokenized
 
 
@@ -168,6 +169,7 @@ def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: i
         parts["max_seconds"] = cfg.max_audio_seconds
     if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
         parts["precision"] = encoder.precision
+        parts["code"] = ENCODER_CODE  # bf16 paths changed (e.g. folded BatchNorm): never reuse older bf16 features
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
