@@ -28,15 +28,18 @@ from pathlib import Path
 import epochs
 import predict_memory
 import prepare_memory
+import precision
 import prepare_speed
 import scaling
+import serve_load
 import startup
 import trainer_compare
 from common import ROOT, SAMPLE, markdown, quiet_stdout, versions, write_manifest, write_text
 
 TRACKED = (ROOT / "bench" / "results.json", ROOT / "BENCHMARKS.md")
 REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs, "trainer": trainer_compare,
-           "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling}  # results key -> module
+           "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
+           "precision": precision, "serve": serve_load}  # results key -> module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,8 @@ def run_all(quick: bool, tmp: Path) -> dict:
     if s.prepare_memory_records:
         timed(results, "prepare_memory", prepare_memory.run, tmp, *s.prepare_memory_records)
     timed(results, "scaling", scaling.run, ck, tmp, s.scaling_records, s.scaling_predict_records, results["predict"])
+    timed(results, "precision", precision.run, quick)
+    timed(results, "serve", serve_load.run, ck, quick)
     return results
 
 
