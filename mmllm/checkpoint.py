@@ -172,7 +172,7 @@ GENERATION_RULES = {
     "modalities": Rule("list", required=True), "dims": Rule("dict", required=True),
     "prefix_tokens": Rule("int", 1, 1024), "hidden_size": Rule("int", 1, MAX_WIDTH), "dropout": Rule("fraction"),
     "lora_r": Rule("int", 0, MAX_WIDTH), "train_decoder": Rule("bool"), "decoder": Rule("str", required=True),
-    "decoder_identity": Rule("str"),
+    "decoder_identity": Rule("str"), "precision": Rule("str", choices=("fp32", "bf16")),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "max_audio_seconds": Rule("number", 0.001, MAX_AUDIO_SECONDS),

@@ -26,7 +26,11 @@ MAX_CONFIG_BYTES = 1 << 20
 TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": ("val_loss", "val_bleu")}
 # finetune options that only one task reads (the other task would silently ignore them)
 TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text"),
-             "generate": ("decoder", "prefix_tokens", "train_decoder", "max_new_tokens")}
+             "generate": ("decoder", "prefix_tokens", "train_decoder", "max_new_tokens", "decoder_precision")}
+# finetune defaults that depend on --task (a field left at None takes its task's value): generation learns short
+# templates from a frozen decoder in far fewer steps than a classifier, and its val_loss keeps creeping towards 0
+TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_delta": 0.0},
+                 "generate": {"budget_steps": 300, "min_steps": 100, "min_rel_delta": 0.01}}
 # finetune options a --resume may change: they are applied from the resumed step on; all others are refused
 # prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
 MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
@@ -34,9 +38,9 @@ MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", 
                  "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
                  "precision", "transcribe", "transcribe_model", "transcript_reference_column")
-RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "lr", "backbone_lr",
-             "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device", "num_workers",
-             "output", "overwrite", "report_to", "resume")
+RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "min_rel_delta", "lr",
+             "backbone_lr", "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device",
+             "num_workers", "output", "overwrite", "report_to", "resume")
 
 
 def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (), panel: str = "") -> Any:
@@ -135,7 +139,8 @@ class FinetuneConfig:
     modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
     epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
                             "model, e.g. as a baseline).", panel="Training")
-    budget_steps: int = opt(1500, "Without --epochs: train for about this many optimizer steps (epochs = "
+    budget_steps: int = opt(None, "Without --epochs: train for about this many optimizer steps (default: 1500 "
+                                  "for classify, 300 for generate; epochs = "
                                   "budget / steps per epoch, between 2 and 200).", panel="Training")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", panel="Training")
     batch_size: int = opt(32, "Records per batch (per process).", panel="Training")
@@ -158,19 +163,33 @@ class FinetuneConfig:
     patience: int = opt(5, "Epochs without improvement before stopping (0: never stop early); epochs inside "
                            "warmup, before --min-steps or before the training loss falls never count.",
                                panel="Early stopping")
-    min_steps: int = opt(300, "Early stopping never stops before this many optimizer steps.",
+    min_steps: int = opt(None, "Early stopping never stops before this many optimizer steps (default: 300 for "
+                               "classify, 100 for generate).",
                          panel="Early stopping")
     min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", panel="Early stopping")
+    min_rel_delta: float = opt(None, "Smallest change, relative to the best value so far, that counts as an "
+                                     "improvement (0.01: 1%; default: 0 for classify, 0.01 for generate).",
+                               panel="Early stopping")
     class_weights: str = opt("none", "Loss weights per class: none, or auto (inverse class frequency).",
                              choices=("none", "auto"), panel="Training")
     decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.", panel="Model")
     prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).", panel="Model")
+    decoder_precision: str = opt("auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
+                                         "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The "
+                                         "projector and the loss stay fp32.", choices=("auto", "fp32", "bf16"),
+                                 panel="Model")
     train_decoder: bool = opt(False, "Fine-tune the whole decoder, not only the projector (--task generate).",
                               panel="Model")
     max_new_tokens: int = opt(32, "Longest generated text during validation (--task generate).", panel="Training")
     resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.", panel="Training")
     seed: int = opt(0, "Random seed.", panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
+
+    def __post_init__(self):
+        """Options left at None take their --task's default (TASK_DEFAULTS): the config holds what runs."""
+        for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 @dataclass
@@ -536,6 +555,9 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
         problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
     if getattr(cfg, "precision", None) == "fp16" and cfg.device in ("cpu", "mps"):
         problems.append(f"--precision fp16: needs a CUDA device (got --device {cfg.device}); use bf16 or fp32")
+    if task == "generate" and cfg.decoder_precision == "bf16" and (cfg.lora_r or cfg.train_decoder):
+        problems.append("--decoder-precision bf16: only for a frozen decoder (not with --lora-r or --train-decoder); "
+                        "use --precision bf16 for autocast")
     if task == "generate" and cfg.prefix_tokens < 1:
         problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
     return problems

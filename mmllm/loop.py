@@ -352,8 +352,9 @@ def early_stopping_update(state: TrainState, model, metrics: dict, cfg: Finetune
     """
     value = metrics[cfg.monitor]
     lower_is_better = cfg.monitor == "val_loss"
-    improved = state.best is None or (state.best - value > cfg.min_delta if lower_is_better
-                                      else value - state.best > cfg.min_delta)
+    # an improvement must exceed --min-delta and --min-rel-delta x the best value so far
+    margin = max(cfg.min_delta, (cfg.min_rel_delta or 0.0) * abs(state.best)) if state.best is not None else 0.0
+    improved = state.best is None or (state.best - value > margin if lower_is_better else value - state.best > margin)
     if improved:
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
         state.best_state = trainable_state(model)
@@ -364,8 +365,9 @@ def early_stopping_update(state: TrainState, model, metrics: dict, cfg: Finetune
     state.bad_epochs += 1
     if cfg.patience and state.bad_epochs >= cfg.patience:
         state.stopped_early = True
-        state.stop_reason = (f"stopped: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs "
-                             f"after warmup; best epoch {state.best_epoch}")
+        rel = f" (or {cfg.min_rel_delta:g} x best)" if cfg.min_rel_delta else ""
+        state.stop_reason = (f"stopped: no {cfg.monitor} improvement > {cfg.min_delta}{rel} for {cfg.patience} "
+                             f"epochs after warmup; best epoch {state.best_epoch}")
         log(state.stop_reason)
 
 

@@ -100,3 +100,139 @@ def test_generation_needs_targets(tiny_models, tiny_decoder, tmp_path):
     r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "o"), "--task", "generate", "--decoder",
                 str(tiny_decoder))
     assert r.exit_code == 2 and "no target column" in r.stderr
+
+
+# ---------------------------------------------------------------- speed: precision, loss slice, task defaults
+
+def tiny_prefix_model(folder, precision="fp32"):
+    """A PrefixDecoder over the tiny GPT-2 (frozen), with a batch of 3 records of different lengths."""
+    import torch
+
+    from mmllm.encoders import load_decoder
+    from mmllm.tasks.generate import GenConfig, GenTable, PrefixDecoder, prepare_decoder
+
+    decoder, tok, _ = load_decoder(str(folder))
+    cfg = GenConfig(modalities=["image"], dims={"image": 6}, prefix_tokens=2, hidden_size=8, decoder=str(folder),
+                    precision=precision)
+    torch.manual_seed(0)
+    model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).eval()
+    cols = {"id": ["a", "b", "c"], "text": ["it is big", None, "a much longer context text here"],
+            "target": ["big red", "small blue thing", "red"], "has_image": [True, False, True],
+            "image_emb": torch.randn(3, 6).numpy()}
+    return model, GenTable(cols, ["image"], tok, with_targets=True).batch(range(3))
+
+
+def test_loss_over_target_positions_equals_the_decoders_own_loss(tiny_decoder):
+    """forward's loss (LM head on the target positions only) is the decoder's causal-LM loss over the full
+    sequence with the prefix and prompt masked: Hugging Face's ForCausalLMLoss is the reference."""
+    import torch
+
+    model, batch = tiny_prefix_model(tiny_decoder)
+    assert model.keeps_logits  # GPT-2 takes logits_to_keep: the sliced path is the one under test
+    inputs, mask = model.embed(batch)
+    labels = batch["labels"]
+    full = torch.cat([labels.new_full((3, inputs.shape[1] - labels.shape[1]), -100), labels], 1)
+    with torch.no_grad():
+        reference = model.decoder(inputs_embeds=inputs, attention_mask=mask, labels=full).loss
+        ours = model(batch)["loss"]
+        model.keeps_logits = False  # the fallback for decoders without logits_to_keep: full logits
+        fallback = model(batch)["loss"]
+    assert float(ours) == pytest.approx(float(reference), rel=1e-6)
+    assert float(fallback) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_decoder_precision_resolution_and_bf16_loss(tiny_decoder, monkeypatch):
+    """auto: bf16 only for a frozen decoder on hardware with native bf16; a bf16 decoder's weights are bf16, the
+    projector stays fp32, and its loss is within 2% of the fp32 loss (same weights, same batch)."""
+    import torch
+
+    from mmllm import encoders
+    from mmllm.tasks.generate import resolve_decoder_precision
+
+    monkeypatch.setattr(encoders, "native_bf16", lambda device="cpu": True)
+    assert resolve_decoder_precision("auto", trainable=False) == "bf16"
+    assert resolve_decoder_precision("auto", trainable=True) == "fp32"  # LoRA / --train-decoder train in fp32
+    assert resolve_decoder_precision("fp32", trainable=False) == "fp32"
+    monkeypatch.setattr(encoders, "native_bf16", lambda device="cpu": False)
+    assert resolve_decoder_precision("auto", trainable=False) == "fp32"
+    fp32, batch = tiny_prefix_model(tiny_decoder, "fp32")
+    bf16, _ = tiny_prefix_model(tiny_decoder, "bf16")
+    assert {p.dtype for p in bf16.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.proj.parameters()} == {torch.float32}
+    with torch.no_grad():
+        a, b = float(fp32(batch)["loss"]), float(bf16(batch)["loss"])
+    assert b == pytest.approx(a, rel=0.02) and b != a
+    bf16.train()
+    bf16(batch)["loss"].backward()  # the gradient reaches the fp32 projector through the bf16 decoder
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in bf16.proj.parameters())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoder_precision_flag_is_recorded_and_reloaded(prepared, tiny_decoder, tmp_path, precision):
+    out = tmp_path / "gen"
+    gen_finetune(prepared, tiny_decoder, out, "--epochs", "1", "--decoder-precision", precision)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["generation"]["precision"] == precision
+    import torch
+
+    from mmllm.encoders import native_bf16
+    from mmllm.tasks.generate import load_checkpoint
+
+    model, _ = load_checkpoint(out, cfg, "cpu")
+    bf16_here = precision == "bf16" and native_bf16()  # as trained, where the hardware runs bf16 natively
+    assert model.decoder.dtype == (torch.bfloat16 if bf16_here else torch.float32)
+    r = run_cli("eval", "model", str(out), str(prepared), "--max-new-tokens", "4", "--no-reliance")
+    assert r.exit_code == 0, r.output
+
+
+def test_decoder_precision_bf16_refused_for_a_trained_decoder(prepared, tiny_decoder, tmp_path):
+    r = run_cli("finetune", str(prepared), "--output", str(tmp_path / "o"), "--task", "generate", "--decoder",
+                str(tiny_decoder), "--train-decoder", "--decoder-precision", "bf16")
+    assert r.exit_code == 2 and "--decoder-precision bf16: only for a frozen decoder" in r.stderr
+    r = run_cli("finetune", str(prepared), "--output", str(tmp_path / "o"), "--decoder-precision", "fp32")
+    assert r.exit_code == 2 and "--decoder-precision: only used by --task generate" in r.stderr
+
+
+def test_task_defaults_budget_min_steps_and_relative_delta(prepared, tiny_decoder, tmp_path):
+    from mmllm.config import TASK_DEFAULTS, FinetuneConfig
+
+    gen, cls = FinetuneConfig(task="generate"), FinetuneConfig()
+    assert (gen.budget_steps, gen.min_steps, gen.min_rel_delta) == (300, 100, 0.01)
+    assert (cls.budget_steps, cls.min_steps, cls.min_rel_delta) == (1500, 300, 0.0)
+    given = FinetuneConfig(task="generate", budget_steps=1500, min_steps=0, min_rel_delta=0.0)
+    assert (given.budget_steps, given.min_steps, given.min_rel_delta) == (1500, 0, 0.0)  # explicit values win
+    assert set(TASK_DEFAULTS["generate"]) == set(TASK_DEFAULTS["classify"])
+    out = tmp_path / "gen"
+    r = run_cli("finetune", str(prepared), "--output", str(out), "--task", "generate", "--decoder", str(tiny_decoder),
+                "--batch-size", "8", "--hidden-size", "8", "--prefix-tokens", "1", "--budget-steps", "4")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "finetune_config.json").read_text())
+    assert (saved["min_steps"], saved["min_rel_delta"], saved["budget_steps"]) == (100, 0.01, 4)  # what ran
+
+
+def test_relative_min_delta(tmp_path):
+    """With --min-rel-delta 0.01 a val_loss that improves by 0.5% an epoch is no improvement: training stops
+    after --patience such epochs, keeping the first best; without it every epoch is a new best."""
+    import torch
+
+    from mmllm.config import FinetuneConfig
+    from mmllm.loop import TrainState, early_stopping_update
+
+    def epochs(rel: float) -> TrainState:
+        cfg = FinetuneConfig(prepared="p", output="o", task="generate", patience=2, min_steps=0, min_rel_delta=rel)
+        state, model = TrainState(initial_loss=1.0), torch.nn.Linear(2, 2)
+        value = 0.1
+        for epoch in range(1, 11):
+            state.epoch, state.step, state.epoch_loss = epoch, 10 * epoch, 0.5
+            early_stopping_update(state, model, {"val_loss": value}, cfg)
+            if state.stopped_early:
+                break
+            value *= 0.995
+        return state
+
+    rel = epochs(0.01)
+    assert rel.stopped_early and rel.epoch == 3 and rel.best_epoch == 1 and rel.best == 0.1
+    assert "0.01 x best" in rel.stop_reason
+    plain = epochs(0.0)
+    assert not plain.stopped_early and plain.best_epoch == 10
