@@ -100,7 +100,7 @@ def run(quick: bool) -> dict:
     from mmllm.encoders import resolve_precision
 
     console.set_quiet(True)
-    sizes = {"image": 32, "audio": 48, "text": 64} if quick else {"image": 128, "audio": 96, "text": 256}
+    sizes = {"image": 8, "audio": 8, "text": 16} if quick else {"image": 128, "audio": 96, "text": 256}
     repeat = 1 if quick else 2
     result = {"auto_is": resolve_precision("auto"), "threads": __import__("torch").get_num_threads(),
               "load_before": os.getloadavg(), "repeat": repeat}

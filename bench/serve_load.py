@@ -98,7 +98,7 @@ def report(r: dict) -> tuple[list[str], list[str]]:
     b32, one = r["batched"][-1], r["unbatched"]
     met = r["batching_speedup_32_clients"] is not None and r["batching_speedup_32_clients"] >= 1.5
     rows = [f"| serve records/s, 32 clients, micro-batched vs --max-batch 1 | {b32['records_per_s']:.1f} | "
-            f"{one['records_per_s']:.1f} | {fmt(r['batching_speedup_32_clients'])} | {TARGET} | {met} |"]
+            f"{one['records_per_s']:.1f} | {fmt(r['batching_speedup_32_clients'], '.2f')} | {TARGET} | {met} |"]
     figures = [f"- serve, {b['clients']} client(s), micro-batched: {b['records_per_s']:.1f} records/s, "
                f"p50 {b['p50_ms']} ms, p95 {b['p95_ms']} ms" for b in r["batched"]]
     figures.append(f"- serve, 32 clients, --max-batch 1: {one['records_per_s']:.1f} records/s, p50 {one['p50_ms']} ms, "
