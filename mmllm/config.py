@@ -30,7 +30,7 @@ TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "cl
 # finetune defaults that depend on --task (a field left at None takes its task's value): generation learns short
 # templates from a frozen decoder in far fewer steps than a classifier, and its val_loss keeps creeping towards 0
 TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_delta": 0.0},
-                 "generate": {"budget_steps": 300, "min_steps": 100, "min_rel_delta": 0.01}}
+                 "generate": {"budget_steps": 80, "min_steps": 40, "min_rel_delta": 0.01}}
 # finetune options a --resume may change: they are applied from the resumed step on; all others are refused
 # prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
 MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
@@ -140,7 +140,7 @@ class FinetuneConfig:
     epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
                             "model, e.g. as a baseline).", panel="Training")
     budget_steps: int = opt(None, "Without --epochs: train for about this many optimizer steps (default: 1500 "
-                                  "for classify, 300 for generate; epochs = "
+                                  "for classify, 80 for generate; epochs = "
                                   "budget / steps per epoch, between 2 and 200).", panel="Training")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", panel="Training")
     batch_size: int = opt(32, "Records per batch (per process).", panel="Training")
@@ -164,7 +164,7 @@ class FinetuneConfig:
                            "warmup, before --min-steps or before the training loss falls never count.",
                                panel="Early stopping")
     min_steps: int = opt(None, "Early stopping never stops before this many optimizer steps (default: 300 for "
-                               "classify, 100 for generate).",
+                               "classify, 40 for generate).",
                          panel="Early stopping")
     min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", panel="Early stopping")
     min_rel_delta: float = opt(None, "Smallest change, relative to the best value so far, that counts as an "

@@ -176,12 +176,10 @@ def test_decoder_precision_flag_is_recorded_and_reloaded(prepared, tiny_decoder,
     assert cfg["generation"]["precision"] == precision
     import torch
 
-    from mmllm.encoders import native_bf16
     from mmllm.tasks.generate import load_checkpoint
 
     model, _ = load_checkpoint(out, cfg, "cpu")
-    bf16_here = precision == "bf16" and native_bf16()  # as trained, where the hardware runs bf16 natively
-    assert model.decoder.dtype == (torch.bfloat16 if bf16_here else torch.float32)
+    assert model.decoder.dtype == torch.float32  # decoding on a CPU: fp32 (bf16 matrix-vector products are slower)
     r = run_cli("eval", "model", str(out), str(prepared), "--max-new-tokens", "4", "--no-reliance")
     assert r.exit_code == 0, r.output
 
@@ -198,7 +196,7 @@ def test_task_defaults_budget_min_steps_and_relative_delta(prepared, tiny_decode
     from mmllm.config import TASK_DEFAULTS, FinetuneConfig
 
     gen, cls = FinetuneConfig(task="generate"), FinetuneConfig()
-    assert (gen.budget_steps, gen.min_steps, gen.min_rel_delta) == (300, 100, 0.01)
+    assert (gen.budget_steps, gen.min_steps, gen.min_rel_delta) == (80, 40, 0.01)
     assert (cls.budget_steps, cls.min_steps, cls.min_rel_delta) == (1500, 300, 0.0)
     given = FinetuneConfig(task="generate", budget_steps=1500, min_steps=0, min_rel_delta=0.0)
     assert (given.budget_steps, given.min_steps, given.min_rel_delta) == (1500, 0, 0.0)  # explicit values win
@@ -208,7 +206,7 @@ def test_task_defaults_budget_min_steps_and_relative_delta(prepared, tiny_decode
                 "--batch-size", "8", "--hidden-size", "8", "--prefix-tokens", "1", "--budget-steps", "4")
     assert r.exit_code == 0, r.output
     saved = json.loads((out / "finetune_config.json").read_text())
-    assert (saved["min_steps"], saved["min_rel_delta"], saved["budget_steps"]) == (100, 0.01, 4)  # what ran
+    assert (saved["min_steps"], saved["min_rel_delta"], saved["budget_steps"]) == (40, 0.01, 4)  # what ran
 
 
 def test_relative_min_delta(tmp_path):
