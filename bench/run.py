@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import epochs
+import generate_speed
+import limits
 import predict_memory
 import prepare_memory
 import precision
@@ -39,7 +41,8 @@ from common import ROOT, SAMPLE, markdown, quiet_stdout, versions, write_manifes
 TRACKED = (ROOT / "bench" / "results.json", ROOT / "BENCHMARKS.md")
 REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs, "trainer": trainer_compare,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
-           "precision": precision, "serve": serve_load}  # results key -> module
+           "precision": precision, "serve": serve_load, "generate": generate_speed,
+           "limits": limits}  # results key -> module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +108,8 @@ def run_all(quick: bool, tmp: Path) -> dict:
     timed(results, "scaling", scaling.run, ck, tmp, s.scaling_records, s.scaling_predict_records, results["predict"])
     timed(results, "precision", precision.run, quick)
     timed(results, "serve", serve_load.run, ck, quick)
+    timed(results, "generate", generate_speed.run, tmp, quick, sample)
+    timed(results, "limits", limits.run, tmp, quick)
     return results
 
 
