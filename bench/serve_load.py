@@ -23,7 +23,7 @@ from pathlib import Path
 from common import ROOT, fmt, mmllm_exe, quotient
 from predict_memory import text_checkpoint
 
-TARGET = "records/s grows with clients; micro-batching / one-at-a-time >= 1.5 at 32 clients"
+TARGET = "micro-batched / one request at a time >= 1.5 (records/s, 32 clients)"
 WORDS = ["big", "small", "large", "tiny", "huge", "little"]
 
 
@@ -90,13 +90,15 @@ def run(ck: Path, quick: bool) -> dict:
         proc.wait()
     best, one = out["batched"][-1]["records_per_s"], out["unbatched"]["records_per_s"]
     out["batching_speedup_32_clients"] = quotient(best, one)
+    out["target"] = TARGET
+    out["met"] = out["batching_speedup_32_clients"] is not None and out["batching_speedup_32_clients"] >= 1.5
     return out
 
 
 def report(r: dict) -> tuple[list[str], list[str]]:
     """(table rows, other figures) for BENCHMARKS.md."""
     b32, one = r["batched"][-1], r["unbatched"]
-    met = r["batching_speedup_32_clients"] is not None and r["batching_speedup_32_clients"] >= 1.5
+    met = r["met"]
     rows = [f"| serve records/s, 32 clients, micro-batched vs --max-batch 1 | {b32['records_per_s']:.1f} | "
             f"{one['records_per_s']:.1f} | {fmt(r['batching_speedup_32_clients'], '.2f')} | {TARGET} | {met} |"]
     figures = [f"- serve, {b['clients']} client(s), micro-batched: {b['records_per_s']:.1f} records/s, "

@@ -79,6 +79,23 @@ def check_ratios(res: dict) -> None:
     assert close(sc["predict_slope"], np.polyfit(np.log([36, 336]), np.log(sc["predict_streamed_s"]), 1)[0])
 
 
+def check_new_sections(res: dict) -> None:
+    """precision: speedups are quotients of the measured rates; serve: rates and the batching quotient."""
+    pr = res["precision"]
+    for role in ("image", "audio", "text"):
+        m = pr[role]
+        assert close(m["prepare_speedup"], m["auto"]["prepare_per_s"] / m["fp32"]["prepare_per_s"])
+        assert close(m["encoder_speedup"], m["auto"]["encoder_per_s"] / m["fp32"]["encoder_per_s"])
+    assert pr["met"] == (pr["image"]["prepare_speedup"] >= 2.5)
+    sv = res["serve"]
+    assert [b["clients"] for b in sv["batched"]] == [1, 8, 32] and sv["unbatched"]["clients"] == 32
+    for b in sv["batched"] + [sv["unbatched"]]:
+        assert b["records_per_s"] > 0 and 0 < b["p50_ms"] <= b["p95_ms"]
+    ratio = sv["batched"][-1]["records_per_s"] / sv["unbatched"]["records_per_s"]
+    assert close(sv["batching_speedup_32_clients"], ratio)
+    assert sv["met"] == (sv["batching_speedup_32_clients"] >= 1.5)
+
+
 @pytest.mark.slow
 def test_bench_quick_writes_checked_numbers_beside_the_tracked_files(bench_run, tmp_path):
     status, files = git_status(), tracked_files()
@@ -90,7 +107,8 @@ def test_bench_quick_writes_checked_numbers_beside_the_tracked_files(bench_run, 
     assert git_status() <= status  # nor anything else changed or added under bench/ (others may commit meanwhile)
     assert sorted(p.name for p in out.iterdir()) == ["BENCHMARKS.md", "results.json"]
     res = json.loads((out / "results.json").read_text())
-    benches = ["startup", "prepare", "cached_epoch", "trainer", "predict", "scaling"]  # prepare_memory: full only
+    benches = ["startup", "prepare", "cached_epoch", "trainer", "predict", "scaling", "precision", "serve", "generate",
+               "limits"]  # prepare_memory: full only
     assert list(res) == ["date", "mode", "versions", *benches] and res["mode"] == "quick"
     positive = {"startup": ["help_s", "import_typer_s", "ratio"],
                 "prepare": ["prepare_s", "encoder_forward_s", "ratio"],
@@ -111,9 +129,11 @@ def test_bench_quick_writes_checked_numbers_beside_the_tracked_files(bench_run, 
     assert sc["n"] == [2, 4, 8] and all(x > 0 for x in sc["prepare_s"] + sc["predict_streamed_s"])
     assert math.isfinite(sc["prepare_slope"]) and math.isfinite(sc["predict_slope"])
     check_ratios(res)
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {k: res[k]["met"] for k in benches if k != "scaling"}
+    check_new_sections(res)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {k: res[k]["met"] for k in benches if "met" in res[k]}
     md = (out / "BENCHMARKS.md").read_text()
-    assert "mode: quick" in md and "None" not in md and md.count("\n| ") == 7  # the header and 6 rows
+    rows = sum(len(bench_run.REPORTS[k].report(res[k])[0]) for k in benches)
+    assert "mode: quick" in md and "None" not in md and md.count("\n| ") == 1 + rows  # the header and each row
     assert f"{res['predict']['records_per_s_batch']:.0f} records/s in batch mode" in md
     res["predict"]["records_per_s_batch"] = None  # nothing streamed after the first batch: reported, not a crash
     assert "- predict: n/a records/s" in bench_run.render(res)
