@@ -31,7 +31,10 @@ from mmllm.tasks import Task
 STATE_DIR = "resume"
 # an mmllm checkpoint folder, finished or interrupted (a run interrupted before markers existed has resume/)
 CHECKPOINT = outputs.Kind("a checkpoint", True, lambda p: checkpoint.is_checkpoint(p)
-                          or (p / STATE_DIR / "state.json").is_file(), checkpoint.MARKER)
+                          or (p / STATE_DIR / "state.json").is_file(), checkpoint.MARKER,
+                          frozenset({checkpoint.MARKER, "README.md", "model.safetensors", "config.json", "labels.json",
+                                     "text_model", "decoder", "metrics.jsonl", "metrics.json", "finetune_config.json",
+                                     "training_curves.png", "tensorboard", STATE_DIR, STATE_DIR + ".tmp"}))
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
 LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 

@@ -35,11 +35,14 @@ class Kind:
     folder: bool
     ours: Callable[[Path], bool]  # called on an existing, non-empty path of the right type
     sign: str  # what `ours` looks for, for messages: "mmllm-prepared.json"
+    writes: frozenset[str] | None = None  # a folder's entries mmllm writes; others block --overwrite (None: any)
 
 
-def marked_folder(name: str, marker: str, also: Callable[[Path], bool] | None = None) -> Kind:
+def marked_folder(name: str, marker: str, also: Callable[[Path], bool] | None = None,
+                  writes: Iterable[str] | None = None) -> Kind:
     """A folder kind recognised by its marker file (or by `also`, for folders written before markers)."""
-    return Kind(name, True, lambda p: (p / marker).is_file() or bool(also and also(p)), marker)
+    return Kind(name, True, lambda p: (p / marker).is_file() or bool(also and also(p)), marker,
+                frozenset(writes) if writes is not None else None)
 
 
 def check(out: str | Path, kind: Kind, inputs: Iterable[str | Path] = (), overwrite: bool = False,
@@ -74,6 +77,10 @@ def check(out: str | Path, kind: Kind, inputs: Iterable[str | Path] = (), overwr
     if not overwrite:
         raise UserError(f"{flag} {out} already holds {kind.name}: add --overwrite to replace it, "
                         "or choose another path")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in kind.writes) if kind.writes is not None else []
+    if foreign:
+        raise UserError(f"{flag} {out} holds {kind.name} and also files mmllm did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}): move them away first; --overwrite never deletes them")
     return True
 
 

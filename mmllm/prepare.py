@@ -27,7 +27,8 @@ from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, err
     read_records
 
 CHUNK = 256
-PREPARED = outputs.marked_folder("a prepared dataset", META)
+PREPARED = outputs.marked_folder("a prepared dataset", META, writes=(META, "prepare_config.json", "dataset_dict.json",
+                                                                     *SPLITS))
 
 
 # ---------------------------------------------------------------- entry point

@@ -207,15 +207,19 @@ def test_prepare_output_is_a_file(tiny_models, tmp_path):
 def test_prepare_overwrite_replaces_its_own_output(tiny_models, tmp_path):
     out = tmp_path / "prepared"
     assert prepare(tiny_models, image_manifest(tmp_path / "a", n=8), out).exit_code == 0
-    (out / "stale.txt").write_text("from the old run")  # inside mmllm's own folder: replaced with it
+    (out / "thesis.txt").write_text("the user's, inside mmllm's own folder")
     r = prepare(tiny_models, image_manifest(tmp_path / "b", n=12), out)
     one_line_refusal(r, "already holds a prepared dataset", "--overwrite")
     assert json.loads((out / "mmllm-prepared.json").read_text())["counts"] == {"train": 4, "validation": 2,
                                                                               "test": 2}
     r = prepare(tiny_models, image_manifest(tmp_path / "b", n=12), out, "--overwrite")
+    one_line_refusal(r, "files mmllm did not write (thesis.txt)", "never deletes them")
+    assert (out / "thesis.txt").read_text() == "the user's, inside mmllm's own folder"
+    (out / "thesis.txt").unlink()
+    r = prepare(tiny_models, image_manifest(tmp_path / "b", n=12), out, "--overwrite")
     assert r.exit_code == 0, r.output
     assert sum(json.loads((out / "mmllm-prepared.json").read_text())["counts"].values()) == 12
-    assert not (out / "stale.txt").exists() and leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     (tmp_path / "merged").mkdir()  # an empty folder holds nothing to lose
     r = run_cli("prepare", str(out), "--merge", "--output", str(tmp_path / "merged"))
     assert r.exit_code == 0, r.output
@@ -252,6 +256,11 @@ def test_finetune_overwrite_replaces_a_checkpoint_without_stale_files(image_chec
     r = run_cli(*args)
     one_line_refusal(r, "already holds a checkpoint", "--overwrite")
     assert (out / "text_model").is_dir()
+    (out / "notes.md").write_text("keep")  # the user's: --overwrite refuses rather than delete it
+    r = run_cli(*args, "--hidden-size", "8", "--overwrite")
+    one_line_refusal(r, "files mmllm did not write (notes.md)")
+    assert (out / "notes.md").read_text() == "keep"
+    (out / "notes.md").unlink()
     r = run_cli(*args, "--hidden-size", "8", "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.splitlines()[-1])["output"] == str(out)
