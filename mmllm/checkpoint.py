@@ -323,10 +323,19 @@ def load_text_model(folder: Path, with_weights: bool) -> tuple[Any, torch.nn.Mod
     from mmllm.console import quiet_transformers
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    if not with_weights:
-        return tokenizer, AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{folder}: no tokenizer file ({', '.join(TOKENIZER_FILES)}): the checkpoint is incomplete")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        if not with_weights:
+            return tokenizer, AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder}: cannot load its tokenizer or config ({str(e).splitlines()[0][:200]})") from None
     return tokenizer, load_hf_weights(AutoModel, folder)
+
+
+# a tokenizer saved by transformers has one of these; without any, AutoTokenizer builds an empty vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def load_hf_weights(auto: Any, folder: Path) -> torch.nn.Module:

@@ -75,6 +75,20 @@ def test_checkpoint_without_its_text_model_folder(ck):
     assert "text_model/" in one_line_error(run_cli("predict", str(ck), "-", input="{}\n"))
 
 
+def test_checkpoint_without_its_tokenizer_is_refused(ck):
+    """Without a tokenizer file AutoTokenizer would build an empty vocabulary: every text [UNK], wrong answers."""
+    for f in ("tokenizer.json", "vocab.txt"):
+        (ck / "text_model" / f).unlink(missing_ok=True)
+    r = run_cli("predict", str(ck), "-", input='{"text": "it is big"}\n')
+    assert "no tokenizer file" in one_line_error(r) and r.stdout == ""
+
+
+def test_checkpoint_with_a_corrupt_text_model_config_is_refused(ck):
+    (ck / "text_model" / "config.json").write_text("{")
+    r = run_cli("predict", str(ck), "-", input='{"text": "it is big"}\n')
+    assert "text_model" in one_line_error(r) and r.stdout == ""
+
+
 def test_untouched_checkpoint_passes_the_schema(trained_checkpoint):
     config = json.loads((trained_checkpoint / "config.json").read_text())
     assert checkpoint.check_config(config, trained_checkpoint) == []
