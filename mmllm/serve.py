@@ -102,6 +102,7 @@ def to_records(objs: list, config: dict) -> list[dict | tuple[dict, Any]]:
     from mmllm.records import RecordError, convert_rows
 
     rows: list = []
+    ids: dict[int, Any] = {}
     for i, obj in enumerate(objs, start=1):
         if not isinstance(obj, dict):
             rows.append((i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")))
@@ -110,7 +111,12 @@ def to_records(objs: list, config: dict) -> list[dict | tuple[dict, Any]]:
             rows.append((i, decode_media(obj)))
         except ValueError as e:
             rows.append((i, RecordError(None, str(e))))
-    return list(convert_rows(rows, config, Path.cwd()))
+            ids[i] = obj.get("id")
+    out = list(convert_rows(rows, config, Path.cwd()))
+    for i, given in ids.items():  # a record refused before it was read still answers with the caller's id
+        if isinstance(given, (str, int)) and not isinstance(given, bool):
+            out[i - 1][0]["id"] = given
+    return out
 
 
 def build_app(predictor: Any, cfg: ServeConfig) -> Any:

@@ -95,7 +95,7 @@ def test_bad_input_is_4xx_with_one_line_never_500(server):
     r = requests.post(url + "/predict", json={"id": "m", "image": str(root / "missing.png")})
     assert r.status_code == 422 and "not found" in r.json()["error"]
     r = requests.post(url + "/predict", json={"id": "b", "image_base64": "%%%"})
-    assert r.status_code == 422 and "base64" in r.json()["error"]
+    assert r.status_code == 422 and "base64" in r.json()["error"] and r.json()["id"] == "b"
     r = requests.post(url + "/predict", json=[{"id": "ok", "text": "it is big"}, 7])
     assert r.status_code == 200
     body = r.json()
