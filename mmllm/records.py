@@ -70,7 +70,8 @@ def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str],
         raise UserError(f"{path} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}): "
                         "re-save it as UTF-8") from None
     if suffix in (".csv", ".tsv", ".txt"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        # newline="": lines end at \n, \r\n or a lone \r (old Mac files), as the csv module expects
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if not columns:
             raise UserError(f"{path} is empty: expected a header row")

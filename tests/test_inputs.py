@@ -274,3 +274,16 @@ def test_eval_on_a_raw_manifest_honours_split(text_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert (result["split"], result["n"]) == ("all", 12) and "no split column" in r.stderr
+
+
+def test_csv_line_endings_lf_crlf_and_lone_cr_read_the_same(tmp_path):
+    from mmllm.records import read_table
+
+    rows = ["id,text,label", "a,it is big,b", 'b,"two\nlines",s']
+    seen = []
+    for end in ("\n", "\r\n", "\r"):
+        path = tmp_path / f"m{len(seen)}.csv"
+        path.write_bytes(end.join(rows).encode() + end.encode())
+        columns, it = read_table(path)
+        seen.append((columns, [(i, r["id"], r["label"]) for i, r in it]))
+    assert seen[0] == seen[1] == seen[2] == (["id", "text", "label"], [(2, "a", "b"), (3, "b", "s")])
