@@ -124,12 +124,24 @@ def toy_manifest(tmp_path) -> Path:
         write_wav(media / f"a{i}.wav", freq=300 + 40 * (i % 5))
         rows.append({"id": f"r{i}", "text": f"it is {size}", "image": f"media/img{i}.png", "audio": f"media/a{i}.wav",
                      "label": f"{color}-{size}", "target": f"a {size} {color} thing"})
-    path = tmp_path / "manifest.csv"
+    return write_csv(tmp_path / "manifest.csv", rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """A CSV manifest with the first row's keys as header."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def one_line_error(r) -> str:
+    """The single stderr line of a user error (exit 2, no traceback)."""
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
 
 
 def run_cli(*args: str, input: str | None = None):
@@ -161,7 +173,8 @@ def load_json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
 
 
-__all__ = ["ROOT", "run_cli", "write_wav", "write_image", "sine", "tiny_prepare_args", "load_json_lines", "shutil"]
+__all__ = ["ROOT", "run_cli", "write_csv", "one_line_error",
+           "write_wav", "write_image", "sine", "tiny_prepare_args", "load_json_lines", "shutil"]
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,8 @@ import stat
 
 import pytest
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from mmllm import checkpoint
-
-
-def one_line_error(r) -> str:
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -7,16 +7,8 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_prepare_args
+from conftest import one_line_error, run_cli, tiny_prepare_args
 from mmllm import config as C
-
-
-def one_line_error(r) -> str:
-    """The single stderr line of a user error (exit 2, nothing on stdout, no traceback)."""
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture

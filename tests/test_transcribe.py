@@ -3,7 +3,6 @@ predict/eval for raw records. The tiny random Whisper writes gibberish, but the 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_json_lines, make_tokenizer, run_cli, write_wav
+from conftest import load_json_lines, make_tokenizer, run_cli, write_csv, write_wav
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +23,7 @@ def tiny_whisper(tiny_models, tmp_path_factory) -> Path:
 
 
 def write_manifest(folder: Path, rows: list[dict]) -> Path:
-    path = folder / "m.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_csv(folder / "m.csv", rows)
 
 
 @pytest.fixture
