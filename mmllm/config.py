@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.errors import UserError
+from mmllm.errors import UserError, utf8_text
 
 ROLES = ("text", "image", "audio")
 FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear")  # --fusion; checked in every checkpoint
@@ -314,12 +314,7 @@ def read_config_file(path: str | Path) -> dict:
         raise UserError(f"--config: file not found: {p}")
     if p.stat().st_size > MAX_CONFIG_BYTES:
         raise UserError(f"--config: {p} is larger than {MAX_CONFIG_BYTES >> 20} MB: not a config file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--config: {p} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}): "
-                        "save it as UTF-8") from None
+    text = utf8_text(p.read_bytes(), f"--config: {p}")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml

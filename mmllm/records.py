@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from collections.abc import Iterable, Iterator
 
-from mmllm.errors import UserError
+from mmllm.errors import UserError, utf8_text
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif"}
@@ -63,12 +63,7 @@ def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str],
         return table.column_names, ((i + 1, r) for i, r in enumerate(table.to_pylist()))
     if suffix in JSONL_EXT:
         return _jsonl_rows(path, max_line_mb)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}): "
-                        "re-save it as UTF-8") from None
+    text = utf8_text(path.read_bytes(), str(path))
     if suffix in (".csv", ".tsv", ".txt"):
         # newline="": lines end at \n, \r\n or a lone \r (old Mac files), as the csv module expects
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")

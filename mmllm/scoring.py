@@ -11,7 +11,7 @@ import numpy as np
 
 from mmllm.config import AccuracyConfig, BleuConfig, FidConfig, WerConfig
 from mmllm.console import emit, show, warn
-from mmllm.errors import UserError
+from mmllm.errors import UserError, utf8_text
 from mmllm.metrics import FID_DEFINITION, bleu, classification, error_rates, frechet_distance
 
 
@@ -23,10 +23,7 @@ def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> lis
         p = Path(path)
         if not p.is_file():
             raise UserError(f"file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise UserError(f"{p} is not UTF-8") from None
+        text = utf8_text(p.read_bytes(), str(p))
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
