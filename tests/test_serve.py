@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, one_line_error, run_cli
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
@@ -134,7 +133,6 @@ def test_port_in_use_is_one_line_exit_2(prepared, tmp_path):
     assert r.exit_code == 2 and "cannot listen" in r.stderr
 
 
-def test_info_requires_no_model_code_path(tmp_path):
+def test_serve_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path):
     r = run_cli("serve", str(tmp_path / "nope"))
-    assert r.exit_code == 2
-    assert Path(tmp_path / "nope").exists() is False
+    assert str(tmp_path / "nope") in one_line_error(r)
