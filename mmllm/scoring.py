@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -114,24 +115,34 @@ FID_PREPROCESSING = ("RGB, PIL bicubic resize to 299x299, uint8 NCHW (0-255) int
 
 
 def run_fid(cfg: FidConfig) -> int:
-    real, real_size = image_features(cfg.real, cfg)
-    gen, gen_size = image_features(cfg.generated, cfg)
-    dim = real.shape[1]
-    for name, f in (("REAL", real), ("GENERATED", gen)):
-        if len(f) < 2:
-            raise UserError(f"{name}: need at least 2 images, found {len(f)}")
+    sources = {"REAL": cfg.real, "GENERATED": cfg.generated}
+    # both inputs are checked (exist, readable, at least 2 images) before an extractor loads or an image is read
+    files = {name: list_images(source, cfg.image_column) for name, source in sources.items()}
+    for name, listed in files.items():
+        need_two(name, sources[name], len(listed))
+    extract, side = load_extractor(cfg)
+    feats = {name: image_features(listed, sources[name], extract, cfg.batch_size) for name, listed in files.items()}
+    real, gen = feats["REAL"], feats["GENERATED"]
+    dim, size = real.shape[1], f"{side}x{side}"
+    for name, f in feats.items():
+        need_two(name, sources[name], len(f))  # again: unreadable images were skipped
         if len(f) < dim:
             warn(f"{name} has {len(f)} images, fewer than the feature dimension {dim}: the covariance is "
                  "singular and FID is biased upwards; use more images for comparable numbers")
     fid = frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0), np.cov(gen, rowvar=False))
-    result = {"fid": fid, "fid_definition": FID_DEFINITION, **fid_extractor(cfg, int(dim), real_size),
-              "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen), "resolution": real_size}
+    result = {"fid": fid, "fid_definition": FID_DEFINITION, **fid_extractor(cfg, int(dim), size),
+              "feature_dim": int(dim), "n_real": len(real), "n_generated": len(gen), "resolution": size}
     show(f"FID {fid:.4f}  extractor {result['extractor']}  real {len(real)} / generated {len(gen)} images "
-         f"at {real_size}")
+         f"at {size}")
     if "fid_note" in result:
         warn(result["fid_note"])
     emit(result)
     return 0
+
+
+def need_two(name: str, source: str, n: int) -> None:
+    if n < 2:
+        raise UserError(f"{name} {source}: need at least 2 images, found {n}")
 
 
 def fid_extractor(cfg: FidConfig, dim: int, size: str) -> dict:
@@ -204,36 +215,36 @@ def list_images(source: str, image_column: str | None) -> list[str]:
             for _, r in rows if isinstance(r, dict) and r.get(col)]
 
 
-def image_features(source: str, cfg: FidConfig) -> tuple[np.ndarray, str]:
-    """(N, D) features of every image in a folder/manifest, and the resolution the extractor saw."""
+def load_extractor(cfg: FidConfig) -> tuple[Callable[[list], np.ndarray], int]:
+    """(images -> (N, D) float64 features, the side in pixels the extractor sees): --fid-model's TorchScript
+    Inception (standard FID), else the image encoder --image-model."""
+    if cfg.fid_model:
+        net = load_fid_model(cfg.fid_model)
+        return (lambda images: inception_features(net, images)), 299
+    from mmllm.encoders import load_encoder
+
+    enc = load_encoder("image", cfg.image_model)
+    return (lambda images: enc.encode(images)[0].astype(np.float64)), enc.image_size
+
+
+def image_features(files: list[str], source: str, extract: Callable[[list], np.ndarray],
+                   batch_size: int) -> np.ndarray:
+    """(N, D) features of the readable images among `files` (of `source`), in batches; unreadable ones warned."""
     import torch
 
     from mmllm.media import MediaError, load_image
 
-    files = list_images(source, cfg.image_column)
-    if cfg.fid_model:
-        net = load_fid_model(cfg.fid_model)
-        size = 299
-    else:
-        from mmllm.encoders import load_encoder
-
-        enc = load_encoder("image", cfg.image_model)
-        size = enc.image_size
     feats = []
-    for start in range(0, len(files), cfg.batch_size):
+    for start in range(0, len(files), batch_size):
         images = []
-        for f in files[start:start + cfg.batch_size]:
+        for f in files[start:start + batch_size]:
             try:
                 images.append(load_image(f))
             except MediaError as e:
                 warn(f"skipped {f}: {e}")
-        if not images:
-            continue
-        with torch.inference_mode():
-            if cfg.fid_model:  # standard FID: pool3 features of the TorchScript Inception
-                feats.append(inception_features(net, images))
-            else:
-                feats.append(enc.encode(images)[0].astype(np.float64))
+        if images:
+            with torch.inference_mode():
+                feats.append(extract(images))
     if not feats:
         raise UserError(f"{source}: no readable images")
-    return np.concatenate(feats), f"{size}x{size}"
+    return np.concatenate(feats)

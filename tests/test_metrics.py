@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from mmllm.metrics import classification, error_rates, expected_calibration_error, frechet_distance
 
 HYP = ["the cat sat on the mat", "a quick brown fox jumps", "hello world again", "nothing matches here at all"]
@@ -106,6 +106,22 @@ def test_fid_command_self_zero_and_grows_with_distortion(tmp_path, tiny_models):
     assert 0 < fids[0] < fids[1]
     assert same["n_real"] == 12 and same["resolution"] == "32x32" and "not InceptionV3" in same["extractor"]
     assert not same["comparable_to_published"] and "not comparable to published FID" in same["fid_note"]
+
+
+def test_fid_checks_both_inputs_before_featurizing(tmp_path, tiny_models, monkeypatch):
+    """A bad GENERATED is one line before any image of REAL is featurized (or any extractor loads)."""
+    real = image_set(tmp_path / "real", 3)
+    (tmp_path / "empty").mkdir()
+    image_set(tmp_path / "one", 1)
+
+    def featurized(*args, **kwargs):
+        raise AssertionError("an extractor was loaded before both inputs were checked")
+
+    monkeypatch.setattr("mmllm.encoders.load_encoder", featurized)
+    for name, reason in (("missing", "not found"), ("empty", "no images found"), ("one", "need at least 2 images")):
+        r = run_cli("eval", "fid", str(real), str(tmp_path / name), "--image-model", str(tiny_models["image"]))
+        line = one_line_error(r)
+        assert reason in line and str(tmp_path / name) in line, line
 
 
 class StandInInception(torch.nn.Module):
