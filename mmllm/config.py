@@ -254,10 +254,15 @@ class FidConfig:
 class AccuracyConfig:
     """Accuracy, macro-F1 and confusion matrix of predictions made elsewhere."""
 
-    pred: str = opt(None, "Predictions: JSONL (field `prediction`) or one label per line.", panel="Data")
-    gold: str = opt(None, "Gold labels: JSONL/CSV (field `label`) or one label per line.", panel="Data")
-    pred_field: str = opt("prediction", "Field with the predicted label in JSONL/CSV.", panel="Data")
-    gold_field: str = opt("label", "Field with the gold label in JSONL/CSV.", panel="Data")
+    pred: str = opt(None, "Predictions: .csv/.tsv/.parquet (column --pred-field; the header row names the "
+                          "columns), JSONL (field --pred-field), or any other file: one label per line, every line "
+                          "a label (no header).", panel="Data")
+    gold: str = opt(None, "Gold labels: .csv/.tsv/.parquet (column --gold-field; the header row names the "
+                          "columns), JSONL (field --gold-field), or any other file: one label per line, every line "
+                          "a label (no header).", panel="Data")
+    pred_field: str = opt("prediction", "Column (CSV/TSV/Parquet) or field (JSONL) of the predicted label.",
+                          panel="Data")
+    gold_field: str = opt("label", "Column (CSV/TSV/Parquet) or field (JSONL) of the gold label.", panel="Data")
 
 
 @dataclass

@@ -86,8 +86,8 @@ def run_wer(cfg: WerConfig) -> int:
 
 
 def run_accuracy(cfg: AccuracyConfig) -> int:
-    pred = read_lines(cfg.pred, None, (cfg.pred_field,))
-    gold = _read_gold(cfg.gold, cfg.gold_field)
+    pred = read_labels(cfg.pred, cfg.pred_field, "--pred")
+    gold = read_labels(cfg.gold, cfg.gold_field, "--gold")
     if len(pred) != len(gold):
         raise UserError(f"--pred has {len(pred)} records, --gold has {len(gold)}")
     names = sorted(set(gold) | set(pred))
@@ -98,15 +98,28 @@ def run_accuracy(cfg: AccuracyConfig) -> int:
     return 0
 
 
-def _read_gold(path: str, field: str) -> list[str]:
-    if path.endswith((".csv", ".tsv", ".parquet")):
-        from mmllm.records import read_table
+TABLES = (".csv", ".tsv", ".parquet")
 
-        columns, rows = read_table(Path(path))
-        if field not in columns:
-            raise UserError(f"--gold {path}: no column '{field}' (columns: {', '.join(columns)})")
-        return [str(r[field]) for _, r in rows if isinstance(r, dict)]
-    return read_lines(path, None, (field,))
+
+def read_labels(path: str, field: str, flag: str) -> list[str]:
+    """The labels of --pred / --gold: a CSV/TSV/Parquet column `field` (the header row names the columns, it is
+    no label), a JSONL field `field`, or else one label per line (every line, none a header)."""
+    if Path(path).suffix.lower() not in TABLES:
+        return read_lines(path, None, (field,))
+    from mmllm.records import RecordError, read_table
+
+    columns, rows = read_table(Path(path))
+    if field not in columns:
+        raise UserError(f"{flag} {path}: no column '{field}' (columns: {', '.join(columns)}); "
+                        f"name it with {flag}-field")
+    labels = []
+    for row, r in rows:
+        if isinstance(r, RecordError):
+            raise UserError(f"{flag} {path}, row {row}: {r.reason}")
+        if r[field] is None:
+            raise UserError(f"{flag} {path}, row {row}: column '{field}' is empty")
+        labels.append(str(r[field]))
+    return labels
 
 
 FID_FEATURES = "inception pool3 2048"

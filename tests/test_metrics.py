@@ -200,6 +200,37 @@ def test_accuracy_command(tmp_path):
     assert out["accuracy"] == 0.75 and out["confusion_matrix"]["matrix"] == [[2, 0], [1, 1]]
 
 
+def test_accuracy_reads_csv_tsv_and_parquet_by_column(tmp_path):
+    """The header row of a CSV/TSV names the columns: it is not a prediction or a gold label."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pred.csv").write_text("id,prediction\n0,a\n1,b\n2,a\n3,a\n")
+    (tmp_path / "gold.tsv").write_text("id\tlabel\n0\ta\n1\tb\n2\tb\n3\ta\n")
+    pq.write_table(pa.table({"guess": ["a", "b", "a", "a"]}), tmp_path / "pred.parquet")
+    for pred, extra in (("pred.csv", []), ("pred.parquet", ["--pred-field", "guess"])):
+        r = run_cli("eval", "accuracy", "--pred", str(tmp_path / pred), "--gold", str(tmp_path / "gold.tsv"), *extra)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert out["n"] == 4 and out["accuracy"] == 0.75 and out["confusion_matrix"]["labels"] == ["a", "b"]
+    line = one_line_error(run_cli("eval", "accuracy", "--pred", str(tmp_path / "pred.csv"), "--gold",
+                                  str(tmp_path / "gold.tsv"), "--pred-field", "label"))
+    assert f"--pred {tmp_path / 'pred.csv'}: no column 'label'" in line and "id, prediction" in line
+    (tmp_path / "ragged.csv").write_text("id,prediction\n0,a\n1,b,extra\n2,a\n3,a\n")
+    line = one_line_error(run_cli("eval", "accuracy", "--pred", str(tmp_path / "ragged.csv"), "--gold",
+                                  str(tmp_path / "gold.tsv")))
+    assert "ragged.csv, row 3" in line
+
+
+def test_accuracy_plain_lines_are_all_labels(tmp_path):
+    """Outside CSV/TSV/Parquet/JSONL every line is a label: a first line 'label' is a label, not a header."""
+    (tmp_path / "pred.txt").write_text("label\na\nb\n")
+    (tmp_path / "gold.txt").write_text("label\na\na\n")
+    r = run_cli("eval", "accuracy", "--pred", str(tmp_path / "pred.txt"), "--gold", str(tmp_path / "gold.txt"))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n"] == 3
+
+
 def test_classification_and_ece():
     m = classification(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), ["x", "y", "z"])
     assert m["accuracy"] == 0.75 and m["per_class"]["y"]["recall"] == 0.5 and m["per_class"]["z"]["precision"] == 0.5
