@@ -12,15 +12,23 @@ import torch
 
 
 class FeatureTable:
-    """Columns of one split: padded-on-demand token ids, precomputed embeddings, presence flags, labels."""
+    """Columns of one split: padded-on-demand token ids, precomputed embeddings, presence flags, labels.
+
+    With `cached_text` (a frozen text model), batches carry the text model's pooled states computed by prepare
+    (`text_pooled`, (B, D)) instead of token ids, and the model never runs its text model."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], label_to_id: dict[str, int] | None,
-                 pad_id: int = 0, sequence: bool = False):
+                 pad_id: int = 0, sequence: bool = False, cached_text: bool = False):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
         self.pad_id = pad_id
-        self.input_ids = [np.asarray(x, dtype=np.int64) for x in columns["input_ids"]] if "text" in modalities else None
+        text = "text" in modalities
+        cached_text = cached_text and columns.get("text_pooled") is not None  # else the text model runs
+        self.text_pooled = (torch.as_tensor(np.asarray(columns["text_pooled"], dtype=np.float32))
+                            if text and cached_text else None)
+        self.input_ids = ([np.asarray(x, dtype=np.int64) for x in columns["input_ids"]]
+                          if text and self.text_pooled is None else None)
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32))
                     for m in modalities if m != "text"}
@@ -34,9 +42,10 @@ class FeatureTable:
 
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], label_to_id: dict[str, int] | None, pad_id: int = 0,
-                   sequence: bool = False):
+                   sequence: bool = False, cached_text: bool = False):
+        cached_text = cached_text and "text_pooled" in ds.column_names
         wanted = ["id", "label"] + [f"has_{m}" for m in modalities]
-        wanted += ["input_ids"] if "text" in modalities else []
+        wanted += ([("text_pooled" if cached_text else "input_ids")] if "text" in modalities else [])
         wanted += [f"{m}_emb" for m in modalities if m != "text"]
         wanted += [f"{m}_seq" for m in modalities if m != "text" and sequence]
         missing = [c for c in wanted if c not in ds.column_names]
@@ -48,7 +57,7 @@ class FeatureTable:
 
         columns = ds.select_columns(wanted).with_format("numpy")[:]
         columns["label"] = label_strings(ds)  # names (the prepared column is a ClassLabel of ids)
-        return cls(columns, modalities, label_to_id, pad_id, sequence)
+        return cls(columns, modalities, label_to_id, pad_id, sequence, cached_text)
 
     def __len__(self) -> int:
         return self.n
@@ -56,17 +65,13 @@ class FeatureTable:
     def batch(self, idx: list[int] | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         idx = list(map(int, idx))
         out: dict[str, torch.Tensor] = {}
-        if self.input_ids is not None:
-            seqs = [self.input_ids[i] for i in idx]
-            width = max(1, max(len(s) for s in seqs))
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # (B, T)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                ids[j, :len(s)] = torch.from_numpy(s)
-                mask[j, :len(s)] = 1
-            mask[:, 0] = 1  # an empty text still has one (padding) position to pool
-            out["input_ids"], out["attention_mask"] = ids, mask
         t = torch.as_tensor(idx)
+        if self.input_ids is not None:
+            from mmllm.encoders import pad_token_ids
+
+            out["input_ids"], out["attention_mask"] = pad_token_ids([self.input_ids[i] for i in idx], self.pad_id)
+        if self.text_pooled is not None:
+            out["text_pooled"] = self.text_pooled[t]
         for m in self.modalities:
             out[f"has_{m}"] = self.has[m][t]
             if m != "text":

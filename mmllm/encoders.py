@@ -145,19 +145,45 @@ class TextEncoder:
 
         return AutoModel.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code, dtype=torch.float32)
 
-    @torch.inference_mode()
     def embed(self, texts: list[str], max_tokens: int = 128) -> np.ndarray:
         """Frozen sentence embeddings (B, D): mean of token states over the mask, L2-normalized."""
+        ids = self.tokenize(texts, max_tokens)["input_ids"]
+        return l2_normalize(torch.from_numpy(self.pooled(ids))).numpy()
+
+    @torch.inference_mode()
+    def pooled(self, input_ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
+        """The frozen text model's token states for these exact token ids, mean-pooled over each record's tokens
+        (N, D), unnormalized: what a frozen text model gives the fusion, computed once (prepare) instead of in
+        every training step. Records are run in batches of similar length (little padding)."""
         if self._model is None:
             self._model = self.build_model().eval()
-        enc = self.tokenizer(texts, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
-        with autocast(self.precision):
-            states = self._model(**enc).last_hidden_state.float()  # (B, T, D)
-        return l2_normalize(mean_pool(states, enc["attention_mask"])).numpy()
+        pad = self.tokenizer.pad_token_id or 0
+        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+        out = np.zeros((len(input_ids), self.dim), np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = pad_token_ids([input_ids[i] for i in idx], pad)
+            with autocast(self.precision):
+                states = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, D)
+            out[idx] = mean_pool(states, mask).numpy()
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, "identity": self.identity, "dim": self.dim, "precision": self.precision,
                 "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
+
+
+def pad_token_ids(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length token ids -> right-padded ids (B, T) and attention mask (B, T). Position 0 is always
+    unmasked, so an empty text still has one (padding) position to pool."""
+    width = max(1, max((len(s) for s in seqs), default=1))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        mask[j, :len(s)] = 1
+    mask[:, 0] = 1
+    return ids, mask
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

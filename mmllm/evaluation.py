@@ -63,7 +63,8 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
     mods = model.cfg.modalities
     pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
     columns, source, split = eval_columns(cfg, config, mods)
-    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence)
+    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence,
+                         model.cfg.cached_text)
     unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
     if unseen:
         warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "

@@ -322,12 +322,7 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
     transcripts = transcribe_chunk(good, transcriber, store, cfg) if transcriber else [None] * len(good)
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
-    # the tokenizer would read (and hold offsets for) a whole 15 MB text before truncating it to a few hundred
-    # tokens: it only ever needs the head (no token of a real text is CHARS_PER_TOKEN characters long)
-    heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
-    pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcriber else None
-    tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs) if text_enc and texts else None
-    sentence = text_enc.embed(heads, cfg.max_text_tokens) if text_enc and cfg.sentence_embedding and texts else None
+    text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, cfg) if text_enc and texts else {}
     rows = []
     for i, it in enumerate(good):
         rec = it["rec"]
@@ -336,11 +331,7 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
                "has_text": bool(texts[i] or transcripts[i]) and text_enc is not None}
         if transcriber:
             row["transcript"] = transcripts[i]
-        if text_enc:
-            row["input_ids"] = tokens["input_ids"][i]
-            row["attention_mask"] = tokens["attention_mask"][i]
-            if sentence is not None:
-                row["text_emb"] = sentence[i]
+        row.update({k: v[i] for k, v in text_cols.items()})
         for role in ("image", "audio"):
             if role not in encoders:
                 continue
@@ -355,6 +346,27 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
     return rows, errors
 
 
+def text_columns(texts: list[str], transcripts: list[str | None] | None, text_enc: Any, cfg: PrepareConfig
+                 ) -> dict[str, Any]:
+    """Token ids and mask of each text (with its transcript as a second segment), the frozen text model's pooled
+    states of exactly those tokens (`text_pooled`: a --freeze-text model reads them instead of running the text
+    model in every step) and, with --sentence-embedding, the same vectors L2-normalized (`text_emb`)."""
+    import torch
+
+    from mmllm.encoders import l2_normalize
+
+    # the tokenizer would read (and hold offsets for) a whole 15 MB text before truncating it to a few hundred
+    # tokens: it only ever needs the head (no token of a real text is CHARS_PER_TOKEN characters long)
+    heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
+    pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcripts else None
+    tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs)
+    cols = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+            "text_pooled": text_enc.pooled(tokens["input_ids"])}
+    if cfg.sentence_embedding:
+        cols["text_emb"] = l2_normalize(torch.from_numpy(cols["text_pooled"])).numpy()
+    return cols
+
+
 def arrow_schema(encoders: dict, cfg: PrepareConfig):
     import pyarrow as pa
 
@@ -364,7 +376,8 @@ def arrow_schema(encoders: dict, cfg: PrepareConfig):
     if "transcript" in encoders:
         fields.append(pa.field("transcript", pa.string()))
     if "text" in encoders:
-        fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8()))]
+        fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8())),
+                   pa.field("text_pooled", pa.list_(pa.float32(), encoders["text"].dim))]
         if cfg.sentence_embedding:
             fields.append(pa.field("text_emb", pa.list_(pa.float32(), encoders["text"].dim)))
     for role in ("image", "audio"):

@@ -42,6 +42,13 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def cached_text(self) -> bool:
+        """Whether the fusion reads only the frozen text model's pooled states, which prepare stores
+        (`text_pooled`): then batches carry those and the text model is never run."""
+        return ("text" in self.modalities and self.freeze_text and not self.lora_r
+                and self.fusion != "transformer")
+
 
 def projection(dim: int, hidden: int, dropout: float) -> nn.Module:
     """LayerNorm (features of different encoders live on different scales) -> Linear -> GELU -> Dropout."""
@@ -137,7 +144,9 @@ class MultimodalClassifier(nn.Module):
         vecs, present = [], []
         for i, m in enumerate(self.cfg.modalities):
             proj = self.proj[m] if m in self.proj else self.proj["image"]
-            if m == "text":
+            if m == "text" and "text_pooled" in batch:
+                feat = batch["text_pooled"]  # (B, D_text) from prepare: a frozen text model, computed once
+            elif m == "text":
                 feat = mean_pool(batch["text_seq"], batch["attention_mask"])  # (B, D_text)
             else:
                 feat = batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare
@@ -182,7 +191,7 @@ class MultimodalClassifier(nn.Module):
 
     def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
         """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
-        if "text" in self.cfg.modalities:  # the text model's token states (B, T, D_text), read by the fusion
+        if "text" in self.cfg.modalities and "text_pooled" not in batch:  # token states (B, T, D_text)
             out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             batch = {**batch, "text_seq": out.last_hidden_state}
         x, present = self.modality_vectors(batch, drop)

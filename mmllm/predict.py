@@ -66,7 +66,7 @@ class Predictor:
             mods = self.model.cfg.modalities
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             pad = self.tokenizer.pad_token_id or 0 if self.tokenizer is not None else 0
-            table = FeatureTable(columns, mods, None, pad, self.model.cfg.sequence)
+            table = FeatureTable(columns, mods, None, pad, self.model.cfg.sequence, self.model.cfg.cached_text)
             batch = table.batch(range(len(rows)), self.device)
             out = self.model(batch)
             probs = out["logits"].float().softmax(-1).cpu().numpy()  # (B, C)

@@ -277,6 +277,7 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
     for role, enc in encoders.items():
         if role == "text":
             features["input_ids"] = ["T"]
+            features["text_pooled"] = [enc.dim]  # the frozen text model's mean-pooled token states
             if cfg.sentence_embedding:
                 features["text_emb"] = [enc.dim]
         else:

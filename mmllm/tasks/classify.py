@@ -34,8 +34,6 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
         tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
     pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
     sequence = uses_sequences(cfg.fusion, meta, modalities)
-    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence)
-    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence)
     enc = meta["encoders"]
     mcfg = ModelConfig(modalities=modalities, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=cfg.fusion,
                        dropout=cfg.dropout, text_dim=enc.get("text", {}).get("dim"),
@@ -44,6 +42,9 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
                        freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
                        text_model_type=getattr(text_config, "model_type", None), sequence=sequence)
     model = build_model(mcfg, text_model).to(dist.device)
+    cached = uses_cached_text(mcfg, meta)
+    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence, cached)
+    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence, cached)
     if cfg.class_weights == "auto":
         model.class_weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device)
 
@@ -67,6 +68,19 @@ def uses_sequences(fusion: str, meta: dict, modalities: list[str]) -> bool:
     log(f"fusion {fusion}: the prepared data has no image/audio sequences, so each enters as one pooled token "
         "(prepare with --sequence-features for the image grid and audio frames)")
     return False
+
+
+def uses_cached_text(mcfg: ModelConfig, meta: dict) -> bool:
+    """Whether training reads the frozen text model's pooled states stored by prepare instead of running it."""
+    if not mcfg.cached_text:
+        return False
+    from mmllm.console import log
+
+    cached = "text_pooled" in meta["features"]
+    log("text model frozen: training reads its pooled states from the prepared data (computed once)" if cached else
+        "text model frozen, but the prepared data has no pooled text states (prepared by an older mmllm): it runs "
+        "in every step; prepare again to compute them once")
+    return cached
 
 
 def auto_class_weights(labels: torch.Tensor, n: int) -> torch.Tensor:
