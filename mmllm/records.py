@@ -70,7 +70,7 @@ def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str],
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if not columns:
             raise UserError(f"{path} is empty: expected a header row")
-
+        _check_unique(columns, path)
         return columns, _csv_rows(reader, columns)
     raise UserError(f"{path}: unsupported manifest type '{suffix}' (use .csv, .tsv, .jsonl or .parquet)")
 
@@ -80,6 +80,17 @@ def _check_manifest(path: Path) -> None:
         raise UserError(f"input not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a folder; expected a manifest file")
+
+
+def _check_unique(columns: list[str], path: Path) -> None:
+    """A header naming a column twice would leave all but the last unread: refused, naming it. (Unnamed columns,
+    as trailing commas make, are no role's and stay allowed.)"""
+    first: dict[str, int] = {}
+    for i, name in enumerate(columns, start=1):
+        if name in first and name:
+            raise UserError(f"{path}: column '{name}' appears twice in the header (columns {first[name]} and {i}): "
+                            "rename one")
+        first[name] = i
 
 
 def _csv_rows(reader: csv.DictReader, columns: list[str]) -> Iterator[tuple[int, dict | RecordError]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_image
+from conftest import one_line_error, run_cli, write_image
 from mmllm.records import RecordError, checked_record, read_records
 
 TIMEOUT = 300  # generous for a loaded 2-core machine; a hang is what it catches, not slowness
@@ -287,3 +287,16 @@ def test_csv_line_endings_lf_crlf_and_lone_cr_read_the_same(tmp_path):
         columns, it = read_table(path)
         seen.append((columns, [(i, r["id"], r["label"]) for i, r in it]))
     assert seen[0] == seen[1] == seen[2] == (["id", "text", "label"], [(2, "a", "b"), (3, "b", "s")])
+
+
+def test_csv_with_a_column_named_twice_is_one_line_naming_it(tmp_path):
+    """Two `text` columns (here one with a space before it) would leave one silently unread: refused instead."""
+    (tmp_path / "m.csv").write_text("id,text,label, text\na,it is big,b,it is small\n")
+    line = one_line_error(run_cli("prepare", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o")))
+    assert f"{tmp_path / 'm.csv'}: column 'text' appears twice in the header (columns 2 and 4)" in line
+    assert not (tmp_path / "o").exists()
+    from mmllm.records import read_table
+
+    (tmp_path / "trailing.csv").write_text("id,text,label,,\na,it is big,b,,\n")  # unnamed columns: no role, allowed
+    columns, rows = read_table(tmp_path / "trailing.csv")
+    assert columns == ["id", "text", "label", "", ""] and next(rows)[1]["text"] == "it is big"
