@@ -236,6 +236,9 @@ def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> d
             s = _cell(value)
             rec[key] = SPLIT_NAMES.get(str(s).strip().lower(), str(s).strip().lower()) if s not in (None, "") else None
         else:
+            if key == "id" and isinstance(value, float) and not math.isfinite(value):  # NaN would pass as missing
+                raise RecordError(col, f"id is {'NaN' if value != value else value}, not a usable id: give a finite "
+                                       "number or a text")
             v = _cell(value)
             if key == "text" and v is not None and not isinstance(v, str):
                 if isinstance(v, (dict, list)):

@@ -300,3 +300,28 @@ def test_csv_with_a_column_named_twice_is_one_line_naming_it(tmp_path):
     (tmp_path / "trailing.csv").write_text("id,text,label,,\na,it is big,b,,\n")  # unnamed columns: no role, allowed
     columns, rows = read_table(tmp_path / "trailing.csv")
     assert columns == ["id", "text", "label", "", ""] and next(rows)[1]["text"] == "it is big"
+
+
+def test_non_finite_ids_are_that_records_error(tmp_path):
+    """NaN/inf ids (a Parquet float column, JSONL NaN/Infinity) are each that record's error in column id, never
+    silently `rowN` (prepare) or 'inf' (an id that two records could share)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmllm.records import convert_rows, format_error, json_lines
+
+    pq.write_table(pa.table({"id": [1.5, float("nan"), -float("inf")], "text": [*WORDS, "a"]}), tmp_path / "m.parquet")
+    lines = ['{"id": 1.5, "text": "it is big"}', '{"id": NaN, "text": "it is small"}', '{"id": -Infinity, "text": "a"}']
+    jsonl(tmp_path / "m.jsonl", lines)
+    for name in ("m.parquet", "m.jsonl"):
+        records, errors, _ = read_records(str(tmp_path / name), {})
+        assert [r["id"] for r in records] == ["1.5"]
+        assert [(e["row"], e["column"]) for e in errors] == [(2, "id"), (3, "id")]
+        assert format_error(errors[0]) == "record row2, row 2, column id: id is NaN, not a usable id: give a finite " \
+                                          "number or a text"
+        assert "id is -inf" in errors[1]["reason"]
+    # predict / serve / the API read records with the same code: the record's error line, in order
+    with open(tmp_path / "m.jsonl", "rb") as f:
+        out = list(convert_rows(json_lines(f), {"model": {"modalities": ["text"]}}, tmp_path))
+    assert out[0]["given_id"] == 1.5
+    assert [(stub["id"], e.column) for stub, e in out[1:]] == [("row2", "id"), ("row3", "id")]
