@@ -23,8 +23,11 @@ def run(cfg: FinetuneConfig) -> int:
         loop.check_output(cfg)  # before any model loads: refuse an --output this run must not write
     torch.manual_seed(cfg.seed)
     data, meta = load_prepared(cfg.prepared)
-    if "train" not in data or "validation" not in data:
-        raise UserError(f"{cfg.prepared} needs train and validation splits (has: {', '.join(data)})")
+    absent = [split for split in ("train", "validation") if split not in data]
+    if absent:
+        raise UserError(f"{cfg.prepared} has no {' and no '.join(absent)} split (it has: {', '.join(data)}): "
+                        "finetune trains on train and picks the best epoch on validation; prepare again with "
+                        "records in both (--val-fraction, or the manifest's split column)")
     modalities = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
     missing = [m for m in modalities if m not in meta["modalities"]]
     if missing and cfg.modalities != "text,image,audio":

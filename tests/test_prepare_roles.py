@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import run_cli, write_image, write_wav
+from conftest import one_line_error, run_cli, write_image, write_wav
 
 from mmllm.records import CANDIDATES, assign_splits, detect_columns
 
@@ -156,6 +156,21 @@ def test_single_class_and_missing_validation_are_warnings(tiny_models, tmp_path)
     found = warnings(r.stderr)
     assert any("label 'only'" in w and "one class" in w for w in found), r.stderr
     assert any("no validation records" in w for w in found), r.stderr
+
+
+def test_no_train_split_is_written_with_a_warning_and_finetune_says_so(tiny_models, tmp_path):
+    """Every record split=test: prepare writes it (eval can use it) and warns; finetune refuses in one line."""
+    rows = [{"id": i, "text": ["it is big", "it is small"][i % 2], "label": "bs"[i % 2], "split": "test"}
+            for i in range(4)]
+    r = run_cli("prepare", str(manifest(tmp_path, rows)), "--output", str(tmp_path / "p"), "--text-model",
+                str(tiny_models["text"]))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["counts"] == {"test": 4} and (tmp_path / "p" / "test").is_dir()
+    assert any(w.startswith("warning: no train records ({'test': 4}): finetune needs train") for w in
+               warnings(r.stderr)), r.stderr
+    line = one_line_error(run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "ck")))
+    assert f"{tmp_path / 'p'} has no train and no validation split (it has: test)" in line, line
+    assert not (tmp_path / "ck").exists()
 
 
 def test_detect_columns_lists_ignored_in_input_order():
