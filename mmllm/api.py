@@ -42,8 +42,7 @@ def make_config(cls: type, config: Any = None, **options: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)} "
-                        f"(options: {', '.join(sorted(names))})")
+        raise UserError("; ".join(f"{cls.__name__}: {C.unknown_option(k, names)}" for k in unknown))
     values = dataclasses.asdict(config) if config is not None else {}
     values.update({k: _plain(v) for k, v in options.items() if v is not None})
     return C.build(cls, {}, values)

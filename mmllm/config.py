@@ -8,6 +8,7 @@ This module imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -357,7 +358,7 @@ def build(cls: type, file_values: dict, cli_values: dict, source: str | Path | N
     everything at once (for `finetune --resume`, also against the interrupted run's options)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     where = f"--config {source}" if source else "--config"
-    problems = [f"{where}: unknown option '{k}'" for k in sorted(set(file_values) - set(fields))]
+    problems = [f"{where}: {unknown_option(k, fields)}" for k in sorted(set(file_values) - set(fields))]
     values = {}
     for given, name_of in ((file_values, lambda k: f"{where}: {k}"), (cli_values, flag)):
         for k, v in given.items():
@@ -374,6 +375,13 @@ def build(cls: type, file_values: dict, cli_values: dict, source: str | Path | N
     if problems:
         raise UserError("; ".join(problems))
     return cfg
+
+
+def unknown_option(name: str, known: Any) -> str:
+    """The message for an unknown option `name`: its close matches among the names `known` (difflib), else all."""
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"options: {', '.join(sorted(known))}"
+    return f"unknown option '{name}' ({hint})"
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -25,8 +25,15 @@ def test_configs_are_validated_like_the_cli(tmp_path):
     with pytest.raises(UserError) as e:
         mmllm.finetune(tmp_path, tmp_path / "o", fusion="magic", dropout=2.0)
     assert "--fusion: 'magic' is not one of concat, gated, attention" in str(e.value) and "--dropout" in str(e.value)
-    with pytest.raises(TypeError, match="unknown option.*fusionn"):
-        mmllm.finetune(tmp_path, tmp_path / "o", fusionn="gated")
+    with pytest.raises(UserError) as e:  # as README says: every mistake is a UserError, close names suggested
+        mmllm.finetune(tmp_path, tmp_path / "o", fusionn="gated", zzz=1)
+    first, second = str(e.value).split("; ")
+    assert first == "FinetuneConfig: unknown option 'fusionn' (did you mean fusion?)"
+    assert second.startswith("FinetuneConfig: unknown option 'zzz' (options: ") and ", epochs, " in second
+    with pytest.raises(UserError, match=r"unknown option 'topk' \(did you mean top_k or top_p\?\)"):
+        mmllm.make_config(mmllm.PredictConfig, checkpoint="ck", topk=2)  # = Model.predict's options
+    with pytest.raises(UserError, match=r"^--config: unknown option 'ouptut' \(did you mean output\?\)$"):
+        mmllm.config.build(mmllm.PrepareConfig, {"ouptut": "o"}, {"input": ["x.csv"], "output": "o"})  # --config keys
     cfg = mmllm.make_config(mmllm.FinetuneConfig, mmllm.FinetuneConfig(prepared="p", output="o", lr=1), epochs=3)
     assert (cfg.lr, cfg.epochs, cfg.fusion) == (1.0, 3, "concat") and isinstance(cfg.lr, float)
 
