@@ -1,4 +1,5 @@
-"""Cached features: an epoch over the prepared features against decoding + encoding the media every epoch."""
+"""Cached features: an epoch over the prepared features against decoding + encoding the media every epoch; and,
+with a frozen text model, an epoch over its pooled states stored by prepare against running it in every step."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from common import ROOT, SAMPLE, encoder
 
 MODALITIES = ["text", "image", "audio"]
 TARGET = ">= 10x faster, accuracy within 1 point (frozen text model; fine-tuned reported too)"
+TEXT_TARGET = ">= 10x faster epochs with the frozen text model's states from prepare than running it, same accuracy"
 
 
 @dataclasses.dataclass
 class Setup:
     train: Any  # FeatureTable
     test: Any
+    train_states: Any  # the same splits with the frozen text model's pooled states (text_pooled) from prepare
+    test_states: Any
     labels: list[str]
     text: Any  # the text encoder, whose model is trained
     image: Any  # encoders the online baseline runs every epoch
@@ -33,8 +37,9 @@ def setup(prepared: Path) -> Setup:
     data, meta = load_prepared(prepared)
     l2i = {n: i for i, n in enumerate(meta["labels"])}
     precision = meta["preprocessing"].get("precision", "fp32")  # the online baseline encodes as prepare did
-    return Setup(FeatureTable.from_split(data["train"], MODALITIES, l2i, 0),
-                 FeatureTable.from_split(data["test"], MODALITIES, l2i, 0), meta["labels"],
+    table = {(split, cached): FeatureTable.from_split(data[split], MODALITIES, l2i, 0, cached_text=cached)
+             for split in ("train", "test") for cached in (False, True)}
+    return Setup(table["train", False], table["test", False], table["train", True], table["test", True], meta["labels"],
                  encoder("text"), encoder("image", precision), encoder("audio", precision),
                  {r["id"]: r for r in csv.DictReader(open(SAMPLE, encoding="utf-8"))})
 
@@ -62,13 +67,14 @@ def online_features(s: Setup, ids: list[str]):
     return pooled_i, pooled_a
 
 
-def epoch(s: Setup, model, opt, online: bool, seed: int) -> None:
+def epoch(s: Setup, model, opt, online: bool, seed: int, states: bool = False) -> None:
     import torch
 
     model.train()
-    order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = s.train_states if states else s.train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     for i in range(0, len(order), 32):
-        batch = s.train.batch(order[i:i + 32])
+        batch = train.batch(order[i:i + 32])
         if online:
             pooled_i, pooled_a = online_features(s, [s.train.ids[j] for j in order[i:i + 32]])
             batch["image_emb"], batch["audio_emb"] = torch.from_numpy(pooled_i), torch.from_numpy(pooled_a)
@@ -78,8 +84,9 @@ def epoch(s: Setup, model, opt, online: bool, seed: int) -> None:
         opt.step()
 
 
-def train_and_test(s: Setup, freeze: bool, online: bool, epochs: int) -> dict:
-    """Median epoch time and the test accuracy after `epochs` epochs."""
+def train_and_test(s: Setup, freeze: bool, online: bool, epochs: int, states: bool = False) -> dict:
+    """Median epoch time and the test accuracy after `epochs` epochs (`states`: read the frozen text model's
+    pooled states from the prepared data instead of running it)."""
     from mmllm.metrics import classification
     from mmllm.tasks.classify import predict_table
 
@@ -87,9 +94,9 @@ def train_and_test(s: Setup, freeze: bool, online: bool, epochs: int) -> dict:
     times = []
     for e in range(epochs):
         t = time.perf_counter()
-        epoch(s, model, opt, online, e)
+        epoch(s, model, opt, online, e, states)
         times.append(time.perf_counter() - t)
-    probs, gold, _ = predict_table(model, s.test, "cpu", 64)
+    probs, gold, _ = predict_table(model, s.test_states if states else s.test, "cpu", 64)
     return {"epoch_s": statistics.median(times),
             "test_accuracy": classification(gold, probs.argmax(1), s.labels)["accuracy"]}
 
@@ -107,6 +114,12 @@ def run(prepared: Path, epochs: int) -> dict:
         speedup = res["online"]["epoch_s"] / res["cached"]["epoch_s"]
         diff = abs(res["online"]["test_accuracy"] - res["cached"]["test_accuracy"])
         out["frozen_text" if freeze else "finetuned_text"] = {**res, "speedup": speedup, "accuracy_diff": diff}
+    running = out["frozen_text"]["cached"]
+    states = train_and_test(s, True, False, epochs, states=True)
+    out["frozen_text_states"] = {"running": running, "states": states,
+                                 "speedup": running["epoch_s"] / states["epoch_s"],
+                                 "accuracy_diff": abs(running["test_accuracy"] - states["test_accuracy"]),
+                                 "target": TEXT_TARGET}
     best = out["frozen_text"]
     return {**out, "speedup": best["speedup"], "accuracy_diff": best["accuracy_diff"], "target": TARGET,
             "met": best["speedup"] >= 10 and best["accuracy_diff"] <= 0.01}
@@ -121,4 +134,11 @@ def report(r: dict) -> tuple[list[str], list[str]]:
                     f"(acc {c['cached']['test_accuracy']:.3f}) | decode+encode every epoch "
                     f"{c['online']['epoch_s']:.2f} s (acc {c['online']['test_accuracy']:.3f}) | {c['speedup']:.1f}x | "
                     f">= 10x, accuracy within 0.01 | {c['speedup'] >= 10 and c['accuracy_diff'] <= 0.01} |")
+    t = r.get("frozen_text_states")
+    if t:
+        rows.append(f"| epoch, frozen text model: its pooled states from prepare | {t['states']['epoch_s']:.2f} s "
+                    f"(acc {t['states']['test_accuracy']:.3f}) | text model run every step "
+                    f"{t['running']['epoch_s']:.2f} s (acc {t['running']['test_accuracy']:.3f}) | "
+                    f"{t['speedup']:.1f}x | "
+                    f">= 10x, accuracy within 0.01 | {t['speedup'] >= 10 and t['accuracy_diff'] <= 0.01} |")
     return rows, []

@@ -64,6 +64,10 @@ def check_ratios(res: dict) -> None:
     assert c["speedup"] == c["frozen_text"]["speedup"] and c["accuracy_diff"] == c["frozen_text"]["accuracy_diff"]
     assert c["met"] == (c["speedup"] >= 10 and c["accuracy_diff"] <= 0.01)
     assert c["feature_max_abs_diff"] < 1e-4  # the online baseline computes the features the cache holds
+    f = c["frozen_text_states"]
+    assert close(f["speedup"], f["running"]["epoch_s"] / f["states"]["epoch_s"])
+    assert f["running"] == c["frozen_text"]["cached"]  # the baseline is the frozen run over cached media features
+    assert f["accuracy_diff"] == abs(f["running"]["test_accuracy"] - f["states"]["test_accuracy"])
     t = res["trainer"]
     assert close(t["ratio"], t["mmllm_records_per_s"] / t["trainer_records_per_s"]) and t["met"] == (t["ratio"] >= 1)
     assert close(t["mfu_fraction"], t["text_step_flops_per_s"] / t["matmul_flops_per_s"])
