@@ -3,7 +3,8 @@
     python bench/gpu_check.py OUT_DIR
 
 Builds a tiny BERT, ViT and GPT-2 from configs, writes a small text+image manifest, then runs on the GPU:
-prepare, finetune (fp32, bf16, fp16), predict, eval, a one-process nccl DDP finetune under torchrun, and a
+prepare, finetune (fp32, bf16, fp16; a frozen text model read from prepare's pooled states with bilinear
+fusion), predict, eval, a one-process nccl DDP finetune under torchrun, and a
 generate finetune + predict. Writes OUT_DIR/gpu_check.json with each step's exit code, wall time and key
 numbers, and exits 1 if any step failed.
 """
@@ -102,11 +103,16 @@ def main(out: Path) -> int:
         step(res, f"finetune-{precision}", mm + ["finetune", str(prep), "--output", str(work / f"ck-{precision}"),
                                                  "--device", "cuda", "--precision", precision, "--epochs", "3",
                                                  "--overwrite"])
+    step(res, "finetune-frozen-text", mm + ["finetune", str(prep), "--output", str(work / "ck-frozen"), "--device",
+                                            "cuda", "--precision", "bf16", "--freeze-text", "--fusion", "bilinear",
+                                            "--epochs", "3", "--overwrite"])
     ck = work / "ck-bf16"
     recs = "".join(json.dumps({"id": f"q{i}", "text": "it is big", "image": str(work / "data" / "img" / f"{i}.png")})
                    + "\n" for i in range(8))
     step(res, "predict-cuda", mm + ["predict", str(ck), "-", "--device", "cuda"], stdin=recs)
     step(res, "eval-cuda", mm + ["eval", "model", str(ck), str(prep), "--split", "test", "--device", "cuda"])
+    step(res, "predict-frozen-text-cuda", mm + ["predict", str(work / "ck-frozen"), "-", "--device", "cuda"],
+         stdin=recs)
     step(res, "ddp-nccl-1proc", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "1", "-m", "mmllm", "finetune", str(prep), "--output", str(work / "ck-ddp"),
                                  "--device", "cuda", "--epochs", "2", "--overwrite"])
