@@ -86,19 +86,22 @@ def evaluate(checkpoint: str | Path | None = None, data: str | Path | None = Non
     return _run(C.EvalModelConfig, config, quiet, {"checkpoint": checkpoint, "data": data, **options})
 
 
-def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512) -> Model:
-    """A checkpoint with its encoders, ready to predict raw records (`Model.predict`)."""
-    return Model(checkpoint, device, max_file_mb)
+def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False) -> Model:
+    """A checkpoint with its encoders, ready to predict raw records (`Model.predict`); `quiet`: no notes on
+    stderr (as --quiet), while loading and predicting."""
+    return Model(checkpoint, device, max_file_mb, quiet)
 
 
 class Model:
     """A loaded checkpoint: `predict(records)` gives what `mmllm predict` writes, one dict per record."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False):
         from mmllm.predict import Predictor
 
         self.checkpoint = os.fspath(checkpoint)
-        self.predictor = Predictor(self.checkpoint, device, max_file_mb)
+        self.quiet = quiet
+        with capture(quiet):  # the encoders' precision note is a log line: silenced by quiet
+            self.predictor = Predictor(self.checkpoint, device, max_file_mb)
         self.labels: list = self.predictor.labels
 
     def predict(self, records: dict | list[dict], *, base: str | Path = ".", **options: Any) -> dict | list[dict]:
@@ -112,7 +115,7 @@ class Model:
         single = isinstance(records, dict)
         cfg = make_config(C.PredictConfig, checkpoint=self.checkpoint, **options)
         rows = enumerate([records] if single else records, start=1)
-        with capture() as results:
+        with capture(self.quiet) as results:
             batch: list[dict] = []
             for item in convert_rows(((i, r if isinstance(r, dict) else RecordError(None, "expected a dict"))
                                       for i, r in rows), self.predictor.config, Path(base)):

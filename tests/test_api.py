@@ -62,3 +62,19 @@ def test_prepare_finetune_predict_match_the_cli(tiny_models, tmp_path):
     assert got[0]["prediction"] in model.labels and len(got[0]["top_k"]) == 2
     assert model.predict({"text": "it is big"}) == {k: v for k, v in got[0].items() if k != "top_k"} | {"id": "row1"}
     assert records[0] == {"id": "a", "text": "it is big"}  # the caller's records are untouched
+
+
+def test_quiet_silences_the_encoder_note_in_the_cli_and_the_api(trained_checkpoint, capsys):
+    import mmllm
+
+    line = '{"id": "a", "text": "it is big"}\n'
+    assert "frozen encoders:" in run_cli("predict", str(trained_checkpoint), "-", input=line).stderr
+    for args in (["predict", "--quiet"], ["--quiet", "predict"], ["predict", "-q"]):
+        r = run_cli(*args, str(trained_checkpoint), "-", input=line)
+        assert r.exit_code == 0 and r.stderr == "" and load_json_lines(r.stdout)[0]["id"] == "a", (args, r.stderr)
+    capsys.readouterr()
+    model = mmllm.load(trained_checkpoint, device="cpu", quiet=True)
+    assert model.predict({"text": "it is big"})["prediction"] in model.labels
+    assert capsys.readouterr().err == ""
+    mmllm.load(trained_checkpoint, device="cpu")
+    assert "frozen encoders:" in capsys.readouterr().err
