@@ -4,7 +4,8 @@
     text_model/            the trained text model as a complete Hugging Face folder (config, safetensors with
                            LoRA adapters merged, tokenizer): `AutoModel.from_pretrained(ckpt / "text_model")`
     config.json            model config, labels, encoder identities + preprocessing, task
-    labels.json            label map (name -> id)
+    labels.json            label map (name -> id), a copy of config.json's labels for other tools; those of
+                           config.json are the ones used, and loading refuses the two disagreeing
     README.md              the model card (mmllm.modelcard)
     metrics.jsonl, metrics.json, finetune_config.json, training_curves.png   (written by finetune)
     mmllm-checkpoint.json  the marker that says the folder is mmllm's checkpoint (see mmllm.outputs)
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from mmllm.config import FUSIONS, MAX_AUDIO_SECONDS, ROLES
-from mmllm.errors import UserError
+from mmllm.errors import UserError, utf8_text
 from mmllm.model import ModelConfig, MultimodalClassifier, build_model
 
 FORMAT = "mmllm-checkpoint"
@@ -145,7 +146,37 @@ def read_config(folder: str | Path) -> dict:
     problems = check_config(config, folder)
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged; fine-tune again)")
+    check_label_map(config, folder)
     return config
+
+
+def check_label_map(config: dict, folder: Path) -> None:
+    """labels.json (when there is one) must be config.json's labels as {name: id}: config.json's are the ones used,
+    so an edit of labels.json alone would be silently ignored."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return
+    try:
+        given = json.loads(utf8_text(path.read_bytes(), str(path)))
+    except ValueError as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+    expected = {n: i for i, n in enumerate(config.get("labels", []))}
+    if given == expected:
+        return
+    raise UserError(f"{path} disagrees with {folder / 'config.json'}: {label_map_difference(given, expected)}; "
+                    "config.json's labels are the ones used: edit both alike, or restore labels.json from them")
+
+
+def label_map_difference(given: Any, expected: dict[str, int]) -> str:
+    """The first difference of labels.json's content from config.json's {name: id}, in words."""
+    if not isinstance(given, dict):
+        return "it must map each label name to its id"
+    for name, i in expected.items():
+        if name not in given:
+            return f"'{name}' (id {i} in config.json) is not in it"
+        if given[name] != i:
+            return f"'{name}' is id {i} in config.json, {json.dumps(given[name])} in labels.json"
+    return f"'{next(n for n in given if n not in expected)}' is not a label of config.json"
 
 
 # ---------------------------------------------------------------- schema of config.json

@@ -188,6 +188,8 @@ def command_line(path: Path) -> str | None:
 
 def files_section(config: dict) -> str:
     files = dict(FILES)
+    if config.get("task") == "classify":
+        files["labels.json"] = "label name -> id, a copy of config.json's labels (those are used; the two must agree)"
     if config.get("task") == "classify" and "text" in config["model"]["modalities"]:
         files["text_model/"] = "the fine-tuned text model and its tokenizer (Hugging Face folder)"
     if config.get("task") == "generate":

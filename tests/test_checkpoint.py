@@ -82,6 +82,23 @@ def test_checkpoint_with_a_corrupt_text_model_config_is_refused(ck):
     assert "text_model" in one_line_error(r) and r.stdout == ""
 
 
+def test_hand_edited_labels_json_is_refused_not_ignored(ck):
+    """labels.json is a copy of config.json's labels (the ones used): an edit of it alone is one line, not ignored."""
+    line_in = '{"id": "a", "text": "it is big"}\n'
+    (ck / "labels.json").write_text(json.dumps({"big": 0, "s": 1}))
+    line = one_line_error(run_cli("predict", str(ck), "-", input=line_in))
+    assert line.startswith(f"error: {ck / 'labels.json'} disagrees with {ck / 'config.json'}: 'b' (id 0 in "
+                           "config.json) is not in it; config.json's labels are the ones used"), line
+    (ck / "labels.json").write_text(json.dumps({"b": 1, "s": 0}))
+    assert "'b' is id 0 in config.json, 1 in labels.json" in one_line_error(run_cli("eval", "model", str(ck), "x"))
+    (ck / "labels.json").write_text(json.dumps({"s": 1, "b": 0}))  # the same map in another order: fine
+    assert run_cli("predict", str(ck), "-", input=line_in).exit_code == 0
+    (ck / "labels.json").unlink()  # as in generation checkpoints, which have none
+    assert run_cli("predict", str(ck), "-", input=line_in).exit_code == 0
+    assert "| [labels.json](labels.json) | label name -> id, a copy of config.json's labels (those are used" in \
+        (ck / "README.md").read_text()  # the model card says so
+
+
 def test_untouched_checkpoint_passes_the_schema(trained_checkpoint):
     config = json.loads((trained_checkpoint / "config.json").read_text())
     assert checkpoint.check_config(config, trained_checkpoint) == []
