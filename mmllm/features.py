@@ -43,7 +43,24 @@ def load_prepared(path: str | Path) -> tuple[Any, dict]:
         raise UserError(f"{p}: prepared with schema version {meta.get('schema_version')}, this mmllm reads "
                         f"{SCHEMA_VERSION}: prepare it again")
     datasets.disable_progress_bars()
-    return datasets.load_from_disk(str(p)), meta
+    data = datasets.load_from_disk(str(p))
+    check_labels(p, data, meta)
+    return data, meta
+
+
+def check_labels(p: Path, data: Any, meta: dict) -> None:
+    """Each split's label ids are named by its dataset_info.json (a `ClassLabel`); META's `labels` is the copy that
+    finetune and merge read. A hand edit of one alone would silently unlabel records: refused, naming both."""
+    labels = list(meta.get("labels") or [])
+    for split, ds in data.items():
+        names = getattr(ds.features.get("label"), "names", None)
+        if names is None or names == labels:
+            continue
+        i = next((i for i, (a, b) in enumerate(zip(labels, names)) if a != b), min(len(labels), len(names)))
+        ours, theirs = (repr(x[i]) if i < len(x) else "none" for x in (labels, names))
+        raise UserError(f"{p / META} and {p / split / 'dataset_info.json'} disagree on the labels (id {i}: {ours} "
+                        f"vs {theirs}), as after a hand edit: undo it, or prepare again (label names cannot be "
+                        "edited in prepared data)")
 
 
 def label_column(ds: Any) -> Any:

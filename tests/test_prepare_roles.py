@@ -173,6 +173,22 @@ def test_no_train_split_is_written_with_a_warning_and_finetune_says_so(tiny_mode
     assert not (tmp_path / "ck").exists()
 
 
+def test_hand_edited_labels_of_prepared_data_are_refused(tiny_models, tmp_path):
+    """The dataset's label ids are named in each split's dataset_info.json; the `labels` of mmllm-prepared.json are
+    a copy finetune reads. Editing one alone would silently unlabel records: one line instead, naming both."""
+    rows = [{"id": i, "text": ["it is big", "it is small"][i % 2], "label": "bs"[i % 2]} for i in range(8)]
+    r = run_cli("prepare", str(manifest(tmp_path, rows)), "--output", str(tmp_path / "p"), "--text-model",
+                str(tiny_models["text"]), "--test-fraction", "0")
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "p" / "mmllm-prepared.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(meta, labels=["big", "s"])))
+    line = one_line_error(run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "ck")))
+    assert line.startswith(f"error: {path} and {tmp_path / 'p' / 'train' / 'dataset_info.json'} disagree on the "
+                           "labels (id 0: 'big' vs 'b')"), line
+    assert not (tmp_path / "ck").exists()
+
+
 def test_detect_columns_lists_ignored_in_input_order():
     cols = detect_columns(["notes", "Text", "clip", "label"], {})
     assert cols["text"] == "Text" and cols["label"] == "label" and cols.ignored == ["notes", "clip"]
