@@ -141,3 +141,53 @@ def test_bench_quick_writes_checked_numbers_beside_the_tracked_files(bench_run, 
     assert f"{res['predict']['records_per_s_batch']:.0f} records/s in batch mode" in md
     res["predict"]["records_per_s_batch"] = None  # nothing streamed after the first batch: reported, not a crash
     assert "- predict: n/a records/s" in bench_run.render(res)
+
+
+def fake_peers_result(ludwig: dict | None) -> dict:
+    """A bench/peers.py result as run() writes it (numbers made up), with the given Ludwig part."""
+    res = {"date": "2026-11-30", "dataset": "digits_match", "train": 300, "eval": 150, "total_s": 397.2,
+           "versions": {"python": "3.11.2", "torch": "2.13.0+cpu", "transformers": "5.24.0",
+                        "machine": "x86_64, 2 cores"},
+           "mmllm": {"accuracy": 0.4867, "macro_f1": 0.4196, "finetune_s": 193.3, "eval_s": 7.8, "epochs": 35,
+                     "steps": 350, "stop_reason": "stopped: no val_loss improvement", "prepare_s": 37.5,
+                     "wall_s": 238.6, "counts": {"train": 300, "validation": 150, "test": 150}},
+           "trainer": {"accuracy": 0.48, "macro_f1": 0.4518, "load_s": 0.4, "train_s": 12.1, "predict_s": 0.9,
+                       "epochs": 3.0, "learning_rate": 5e-05, "steps": 30, "best_checkpoint": "checkpoint-10",
+                       "val_loss": [0.6969, 0.6993], "wall_s": 58.1}}
+    if ludwig is not None:
+        res["ludwig"] = ludwig
+    return res
+
+
+def test_peers_report_says_why_a_peer_did_not_run_and_scores_those_that_did(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import peers
+
+    pip = "pip install -c ludwig-constraints.txt ludwig"
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\n    import torchvision\n" \
+                "RuntimeError: operator torchvision::nms does not exist\n\nsome pip notice\n"
+    assert peers.decisive_line(traceback) == "RuntimeError: operator torchvision::nms does not exist"
+    assert peers.decisive_line("ERROR: No matching distribution found for ludwig\n") == \
+        "ERROR: No matching distribution found for ludwig"
+    assert peers.decisive_line("just this\n\n") == "just this" and peers.decisive_line("") == "(no output)"
+    install = {"ok": True, "seconds": 120.8, "command": pip, "versions": {"ludwig": "0.11.0", "torchvision": "0.28.0"}}
+    failed = {"install": install, "experiment": {"ok": False, "seconds": 8.4, "command": "ludwig experiment --config c",
+                                                 "error": "exit 1: RuntimeError: operator torchvision::nms"}}
+    md = peers.markdown(fake_peers_result(failed))
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and rows[0].startswith("| tool |")
+    assert "| 238.6 (prepare 37.5, finetune 193.3, eval 7.8) | 48.7 / 42.0 |" in rows[1]
+    assert "| 58.1 (mmllm's prepare 37.5 + load 0.4, train 12.1, predict 0.9) | 48.0 / 45.2 |" in rows[2]
+    assert "(3 epochs, lr 5e-05)" in rows[2] and "None" not in md
+    assert rows[3].startswith("| Ludwig 0.11.0 |") and "could not run | - | - |" in rows[3]
+    assert f"`{pip}` took 120.8 s" in rows[3] and "`exit 1: RuntimeError: operator torchvision::nms`" in rows[3]
+    assert "could not install" in peers.markdown(fake_peers_result({"install": {**install, "ok": False,
+                                                                                "error": "timed out after 600 s"}}))
+    assert "| Ludwig | not run (--no-ludwig) |" in peers.markdown(fake_peers_result(None))
+    stats = tmp_path / "experiment_run" / "test_statistics.json"
+    stats.parent.mkdir()
+    stats.write_text(json.dumps({"label": {"accuracy": 0.52, "overall_stats": {"avg_f1_score_macro": 0.5}}}))
+    scores = peers.ludwig_scores(tmp_path)
+    assert scores == {"accuracy": 0.52, "macro_f1": 0.5}
+    ran = {"install": install, "experiment": {"ok": True, "seconds": 300.0, "command": "ludwig experiment", **scores}}
+    assert "| 300.0 (+ the transcription in mmllm's prepare) | 52.0 / 50.0 |" in peers.markdown(fake_peers_result(ran))
