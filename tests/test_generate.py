@@ -104,7 +104,7 @@ def test_generation_needs_targets(tiny_models, tiny_decoder, tmp_path):
 
 # ---------------------------------------------------------------- speed: precision, loss slice, task defaults
 
-def tiny_prefix_model(folder, precision="fp32"):
+def tiny_prefix_model(folder, precision="fp32", with_targets=True):
     """A PrefixDecoder over the tiny GPT-2 (frozen), with a batch of 3 records of different lengths."""
     import torch
 
@@ -119,7 +119,7 @@ def tiny_prefix_model(folder, precision="fp32"):
     cols = {"id": ["a", "b", "c"], "text": ["it is big", None, "a much longer context text here"],
             "target": ["big red", "small blue thing", "red"], "has_image": [True, False, True],
             "image_emb": torch.randn(3, 6).numpy()}
-    return model, GenTable(cols, ["image"], tok, with_targets=True).batch(range(3))
+    return model, GenTable(cols, ["image"], tok, with_targets=with_targets).batch(range(3))
 
 
 def test_loss_over_target_positions_equals_the_decoders_own_loss(tiny_decoder):
@@ -234,3 +234,22 @@ def test_relative_min_delta(tmp_path):
     assert "0.01 x best" in rel.stop_reason
     plain = epochs(0.0)
     assert not plain.stopped_early and plain.best_epoch == 10
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_batched_generation_equals_one_record_at_a_time(tiny_decoder, beams):
+    """Records of different prompt lengths generated together (left-aligned, padding masked) give what each gives
+    alone: the batch is a speed-up, never a different answer."""
+    from mmllm.encoders import load_decoder
+
+    model, batch = tiny_prefix_model(tiny_decoder, with_targets=False)
+    _, tok, _ = load_decoder(str(tiny_decoder))
+    together = model.generate(batch, tok, max_new_tokens=6, num_beams=beams)
+    alone = []
+    for i in range(3):
+        n = int(batch["attention_mask"][i].sum())  # this record's prompt, without the batch's padding
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
+        alone += model.generate(one, tok, max_new_tokens=6, num_beams=beams)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # three prompt lengths: padding is exercised
+    assert together == alone and len(set(alone)) > 1

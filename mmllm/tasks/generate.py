@@ -113,19 +113,31 @@ class PrefixDecoder(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int = 32, num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-        """One record at a time (no padding inside the prefix): the decoder's own generate with a KV cache."""
-        texts = []
-        for i in range(len(batch["input_ids"])):
-            one = {k: v[i:i + 1] for k, v in batch.items() if k != "labels"}
-            n = int(one["attention_mask"].sum())
-            one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
-            inputs, mask = self.embed(one)
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-            ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                        num_beams=num_beams, pad_token_id=tokenizer.pad_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, **kwargs)
-            texts.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
-        return texts
+        """Every record of the batch at once: prefix + prompt embeddings left-aligned (padding first, masked), then
+        the decoder's own generate with a KV cache; it returns the new tokens only."""
+        inputs, mask = left_align(*self.embed({k: v for k, v in batch.items() if k != "labels"}))
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                    **kwargs)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, d) embeddings whose mask (B, T) has holes (the prefix, then right-padded prompts) -> the same
+    positions packed to the right end of (B, W, d), W the longest record: generation appends after the last
+    position of every row. A record with nothing at all keeps one masked-in zero position."""
+    lengths = mask.sum(1)
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = inputs.new_zeros((len(inputs), width, inputs.shape[-1]))
+    packed = mask.new_zeros((len(inputs), width))
+    for i in range(len(inputs)):
+        n = int(lengths[i])
+        if n:
+            out[i, width - n:] = inputs[i][mask[i].bool()]
+        packed[i, width - max(n, 1):] = 1
+    return out, packed
 
 
 class GenTable:
