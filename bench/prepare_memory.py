@@ -28,7 +28,8 @@ def run(tmp: Path, small: int, large: int) -> dict:
     out = {}
     for name, n in (("small", small), ("large", large)):
         manifest = write_manifest(tmp / f"mem{n}.csv", records[:n])
-        m = measure([mmllm_exe(), "-q", "prepare", str(manifest), "--output", str(tmp / f"mem{n}"), "--no-cache"])
+        m = measure([mmllm_exe(), "-q", "prepare", str(manifest), "--output", str(tmp / f"mem{n}"), "--no-cache",
+                     "--no-transcribe"])
         if m["returncode"] != 0:
             raise RuntimeError(f"mmllm prepare on {n} records: {m}")
         out[name] = {"records": n, "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}

@@ -22,7 +22,7 @@ def prepare_times(tmp: Path, ns: list[int]) -> list[float]:
         manifest = write_manifest(tmp / f"s{k}.csv", sample_records(k))
         t = time.perf_counter()
         with quiet_stdout():
-            prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / f"sp{k}"), cache=False))
+            prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / f"sp{k}"), cache=False, transcribe=False))
         times.append(time.perf_counter() - t)
     return times
 

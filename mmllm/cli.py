@@ -64,7 +64,7 @@ def _help(f: dataclasses.Field, kind: type) -> str:
     if meta.get("choices"):
         text += f" [choices: {', '.join(meta['choices'])}]"
     if kind is bool:
-        text += f" [default: {'on' if default else 'off'}]"
+        text += "" if default is None else f" [default: {'on' if default else 'off'}]"  # None: the help says
     elif default not in (None, []):
         text += f" [default: {default}]"
     return text

@@ -123,6 +123,7 @@ class TextEncoder:
         self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.dim = int(self.config.hidden_size)
         self._model = None
+        self.states = True  # featurize computes the pooled states (text_pooled): a frozen text model reads them
 
     def tokenize(self, texts: list[str], max_tokens: int, pairs: list[str | None] | None = None) -> dict:
         """Token ids per text; with `pairs`, a text and its pair are two segments of one input (BERT: [CLS] text

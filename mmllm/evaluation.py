@@ -62,7 +62,7 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
     labels = config["labels"]
     mods = model.cfg.modalities
     pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
-    columns, source, split = eval_columns(cfg, config, mods)
+    columns, source, split = eval_columns(cfg, config, mods, model.cfg.cached_text)
     table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence,
                          model.cfg.cached_text)
     unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
@@ -111,7 +111,8 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     return result
 
 
-def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[dict, str, str]:
+def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_states: bool = False
+                 ) -> tuple[dict, str, str]:
     """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
     featurized on the fly."""
     from mmllm.features import META, label_strings, load_prepared
@@ -133,7 +134,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str]) -> tuple[d
     from mmllm.records import raw_records
     from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
 
-    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision)
+    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states)
     records = []
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):

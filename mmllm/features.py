@@ -377,10 +377,13 @@ def text_columns(texts: list[str], transcripts: list[str | None] | None, text_en
     heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
     pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcripts else None
     tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs)
-    cols = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "text_pooled": text_enc.pooled(tokens["input_ids"])}
-    if cfg.sentence_embedding:
-        cols["text_emb"] = l2_normalize(torch.from_numpy(cols["text_pooled"])).numpy()
+    cols = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    if text_enc.states or cfg.sentence_embedding:
+        pooled = text_enc.pooled(tokens["input_ids"])
+        if text_enc.states:
+            cols["text_pooled"] = pooled
+        if cfg.sentence_embedding:
+            cols["text_emb"] = l2_normalize(torch.from_numpy(pooled)).numpy()
     return cols
 
 
@@ -446,10 +449,11 @@ def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: Fe
 
 
 def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False,
-                            precision: str = "checkpoint") -> dict:
+                            precision: str = "checkpoint", text_states: bool = False) -> dict:
     """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder.
 
-    `precision` "checkpoint" runs them as the checkpoint's data was prepared (fp32 when it recorded none)."""
+    `precision` "checkpoint" runs them as the checkpoint's data was prepared (fp32 when it recorded none);
+    `text_states`: featurize computes the frozen text model's pooled states (the model reads them, not tokens)."""
     from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision
 
     requested = precision
@@ -468,6 +472,8 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
             raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
                             f"trained on {recorded['identity']}")
         out[role] = enc
+    if "text" in out:
+        out["text"].states = text_states
     recorded = config.get("preprocessing", {}).get("transcribe")
     if recorded and "text" in out:  # the text model was trained on text + transcript: transcribe as prepare did
         out["transcript"] = load_transcriber(recorded["name"], trust_remote_code, precision)

@@ -37,7 +37,8 @@ class Predictor:
         else:
             self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
         self.labels = self.config["labels"]
-        self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision)
+        self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision,
+                                                text_states=getattr(self.model.cfg, "cached_text", False))
         self.prep = config_from_checkpoint(self.config)
         self.prep.max_file_mb = max_file_mb
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)

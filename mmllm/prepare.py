@@ -54,6 +54,10 @@ def run(cfg: PrepareConfig) -> int:
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
     roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
+    if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
+        cfg.transcribe = "audio" in roles and cfg.audio_model == default(PrepareConfig, "audio_model")
+        if cfg.transcribe:
+            log(f"transcribing the audio with {cfg.transcribe_model} for the text model (--no-transcribe: off)")
     if cfg.transcribe and "audio" in roles and "text" not in roles:
         roles.insert(0, "text")  # the transcripts become the text model's input
     elif cfg.transcribe and "audio" not in roles:

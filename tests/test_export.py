@@ -64,7 +64,7 @@ def exported(request, tiny_models, tmp_path, monkeypatch):
 
     prepared = text_prepared(tiny_models, tmp_path)
     seen = spy_on_save(monkeypatch, checkpoint, "save")
-    finetune(prepared, tmp_path / "ck", *request.param)
+    finetune(prepared, tmp_path / "ck", *(request.param or ["--no-freeze-text"]))  # "full": the text model trained
     return tmp_path / "ck", prepared, seen["model"], request.param
 
 

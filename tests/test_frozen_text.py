@@ -58,7 +58,8 @@ def test_a_frozen_text_model_is_never_run_in_training_eval_or_predict(tiny_model
     assert r.exit_code == 0, r.output
     assert "prediction" in load_json_lines(r.stdout)[0]
     assert calls["n"] == 1  # predict featurizes the raw text once (prepare's pooled states), not again in the model
-    r = run_cli("finetune", str(out), "--output", str(tmp_path / "trained"), "--epochs", "1", "--hidden-size", "16")
+    r = run_cli("finetune", str(out), "--output", str(tmp_path / "trained"), "--epochs", "1", "--hidden-size", "16",
+                "--no-freeze-text")
     assert r.exit_code == 0, r.output
     assert calls["n"] >= 1 + 3, r.output  # a trained text model runs in each of the 2 steps and in validation
 

@@ -107,7 +107,7 @@ def test_wer_against_reference_column(tiny_models, tiny_whisper, speech_manifest
 
 
 def test_transcribe_flags_checked(tiny_models, speech_manifest, tmp_path):
-    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--transcribe-model", "x")
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--transcribe-model", "x", "--no-transcribe")
     assert r.exit_code == 2 and "--transcribe-model: only used with --transcribe" in r.stderr
     r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"],
                 "--audio-model", tiny_models["whisper"], "--transcribe", "--transcribe-model", tiny_models["text"])
@@ -163,3 +163,17 @@ def test_whisper_tiny_en_transcribes_a_spoken_word(tmp_path):
     texts = Transcriber("whisper-tiny.en").transcribe(clips)  # decoded together (same 10 s window)
     for word, text in zip(spoken.values(), texts):
         assert word in text.lower().strip(".,!?").split(), texts
+
+
+def test_transcription_is_on_by_default_only_with_the_embedded_whisper(tiny_models, speech_manifest, tmp_path):
+    """auto: a custom --audio-model is not asked to transcribe (and is not replaced by another model's ears)."""
+    import json
+
+    from mmllm.config import PrepareConfig
+
+    assert PrepareConfig.__dataclass_fields__["transcribe"].default is None  # auto
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"],
+                "--audio-model", tiny_models["whisper"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text())
+    assert meta["preprocessing"]["transcribe"] is None and "transcript" not in meta["features"]
