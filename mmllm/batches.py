@@ -62,6 +62,11 @@ class FeatureTable:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def lengths(self) -> list[int] | None:
+        """Token count per record when the text model runs in each step (training groups records by it)."""
+        return [len(x) for x in self.input_ids] if self.input_ids is not None else None
+
     def batch(self, idx: list[int] | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         idx = list(map(int, idx))
         out: dict[str, torch.Tensor] = {}

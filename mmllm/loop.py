@@ -295,13 +295,28 @@ def epoch_order(n: int, seed: int, epoch: int, dist: Dist) -> list[int]:
     return order
 
 
+GROUP_BATCHES = 16  # batches per length-sorted group of the shuffled order
+
+
+def epoch_batches(order: list[int], batch_size: int, grad_accum: int, lengths: list[int] | None
+                  ) -> list[list[int]]:
+    """Consecutive batches of the shuffled order. With per-record token lengths (a text model or decoder that
+    runs in every step), each group of GROUP_BATCHES x batch_size x grad_accum records is first sorted by length
+    (stable: ties stay shuffled), so a batch pads to similar lengths instead of to the longest record of the
+    split; the groups stay random, and an optimizer step's micro-batches are cut from one group."""
+    if lengths is not None:
+        size = GROUP_BATCHES * batch_size * grad_accum
+        order = [i for g in range(0, len(order), size) for i in sorted(order[g:g + size], key=lengths.__getitem__)]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneConfig, dist: Dist,
               state: TrainState, stop: StopFlag, out: Path | None, scaler: Any = None, report: Any = None) -> int:
     """One pass over the training split; returns the number of records seen."""
     scaler = scaler or torch.amp.GradScaler(dist.device.type, enabled=False)  # fp16: scale the loss (see Run)
     ddp_model.train()
     order = epoch_order(len(train), cfg.seed, state.epoch, dist)
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = epoch_batches(order, cfg.batch_size, cfg.grad_accum, getattr(train, "lengths", None))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     autocast = torch.autocast(dist.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     if state.batch_in_epoch == 0:

@@ -254,3 +254,23 @@ def test_resume_state_restores_the_cuda_rng(monkeypatch, tmp_path):
     state = loop.load_state(tmp_path / "resume", model, optimizer, scheduler)
     assert state.step == 2 and torch.equal(torch.get_rng_state(), cpu_state)
     assert len(restored) == 1 and torch.equal(restored[0], saved_cuda)
+
+
+def test_batches_group_records_of_similar_length():
+    """With token lengths, each group of 16 batches is sorted by length: every record once per epoch, far less
+    padding, groups still in shuffled order, and a step's micro-batches are the large batch cut in two."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 4, 5, 6, 120]) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    plain = loop.epoch_batches(order, 8, 1, None)
+    grouped = loop.epoch_batches(order, 8, 1, lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert plain == [order[i:i + 8] for i in range(0, 1000, 8)]  # no lengths (cached features): unchanged
+    padded = [sum(max(lengths[i] for i in b) * len(b) for b in batches) for batches in (plain, grouped)]
+    assert padded[1] < 0.4 * padded[0], padded
+    assert set(grouped[0] + grouped[15]) <= set(order[:128])  # a group is a slice of the shuffled order
+    halves = loop.epoch_batches(order, 4, 2, lengths)
+    assert [a + b for a, b in zip(halves[::2], halves[1::2])] == grouped  # grad accumulation: the same steps

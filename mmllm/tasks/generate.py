@@ -172,6 +172,12 @@ class GenTable:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def lengths(self) -> list[int]:
+        """Prompt (+ target) tokens per record: training groups records of similar length into a batch."""
+        answers = self.answers or [[]] * self.n
+        return [len(p) + len(a) for p, a in zip(self.prompts, answers)]
+
     def batch(self, idx: Any, device: Any = "cpu", with_targets: bool | None = None,
               drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         idx = list(map(int, idx))
