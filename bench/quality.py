@@ -40,6 +40,7 @@ from common import ROOT, mmllm_exe, versions, write_text  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads collapse when the other core is busy (shared machine)
 JSON_OUT, MD_OUT = ROOT / "bench" / "quality.json", ROOT / "bench" / "QUALITY.md"
+NOTES = ROOT / "bench" / "QUALITY_NOTES.md"  # hand-written reading of the results, appended to QUALITY.md
 TASKS = {"digits_match": "classify", "prompts": "generate", "fortunes": "classify"}
 MODALITIES = {"digits_match": ["image", "audio"], "fortunes": ["text"], "prompts": ["audio"]}
 # the defaults' alternatives, run on the same data in the same run so each default is chosen from measurements:
@@ -248,6 +249,8 @@ def markdown(results: dict) -> str:
         if d["task"] == "classify":
             lines.append(f"- {name}: " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in verdict(d).items()))
     lines += alternatives_markdown(results)
+    if NOTES.is_file():
+        lines += ["", NOTES.read_text().strip()]
     lines += ["", "Datasets: " + "; ".join(f"**{n}**: {(quality_data.BUILDERS[n].__doc__ or '').strip()}"
                                            for n in results["datasets"]), ""]
     return "\n".join(lines)

@@ -86,7 +86,7 @@ def prepared_sample(tmp: Path, n: int) -> Path:
 
     manifest = write_manifest(tmp / "sample.csv", list(csv.DictReader(open(SAMPLE, encoding="utf-8")))[:n])
     with quiet_stdout():
-        prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / "sample"), cache=False))
+        prepare.run(PrepareConfig(input=[str(manifest)], output=str(tmp / "sample"), cache=False, transcribe=False))
     return tmp / "sample"
 
 
