@@ -253,3 +253,19 @@ def test_batched_generation_equals_one_record_at_a_time(tiny_decoder, beams):
         alone += model.generate(one, tok, max_new_tokens=6, num_beams=beams)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # three prompt lengths: padding is exercised
     assert together == alone and len(set(alone)) > 1
+
+
+def test_the_transcript_is_part_of_the_decoders_prompt(tiny_decoder):
+    """What was said in the audio (prepare's transcript) reaches the decoder as words in its prompt."""
+    from mmllm.encoders import load_decoder
+    from mmllm.tasks.generate import GenTable, prompt_text
+
+    _, tok, _ = load_decoder(str(tiny_decoder))
+    cols = {"id": ["a", "b", "c"], "text": ["it is big", None, None], "transcript": ["red", "blue", None],
+            "target": ["x", "y", "z"], "has_audio": [True, True, False], "audio_emb": [[0.0] * 4] * 3}
+    table = GenTable(cols, ["audio"], tok, with_targets=False)
+    expected = [tok(prompt_text(t, s), add_special_tokens=False)["input_ids"]
+                for t, s in (("it is big", "red"), (None, "blue"), (None, None))]
+    assert table.prompts == expected
+    assert prompt_text("it is big", "red") == "Describe the input. Context: it is big Speech: red\nDescription:"
+    assert prompt_text(None, None) == "Describe the input.\nDescription:"  # as before transcripts existed

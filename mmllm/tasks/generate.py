@@ -45,8 +45,10 @@ class GenConfig:
     precision: str = "fp32"  # the frozen decoder's weights as trained: fp32 or bf16 (--decoder-precision, resolved)
 
 
-def prompt_text(text: str | None) -> str:
-    return PROMPT.format(context=f" Context: {text}" if text else "")
+def prompt_text(text: str | None, transcript: str | None = None) -> str:
+    """The decoder's prompt: the record's text and what was said in its audio (prepare's transcript), when any."""
+    speech = f" Speech: {transcript}" if transcript else ""
+    return PROMPT.format(context=(f" Context: {text}" if text else "") + speech)
 
 
 class PrefixDecoder(nn.Module):
@@ -152,7 +154,9 @@ class GenTable:
         targets = list(columns["target"]) if "target" in columns else [None] * self.n
         self.targets = [t if t is not None else "" for t in targets]
         texts = list(columns["text"]) if "text" in columns else [None] * self.n
-        self.prompts = [tokenizer(prompt_text(t), add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        said = list(columns["transcript"]) if columns.get("transcript") is not None else [None] * self.n
+        self.prompts = [tokenizer(prompt_text(t, s), add_special_tokens=False)["input_ids"][:max_tokens]
+                        for t, s in zip(texts, said)]
         self.answers = None
         if with_targets:
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -167,6 +171,7 @@ class GenTable:
                  [f"{m}_emb" for m in modalities]
         if "text" in modalities:
             wanted.append("has_text")
+        wanted += ["transcript"] if "transcript" in ds.column_names else []  # read as part of the prompt
         return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets)
 
     def __len__(self) -> int:
