@@ -248,6 +248,7 @@ def markdown(results: dict) -> str:
     for name, d in results["datasets"].items():
         if d["task"] == "classify":
             lines.append(f"- {name}: " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in verdict(d).items()))
+    lines += [f"- {name} was rerun alone: {why}" for name, why in results.get("rerun", {}).items()]
     lines += alternatives_markdown(results)
     if NOTES.is_file():
         lines += ["", NOTES.read_text().strip()]
