@@ -139,6 +139,13 @@ class MultimodalClassifier(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.text.parameters() if p.requires_grad] if self.text is not None else []
 
+    def train(self, mode: bool = True) -> MultimodalClassifier:
+        """A frozen text model stays in eval mode (no dropout): it gives the states prepare stored."""
+        super().train(mode)
+        if self.text is not None and self.cfg.freeze_text and not self.cfg.lora_r:
+            self.text.eval()
+        return self
+
     def modality_vectors(self, batch: dict, drop: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask."""
         vecs, present = [], []

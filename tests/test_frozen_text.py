@@ -86,6 +86,9 @@ def test_cached_states_give_the_same_predictions_as_running_the_frozen_model(tin
     p_cached = predict_table(model, cached, "cpu", 4)[0]
     p_running = predict_table(model, running, "cpu", 4)[0]
     np.testing.assert_allclose(p_cached, p_running, atol=1e-5)
+    model.train()  # training mode: the new layers drop out, the frozen text model does not (as prepare ran it)
+    assert model.proj.training and not model.text.training
+    assert not any(m.training for m in model.text.modules())
 
 
 def test_without_stored_states_a_frozen_model_still_trains(tiny_models, toy_manifest, tmp_path):
