@@ -15,10 +15,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 pytestmark = pytest.mark.slow
 
-# The defaults of 2026-11-29 reach 0.56 on the full-size task (1000 training records, bench/QUALITY.md) and 0.467
-# on this small one (60 test records, seeded, one thread): chance. The floor sits a few points under that; raise it
-# as fusion and transcription lift the measured value.
-MIN_ACCURACY = 0.38
+# The defaults of 2026-11-30 (bilinear fusion, transcripts, frozen text) reach 0.793 on the full-size task (1000
+# training records, bench/QUALITY.md) but only 0.45 on this small one (200 training records, 60 test, seeded, one
+# thread; the hand baseline 0.417): 200 records are too few to learn the pairing, so this stays a regression
+# check of the pipeline with a floor a few points under the measured value.
+MIN_ACCURACY = 0.40
 
 
 def have_debs() -> bool:
