@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
 import platform
@@ -159,6 +160,17 @@ def markdown(results: dict, rows: list[str], figures: list[str]) -> str:
     if NOTES.is_file():
         lines += [NOTES.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def publish(results: dict, out: Path | None, tracked: tuple[Path, Path], markdown: Callable[[dict], str]) -> None:
+    """Write a by-hand suite's JSON and markdown: into `out` as NAME.json / NAME.md when given, else the tracked
+    pair; then print the markdown."""
+    json_out, md_out = (out / tracked[0].name, out / tracked[1].name) if out else tracked
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(json_out, json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    write_text(md_out, text)
+    print(text)
 
 
 def write_text(path: Path, text: str) -> None:

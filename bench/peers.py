@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (sets OMP_NUM_THREADS=1 unless given)
 import quality_data  # noqa: E402
-from common import ROOT, versions, write_text  # noqa: E402
+from common import ROOT, publish, versions  # noqa: E402
 
 JSON_OUT, MD_OUT = ROOT / "bench" / "peers.json", ROOT / "bench" / "PEERS.md"
 DATASET = "digits_match"
@@ -373,11 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tmp)
         print(f"work folder: {work}", file=sys.stderr)
         results = run(work, args.train, args.eval, args.ludwig_timeout, not args.no_ludwig)
-    json_out, md_out = (args.out / "peers.json", args.out / "PEERS.md") if args.out else (JSON_OUT, MD_OUT)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(json_out, json.dumps(results, indent=1) + "\n")
-    write_text(md_out, markdown(results))
-    print(markdown(results))
+    publish(results, args.out, (JSON_OUT, MD_OUT), markdown)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data  # noqa: E402
-from common import ROOT, mmllm_exe, versions, write_text  # noqa: E402
+from common import ROOT, mmllm_exe, publish, versions  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads collapse when the other core is busy (shared machine)
 JSON_OUT, MD_OUT = ROOT / "bench" / "quality.json", ROOT / "bench" / "QUALITY.md"
@@ -288,11 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tmp)
         print(f"work folder: {work}", file=sys.stderr)
         results = run(args.dataset, work, args.data, args.train, args.eval)
-    json_out, md_out = (args.out / "quality.json", args.out / "QUALITY.md") if args.out else (JSON_OUT, MD_OUT)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(json_out, json.dumps(results, indent=1) + "\n")
-    write_text(md_out, markdown(results))
-    print(markdown(results))
+    publish(results, args.out, (JSON_OUT, MD_OUT), markdown)
 
 
 if __name__ == "__main__":
