@@ -43,11 +43,15 @@ class ModelConfig:
         return asdict(self)
 
     @property
+    def text_frozen(self) -> bool:
+        """The text model neither trains nor carries LoRA adapters: a fixed function of its tokens."""
+        return self.freeze_text and not self.lora_r
+
+    @property
     def cached_text(self) -> bool:
         """Whether the fusion reads only the frozen text model's pooled states, which prepare stores
         (`text_pooled`): then batches carry those and the text model is never run."""
-        return ("text" in self.modalities and self.freeze_text and not self.lora_r
-                and self.fusion != "transformer")
+        return "text" in self.modalities and self.text_frozen and self.fusion != "transformer"
 
 
 def projection(dim: int, hidden: int, dropout: float) -> nn.Module:
@@ -142,7 +146,7 @@ class MultimodalClassifier(nn.Module):
     def train(self, mode: bool = True) -> MultimodalClassifier:
         """A frozen text model stays in eval mode (no dropout): it gives the states prepare stored."""
         super().train(mode)
-        if self.text is not None and self.cfg.freeze_text and not self.cfg.lora_r:
+        if self.text is not None and self.cfg.text_frozen:
             self.text.eval()
         return self
 
