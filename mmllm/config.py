@@ -138,8 +138,8 @@ class FinetuneConfig:
     dropout: float = opt(0.1, "Dropout in projections, fusion and head.", panel="Model")
     freeze_text: bool = opt(None, "Keep the pretrained text model frozen: its pooled token states come from prepare "
                                   "(computed once), so training never runs it. Default: frozen for --task classify "
-                                  "unless --lora-r adapts it; --no-freeze-text fine-tunes it (on 2 CPU cores about "
-                                  "100x slower per step).", panel="Model")
+                                  "unless --lora-r adapts it; --no-freeze-text fine-tunes it (on 2 CPU cores over "
+                                  "100x slower per step: 5-10 s vs under 0.04 s on 1000 fortunes).", panel="Model")
     lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).", panel="Model")
     share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).", panel="Model")
     modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
