@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm import config as C
-from mmllm.console import capture, emit
+from mmllm.console import as_json, capture, quieted
 from mmllm.errors import UserError
 
 STEPS = {C.PrepareConfig: "mmllm.prepare:run", C.FinetuneConfig: "mmllm.finetune:run",
@@ -100,7 +100,7 @@ class Model:
 
         self.checkpoint = os.fspath(checkpoint)
         self.quiet = quiet
-        with capture(quiet):  # the encoders' precision note is a log line: silenced by quiet
+        with quieted(quiet):  # the encoders' precision note is a log line: silenced by quiet
             self.predictor = Predictor(self.checkpoint, device, max_file_mb)
         self.labels: list = self.predictor.labels
 
@@ -115,20 +115,8 @@ class Model:
         single = isinstance(records, dict)
         cfg = make_config(C.PredictConfig, checkpoint=self.checkpoint, **options)
         rows = enumerate([records] if single else records, start=1)
-        with capture(self.quiet) as results:
-            batch: list[dict] = []
-            for item in convert_rows(((i, r if isinstance(r, dict) else RecordError(None, "expected a dict"))
-                                      for i, r in rows), self.predictor.config, Path(base)):
-                if isinstance(item, tuple):  # unusable record: its error, in order
-                    predict.flush(self.predictor, batch, cfg, None)
-                    batch = []
-                    emit({"id": item[0]["id"], "error": predict.error_line(*item)})
-                    if cfg.strict:
-                        raise UserError(f"record {item[0]['id']}: {item[1].reason}")
-                    continue
-                batch.append(item)
-                if len(batch) >= cfg.batch_size:
-                    predict.flush(self.predictor, batch, cfg, None)
-                    batch = []
-            predict.flush(self.predictor, batch, cfg, None)
+        items = convert_rows(((i, r if isinstance(r, dict) else RecordError(None, "expected a dict"))
+                              for i, r in rows), self.predictor.config, Path(base))
+        with quieted(self.quiet):  # this thread's notes only: another thread's predict is its own
+            results = [as_json(res) for res in predict.stream(self.predictor, items, cfg)]
         return results[0] if single else results

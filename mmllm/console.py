@@ -8,30 +8,51 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 from collections.abc import Iterator
 
 from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line stays one line in pipes
-QUIET = False
-CAPTURED: list | None = None  # set by `capture`: emit() collects here instead of printing
+QUIET = False  # the process-wide --quiet of the CLI
+# the Python API's settings, per thread (and per asyncio task): one caller's quiet or capture never reaches another
+_QUIET: ContextVar[bool | None] = ContextVar("mmllm_quiet", default=None)
+_CAPTURED: ContextVar[list | None] = ContextVar("mmllm_captured", default=None)  # emit() collects here (`capture`)
 
 
 def set_quiet(quiet: bool) -> None:
+    """--quiet for the whole process (the CLI)."""
     global QUIET
     QUIET = quiet
 
 
+def is_quiet() -> bool:
+    """--quiet, or the caller's own `quieted` setting."""
+    own = _QUIET.get()
+    return QUIET if own is None else own
+
+
+@contextmanager
+def quieted(quiet: bool | None) -> Iterator[None]:
+    """Silence (or not) log lines, tables and progress in this thread meanwhile; None keeps the setting."""
+    token = _QUIET.set(quiet) if quiet is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _QUIET.reset(token)
+
+
 def log(message: str) -> None:
     """A progress/log line on stderr (silenced by --quiet)."""
-    if not QUIET:
+    if not is_quiet():
         err.print(message)
 
 
 def show(renderable) -> None:
     """A rich table or text for humans on stderr (silenced by --quiet)."""
-    if not QUIET:
+    if not is_quiet():
         err.print(renderable)
 
 
@@ -43,28 +64,31 @@ def warn(message: str) -> None:
 def emit(obj: Any, stream=None) -> None:
     """Write one JSON document (one line) to stdout and flush, so pipes see it at once (inside `capture`:
     collect it instead)."""
-    if CAPTURED is not None:
-        CAPTURED.append(json.loads(json.dumps(obj, ensure_ascii=False, default=_jsonable)))  # what a pipe reads
+    captured = _CAPTURED.get()
+    if captured is not None:
+        captured.append(as_json(obj))
         return
     stream = stream or sys.stdout
     stream.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
     stream.flush()
 
 
+def as_json(obj: Any) -> Any:
+    """`obj` as a JSON reader of stdout gets it (what `emit` would print, read back)."""
+    return json.loads(json.dumps(obj, ensure_ascii=False, default=_jsonable))
+
+
 @contextmanager
 def capture(quiet: bool | None = None) -> Iterator[list]:
-    """Collect the documents `emit` would print, as the dicts a JSON reader of stdout gets (the Python API
-    returns them); `quiet` sets --quiet meanwhile."""
-    global CAPTURED
-    saved, saved_quiet = CAPTURED, QUIET
-    CAPTURED = []
-    if quiet is not None:
-        set_quiet(quiet)
+    """Collect the documents `emit` would print in this thread, as the dicts a JSON reader of stdout gets (the
+    Python API's summaries of prepare / finetune / eval); `quiet` sets --quiet meanwhile, for this thread only."""
+    collected: list = []
+    token = _CAPTURED.set(collected)
     try:
-        yield CAPTURED
+        with quieted(quiet):
+            yield collected
     finally:
-        CAPTURED = saved
-        set_quiet(saved_quiet)
+        _CAPTURED.reset(token)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -78,7 +102,7 @@ def _jsonable(obj: Any) -> Any:
 @contextmanager
 def progress(description: str, total: int | None = None, unit: str = "records") -> Iterator:
     """Rich progress bar on stderr; yields `advance(n)`. A no-op under --quiet."""
-    if QUIET:
+    if is_quiet():
         yield lambda n=1, **_: None
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,

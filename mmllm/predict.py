@@ -7,6 +7,8 @@ recorded in the checkpoint, and each batch's lines are written (and flushed) bef
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,17 @@ class Predictor:
         self.prep = config_from_checkpoint(self.config)
         self.prep.max_file_mb = max_file_mb
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
+        # one batch at a time: the tokenizers ("Already borrowed") and the feature memo are not thread-safe
+        self.lock = threading.Lock()
+
+    def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
+        """One result per record, in order, each with the record's id as given (`given_id`, else `id`). Threads
+        that share a Predictor take turns."""
+        with self.lock:
+            return self._predict(records, top_k, **generation)
 
     @torch.no_grad()
-    def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
-        """One result per record, in order, each with the record's id as given (`given_id`, else `id`)."""
+    def _predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
         from mmllm.batches import FeatureTable
         from mmllm.features import featurize
 
@@ -99,22 +108,9 @@ def run(cfg: PredictConfig) -> int:
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
     failed = 0
     try:
-        batch: list[dict] = []
-        for item in raw_records(cfg.input, predictor.config, cfg.max_line_mb):
-            if isinstance(item, tuple):  # unreadable record: report in order, after pending ones
-                failed += flush(predictor, batch, cfg, out)
-                batch = []
-                stub, e = item
-                emit({"id": stub["id"], "error": error_line(stub, e)}, out)
-                failed += 1
-                if cfg.strict:
-                    raise UserError(f"record {stub['id']}: {e.reason}")
-                continue
-            batch.append(item)
-            if len(batch) >= cfg.batch_size:
-                failed += flush(predictor, batch, cfg, out)
-                batch = []
-        failed += flush(predictor, batch, cfg, out)
+        for res in stream(predictor, raw_records(cfg.input, predictor.config, cfg.max_line_mb), cfg):
+            emit(res, out)
+            failed += "error" in res
     except BaseException:
         if tmp:  # an existing --output stays as it was
             out.close()
@@ -133,27 +129,42 @@ def run(cfg: PredictConfig) -> int:
     return 0
 
 
+def stream(predictor: Predictor, items: Iterable[dict | tuple[dict, Exception]], cfg: PredictConfig
+           ) -> Iterator[dict]:
+    """One result dict per record of `items` (records, or (stub, error) of unreadable ones: records.convert_rows),
+    in input order, a batch of `cfg.batch_size` at a time; the results are returned, never shared (predict writes
+    them, the Python API returns them). With `cfg.strict` the first error is yielded, then raised as a UserError."""
+    generation = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+                      temperature=cfg.temperature, top_p=cfg.top_p) if predictor.generation else {}
+    batch: list[dict] = []
+
+    def flush() -> Iterator[dict]:
+        for res in predict_each(predictor, batch, cfg.top_k, generation) if batch else []:
+            yield res
+            if cfg.strict and "error" in res:
+                raise UserError(f"record {res['id']}: {res['error']}")
+        batch.clear()
+
+    for item in items:
+        if isinstance(item, tuple):  # unreadable record: reported in order, after the pending ones
+            yield from flush()
+            stub, e = item
+            yield {"id": stub["id"], "error": error_line(stub, e)}
+            if cfg.strict:
+                raise UserError(f"record {stub['id']}: {getattr(e, 'reason', e)}")
+            continue
+        batch.append(item)
+        if len(batch) >= cfg.batch_size:
+            yield from flush()
+    yield from flush()
+
+
 def check_outputs(cfg: PredictConfig) -> None:
     """Before any work: refuse an --output (or the config written beside it) that is an input, or exists and
     is not mmllm's of the same kind, or is and --overwrite was not given (mmllm.outputs)."""
     for path, kind in ((Path(cfg.output), outputs.PREDICTIONS),
                        (outputs.config_path(cfg.output), outputs.RESOLVED_CONFIG)):
         outputs.check(path, kind, [cfg.input, cfg.checkpoint], cfg.overwrite)
-
-
-def flush(predictor: Predictor, batch: list[dict], cfg: PredictConfig, out) -> int:
-    if not batch:
-        return 0
-    failed = 0
-    generation = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-                      temperature=cfg.temperature, top_p=cfg.top_p) if predictor.generation else {}
-    for res in predict_each(predictor, batch, cfg.top_k, generation):
-        emit(res, out)
-        if "error" in res:
-            failed += 1
-            if cfg.strict:
-                raise UserError(f"record {res['id']}: {res['error']}")
-    return failed
 
 
 def predict_each(predictor: Predictor, batch: list[dict], top_k: int, generation: dict) -> list[dict]:
