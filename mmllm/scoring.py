@@ -18,6 +18,12 @@ from mmllm.metrics import FID_DEFINITION, bleu, classification, error_rates, fre
 
 def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> list[str]:
     """Plain lines, or one field of each JSON line (auto-detected when every line is a JSON object)."""
+    return keyed_lines(path, field, candidates)[0]
+
+
+def keyed_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> tuple[list[str], list[str] | None]:
+    """(values, ids): read_lines' values and, when every line is a JSON object with an "id", those ids (as text);
+    else None. Line endings are \n, \r\n or a lone \r: a CRLF file reads as its LF twin."""
     if path == "-":
         text = sys.stdin.read()
     else:
@@ -25,11 +31,11 @@ def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> lis
         if not p.is_file():
             raise UserError(f"file not found: {p}")
         text = utf8_text(p.read_bytes(), str(p))
-    lines = text.split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if field or (lines and all(_is_json_object(line) for line in lines if line.strip())):
-        out = []
+        out, ids = [], []
         for i, line in enumerate(lines, start=1):
             if not line.strip():
                 continue  # a blank line in JSONL is not a record
@@ -43,8 +49,9 @@ def read_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> lis
             if key is None or key not in obj:
                 raise UserError(f"{path}, line {i}: no field '{field or '/'.join(candidates)}'")
             out.append(str(obj[key]))
-        return out
-    return lines
+            ids.append(obj.get("id"))
+        return out, [str(i) for i in ids] if ids and all(i is not None for i in ids) else None
+    return lines, None
 
 
 def _is_json_object(line: str) -> bool:
@@ -86,40 +93,69 @@ def run_wer(cfg: WerConfig) -> int:
 
 
 def run_accuracy(cfg: AccuracyConfig) -> int:
-    pred = read_labels(cfg.pred, cfg.pred_field, "--pred")
-    gold = read_labels(cfg.gold, cfg.gold_field, "--gold")
-    if len(pred) != len(gold):
+    pred, pred_ids = read_labels(cfg.pred, cfg.pred_field, "--pred")
+    gold, gold_ids = read_labels(cfg.gold, cfg.gold_field, "--gold")
+    joined: dict[str, Any] = {}
+    if pred_ids is not None and gold_ids is not None:  # records are matched by id, in any order
+        pred, gold, joined = join_on_ids(pred, pred_ids, gold, gold_ids, cfg)
+    elif len(pred) != len(gold):
         raise UserError(f"--pred has {len(pred)} records, --gold has {len(gold)}")
     names = sorted(set(gold) | set(pred))
     index = {n: i for i, n in enumerate(names)}
     result = classification(np.array([index[g] for g in gold]), np.array([index[p] for p in pred]), names)
     show(f"accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  (n={result['n']})")
-    emit(result)
+    emit({**result, **joined})
     return 0
+
+
+def join_on_ids(pred: list[str], pred_ids: list[str], gold: list[str], gold_ids: list[str], cfg: AccuracyConfig
+                ) -> tuple[list[str], list[str], dict]:
+    """(predictions, gold labels) of the gold records that have a prediction, matched by id, and the join's
+    report: {"joined_on": "id", "matched", "missing_predictions", "unmatched_predictions"}."""
+    for ids, flag, path in ((pred_ids, "--pred", cfg.pred), (gold_ids, "--gold", cfg.gold)):
+        seen: set[str] = set()
+        twice = next((i for i in ids if i in seen or seen.add(i)), None)
+        if twice is not None:
+            raise UserError(f"{flag} {path}: id {twice[:80]!r} appears twice: ids must be unique to match "
+                            "predictions to gold labels")
+    by_id = dict(zip(pred_ids, pred))
+    both = [(by_id[i], g) for i, g in zip(gold_ids, gold) if i in by_id]
+    missing = len(gold_ids) - len(both)
+    unmatched = len(pred_ids) - len(both)
+    if not both:
+        raise UserError(f"--pred {cfg.pred} and --gold {cfg.gold} share no id: are they of the same records?")
+    if missing or unmatched:
+        warn(f"matched {len(both)} records by id; {missing} gold record(s) have no prediction and "
+             f"{unmatched} prediction(s) no gold label: scored over the {len(both)} matched")
+    report = {"joined_on": "id", "matched": len(both), "missing_predictions": missing,
+              "unmatched_predictions": unmatched}
+    return [p for p, _ in both], [g for _, g in both], report
 
 
 TABLES = (".csv", ".tsv", ".parquet")
 
 
-def read_labels(path: str, field: str, flag: str) -> list[str]:
-    """The labels of --pred / --gold: a CSV/TSV/Parquet column `field` (the header row names the columns, it is
-    no label), a JSONL field `field`, or else one label per line (every line, none a header)."""
+def read_labels(path: str, field: str, flag: str) -> tuple[list[str], list[str] | None]:
+    """(labels, ids) of --pred / --gold: a CSV/TSV/Parquet column `field` (the header row names the columns, it is
+    no label), a JSONL field `field`, or else one label per line (every line, none a header). ids: the "id"
+    column or field when every record has one, else None."""
     if Path(path).suffix.lower() not in TABLES:
-        return read_lines(path, None, (field,))
+        return keyed_lines(path, None, (field,))
     from mmllm.records import RecordError, read_table
 
     columns, rows = read_table(Path(path))
     if field not in columns:
         raise UserError(f"{flag} {path}: no column '{field}' (columns: {', '.join(columns)}); "
                         f"name it with {flag}-field")
-    labels = []
+    labels, ids = [], []
     for row, r in rows:
         if isinstance(r, RecordError):
             raise UserError(f"{flag} {path}, row {row}: {r.reason}")
         if r[field] is None:
             raise UserError(f"{flag} {path}, row {row}: column '{field}' is empty")
         labels.append(str(r[field]))
-    return labels
+        ids.append(r.get("id"))
+    return labels, [str(i) for i in ids] if ids and all(i not in (None, "") for i in ids) else None
 
 
 FID_FEATURES = "inception pool3 2048"

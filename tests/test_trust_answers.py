@@ -82,3 +82,45 @@ def test_predict_strict_and_the_api_share_one_loop(trained_checkpoint, tmp_path)
     assert strict.exit_code == 2 and [r["id"] for r in load_json_lines(strict.stdout)] == ["a", "b"]
     with pytest.raises(UserError, match="record b: no input"):
         model.predict(records, strict=True)
+
+
+def test_accuracy_normalizes_line_endings(tmp_path):
+    """A gold file written on Windows (CRLF, or old-Mac CR) scores like its LF twin; BLEU reads it alike."""
+    (tmp_path / "pred.txt").write_text("a\nb\nb\n")
+    for name, ending in (("crlf", "\r\n"), ("cr", "\r"), ("lf", "\n")):
+        (tmp_path / f"{name}.txt").write_bytes(ending.join(["a", "b", "a"]).encode() + ending.encode())
+        r = run_cli("eval", "accuracy", "--pred", tmp_path / "pred.txt", "--gold", tmp_path / f"{name}.txt")
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert (out["n"], out["accuracy"], out["confusion_matrix"]["labels"]) == (3, 2 / 3, ["a", "b"]), name
+    (tmp_path / "hyp.txt").write_bytes(b"it is a big red thing\r\nit is a small blue thing\r\n")
+    (tmp_path / "ref.txt").write_text("it is a big red thing\nit is a small blue thing\n")
+    r = run_cli("eval", "bleu", "--hyp", tmp_path / "hyp.txt", "--ref", tmp_path / "ref.txt")
+    assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["bleu"] == pytest.approx(100.0)
+
+
+def test_accuracy_joins_on_ids_in_any_order(tmp_path):
+    """Predictions and gold that both carry ids are matched by id, not by line; the join is reported."""
+    gold = {f"r{i}": "abc"[i % 3] for i in range(9)}
+    preds = [{"id": i, "prediction": gold[i] if i != "r4" else "c"} for i in reversed(list(gold))]
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    (tmp_path / "gold.csv").write_text("id,label\n" + "".join(f"{i},{g}\n" for i, g in gold.items()))
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps({"id": i, "label": g}) + "\n" for i, g in gold.items()))
+    for g in ("gold.csv", "gold.jsonl"):
+        r = run_cli("eval", "accuracy", "--pred", tmp_path / "pred.jsonl", "--gold", tmp_path / g)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert out["accuracy"] == pytest.approx(8 / 9) and out["n"] == 9
+        assert (out["joined_on"], out["matched"], out["missing_predictions"], out["unmatched_predictions"]) == \
+            ("id", 9, 0, 0)
+    # two predictions missing, one extra: scored over the 7 matched, said on stderr and in the result
+    (tmp_path / "part.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds[2:] + [{"id": "zz",
+                                                                                             "prediction": "a"}]))
+    r = run_cli("eval", "accuracy", "--pred", tmp_path / "part.jsonl", "--gold", tmp_path / "gold.csv")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and (out["n"], out["matched"], out["missing_predictions"],
+                                 out["unmatched_predictions"]) == (7, 7, 2, 1)
+    assert "matched 7 records by id; 2 gold record(s) have no prediction" in r.stderr
+    (tmp_path / "twice.jsonl").write_text('{"id": "r1", "prediction": "a"}\n{"id": "r1", "prediction": "b"}\n')
+    r = run_cli("eval", "accuracy", "--pred", tmp_path / "twice.jsonl", "--gold", tmp_path / "gold.csv")
+    assert r.exit_code == 2 and "id 'r1' appears twice" in r.stderr
