@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from mmllm import hub
 from mmllm.config import PrepareConfig
-from mmllm.console import log
+from mmllm.console import log, warn
 from mmllm.errors import UserError
 from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
 from mmllm.records import RecordError, error_entry
@@ -105,7 +106,11 @@ def load_transcriber(name: str, trust_remote_code: bool = False, precision: str 
 
 
 class FeatureStore:
-    """Features by key: an in-run memo (dedup of identical files) over an on-disk safetensors cache."""
+    """Features by key: an in-run memo (dedup of identical files) over an on-disk safetensors cache.
+
+    Each cache entry carries the sha256 of its tensors (names, dtypes, shapes, bytes) in its metadata; an entry
+    that cannot be read, fails its checksum or has the wrong shape is recomputed (one warning per run), never
+    reused. A cache folder that cannot be written (read-only, disk full) is a warning: the run goes on uncached."""
 
     def __init__(self, enabled: bool, memo_bytes: int = 256 << 20):
         self.root = hub.home() / "features"
@@ -114,8 +119,13 @@ class FeatureStore:
         self.memo_bytes = memo_bytes  # bounded: memory must not grow with the number of records
         self.size = 0
         self.hits = self.misses = 0
+        self.bad = 0  # entries found unreadable, garbled or of the wrong shape (recomputed)
+        self.writable = True
+        self._lock = threading.Lock()  # get() runs in the decode threads
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, shapes: dict[str, tuple[int, ...]] | None = None) -> dict | None:
+        """The features of `key`, or None to compute them. `shapes`: what a valid entry holds (float32 tensors of
+        these shapes); a cache entry that differs is recomputed."""
         if key in self.memo:
             self.memo.move_to_end(key)
             self.hits += 1
@@ -123,11 +133,9 @@ class FeatureStore:
         if self.enabled:
             path = self._path(key)
             if path.is_file():
-                from safetensors.numpy import load_file
-
-                try:
-                    value = load_file(str(path))
-                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                value, problem = read_entry(path, shapes)
+                if problem is not None:
+                    self._discard(path, problem)
                     return None
                 self._remember(key, value)
                 self.hits += 1
@@ -141,14 +149,29 @@ class FeatureStore:
     def put(self, key: str, value: dict) -> None:
         self.misses += 1
         self._remember(key, value)
-        if self.enabled:
-            from safetensors.numpy import save_file
-
+        if self.enabled and self.writable:
             path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({k: np.ascontiguousarray(v) for k, v in value.items()}, str(tmp))
-            tmp.replace(path)
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_entry(tmp, value)
+                tmp.replace(path)
+            except Exception as e:  # noqa: BLE001 - the cache is an optimization: a failed write never fails the run
+                tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+                self.writable = False
+                warn(f"cannot write the feature cache {self.root} ({_reason(e)}): features of this run are not "
+                     "cached (free space or fix its permissions, or pass --no-cache)")
+
+    def _discard(self, path: Path, problem: str) -> None:
+        with self._lock:
+            self.bad += 1
+            first = self.bad == 1
+        if first:
+            warn(f"feature cache entry {path} {problem}: recomputed (so is any other bad entry this run)")
+        try:
+            path.unlink()
+        except OSError:
+            pass  # a read-only cache: the entry is recomputed each time, never reused
 
     def _remember(self, key: str, value: dict) -> None:
         if key in self.memo:
@@ -161,6 +184,58 @@ class FeatureStore:
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+
+def tensors_checksum(value: dict) -> str:
+    """sha256 over a cache entry's tensors: each name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(value):
+        v = np.ascontiguousarray(value[name])
+        h.update(json.dumps([name, v.dtype.str, list(v.shape)]).encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def write_entry(path: Path, value: dict) -> None:
+    """A feature-cache entry: the tensors as safetensors, their checksum in the metadata."""
+    from safetensors.numpy import save_file
+
+    value = {k: np.ascontiguousarray(v) for k, v in value.items()}
+    save_file(value, str(path), metadata={"sha256": tensors_checksum(value)})
+
+
+def read_entry(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict | None, str | None]:
+    """(tensors, None) of a valid cache entry, or (None, what is wrong with it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+            value = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - truncated, garbled header, unreadable: recomputed
+        return None, f"is unreadable ({_reason(e)})"
+    if recorded is None:
+        return None, "has no checksum (written by an older mmllm)"
+    if tensors_checksum(value) != recorded:
+        return None, "does not match its checksum (garbled)"
+    if shapes is not None:
+        got = {k: tuple(v.shape) for k, v in value.items() if v.dtype == np.float32}
+        if got != {k: tuple(s) for k, s in shapes.items()}:
+            return None, f"holds shapes {got}, not the {shapes} the encoder gives"
+    return value, None
+
+
+def _reason(e: Exception) -> str:
+    text = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return text[:160]
+
+
+def feature_shapes(role: str, encoder: Any, cfg: PrepareConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors `encode_media` stores for one medium: pooled (D,), and with --sequence-features seq (16, D)."""
+    shapes = {"pooled": (int(encoder.dim),)}
+    if cfg.sequence_features:
+        shapes["seq"] = (encoder.SEQ_LEN if role == "audio" else 16, int(encoder.dim))
+    return shapes
 
 
 def content_hash(media: Any, max_mb: float | None = None) -> str:
@@ -222,7 +297,7 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
             column = role
             digest = _digest(rec, role, cfg)
             key = feature_key(role, digest, encoders[role], cfg, rec.get("aug", 0), rec["id"])
-            cached = store.get(key)
+            cached = store.get(key, feature_shapes(role, encoders[role], cfg))
             if cached is not None:
                 item["media"][role] = {"key": key, "digest": digest, "features": cached}
                 continue

@@ -1,0 +1,95 @@
+"""Inputs mmllm does not control: the feature cache on disk, decoded images, plots of many classes, untrusted
+checkpoints. Each is checked, bounded or recomputed; none sinks a run (issue 21)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_image
+
+
+def _image_manifest(tmp_path: Path, n: int = 8) -> Path:
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for i in range(n):
+        write_image(media / f"img{i}.png", (20 * i, 255 - 20 * i, 90))
+        rows.append({"id": f"r{i}", "image": f"media/img{i}.png", "label": "ab"[i % 2]})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return tmp_path / "m.jsonl"
+
+
+def _prepare(models: dict, manifest: Path, out: Path, *extra: str):
+    return run_cli("prepare", str(manifest), "--output", str(out), "--image-model", str(models["image"]),
+                   "--test-fraction", "0", "--val-fraction", "0", *extra)
+
+
+def _features(folder: Path) -> dict[str, np.ndarray]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(folder))["train"]
+    return dict(zip(ds["id"], np.asarray(ds["image_emb"], np.float32)))
+
+
+def test_garbled_wrong_shape_and_unreadable_cache_entries_are_recomputed(tiny_models, tmp_path, isolated_home):
+    from safetensors.numpy import save_file
+
+    from mmllm.features import write_entry
+
+    manifest = _image_manifest(tmp_path)
+    assert _prepare(tiny_models, manifest, tmp_path / "first").exit_code == 0
+    entries = sorted((isolated_home / "features").rglob("*.safetensors"))
+    assert len(entries) == 8
+    garbled, wrong_shape, truncated, legacy = entries[:4]
+    data = bytearray(garbled.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # safetensors: 8-byte header length, JSON header, tensor bytes
+    data[start:start + 16] = bytes(16)  # four float32 values zeroed: the header (and the shape) stay valid
+    garbled.write_bytes(bytes(data))
+    write_entry(wrong_shape, {"pooled": np.zeros(5, np.float32)})  # a valid checksum over the wrong shape
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    value = {"pooled": np.full(32, 0.5, np.float32)}
+    save_file(value, str(legacy))  # the right shape, no checksum: an entry nothing vouches for
+
+    r = _prepare(tiny_models, manifest, tmp_path / "second")
+    assert r.exit_code == 0, r.output
+    assert "4 encoded, 4 reused" in r.stderr  # the four bad entries recomputed, the four good ones reused
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line and "cache" in line]
+    assert len(warnings) == 1 and "feature cache entry" in warnings[0] and "recomputed" in warnings[0], r.stderr
+    assert "Traceback" not in r.stderr and "ArrowInvalid" not in r.stderr
+    r = _prepare(tiny_models, manifest, tmp_path / "plain", "--no-cache")
+    assert r.exit_code == 0, r.output
+    cached, plain = _features(tmp_path / "second"), _features(tmp_path / "plain")
+    assert cached.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_allclose(cached[k], plain[k], atol=1e-6)
+    # the recomputed entries were rewritten whole: a third run reuses all eight, silently
+    r = _prepare(tiny_models, manifest, tmp_path / "third")
+    assert r.exit_code == 0 and "0 encoded, 8 reused" in r.stderr and "cache entry" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("failure", ["not_a_folder", "disk_full"])
+def test_unwritable_feature_cache_is_a_warning(tiny_models, tmp_path, isolated_home, monkeypatch, failure):
+    import safetensors.numpy
+
+    if failure == "not_a_folder":  # tests run as root, where chmod cannot make a folder read-only: mkdir fails
+        (isolated_home / "features").write_text("")
+    else:
+        def full(*_a, **_k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    r = _prepare(tiny_models, _image_manifest(tmp_path), tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["counts"] == {"train": 8}
+    assert len(_features(tmp_path / "out")) == 8
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line and "cache" in line]
+    assert len(warnings) == 1 and "cannot write the feature cache" in warnings[0], r.stderr
+    if failure == "disk_full":
+        assert "No space left on device" in warnings[0]
+        assert not list((isolated_home / "features").rglob("*.tmp*"))
