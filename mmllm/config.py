@@ -315,6 +315,9 @@ class ServeConfig:
     max_request_mb: int = opt(64, "Largest request body, in MB (413 beyond).", panel="Data")
     max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
                            panel="Data")
+    media_root: str = opt(None, "Folder whose regular files requests may name as media paths (relative to it; "
+                                "symlinks and .. may not leave it). Without it every server-side path is refused: "
+                                "send media as base64, a data: URI or a multipart upload.", panel="Data")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
 
 def read_config_file(path: str | Path) -> dict:
@@ -512,6 +515,8 @@ def validate(cfg: Any) -> list[str]:
         problems.append("CHECKPOINT: required")
     if isinstance(cfg, PredictConfig):
         problems += sampling_rules(cfg)
+    if isinstance(cfg, ServeConfig):
+        problems += serve_rules(cfg)
     problems += device_rules(cfg)
     return problems
 
@@ -588,6 +593,16 @@ def sampling_rules(cfg: PredictConfig) -> list[str]:
     if not cfg.do_sample:
         problems += [f"{flag(n)}: only used with --do-sample" for n in ("temperature", "top_p")
                      if getattr(cfg, n) != default(PredictConfig, n)]
+    return problems
+
+
+def serve_rules(cfg: ServeConfig) -> list[str]:
+    """What `serve` needs before the model loads: a checkpoint, a media root that is a folder."""
+    problems = []
+    if not cfg.checkpoint:
+        problems.append("CHECKPOINT: required")
+    if cfg.media_root is not None and not Path(cfg.media_root).is_dir():
+        problems.append(f"--media-root: not a folder: {cfg.media_root}")
     return problems
 
 

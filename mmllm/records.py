@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from mmllm.errors import UserError, utf8_text
 
@@ -200,12 +200,21 @@ def detect_columns(columns: list[str], given: dict[str, str | None]) -> ColumnMa
     return out
 
 
-def _media(value: Any, base: Path) -> Any:
-    """A media cell -> absolute path string, raw bytes, or None."""
+def local_path(value: str, base: Path) -> str:
+    """A media path as the local commands read it: `~` expanded, relative to `base` unless absolute."""
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+MediaPath = Callable[[str, Path], str]  # (cell text, base) -> path to read, or RecordError (serve: --media-root)
+
+
+def _media(value: Any, base: Path, media_path: MediaPath = local_path) -> Any:
+    """A media cell -> path string (`media_path` of the cell), raw bytes, or None."""
     if value is None or (isinstance(value, float) and value != value):
         return None
-    if isinstance(value, dict):  # datasets Image/Audio-like {"bytes": ..., "path": ...}
-        return value.get("bytes") or _media(value.get("path"), base)
+    if isinstance(value, dict):  # datasets Image/Audio-like {"bytes": ..., "path": ...}; text in either is a path
+        return _media(value.get("bytes") or value.get("path"), base, media_path)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if hasattr(value, "save"):  # a PIL image from a datasets folder
@@ -213,10 +222,7 @@ def _media(value: Any, base: Path) -> Any:
         value.save(buf, format="PNG")
         return buf.getvalue()
     s = str(value).strip()
-    if not s:
-        return None
-    p = Path(s).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    return media_path(s, base) if s else None
 
 
 def _cell(value: Any) -> Any:
@@ -225,13 +231,17 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> dict:
+def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
+              media_path: MediaPath = local_path) -> dict:
     rec: dict[str, Any] = {"row": row}
     for key in KEYS:
         col = cols.get(key)
         value = raw.get(col) if col else None
         if key in ("image", "audio"):
-            rec[key] = _media(value, base)
+            try:
+                rec[key] = _media(value, base, media_path)
+            except RecordError as e:
+                raise RecordError(e.column or col, e.reason) from None
         elif key == "split":
             s = _cell(value)
             rec[key] = SPLIT_NAMES.get(str(s).strip().lower(), str(s).strip().lower()) if s not in (None, "") else None
@@ -254,10 +264,11 @@ def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> d
     return rec
 
 
-def checked_record(raw: dict, row: int, cols: dict[str, str | None], base: Path) -> dict:
+def checked_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
+                   media_path: MediaPath = local_path) -> dict:
     """to_record, with any failure (a RecursionError on a deeply nested cell, anything) as a RecordError."""
     try:
-        return to_record(raw, row, cols, base)
+        return to_record(raw, row, cols, base, media_path)
     except RecordError:
         raise
     except Exception as e:  # noqa: BLE001 - one record's failure is that record's error
@@ -521,11 +532,12 @@ def raw_records(source: str, config: dict, max_line_mb: float = MAX_LINE_MB
     return convert_rows(rows, config, base)
 
 
-def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path
+def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path, media_path: MediaPath = local_path
                  ) -> Iterator[dict | tuple[dict, RecordError]]:
     """(row number, raw dict or RecordError) -> records for a checkpoint, or (stub, error), in order. Each record
     has `given_id`: its id exactly as given. Columns: the training manifest's names, else the usual ones. A record
-    with none of the checkpoint's inputs is an error naming the keys expected."""
+    with none of the checkpoint's inputs is an error naming the keys expected. `media_path` turns a media cell's
+    text into the path read (serve: only under --media-root)."""
     check = InputCheck(config)
     for row, raw in rows:
         if isinstance(raw, RecordError):
@@ -535,7 +547,7 @@ def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path
         check.warn_unknown(raw, cols)
         stub = {"id": given_id(raw, cols["id"], row), "row": row}
         try:
-            rec = checked_record(raw, row, cols, base)
+            rec = checked_record(raw, row, cols, base, media_path)
         except RecordError as e:
             yield stub, e
             continue

@@ -1,8 +1,9 @@
 """`mmllm serve`: an HTTP JSON service over the same predictor as `mmllm predict`.
 
 GET /health, GET /info, POST /predict (a JSON record, a JSON list of records, or a multipart form with
-`text`/`id` fields and `image`/`audio` files). Media are paths (read on the server, as `predict` does) or
-base64 (`"image": "data:image/png;base64,..."` or `"image_base64": "..."`). Concurrent requests are
+`text`/`id` fields and `image`/`audio` files). Media are base64 (`"image": "data:image/png;base64,..."` or
+`"image_base64": "..."`) or uploaded files; a server-side path is read only when the server was started with
+--media-root, and only a regular file under that folder (MediaRoot). Concurrent requests are
 micro-batched: the first request of a batch waits up to --batch-wait-ms for others, up to --max-batch records,
 and one worker thread runs the model. A bad record gets HTTP 422 with the same one-line error as `predict`;
 a malformed request 400; an oversized one 413. Errors never carry a traceback.
@@ -14,6 +15,8 @@ import base64
 import binascii
 import contextlib
 import json
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,41 @@ from mmllm.console import log
 from mmllm.errors import UserError
 
 MEDIA = ("image", "audio")
+
+
+class MediaRoot:
+    """The media paths a request may name: none (no --media-root), or regular files under --media-root after
+    resolving `..` and symlinks. A path is the folder's, never the server's cwd's or a user's (`~` is a name).
+    Refusals never show a server path; `hide` removes the folder and the cwd from any other error text."""
+
+    def __init__(self, folder: str | None):
+        self.folder = os.path.realpath(folder) if folder else None
+
+    def __call__(self, value: str, base: Path) -> str:
+        from mmllm.records import RecordError
+
+        if self.folder is None:
+            raise RecordError(None, "server-side paths are refused (the server runs without --media-root): send the "
+                                    "file itself (base64, a data: URI or a multipart upload)")
+        lexical = os.path.normpath(os.path.join(self.folder, value)) if "\0" not in value else ""
+        if not self._inside(lexical) or not self._inside(real := os.path.realpath(lexical)):
+            raise RecordError(None, "path outside --media-root: refused")
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            raise RecordError(None, "file not found under --media-root") from None
+        if not stat.S_ISREG(mode):
+            raise RecordError(None, "not a regular file under --media-root")
+        return real
+
+    def _inside(self, path: str) -> bool:
+        return bool(path) and os.path.commonpath([self.folder, path]) == self.folder
+
+    def hide(self, text: str) -> str:
+        """Error text with the media folder and the server's cwd replaced by placeholders."""
+        if self.folder:
+            text = text.replace(self.folder, "<media-root>")
+        return text.replace(os.getcwd(), "<server>")
 
 
 class Batcher:
@@ -79,26 +117,32 @@ class Batcher:
             start += len(recs)
 
 
-def decode_media(obj: dict) -> dict:
-    """Base64 media (`<m>_base64` keys or data: URIs) -> bytes, which the record reader takes as file content."""
+def decode_media(obj: dict, config: dict) -> dict:
+    """Base64 media (`<m>_base64` keys, or data: URIs in any key the record reader takes as media) -> bytes,
+    which the record reader takes as file content."""
+    from mmllm.records import record_columns
+
     out = dict(obj)
+    cols = record_columns(out, config.get("columns") or {})
     for m in MEDIA:
+        key = cols[m] or m
         value = out.pop(f"{m}_base64", None)
-        if value is None and isinstance(out.get(m), str) and out[m].startswith("data:"):
-            value = out[m].split(",", 1)[1] if "," in out[m] else ""
+        if value is None and isinstance(out.get(key), str) and out[key].startswith("data:"):
+            value = out[key].split(",", 1)[1] if "," in out[key] else ""
         if value is None:
             continue
         if not isinstance(value, str):
             raise ValueError(f"column {m}: base64 media must be a string")
         try:
-            out[m] = base64.b64decode(value, validate=True)
+            out[key] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(f"column {m}: not valid base64") from None
     return out
 
 
-def to_records(objs: list, config: dict) -> list[dict | tuple[dict, Any]]:
-    """JSON objects -> records (or (stub, error)), by the same code as `predict`'s input."""
+def to_records(objs: list, config: dict, media: MediaRoot) -> list[dict | tuple[dict, Any]]:
+    """JSON objects -> records (or (stub, error)), by the same code as `predict`'s input; media paths by
+    `media`'s rule."""
     from mmllm.records import RecordError, convert_rows
 
     rows: list = []
@@ -108,11 +152,11 @@ def to_records(objs: list, config: dict) -> list[dict | tuple[dict, Any]]:
             rows.append((i, RecordError(None, f"expected a JSON object, got {type(obj).__name__}")))
             continue
         try:
-            rows.append((i, decode_media(obj)))
+            rows.append((i, decode_media(obj, config)))
         except ValueError as e:
             rows.append((i, RecordError(None, str(e))))
             ids[i] = obj.get("id")
-    out = list(convert_rows(rows, config, Path.cwd()))
+    out = list(convert_rows(rows, config, Path(media.folder or "."), media))
     for i, given in ids.items():  # a record refused before it was read still answers with the caller's id
         if isinstance(given, (str, int)) and not isinstance(given, bool):
             out[i - 1][0]["id"] = given
@@ -130,6 +174,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
         return predict_each(predictor, records, top_k, {})
 
     batcher = Batcher(predict, cfg.max_batch, cfg.batch_wait_ms / 1000)
+    media = MediaRoot(cfg.media_root)
 
     @contextlib.asynccontextmanager
     async def lifespan(app_: Any):
@@ -163,12 +208,15 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
             return JSONResponse({"error": str(e)}, status_code=413)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        items = to_records(objs, predictor.config)
+        items = to_records(objs, predictor.config, media)
         good = [it for it in items if not isinstance(it, tuple)]
         results, batch = await batcher.submit(good, top_k) if good else ([], 0)
         it_results = iter(results)
         out = [{"id": it[0]["id"], "error": error_line(it[0], it[1])} if isinstance(it, tuple) else next(it_results)
                for it in items]
+        for res in out:
+            if "error" in res:
+                res["error"] = media.hide(res["error"])
         headers = {"X-MMLLM-Batch-Records": str(batch)}
         if single:
             return JSONResponse(out[0], status_code=422 if "error" in out[0] else 200, headers=headers)
@@ -176,7 +224,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
 
     @app.exception_handler(Exception)
     async def no_traceback(request: Request, exc: Exception) -> Any:
-        return JSONResponse({"error": f"{type(exc).__name__}: {str(exc)[:200]}"}, status_code=500)
+        return JSONResponse({"error": media.hide(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=500)
 
     return app
 

@@ -35,7 +35,7 @@ def server(prepared, tmp_path, isolated_home):
     port = free_port()
     env = {**os.environ, "MMLLM_HOME": str(isolated_home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", str(ckpt), "--port", str(port),
-                             "--batch-wait-ms", "50", "--max-batch", "64"],
+                             "--batch-wait-ms", "50", "--max-batch", "64", "--media-root", str(prepared.parent)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
