@@ -603,6 +603,8 @@ def serve_rules(cfg: ServeConfig) -> list[str]:
         problems.append("CHECKPOINT: required")
     if cfg.media_root is not None and not Path(cfg.media_root).is_dir():
         problems.append(f"--media-root: not a folder: {cfg.media_root}")
+    if not 0 <= cfg.port <= 65535:
+        problems.append(f"--port: must be in 0..65535 (got {cfg.port})")
     return problems
 
 

@@ -169,3 +169,10 @@ def test_predict_cli_still_reads_local_paths(site, tmp_path, monkeypatch):
 def test_a_media_root_that_is_not_a_folder_is_one_line(site):
     line = one_line_error(run_cli("serve", str(site["ckpt"]), "--media-root", str(site["outside"])))
     assert "--media-root" in line
+
+
+def test_port_out_of_range_is_exit_2_before_the_model_loads(site):
+    started = time.monotonic()
+    line = one_line_error(run_cli("serve", str(site["ckpt"]), "--port", "70000"))
+    assert "--port" in line and "70000" in line
+    assert time.monotonic() - started < 2  # refused by the config check, no model built
