@@ -26,7 +26,7 @@ import torch
 
 from mmllm.config import FUSIONS, MAX_AUDIO_SECONDS, ROLES
 from mmllm.errors import UserError, utf8_text
-from mmllm.model import ModelConfig, MultimodalClassifier, build_model
+from mmllm.model import Classifier, ModelConfig, build_model, classifier
 
 FORMAT = "mmllm-checkpoint"
 VERSION = 1
@@ -50,7 +50,7 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def save(model: MultimodalClassifier, folder: Path, info: dict, tokenizer: Any, text_config: Any) -> None:
+def save(model: Classifier, folder: Path, info: dict, tokenizer: Any, text_config: Any) -> None:
     """Write weights + self-description into `folder` (which the caller renames into place): the text model
     as a Hugging Face folder in text_model/, every other weight in model.safetensors, and the model card."""
     from mmllm import modelcard
@@ -310,7 +310,7 @@ def check_encoders(config: dict, roles: list[str]) -> list[str]:
     return problems
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MultimodalClassifier, dict, Any]:
+def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict, Any]:
     """(model in eval mode, checkpoint config, tokenizer or None). The text model comes from text_model/
     (its Hugging Face weights, LoRA merged), or from model.safetensors in checkpoints of the older layout."""
     folder = Path(folder)
@@ -322,7 +322,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Multim
     if "text" in mcfg.modalities:
         tokenizer, text_model = load_text_model(folder / "text_model", with_weights=not old_layout)
     # the older layout stores LoRA adapters unmerged: rebuild them; text_model/ holds merged weights
-    model = build_model(mcfg, text_model) if old_layout else MultimodalClassifier(mcfg, text_model)
+    model = build_model(mcfg, text_model) if old_layout else classifier(mcfg, text_model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -19,7 +19,8 @@ from typing import Any
 from mmllm.errors import UserError, utf8_text
 
 ROLES = ("text", "image", "audio")
-FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear")  # --fusion; checked in every checkpoint
+FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
+AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 MAX_AUGMENT = 100  # augmented variants per training record
 MAX_AUDIO_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
 MAX_CONFIG_BYTES = 1 << 20
@@ -128,12 +129,15 @@ class FinetuneConfig:
     task: str = opt("classify", "classify (label column) or generate (target column).",
                     choices=("classify", "generate"), panel="Model")
     modalities: str = opt("text,image,audio", "Comma-separated modalities the model may use.", panel="Model")
-    fusion: str = opt("bilinear", "How modalities are fused: concat (joined vectors), gated (learned weight per "
+    fusion: str = opt("auto", "How modalities are fused: concat (joined vectors), gated (learned weight per "
                                "modality), attention (over modality vectors and stored sequences), transformer "
-                               "(a CLS token over text tokens, image grid and audio frames) or bilinear (low-rank "
-                               "products of modality projections); the last two model interactions. Image/audio "
-                               "sequences need prepare --sequence-features, else one pooled token each.",
-                       choices=FUSIONS, panel="Model")
+                               "(a CLS token over text tokens, image grid and audio frames), bilinear (low-rank "
+                               "products of modality projections; the last two model interactions). auto: "
+                               "trains concat, gated and bilinear side by side and fits linear probes on all "
+                               "modalities and on each one alone, then keeps the candidate with the best "
+                               "validation --monitor (val_loss by default). Image/audio sequences need prepare "
+                               "--sequence-features, else one pooled token each.",
+                       choices=tuple(f for f in FUSIONS if f != "linear") + ("auto",), panel="Model")
     hidden_size: int = opt(256, "Width of the shared projection space and the head.", panel="Model")
     dropout: float = opt(0.1, "Dropout in projections, fusion and head.", panel="Model")
     freeze_text: bool = opt(None, "Keep the pretrained text model frozen: its pooled token states come from prepare "

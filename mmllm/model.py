@@ -26,7 +26,7 @@ class ModelConfig:
     modalities: list[str]  # subset of text, image, audio, in this order
     num_labels: int
     hidden_size: int = 256
-    fusion: str = "concat"  # concat | gated | attention | transformer | bilinear
+    fusion: str = "concat"  # concat | gated | attention | transformer | bilinear | linear (a probe)
     dropout: float = 0.1
     text_dim: int | None = None
     image_dim: int | None = None
@@ -123,12 +123,89 @@ class Fusion(nn.Module):
         return z.sum(1)
 
 
-class MultimodalClassifier(nn.Module):
+def modality_feature(batch: dict, m: str) -> torch.Tensor:
+    """(B, D_m) the raw feature of modality m in a batch: the text model's pooled states (stored by prepare, or
+    pooled from `text_seq`, the states of a text model run on this batch), else prepare's pooled embedding."""
+    if m == "text" and "text_pooled" in batch:
+        return batch["text_pooled"]  # (B, D_text) from prepare: a frozen text model, computed once
+    if m == "text":
+        return mean_pool(batch["text_seq"], batch["attention_mask"])  # (B, D_text)
+    return batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare
+
+
+class Classifier(nn.Module):
+    """What every classifier shares: the (optional) text model, class weights, the loss."""
+
     def __init__(self, cfg: ModelConfig, text_model: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        h = cfg.hidden_size
         self.text = text_model
+        self.class_weights: torch.Tensor | None = None  # set by finetune for --class-weights auto
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.text.parameters() if p.requires_grad] if self.text is not None else []
+
+    def train(self, mode: bool = True) -> Classifier:
+        """A frozen text model stays in eval mode (no dropout): it gives the states prepare stored."""
+        super().train(mode)
+        if self.text is not None and self.cfg.text_frozen:
+            self.text.eval()
+        return self
+
+    def with_text_states(self, batch: dict) -> dict:
+        """The batch plus the text model's token states (B, T, D_text) when the text is not stored pooled."""
+        if "text" in self.cfg.modalities and "text_pooled" not in batch:
+            out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            batch = {**batch, "text_seq": out.last_hidden_state}
+        return batch
+
+    def output(self, logits: torch.Tensor, batch: dict, gates: torch.Tensor | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"logits": logits, "gates": gates}
+        if batch.get("labels") is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
+        return out
+
+
+class LinearProbe(Classifier):
+    """`--fusion linear`: a multinomial logistic regression over the stored features. Each modality's feature is
+    standardized with the training split's mean and standard deviation (zeros where absent, which is the mean),
+    followed by one presence flag per modality, into a single linear layer (B, sum D_m + M) -> (B, C)."""
+
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module | None = None):
+        super().__init__(cfg, text_model)
+        dims = [modality_dim(cfg, m) for m in cfg.modalities]
+        for m, d in zip(cfg.modalities, dims):
+            self.register_buffer(f"mean_{m}", torch.zeros(d))
+            self.register_buffer(f"std_{m}", torch.ones(d))
+        self.head = nn.Linear(sum(dims) + len(dims), cfg.num_labels)
+
+    def raw_features(self, batch: dict, drop: frozenset = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(feature (B, D_m), presence (B,))] per modality, before standardization."""
+        batch = self.with_text_states(batch)
+        return [(modality_feature(batch, m).float(),
+                 batch[f"has_{m}"].bool() & (m not in drop)) for m in self.cfg.modalities]
+
+    def features(self, batch: dict, drop: frozenset = frozenset()) -> torch.Tensor:
+        """(B, sum D_m + M) standardized features, zero where a modality is absent, then the presence flags."""
+        parts, flags = [], []
+        for m, (x, here) in zip(self.cfg.modalities, self.raw_features(batch, drop)):
+            z = (x - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
+            parts.append(torch.where(here.unsqueeze(-1), z, torch.zeros_like(z)))
+            flags.append(here.float())
+        return torch.cat(parts + [torch.stack(flags, 1)], 1)
+
+    def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
+        return self.output(self.head(self.features(batch, drop)), batch)
+
+
+def modality_dim(cfg: ModelConfig, m: str) -> int:
+    return {"text": cfg.text_dim, "image": cfg.image_dim, "audio": cfg.audio_dim}[m]
+
+
+class MultimodalClassifier(Classifier):
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module | None = None):
+        super().__init__(cfg, text_model)
+        h = cfg.hidden_size
         dims = {"text": cfg.text_dim, "image": cfg.image_dim, "audio": cfg.audio_dim}
         self.proj = nn.ModuleDict()
         for m in cfg.modalities:
@@ -138,30 +215,13 @@ class MultimodalClassifier(nn.Module):
         self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), h))  # stands in for a missing modality
         self.fusion = Fusion(cfg.fusion, len(cfg.modalities), h, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, cfg.num_labels))
-        self.class_weights: torch.Tensor | None = None  # set by finetune for --class-weights auto
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.text.parameters() if p.requires_grad] if self.text is not None else []
-
-    def train(self, mode: bool = True) -> MultimodalClassifier:
-        """A frozen text model stays in eval mode (no dropout): it gives the states prepare stored."""
-        super().train(mode)
-        if self.text is not None and self.cfg.text_frozen:
-            self.text.eval()
-        return self
 
     def modality_vectors(self, batch: dict, drop: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask."""
         vecs, present = [], []
         for i, m in enumerate(self.cfg.modalities):
             proj = self.proj[m] if m in self.proj else self.proj["image"]
-            if m == "text" and "text_pooled" in batch:
-                feat = batch["text_pooled"]  # (B, D_text) from prepare: a frozen text model, computed once
-            elif m == "text":
-                feat = mean_pool(batch["text_seq"], batch["attention_mask"])  # (B, D_text)
-            else:
-                feat = batch[f"{m}_emb"]  # (B, D_m) precomputed by prepare
-            v = proj(feat)
+            v = proj(modality_feature(batch, m))
             here = batch[f"has_{m}"].bool()
             if m in drop:
                 here = torch.zeros_like(here)
@@ -202,19 +262,13 @@ class MultimodalClassifier(nn.Module):
 
     def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
         """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
-        if "text" in self.cfg.modalities and "text_pooled" not in batch:  # token states (B, T, D_text)
-            out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            batch = {**batch, "text_seq": out.last_hidden_state}
+        batch = self.with_text_states(batch)
         x, present = self.modality_vectors(batch, drop)
         if self.cfg.fusion in TOKEN_FUSIONS:
             fused, gates = self.fusion(*self.sequence_tokens(batch, x, present))  # (B, H)
         else:
             fused, gates = self.fusion(x, present)  # (B, H)
-        logits = self.head(fused)  # (B, C)
-        out: dict[str, Any] = {"logits": logits, "gates": gates}
-        if batch.get("labels") is not None:
-            out["loss"] = nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
-        return out
+        return self.output(self.head(fused), batch, gates)  # logits (B, C)
 
 
 def weight_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -231,7 +285,12 @@ def penalty(model: nn.Module, l2: float, l1: float) -> tuple[torch.Tensor, torch
     return l2_term, l1_term
 
 
-def build_model(cfg: ModelConfig, text_model: nn.Module | None) -> MultimodalClassifier:
+def classifier(cfg: ModelConfig, text_model: nn.Module | None = None) -> Classifier:
+    """The classifier a config describes (a linear probe or a fusion model), with the text model as given."""
+    return (LinearProbe if cfg.fusion == "linear" else MultimodalClassifier)(cfg, text_model)
+
+
+def build_model(cfg: ModelConfig, text_model: nn.Module | None) -> Classifier:
     """The classifier with the text model frozen, LoRA-adapted or trainable as the config says."""
     if text_model is not None and cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -240,4 +299,4 @@ def build_model(cfg: ModelConfig, text_model: nn.Module | None) -> MultimodalCla
                                                            target_modules="all-linear", lora_dropout=0.0))
     elif text_model is not None and cfg.freeze_text:
         text_model.requires_grad_(False)
-    return MultimodalClassifier(cfg, text_model)
+    return classifier(cfg, text_model)

@@ -11,11 +11,14 @@ import torch
 from mmllm import checkpoint
 from mmllm.batches import FeatureTable
 from mmllm.errors import UserError
+from mmllm.config import AUTO_FUSIONS
+from mmllm.console import log, warn
 from mmllm.metrics import classification
 from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
 from mmllm.modelcard import data_summary
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Task
+from mmllm.tasks.candidates import CandidateSet, better, choose, fit_probe
 
 
 def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
@@ -33,28 +36,112 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
                             f"{meta['encoders']['text']['identity']}: prepare again")
         tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
     pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
-    sequence = uses_sequences(cfg.fusion, meta, modalities)
     enc = meta["encoders"]
-    mcfg = ModelConfig(modalities=modalities, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=cfg.fusion,
-                       dropout=cfg.dropout, text_dim=enc.get("text", {}).get("dim"),
-                       image_dim=enc.get("image", {}).get("dim"), audio_dim=enc.get("audio", {}).get("dim"),
-                       share_projections=cfg.share_projections, modality_dropout=cfg.modality_dropout,
-                       freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
-                       text_model_type=getattr(text_config, "model_type", None), sequence=sequence)
-    model = build_model(mcfg, text_model).to(dist.device)
-    cached = uses_cached_text(mcfg, meta)
+    fusions = candidate_fusions(cfg, modalities)
+    sequence = any(uses_sequences(f, meta, modalities) for f in fusions)
+
+    def model_config(fusion: str, mods: list[str]) -> ModelConfig:
+        return ModelConfig(modalities=mods, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=fusion,
+                           dropout=cfg.dropout, text_dim=enc.get("text", {}).get("dim"),
+                           image_dim=enc.get("image", {}).get("dim"), audio_dim=enc.get("audio", {}).get("dim"),
+                           share_projections=cfg.share_projections, modality_dropout=cfg.modality_dropout,
+                           freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
+                           text_model_type=getattr(text_config, "model_type", None),
+                           sequence=sequence and fusion in TOKEN_FUSIONS)
+
+    members = {f: build_model(model_config(f, modalities), text_model).to(dist.device) for f in fusions}
+    cached = uses_cached_text(next(iter(members.values())).cfg, meta)
     train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence, cached)
     val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence, cached)
-    if cfg.class_weights == "auto":
-        model.class_weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device)
+    weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device) if cfg.class_weights == "auto" \
+        else None
+    for member in members.values():
+        member.class_weights = weights
+    probes = fit_probes(cfg, data, meta, modalities, label_to_id, model_config, labels, weights, dist,
+                        text_model if len(fusions) > 1 else None)
+    if len(fusions) > 1:  # --fusion auto: fusion models and fitted probes are the candidates
+        members.update({name: probe for name, (probe, _) in probes.items()})
+        model: torch.nn.Module = CandidateSet(members)
+    else:
+        model = members[fusions[0]]
+    reported = {name: info for name, (_, info) in probes.items()}
+
+    def run_validation(m: torch.nn.Module) -> dict:
+        if not isinstance(m, CandidateSet):
+            return {**validate(m, val, labels, dist.device, cfg.batch_size, dist), **reference(reported)}
+        results = {name: validate(member, val, labels, dist.device, cfg.batch_size, dist)
+                   for name, member in m.members.items()}
+        kept = choose(results, cfg.monitor)
+        return {**results[kept], "kept": kept, "candidates": {
+            name: {**r, "seconds": reported[name]["seconds"] if name in reported
+                   else round(m.forward_seconds[name], 3), **({"C": reported[name]["C"]} if name in reported else {})}
+            for name, r in results.items()}}
 
     def save(model_: torch.nn.Module, out: Path, metrics: dict) -> None:
         info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
                 "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
                 "data": data_summary(meta), "metrics": metrics}
-        checkpoint.save(model_, out, info, tokenizer, text_config)
+        chosen = model_
+        if isinstance(model_, CandidateSet):
+            chosen = model_.members[metrics["kept"]]
+            info["selection"] = selection_summary(metrics, cfg.monitor)
+            log(f"--fusion auto kept {metrics['kept']}: {info['selection']['why']}")
+        elif "linear_probe" in metrics and better(cfg.monitor, metrics["linear_probe"][cfg.monitor],
+                                                  metrics[cfg.monitor]):
+            warn(f"this {cfg.fusion} model's {cfg.monitor} {metrics[cfg.monitor]:.4f} is worse than a linear probe's "
+                 f"{metrics['linear_probe'][cfg.monitor]:.4f} on the same stored features (--fusion auto would keep "
+                 "the better one)")
+        checkpoint.save(chosen, out, info, tokenizer, text_config)
 
-    return Task(model, train_table, lambda m: validate(m, val, labels, dist.device, cfg.batch_size, dist), save)
+    return Task(model, train_table, run_validation, save)
+
+
+def candidate_fusions(cfg: Any, modalities: list[str]) -> list[str]:
+    """The fusion models this run trains: --fusion, or with auto the AUTO_FUSIONS (one, bilinear, when the text
+    model trains: candidates share one frozen text model)."""
+    if cfg.fusion != "auto":
+        return [cfg.fusion]
+    if "text" in modalities and not cfg.freeze_text:
+        log("--fusion auto with a text model that trains: one fusion model (bilinear); the candidates share a "
+            "frozen text model")
+        return ["bilinear"]
+    return list(AUTO_FUSIONS)
+
+
+def fit_probes(cfg: Any, data: Any, meta: dict, modalities: list[str], label_to_id: dict, model_config, labels: list,
+               weights: torch.Tensor | None, dist: Any, text_model: Any) -> dict[str, tuple]:
+    """Linear probes on the stored features (the text model's stored pooled states: none when prepare did not
+    store them): on all modalities, and with --fusion auto also on each modality alone. A probe is a candidate
+    only with --fusion auto (then it carries the frozen text model for raw records); otherwise its validation
+    metrics are reported beside the model's, for comparison."""
+    if "text" in modalities and "text_pooled" not in meta["features"]:
+        return {}
+    subsets = [modalities] + ([[m] for m in modalities] if cfg.fusion == "auto" and len(modalities) > 1 else [])
+    train = FeatureTable.from_split(data["train"], modalities, label_to_id, cached_text=True)
+    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, cached_text=True)
+    probes = {}
+    for mods in subsets:
+        name = "linear" if mods == modalities else f"linear_{mods[0]}"
+        probe, info = fit_probe(model_config("linear", mods), text_model if "text" in mods else None, train,
+                                lambda m: validate(m, val, labels, dist.device, cfg.batch_size, dist), cfg.monitor,
+                                weights, dist.device)
+        log(f"linear probe ({', '.join(mods)}): C {info['C']:g}, " + "  ".join(
+            f"{k} {info[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_f1")) + f" ({info['seconds']:.1f} s)")
+        probes[name] = (probe, info)
+    return probes
+
+
+def reference(reported: dict) -> dict:
+    """The all-modalities probe's validation metrics, reported next to an explicit --fusion's."""
+    return {"linear_probe": {k: v for k, v in reported["linear"].items()}} if "linear" in reported else {}
+
+
+def selection_summary(metrics: dict, monitor: str) -> dict:
+    """Which candidate --fusion auto kept and why, with every candidate's validation metrics and time."""
+    kept = metrics["kept"]
+    return {"kept": kept, "monitor": monitor, "candidates": metrics["candidates"],
+            "why": f"best validation {monitor} ({metrics['candidates'][kept][monitor]:.4f}) of "
+                   f"{len(metrics['candidates'])} candidates at the best epoch"}
 
 
 def uses_sequences(fusion: str, meta: dict, modalities: list[str]) -> bool:
@@ -63,8 +150,6 @@ def uses_sequences(fusion: str, meta: dict, modalities: list[str]) -> bool:
         return False
     if meta["preprocessing"].get("sequence_features"):
         return True
-    from mmllm.console import log
-
     log(f"fusion {fusion}: the prepared data has no image/audio sequences, so each enters as one pooled token "
         "(prepare with --sequence-features for the image grid and audio frames)")
     return False
@@ -74,8 +159,6 @@ def uses_cached_text(mcfg: ModelConfig, meta: dict) -> bool:
     """Whether training reads the frozen text model's pooled states stored by prepare instead of running it."""
     if not mcfg.cached_text:
         return False
-    from mmllm.console import log
-
     cached = "text_pooled" in meta["features"]
     log("text model frozen: training reads its pooled states from the prepared data (computed once)" if cached else
         "text model frozen, but the prepared data has no pooled text states (prepared by an older mmllm): it runs "
