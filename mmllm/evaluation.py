@@ -89,7 +89,7 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
 
     model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
     mods = model.cfg.modalities
-    columns, source, split = eval_columns(cfg, config, mods)
+    columns, source, split = eval_columns(cfg, config, mods, transcripts=model.reads_transcripts)
     table = GenTable(columns, mods, tokenizer, with_targets=False)
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
@@ -111,8 +111,8 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     return result
 
 
-def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_states: bool = False
-                 ) -> tuple[dict, str, str]:
+def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_states: bool = False,
+                 transcripts: bool | None = None) -> tuple[dict, str, str]:
     """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
     featurized on the fly."""
     from mmllm.features import META, label_strings, load_prepared
@@ -134,7 +134,8 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_state
     from mmllm.records import raw_records
     from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
 
-    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states)
+    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states,
+                                       transcripts=transcripts)
     records = []
     for item in raw_records(str(data), config):
         if isinstance(item, tuple):

@@ -524,11 +524,14 @@ def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: Fe
 
 
 def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False,
-                            precision: str = "checkpoint", text_states: bool = False) -> dict:
+                            precision: str = "checkpoint", text_states: bool = False,
+                            transcripts: bool | None = None) -> dict:
     """The encoders a checkpoint was trained on, verified by identity; the text tokenizer comes from the folder.
 
     `precision` "checkpoint" runs them as the checkpoint's data was prepared (fp32 when it recorded none);
-    `text_states`: featurize computes the frozen text model's pooled states (the model reads them, not tokens)."""
+    `text_states`: featurize computes the frozen text model's pooled states (the model reads them, not tokens);
+    `transcripts`: the model reads prepare's transcripts (a generator's prompt), so the audio is transcribed as
+    prepare did; None: when it has a text model (which read text + transcript)."""
     from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision
 
     requested = precision
@@ -550,7 +553,7 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     if "text" in out:
         out["text"].states = text_states
     recorded = config.get("preprocessing", {}).get("transcribe")
-    if recorded and "text" in out:  # the text model was trained on text + transcript: transcribe as prepare did
+    if recorded and ("text" in out if transcripts is None else transcripts):  # trained on them: as prepare did
         out["transcript"] = load_transcriber(recorded["name"], trust_remote_code, precision)
         if out["transcript"].identity != recorded["identity"]:
             raise UserError(f"--transcribe-model '{recorded['name']}' is now {out['transcript'].identity}, but the "

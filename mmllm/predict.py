@@ -40,7 +40,8 @@ class Predictor:
             self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
         self.labels = self.config["labels"]
         self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision,
-                                                text_states=getattr(self.model.cfg, "cached_text", False))
+                                                text_states=getattr(self.model.cfg, "cached_text", False),
+                                                transcripts=getattr(self.model, "reads_transcripts", None))
         self.prep = config_from_checkpoint(self.config)
         self.prep.max_file_mb = max_file_mb
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)

@@ -124,3 +124,98 @@ def test_accuracy_joins_on_ids_in_any_order(tmp_path):
     (tmp_path / "twice.jsonl").write_text('{"id": "r1", "prediction": "a"}\n{"id": "r1", "prediction": "b"}\n')
     r = run_cli("eval", "accuracy", "--pred", tmp_path / "twice.jsonl", "--gold", tmp_path / "gold.csv")
     assert r.exit_code == 2 and "id 'r1' appears twice" in r.stderr
+
+
+def test_predict_and_eval_transcribe_like_prepare_for_every_task(tiny_models, tmp_path):
+    """For each task x modalities that reads transcripts (a classifier's text model; a generator's prompt, with or
+    without an audio prefix): the predictor transcribes raw records as prepare did, and predict, eval on the raw
+    manifest and eval on the prepared folder give the same outputs for the same records."""
+    import numpy as np
+
+    from conftest import make_tokenizer, write_csv, write_wav
+    from mmllm.features import featurize, load_prepared
+    from mmllm.metrics import expected_calibration_error
+    from mmllm.predict import Predictor
+    from mmllm.records import raw_records
+    import shutil
+
+    whisper = tmp_path / "whisper"
+    shutil.copytree(tiny_models["whisper"], whisper)
+    make_tokenizer().save_pretrained(whisper)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    tok.eos_token = "[SEP]"
+    decoder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(decoder)
+    tok.save_pretrained(decoder)
+    rows = []
+    for i in range(16):
+        audio = write_wav(tmp_path / f"a{i}.wav", freq=300 + 150 * (i % 4), seconds=0.5 + 0.1 * (i % 3))
+        rows.append({"id": f"r{i}", "text": "" if i % 5 == 1 else ["it is big", "it is small"][i % 2],
+                     "audio": audio.name, "label": ["b", "s"][i % 2], "target": ["a big thing", "a small thing"][i % 2],
+                     "split": ["train", "train", "validation", "test"][i % 4]})
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    r = run_cli("prepare", manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"], "--audio-model",
+                tiny_models["whisper"], "--transcribe", "--transcribe-model", whisper, "--batch-size", "4")
+    assert r.exit_code == 0, r.output
+    ds, _ = load_prepared(tmp_path / "p")
+    prepared = {row["id"]: row for split in ds for row in ds[split].to_list()}
+    test_ids = [f"r{i}" for i in range(3, 16, 4)]
+    assert all(prepared[i]["transcript"] for i in test_ids)
+    combos = [("classify", "text"), ("classify", "text,audio"), ("generate", "audio"), ("generate", "text")]
+    for task, mods in combos:
+        ck = tmp_path / f"ck-{task}-{mods}"
+        extra = ["--task", "generate", "--decoder", decoder, "--prefix-tokens", "2", "--max-new-tokens", "6"] \
+            if task == "generate" else []
+        extra += ["--lora-r", "2"] if (task, mods) == ("generate", "text") else []  # else nothing to train
+        r = run_cli("finetune", tmp_path / "p", "--output", ck, "--modalities", mods, "--epochs", "1",
+                    "--hidden-size", "16", "--batch-size", "4", *extra)
+        assert r.exit_code == 0, (task, mods, r.output)
+        predictor = Predictor(str(ck), device="cpu")
+        assert "transcript" in predictor.encoders, (task, mods)
+        records = [x for x in raw_records(str(manifest), predictor.config) if isinstance(x, dict)]
+        featurized, errors = featurize(records, predictor.encoders, predictor.prep)
+        assert not errors and {row["id"]: row["transcript"] for row in featurized} == \
+            {i: prepared[i]["transcript"] for i in prepared}, (task, mods)
+        mine = {row["id"]: row for row in featurized}
+        if task == "generate":  # the decoder's prompts (text + what was said) are the same tokens as from prepare
+            from mmllm.tasks.generate import GenTable
+
+            gen_mods = predictor.model.cfg.modalities
+            cols = {k: [mine[i].get(k) for i in test_ids] for k in mine[test_ids[0]]}
+            ours = GenTable(cols, gen_mods, predictor.tokenizer, with_targets=False).prompts
+            theirs = GenTable.from_split(ds["test"], gen_mods, predictor.tokenizer, with_targets=False)
+            assert ours == theirs.prompts and list(theirs.ids) == test_ids, (task, mods)
+        else:  # the text model's tokens: text [SEP] transcript, as prepare made them
+            assert all(list(mine[i]["input_ids"]) == prepared[i]["input_ids"] for i in test_ids), (task, mods)
+        gen = ["--max-new-tokens", "6"] if task == "generate" else []
+        evals = []
+        for data in (manifest, tmp_path / "p"):
+            r = run_cli("eval", "model", ck, data, "--split", "test", "--no-reliance", *gen)
+            assert r.exit_code == 0, (task, mods, r.output)
+            evals.append(json.loads(r.stdout.splitlines()[-1]))
+        r = run_cli("predict", ck, manifest, "--top-k", "2", *gen)
+        assert r.exit_code == 0, (task, mods, r.output)
+        predicted = {x["id"]: x for x in load_json_lines(r.stdout)}
+        on_raw, on_prepared = evals
+        if task == "generate":
+            assert on_raw["examples"] == on_prepared["examples"], (task, mods)
+            assert [e["generated"] for e in on_raw["examples"]] == [predicted[i]["generated"] for i in test_ids]
+            assert on_raw["bleu"] == on_prepared["bleu"]
+        else:
+            for key in ("accuracy", "macro_f1", "confusion_matrix"):
+                assert on_raw[key] == on_prepared[key], (task, mods, key)
+            labels = on_raw["confusion_matrix"]["labels"]
+            probs = np.array([[next(t["probability"] for t in predicted[i]["top_k"] if t["label"] == lab)
+                               for lab in labels] for i in test_ids])
+            gold = np.array([labels.index(prepared[i]["label"] if isinstance(prepared[i]["label"], str)
+                                          else ds["test"].features["label"].int2str(prepared[i]["label"]))
+                             for i in test_ids])
+            assert float((probs.argmax(1) == gold).mean()) == on_raw["accuracy"]
+            assert expected_calibration_error(probs, gold) == pytest.approx(on_raw["ece"], abs=1e-6)
+            assert on_raw["ece"] == pytest.approx(on_prepared["ece"], abs=1e-6)

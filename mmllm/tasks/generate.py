@@ -54,6 +54,8 @@ def prompt_text(text: str | None, transcript: str | None = None) -> str:
 class PrefixDecoder(nn.Module):
     """Projector (per modality: LayerNorm -> Linear -> GELU -> Linear to P x d) + causal LM decoder."""
 
+    reads_transcripts = True  # the prompt says what was said (prompt_text): raw records are transcribed as prepare did
+
     def __init__(self, cfg: GenConfig, decoder: nn.Module):
         super().__init__()
         self.cfg = cfg
