@@ -10,6 +10,9 @@ unpacked with `dpkg-deb -x` into quality_data/debs, shared by every OUT: nothing
   spoken digit is the written one, so neither modality alone can beat chance.
 - fortunes (text, 4 classes): fortune cookies from Debian's `fortunes` package, labelled by the file they come
   from (computers, politics, science, work): human-written quotations and jokes.
+- digits_noise (image + audio, 10 classes): the same handwritten digits labelled by their digit, each paired with
+  a random English Asterisk prompt (a human voice saying a sentence that has nothing to do with the digit): the
+  audio and its transcript are real recordings that carry nothing for the label.
 - prompts (audio -> text, generation): the English Asterisk prompts read by a human (Allison Smith) and their
   transcripts (asterisk-core-sounds-en's core-sounds-en.txt); targets are real sentences, not templates.
 
@@ -95,6 +98,28 @@ def digits_match(out: Path, debs: Path, n_train: int, n_eval: int, seed: int = 0
     return write_manifest(out / "manifest.csv", rows)
 
 
+def digits_noise(out: Path, debs: Path, n_train: int, n_eval: int, seed: int = 0) -> Path:
+    """Handwritten digit image (the label) + an unrelated spoken English prompt (noise for the label)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    wavs = sorted((debian_package("asterisk-core-sounds-en-wav", debs) / SOUNDS / VOICES["en"]).glob("*.wav"))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    order = list(range(len(digits.images)))
+    rng.shuffle(order)
+    rows = []
+    for i, k in enumerate(order[:min(len(order), n_train + 2 * n_eval)]):
+        img = out / "images" / f"d{k:04d}.png"
+        pixels = (digits.images[k] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(255 - pixels).resize((64, 64), Image.NEAREST).convert("RGB").save(img)
+        rows.append({"id": f"d{k:04d}", "image": str(img), "audio": str(rng.choice(wavs)),
+                     "label": str(int(digits.target[k])), "split": split_of(i, n_train, n_eval)})
+    return write_manifest(out / "manifest.csv", rows)
+
+
 def read_fortunes(path: Path) -> list[str]:
     """The fortunes of one file, whitespace-normalized ('%' lines separate them)."""
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -143,7 +168,7 @@ def prompts(out: Path, debs: Path, n_train: int, n_eval: int, seed: int = 0) -> 
     return write_manifest(out / "manifest.csv", rows)
 
 
-BUILDERS = {"digits_match": digits_match, "fortunes": fortunes, "prompts": prompts}
+BUILDERS = {"digits_match": digits_match, "digits_noise": digits_noise, "fortunes": fortunes, "prompts": prompts}
 
 
 def build(name: str, out: Path, n_train: int, n_eval: int) -> Path:

@@ -4,6 +4,7 @@ spoken-digit matching task with the real embedded encoders. Its data comes from 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -37,13 +38,17 @@ def test_quality_digits_match_small(tmp_path, monkeypatch):
         results = quality.run(["digits_match"], tmp_path / "work", tmp_path / "data", n_train=200, n_eval=60,
                               singles=False)
     except SystemExit as e:  # apt-get download failed (no package lists, no network): the data is unobtainable
-        if "apt-get download" not in str(e):
+        if "apt-get download" not in str(e) or os.environ.get("CI"):  # CI reaches Debian's archive: a failure
             raise
         pytest.skip(str(e))
     d = results["datasets"]["digits_match"]
     assert d["counts"] == {"train": 200, "validation": 60, "test": 60}
     assert d["majority"]["accuracy"] == pytest.approx(0.5)  # balanced same/different
-    assert 0.0 <= d["hand_baseline"]["accuracy"] <= 1.0 and d["hand_baseline"]["chosen"]
+    probe, hand = d["linear_probe"], d["hand_baseline"]
+    assert probe["chosen"].startswith("logreg C=") and hand["chosen"]
+    assert hand["val_accuracy"] >= probe["val_accuracy"]  # the hand baseline's choices include the probe's
     assert d["mmllm"]["accuracy"] >= MIN_ACCURACY
+    # issue 26: the defaults never lose to a linear probe on their own features (3 test records of slack: 60 in all)
+    assert d["mmllm"]["accuracy"] >= probe["accuracy"] - 0.05, (d["mmllm"], probe)
     md = quality.markdown(results)
     assert "| digits_match |" in md and "hand baseline" in md
