@@ -309,6 +309,7 @@ def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[lis
 
 
 def _read_class_folder(path: Path) -> tuple[list[dict], list[dict], dict]:
+    path = path.absolute()  # media paths are absolute: a relative folder is never joined onto itself (predict, eval)
     records = []
     classes = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:

@@ -219,3 +219,73 @@ def test_predict_and_eval_transcribe_like_prepare_for_every_task(tiny_models, tm
             assert float((probs.argmax(1) == gold).mean()) == on_raw["accuracy"]
             assert expected_calibration_error(probs, gold) == pytest.approx(on_raw["ece"], abs=1e-6)
             assert on_raw["ece"] == pytest.approx(on_prepared["ece"], abs=1e-6)
+
+
+def test_relative_and_absolute_inputs_behave_the_same(tiny_models, tmp_path, monkeypatch):
+    """A class folder and a manifest given as relative paths (from the cwd) give what their absolute paths give, in
+    prepare, eval model, predict and serve (--media-root relative)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, write_csv, write_image
+
+    rows = []
+    for i in range(16):
+        cls = ["red", "blue"][i % 2]
+        (tmp_path / "data" / "shapes" / cls).mkdir(parents=True, exist_ok=True)
+        write_image(tmp_path / "data" / "shapes" / cls / f"s{i}.png", (200, 30, 30) if i % 2 == 0 else (30, 30, 200))
+        rows.append({"id": f"r{i}", "image": f"shapes/{cls}/s{i}.png", "label": cls})
+    write_csv(tmp_path / "data" / "m.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    img = ["--image-model", tiny_models["image"]]
+    summaries = []
+    for name, data in (("rel", "data/shapes"), ("abs", tmp_path / "data" / "shapes"), ("man", "data/m.csv")):
+        r = run_cli("prepare", data, "--output", f"p-{name}", *img)
+        assert r.exit_code == 0, r.output
+        summaries.append(json.loads(r.stdout.splitlines()[-1]))
+    assert summaries[0]["counts"] == summaries[1]["counts"] and sum(summaries[0]["counts"].values()) == 16
+    r = run_cli("finetune", "p-rel", "--output", "ck", "--epochs", "1", "--hidden-size", "16")
+    assert r.exit_code == 0, r.output
+    outputs = {}
+    for data in ("data/shapes", str(tmp_path / "data" / "shapes"), "data/m.csv", str(tmp_path / "data" / "m.csv")):
+        r = run_cli("predict", "ck", data)
+        assert r.exit_code == 0, (data, r.output)
+        lines = load_json_lines(r.stdout)
+        assert len(lines) == 16 and not any("error" in x for x in lines), (data, lines[:2])
+        outputs[data] = sorted((x["prediction"], round(x["probability"], 6)) for x in lines)
+        r = run_cli("eval", "model", "ck", data, "--no-reliance")
+        assert r.exit_code == 0, (data, r.output)
+        assert json.loads(r.stdout.splitlines()[-1])["n"] == 16
+    assert len({tuple(v) for v in outputs.values()}) == 1
+    # serve: --media-root given relative; a record names its file relative to it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", "ck", "--port", str(port), "--media-root",
+                             "data", "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        import urllib.request
+
+        body = json.dumps([{"id": "x", "image": "shapes/red/s0.png"}]).encode()
+        deadline = time.time() + 60
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", body,
+                                             {"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    answer = answer[0]  # a list in, a list out
+    via_predict = {x["id"]: x for x in load_json_lines(run_cli("predict", "ck", "data/shapes").stdout)}["red/s0.png"]
+    assert answer["prediction"] == via_predict["prediction"]
+    assert answer["probability"] == pytest.approx(via_predict["probability"], abs=1e-6)
