@@ -7,6 +7,7 @@ is or contains one of the command's inputs, a file where a folder is expected (o
 output that is not mmllm's of the same kind, or one that is but `--overwrite` was not given. The new output
 is written beside the old one (`beside`) and moved into place by `replace`: the old one is renamed aside, the
 new one renamed in, then the old one deleted. An empty file or folder holds nothing to lose and is replaced.
+While a command writes an output it holds `lock(out)`: a second run on the same output is refused.
 """
 
 from __future__ import annotations
@@ -120,13 +121,16 @@ def beside(out: str | Path, folder: bool = False) -> Path:
     return tmp
 
 
-def replace(new: Path, out: str | Path, kind: Kind | None = None) -> None:
+def replace(new: Path, out: str | Path, kind: Kind | None = None, overwrite: bool = True) -> None:
     """Move the finished `new` onto `out`: the old output (if any) is renamed aside, `new` renamed in, then the
-    old one deleted. With `kind`, `out` is checked again first (something may have appeared there meanwhile)."""
+    old one deleted. With `kind`, `out` is checked again first (something may have appeared there meanwhile):
+    refused unless it is mmllm's of this kind and `overwrite` (the command's --overwrite) allows replacing it."""
     out = real(Path(out))
-    if kind is not None and out.exists() and not _empty(out) and not kind.ours(out):
+    if kind is not None and out.exists() and not _empty(out) and not (overwrite and kind.ours(out)):
         _remove(new)
-        raise UserError(f"{out} appeared while mmllm was writing and is not {kind.name}: left untouched; "
+        what = f"is {kind.name} written by another run (--overwrite was not given)" if kind.ours(out) \
+            else f"is not {kind.name}"
+        raise UserError(f"{out} appeared while mmllm was writing and {what}: left untouched; "
                         f"the new output was not saved")
     if not out.exists():
         os.replace(new, out)
@@ -152,6 +156,45 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
         _remove(tmp)
         raise
     replace(tmp, out)
+
+
+@contextmanager
+def lock(out: str | Path, flag: str = "--output") -> Iterator[None]:
+    """Hold `.NAME.lock` beside `out` while a command writes it: a second mmllm run on the same output is refused
+    in one line (a lock left by a killed run of this machine is taken over)."""
+    out = real(Path(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    mine = f"{HOST}-{os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue  # released meanwhile
+            host, _, pid = holder.rpartition("-")
+            if host == HOST and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its run was killed
+                continue
+            raise UserError(f"{flag} {out} is being written by another mmllm run (process {pid or '?'} on "
+                            f"{host or 'an unknown machine'}, lock file {path}): wait for it to finish or choose "
+                            "another path; if no such run is alive, delete the lock file") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(mine)
+        break
+    else:
+        raise UserError(f"{flag} {out}: could not take the lock file {path}: delete it if no mmllm run is "
+                        "writing there")
+    try:
+        yield
+    finally:
+        try:
+            if path.read_text(encoding="utf-8").strip() == mine:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _remove(path: Path) -> None:

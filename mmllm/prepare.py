@@ -35,8 +35,12 @@ PREPARED = outputs.marked_folder("a prepared dataset", META, writes=(META, "prep
 
 def run(cfg: PrepareConfig) -> int:
     outputs.check(cfg.output, PREPARED, cfg.input, cfg.overwrite)
-    if cfg.merge:
-        return merge(cfg)
+    with outputs.lock(cfg.output):  # a second prepare on the same --output meanwhile is refused
+        return merge(cfg) if cfg.merge else build(cfg)
+
+
+def build(cfg: PrepareConfig) -> int:
+    """Records -> features -> the prepared dataset at --output."""
     start = time.perf_counter()
     out = Path(cfg.output)
     records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in
@@ -247,7 +251,7 @@ def _finish(tmp: Path, out: Path, meta: dict, cfg: Any) -> None:
     (tmp / "data").rmdir()
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     save_resolved(cfg, tmp / "prepare_config.json")
-    outputs.replace(tmp, out, PREPARED)
+    outputs.replace(tmp, out, PREPARED, cfg.overwrite)
 
 
 def with_class_labels(ds: Any, names: list[str]) -> Any:
@@ -417,7 +421,7 @@ def merge(cfg: PrepareConfig) -> int:
         meta["input"] = [str(Path(p).resolve()) for p in cfg.input]
         meta["shard"] = {"merged": len(loaded)}
         (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        outputs.replace(tmp, out, PREPARED)
+        outputs.replace(tmp, out, PREPARED, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
