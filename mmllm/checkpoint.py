@@ -80,7 +80,10 @@ def save_hf_model(model: torch.nn.Module, folder: Path) -> None:
 
     quiet_transformers()  # no "Writing model shards" bar
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.save_pretrained(folder, state_dict=merged_state(model))
+    try:
+        base.save_pretrained(folder, state_dict=merged_state(model))
+    except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as SafetensorError
+        raise io_error(e, folder) from None
 
 
 def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -107,8 +110,19 @@ def save_weights(tensors: dict, path: Path) -> None:
     """safetensors file with the mode every other file gets (safetensors itself creates it 0600)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT})
+    except Exception as e:  # noqa: BLE001 - safetensors reports a failed write as SafetensorError
+        raise io_error(e, path) from None
     os.chmod(path, 0o666 & ~current_umask())
+
+
+def io_error(e: Exception, path: Path) -> Exception:
+    """safetensors' "I/O error: ... (os error N)" as the OSError it is (other errors unchanged)."""
+    import re
+
+    found = re.search(r"os error (\d+)", str(e))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) if found else e
 
 
 def current_umask() -> int:

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from mmllm import loop
+from mmllm import loop, outputs
 from mmllm.config import FinetuneConfig
 from mmllm.errors import UserError
 from mmllm.features import load_prepared
-from mmllm.runtime import setup_distributed
+from mmllm.runtime import Dist, setup_distributed
 from mmllm.tasks import build_task
 
 
 def run(cfg: FinetuneConfig) -> int:
     dist = setup_distributed(cfg.device)
     loop.preflight(cfg, dist.device)  # fp16 needs CUDA, --report-to needs its package: say so before models load
-    if dist.main:
-        loop.check_output(cfg)  # before any model loads: refuse an --output this run must not write
+    if not dist.main:
+        return train(cfg, dist)
+    loop.check_output(cfg)  # before any model loads: refuse an --output this run must not write
+    with outputs.lock(cfg.output):  # a second finetune on the same --output meanwhile is refused
+        return train(cfg, dist)
+
+
+def train(cfg: FinetuneConfig, dist: Dist) -> int:
+    """Load the prepared data, build the --task's Task, run the loop."""
     torch.manual_seed(cfg.seed)
     data, meta = load_prepared(cfg.prepared)
     absent = [split for split in ("train", "validation") if split not in data]

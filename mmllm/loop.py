@@ -34,35 +34,39 @@ CHECKPOINT = outputs.Kind("a checkpoint", True, lambda p: checkpoint.is_checkpoi
                           or (p / STATE_DIR / "state.json").is_file(), checkpoint.MARKER,
                           frozenset({checkpoint.MARKER, "README.md", "model.safetensors", "config.json", "labels.json",
                                      "text_model", "decoder", "metrics.jsonl", "metrics.json", "finetune_config.json",
-                                     "training_curves.png", "tensorboard", STATE_DIR, STATE_DIR + ".tmp"}))
+                                     "training_curves.png", "tensorboard", STATE_DIR, STATE_DIR + ".tmp",
+                                     STATE_DIR + ".old"}))
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
 LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 
 
 def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
-    """The loop: epochs of fit + validate, early stopping, resumable state, final checkpoint (rank 0)."""
+    """The loop: epochs of fit + validate, early stopping, resumable state, final checkpoint (rank 0).
+
+    Ctrl-C or SIGTERM: the step in progress finishes, the resumable state is saved, exit 130 / 143. With
+    --overwrite the run writes beside the old checkpoint (`unfinished`), which stays whole until the new one
+    is complete; a failed run (diverged, disk full) never replaces it."""
     out = Path(cfg.output)
-    run = start_run(task, cfg, dist, out)
+    folder = output_folder(cfg, out) if dist.main else out
+    with failing(folder, out, dist):
+        run = start_run(task, cfg, dist, out, folder)
     stop = StopFlag()
     start = time.perf_counter()
     try:
-        with stop:
+        with stop, failing(folder, out, dist):
             trained_records = run_epochs(task, run, cfg, dist, stop, run.folder)
-        if stop.hit:
-            if dist.main:
-                save_state(run.folder / STATE_DIR, task.model, run.optimizer, run.scheduler, run.state)
-                if run.folder != out:  # --overwrite: the interrupted new run replaces the old checkpoint
-                    outputs.replace(run.folder, out, CHECKPOINT)
-                warn(f"interrupted: resumable state saved in {out / STATE_DIR}; continue with --resume")
-            return 130
-    except BaseException:
-        if dist.main and run.folder != out:  # --overwrite: a failed run leaves the old checkpoint as it was
-            shutil.rmtree(run.folder, ignore_errors=True)
-        raise
+            if stop.hit:
+                if dist.main:
+                    save_state(run.folder / STATE_DIR, task.model, run.optimizer, run.scheduler, run.state)
+                    kept = f"{out} is unchanged; this run's state is in {run.folder / STATE_DIR}" \
+                        if run.folder != out else f"resumable state saved in {out / STATE_DIR}"
+                    warn(f"interrupted: {kept}; continue with --resume")
+                return stop.code
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
-    finish(task, run, cfg, dist, out, trained_records, time.perf_counter() - start)
+    with failing(folder, out, dist):
+        finish(task, run, cfg, dist, out, trained_records, time.perf_counter() - start)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return 0
@@ -82,7 +86,7 @@ class Run:
     report: Any = None  # --report-to tensorboard: called with every metrics.jsonl record (rank 0)
 
 
-def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
+def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Path) -> Run:
     """Optimizer, schedule and state (fresh or resumed); the output folder's metrics log and resolved config."""
     model = task.model
     plan = plan_schedule(cfg, len(task.train), dist.world)
@@ -90,10 +94,12 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps, plan.warmup_steps)
     state = TrainState()
-    folder = output_folder(cfg, out) if dist.main else out
     if cfg.resume:
-        changed = check_resume(cfg)  # refuses options that would change the model or the data
-        state = load_state(out / STATE_DIR, model, optimizer, scheduler)
+        # refuses options that would change the model or the data (the run's own folder: --output or beside it)
+        changed = check_resume(dataclasses.replace(cfg, output=str(folder)))
+        state = load_state(folder / STATE_DIR, model, optimizer, scheduler)
+        if dist.main:
+            trim_metrics(folder / "metrics.jsonl", state)
         applied = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items() if k not in ("output", "device"))
         log(f"resumed at epoch {state.epoch}, step {state.step}" + (f"; applying {applied}" if applied else ""))
     ddp_model = model
@@ -107,39 +113,107 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path) -> Run:
     return Run(optimizer, scheduler, state, ddp_model, plan, folder, scaler, report)
 
 
+def unfinished(out: Path) -> Path:
+    """Where an --overwrite run writes, beside the checkpoint it replaces once it is complete: `CKPT.unfinished`.
+    The old checkpoint stays whole meanwhile; an interrupted run's state stays here, and --resume finds it."""
+    out = outputs.real(Path(out))
+    return out.with_name(out.name + ".unfinished")
+
+
+def has_state(folder: Path) -> bool:
+    """`folder` holds a resumable state (save_state's, or the one it was replacing when killed)."""
+    return any((folder / name / "state.json").is_file() for name in (STATE_DIR, STATE_DIR + ".old"))
+
+
 def check_output(cfg: FinetuneConfig) -> bool:
-    """Refuse an --output this run must not write (mmllm.outputs); True when it replaces a checkpoint."""
+    """Refuse an --output this run must not write (mmllm.outputs); True when the run writes `unfinished(out)`,
+    which replaces --output when the run is complete."""
     out = Path(cfg.output)
+    side = unfinished(out)
+    side_flag, side_advice = "--output's unfinished run", "move it away"
     if cfg.resume:  # the run's own folder: continued, never replaced
+        if has_state(side):  # an interrupted --overwrite run
+            outputs.check(side, CHECKPOINT, [cfg.prepared], overwrite=True, flag=side_flag, advice=side_advice)
+            return True
         outputs.check(out, CHECKPOINT, [cfg.prepared], overwrite=True)
         return False
-    if (out / STATE_DIR).is_dir() and not cfg.overwrite and CHECKPOINT.ours(out):
-        raise UserError(f"--output {out} holds an unfinished run: add --resume to continue it, --overwrite to "
-                        "start over, or choose another folder")
-    return outputs.check(out, CHECKPOINT, [cfg.prepared], cfg.overwrite)
+    if not cfg.overwrite and (has_state(side) or ((out / STATE_DIR).is_dir() and CHECKPOINT.ours(out))):
+        where = side if has_state(side) else out
+        raise UserError(f"--output {out} has an unfinished run in {where}: add --resume to continue it, --overwrite "
+                        "to start over, or choose another folder")
+    replaces = outputs.check(out, CHECKPOINT, [cfg.prepared], cfg.overwrite)
+    if replaces:
+        outputs.check(side, CHECKPOINT, [cfg.prepared], overwrite=True, flag=side_flag, advice=side_advice)
+    return replaces
 
 
 def output_folder(cfg: FinetuneConfig, out: Path) -> Path:
     """The folder rank 0 writes, marked as a checkpoint from the start: --output itself when it is new, empty
-    or resumed; with --overwrite of a checkpoint, a fresh folder beside it that replaces it at the end."""
+    or resumed there; with --overwrite of a checkpoint (or resuming such a run), `unfinished(out)` beside it."""
     replaces = check_output(cfg)
+    folder = unfinished(out) if replaces else out
     if cfg.resume:
-        return out
-    folder = outputs.beside(out, folder=True) if replaces else out
+        return folder
+    if replaces:
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier unfinished run of this output: --overwrite starts over
     checkpoint.write_marker(folder)
     return folder
+
+
+@contextlib.contextmanager
+def failing(folder: Path, out: Path, dist: Dist):
+    """A run that fails never passes for a finished one and never touches the previous checkpoint: a write that
+    fails (disk full, read-only) is one line naming the folder; an `unfinished` folder with nothing to resume
+    is removed."""
+    try:
+        yield
+    except BaseException as e:
+        if not dist.main:
+            raise
+        if folder != out and not has_state(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            kept = [f"{out} is unchanged"] if folder != out and out.exists() else []
+            if has_state(folder):
+                kept.append(f"the last saved state in {folder / STATE_DIR} is kept for --resume")
+            raise UserError(f"could not write {folder}: {e.strerror or e}: free space there (or choose another "
+                            f"--output) and run again" + "".join(f"; {k}" for k in kept)) from None
+        raise
+
+
+def trim_metrics(path: Path, state: TrainState) -> None:
+    """metrics.jsonl without what a killed run logged after its last saved state (steps after state.step,
+    epochs after state.epoch, a line cut short): the resumed run logs those again, so no step repeats."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("step", 0) <= state.step and ("train_loss" not in record or record["epoch"] <= state.epoch):
+            kept.append(line + "\n")
+    with outputs.atomic_file(path) as tmp:
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
     """Epochs until the budget, early stopping or Ctrl-C; returns the number of records trained on."""
     state, model = run.state, task.model
     trained_records = 0
-    while state.epoch < cfg.epochs and not state.stopped_early and not (cfg.max_steps and state.step >= cfg.max_steps):
+    while (state.epoch < cfg.epochs and not state.stopped_early and not stop.hit
+           and not (cfg.max_steps and state.step >= cfg.max_steps)):
         trained_records += fit_epoch(run.ddp_model, model, task.train, run.optimizer, run.scheduler, cfg, dist, state,
                                      stop, out if dist.main else None, scaler=run.scaler, report=run.report)
         if stop.hit:
             break
         val_metrics = task.validate(model)
+        for key, value in val_metrics.items():
+            if isinstance(value, float):
+                check_finite(value, key, state, cfg)
         state.epoch += 1
         state.batch_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.step, "train_loss": state.epoch_loss, **val_metrics}
@@ -177,14 +251,15 @@ def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, tra
                "world_size": dist.world}
     if dist.main:
         task.save(model, run.folder, final)
-        (run.folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run.folder / "metrics.json").write_text(json_text(summary, indent=2) + "\n")
         plot_curves(state.history, run.folder / "training_curves.png", state.best_epoch)
         if run.report is not None:
             run.report.close()
-        shutil.rmtree(run.folder / STATE_DIR, ignore_errors=True)
+        for name in (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old"):
+            shutil.rmtree(run.folder / name, ignore_errors=True)
         if run.folder != out:
             outputs.replace(run.folder, out, CHECKPOINT)
-        emit(summary)
+        emit(finite(summary))
 
 
 @dataclasses.dataclass
@@ -205,25 +280,31 @@ class TrainState:
 
 
 class StopFlag:
-    """SIGINT sets a flag; the loop finishes the current step, saves, and exits cleanly."""
+    """SIGINT (Ctrl-C) or SIGTERM sets a flag; the loop finishes the current step, saves, and exits with
+    `code` (130 or 143: 128 + the signal, as a shell reports it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.hit = False
-        self._old = None
+        self.code = 130
+        self._old: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
+            if not self.hit:
+                self.code = 128 + signum
             self.hit = True
 
         try:
-            self._old = signal.signal(signal.SIGINT, handler)
+            self._old = {s: signal.signal(s, handler) for s in self.SIGNALS}
         except ValueError:  # not the main thread
-            self._old = None
+            self._old = {}
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -334,6 +415,7 @@ def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneC
                     ce = ddp_model(batch)["loss"]
                 l2_term, l1_term = penalty(model, cfg.l2, cfg.l1)
                 loss = ce + l2_term + l1_term  # the L2/L1 penalties are part of the objective
+                check_finite(loss.item(), "the training loss", state, cfg)  # never step on (or save) NaN
                 scaler.scale(loss / cfg.grad_accum).backward()
             seen += len(batches[b])
             state.batch_in_epoch = b + 1
@@ -396,41 +478,105 @@ def trainable_state(model: torch.nn.Module) -> dict:
             if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf) as None: what mmllm writes is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """Strict JSON (never NaN or Infinity) of a record or summary."""
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record) + "\n")
+
+
+def check_finite(value: float, what: str, state: TrainState, cfg: FinetuneConfig) -> None:
+    """A non-finite loss or metric ends the run (one line, exit 2) before it is stepped on or saved."""
+    if not math.isfinite(value):
+        raise UserError(f"training diverged: {what} is {value} at step {state.step + 1} (epoch {state.epoch + 1}) "
+                        f"with --lr {cfg.lr:g}: lower --lr (and --backbone-lr) or keep --grad-clip on; no checkpoint "
+                        "was written, a previous one at --output is unchanged")
+
+
+STATE_FILES = ("state.json", "model.safetensors", "optimizer.pt")  # best.safetensors too once an epoch was best
 
 
 def save_state(folder: Path, model, optimizer, scheduler, state: TrainState) -> None:
-    from safetensors.torch import save_file
-
+    """The resumable state, written beside `folder` and renamed onto it: a kill at any moment leaves the
+    previous state or the new one, never a mixture."""
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by kill -9
+    tmp.mkdir(parents=True)
+    checkpoint.save_weights(trainable_state(model), tmp / "model.safetensors")
     if state.best_state is not None:
-        save_file(state.best_state, str(tmp / "best.safetensors"))
+        checkpoint.save_weights(state.best_state, tmp / "best.safetensors")
     rng = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's generator (dropout on GPU)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
-               tmp / "optimizer.pt")
+    with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk is an OSError, not a C++ message
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng}, f)
     fields = {k: v for k, v in dataclasses.asdict(state).items() if k != "best_state"}
-    (tmp / "state.json").write_text(json.dumps(fields, indent=2))
+    (tmp / "state.json").write_text(json_text(fields, indent=2))
+    old = folder.with_name(folder.name + ".old")  # complete too: load_state falls back on it if killed just here
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
     """The interrupted run's weights, optimizer moments, schedule position, RNG and counters. The learning
     rates, weight decay and schedule of this invocation apply from the resumed step on (check_resume has
-    refused the options that may not change)."""
+    refused the options that may not change). A state with a file missing or cut short is refused in one line."""
     from safetensors.torch import load_file
 
+    if not (folder / "state.json").is_file() and (folder.with_name(folder.name + ".old") / "state.json").is_file():
+        folder = folder.with_name(folder.name + ".old")  # killed between save_state's two renames
     if not (folder / "state.json").is_file():
         raise UserError(f"--resume: no resumable state in {folder}")
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only, no pickle code
+
+    def broken(name: str, why: str) -> UserError:
+        return UserError(f"--resume: {folder / name} {why}: this resume state is incomplete and cannot be "
+                         "continued; start over with --overwrite (without --resume)")
+
+    try:
+        fields = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = TrainState(**fields)
+    except (OSError, ValueError, TypeError) as e:
+        raise broken("state.json", f"is unreadable ({type(e).__name__})") from None
+    needed = list(STATE_FILES[1:]) + (["best.safetensors"] if state.best is not None else [])
+    for name in needed:
+        if not (folder / name).is_file():
+            why = f"is missing (the state names best epoch {state.best_epoch})" if name == "best.safetensors" \
+                else "is missing"
+            raise broken(name, why)
+
+    def tensors(name: str) -> dict:
+        try:
+            return load_file(str(folder / name))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a cut file
+            raise broken(name, f"is damaged or cut short ({type(e).__name__})") from None
+
+    weights = tensors("model.safetensors")
+    if state.best is not None:
+        state.best_state = tensors("best.safetensors")
+    try:  # tensors only, no pickle code
+        blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a cut zip archive or pickle: RuntimeError, EOFError, UnpicklingError
+        raise broken("optimizer.pt", f"is damaged or cut short ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or not {"optimizer", "scheduler", "torch_rng"} <= set(blob):
+        raise broken("optimizer.pt", "does not hold an optimizer, scheduler and RNG state")
+    model.load_state_dict(weights, strict=False)
     wanted = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this run's --lr etc.
     try:
         optimizer.load_state_dict(blob["optimizer"])
@@ -444,9 +590,6 @@ def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
     torch.set_rng_state(blob["torch_rng"])
     if "cuda_rng" in blob and torch.cuda.is_available():
         torch.cuda.set_rng_state(blob["cuda_rng"])
-    state = TrainState(**json.loads((folder / "state.json").read_text()))
-    if (folder / "best.safetensors").is_file():
-        state.best_state = load_file(str(folder / "best.safetensors"))
     return state
 
 

@@ -93,6 +93,10 @@ def test_kill_9_during_finetune_then_resume_matches(prepared, tmp_path):
     a, b = json.loads(full.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
     for key in ("val_loss", "val_accuracy", "val_f1", "steps", "best_epoch"):
         assert a[key] == b[key], key
+    # what the killed run logged after its last saved state is dropped on resume: no step is logged twice
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" not in r] == list(range(1, a["steps"] + 1))
+    assert [r["epoch"] for r in logged if "train_loss" in r] == list(range(1, 13))
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(prepared, tmp_path):
