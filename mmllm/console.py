@@ -69,7 +69,10 @@ def emit(obj: Any, stream=None) -> None:
         captured.append(as_json(obj))
         return
     stream = stream or sys.stdout
-    stream.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
+    try:
+        stream.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
+    except UnicodeEncodeError:  # a lone surrogate (or a narrow stdout encoding): the same JSON with \u escapes
+        stream.write(json.dumps(obj, ensure_ascii=True, default=_jsonable) + "\n")
     stream.flush()
 
 

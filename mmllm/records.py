@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +40,7 @@ ROLES = ("text", "image", "audio")
 MB = 1 << 20
 MAX_LINE_MB = 16  # default longest JSON line (predict: --max-line-mb)
 JSON_SPACE = b" \t\r\n"  # a JSONL line of only these is blank (JSON's own whitespace)
+SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, always a lone one (JSON's "\ud800"): not encodable as UTF-8
 
 
 class RecordError(ValueError):
@@ -231,12 +233,25 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def check_unicode(value: Any, column: str | None) -> None:
+    """A text with a lone surrogate (valid JSON: "\\ud800", but no character) is that record's error."""
+    if isinstance(value, str) and (bad := SURROGATE.search(value)):
+        raise RecordError(column, f"lone surrogate U+{ord(bad.group()):04X} at character {bad.start() + 1} is not a "
+                                  "character (no UTF-8 for it): fix the text")
+
+
+def replace_surrogates(value: str) -> str:
+    """`value` with each lone surrogate replaced by U+FFFD (an id that can still be printed)."""
+    return SURROGATE.sub("\ufffd", value)
+
+
 def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
               media_path: MediaPath = local_path) -> dict:
     rec: dict[str, Any] = {"row": row}
     for key in KEYS:
         col = cols.get(key)
         value = raw.get(col) if col else None
+        check_unicode(value, col)
         if key in ("image", "audio"):
             try:
                 rec[key] = _media(value, base, media_path)
@@ -276,11 +291,14 @@ def checked_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
 
 
 def given_id(raw: dict, column: str | None, row: int) -> Any:
-    """The record's id exactly as given (a JSON scalar), or `rowN` when it has none usable."""
+    """The record's id exactly as given (a JSON scalar; a lone surrogate in it as U+FFFD), or `rowN` when it has
+    none usable."""
     v = raw.get(column) if column else None
     if v is None or v == "" or (isinstance(v, float) and not math.isfinite(v)):
         return f"row{row}"
-    if isinstance(v, (str, int, float)):  # bool is an int
+    if isinstance(v, str):
+        return replace_surrogates(v)
+    if isinstance(v, (int, float)):  # bool is an int
         return v
     if isinstance(v, (dict, list, tuple)):
         return f"row{row}"

@@ -289,3 +289,44 @@ def test_relative_and_absolute_inputs_behave_the_same(tiny_models, tmp_path, mon
     via_predict = {x["id"]: x for x in load_json_lines(run_cli("predict", "ck", "data/shapes").stdout)}["red/s0.png"]
     assert answer["prediction"] == via_predict["prediction"]
     assert answer["probability"] == pytest.approx(via_predict["probability"], abs=1e-6)
+
+
+LONE = '"\\ud800"'  # valid JSON, but no character: Python reads it as a lone surrogate, which has no UTF-8
+
+
+def test_a_lone_surrogate_is_that_records_error_in_predict(trained_checkpoint, tmp_path):
+    lines = ['{"id": LONE, "text": "hi"}', '{"id": "b", "text": "it is big"}', '{"id": "c", "text": "it is \\ud800"}',
+             '{"id": "d", "text": "it is small", "label": LONE}', '{"id": "e", "text": "it is small"}']
+    lines = [line.replace("LONE", LONE) for line in lines]
+    r = run_cli("predict", trained_checkpoint, "-", input="\n".join(lines) + "\n")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    out = load_json_lines(r.stdout)
+    assert [x["id"] for x in out] == ["\ufffd", "b", "c", "d", "e"]
+    assert "column id: lone surrogate U+D800 at character 1" in out[0]["error"]
+    assert "column text: lone surrogate U+D800 at character 7" in out[2]["error"]
+    assert "column label: lone surrogate" in out[3]["error"]
+    assert "prediction" in out[1] and "prediction" in out[4]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")  # to a file, through --output, alike
+    r = run_cli("predict", trained_checkpoint, tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl")
+    assert r.exit_code == 1 and load_json_lines((tmp_path / "out.jsonl").read_text(encoding="utf-8")) == out
+    import mmllm
+
+    got = mmllm.load(trained_checkpoint, device="cpu", quiet=True).predict(
+        [{"id": "\ud800", "text": "hi"}, {"id": "b", "text": "it is big"}])
+    assert got[0]["id"] == "\ufffd" and "lone surrogate" in got[0]["error"] and "prediction" in got[1]
+
+
+@pytest.mark.parametrize("column", ["id", "label", "text"])
+def test_a_lone_surrogate_is_that_records_error_in_prepare(tiny_models, tmp_path, column):
+    rows = [{"id": f"r{i}", "text": ["it is big", "it is small"][i % 2], "label": "bs"[i % 2]} for i in range(12)]
+    lines = [json.dumps(r) for r in rows]
+    lines[3] = lines[3].replace({"id": '"r3"', "label": '"s"', "text": '"it is small"'}[column], LONE)
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    r = run_cli("prepare", tmp_path / "m.jsonl", "--output", tmp_path / "p", "--text-model", tiny_models["text"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert sum(summary["counts"].values()) == 11
+    meta = json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text(encoding="utf-8"))
+    (skipped,) = meta["skipped"]
+    assert skipped["row"] == 4 and skipped["column"] == column and "lone surrogate U+D800" in skipped["reason"]
+    assert skipped["id"] == ("\ufffd" if column == "id" else "r3")
