@@ -322,6 +322,15 @@ class ServeConfig:
     media_root: str = opt(None, "Folder whose regular files requests may name as media paths (relative to it; "
                                 "symlinks and .. may not leave it). Without it every server-side path is refused: "
                                 "send media as base64, a data: URI or a multipart upload.", panel="Data")
+    allow_host: list = opt([], "A Host header name accepted besides localhost, 127.0.0.1, ::1 and --host "
+                               "(repeatable; * accepts any): the names clients use, e.g. behind a proxy. Other "
+                               "names get 421 and other web origins 403 (DNS rebinding, cross-site posts).",
+                           panel="Runtime")
+    max_records: int = opt(256, "Most records in one request (413 beyond).", panel="Data")
+    max_connections: int = opt(64, "Most open connections and requests at once; beyond, 503.", panel="Runtime")
+    request_timeout: float = opt(30.0, "Seconds a client has to send a request's headers, and again its body "
+                                       "(the connection is closed / 408 beyond).", panel="Runtime")
+    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.", panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
 
 def read_config_file(path: str | Path) -> dict:
@@ -601,7 +610,7 @@ def sampling_rules(cfg: PredictConfig) -> list[str]:
 
 
 def serve_rules(cfg: ServeConfig) -> list[str]:
-    """What `serve` needs before the model loads: a checkpoint, a media root that is a folder."""
+    """What `serve` needs before the model loads: a checkpoint, a media root that is a folder, a port, limits."""
     problems = []
     if not cfg.checkpoint:
         problems.append("CHECKPOINT: required")
@@ -609,6 +618,15 @@ def serve_rules(cfg: ServeConfig) -> list[str]:
         problems.append(f"--media-root: not a folder: {cfg.media_root}")
     if not 0 <= cfg.port <= 65535:
         problems.append(f"--port: must be in 0..65535 (got {cfg.port})")
+    for name in ("max_batch", "max_records", "max_request_mb", "max_connections"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("request_timeout", "timeout_keep_alive"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"{flag(name)}: must be > 0 seconds (got {getattr(cfg, name)})")
+    bad = [h for h in cfg.allow_host if not h.strip() or any(c in h for c in " /@")]
+    if bad:
+        problems.append(f"--allow-host: a host name or address, without port or scheme (got {bad[0]!r})")
     return problems
 
 

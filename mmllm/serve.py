@@ -4,9 +4,16 @@ GET /health, GET /info, POST /predict (a JSON record, a JSON list of records, or
 `text`/`id` fields and `image`/`audio` files). Media are base64 (`"image": "data:image/png;base64,..."` or
 `"image_base64": "..."`) or uploaded files; a server-side path is read only when the server was started with
 --media-root, and only a regular file under that folder (MediaRoot). Concurrent requests are
-micro-batched: the first request of a batch waits up to --batch-wait-ms for others, up to --max-batch records,
-and one worker thread runs the model. A bad record gets HTTP 422 with the same one-line error as `predict`;
-a malformed request 400; an oversized one 413. Errors never carry a traceback.
+micro-batched: the first request of a batch waits up to --batch-wait-ms for others, and one worker thread runs
+the model on at most --max-batch records at a time; a client that disconnects is not predicted. A bad record gets
+HTTP 422 with the same one-line error as `predict`; a malformed request 400.
+
+Every request is treated as hostile (`guard`, `read_body`, `protocol`): the Host header must name this server
+(421) and a browser Origin too (403); only JSON and multipart bodies (415); bodies over --max-request-mb (counted
+while they stream, chunked or not) and requests over --max-records 413; headers and body each within
+--request-timeout; at most --max-connections at once (503); idle keep-alive connections closed after
+--timeout-keep-alive. Errors never carry a traceback or a server path, and repeated log lines are counted, not
+repeated (QuietRepeats).
 """
 
 
@@ -64,7 +71,8 @@ class MediaRoot:
 
 
 class Batcher:
-    """Collects records from concurrent requests into batches for one model worker thread."""
+    """Collects records from concurrent requests into model calls of at most `max_batch` records, run by one
+    worker thread. A request whose client has gone (its future cancelled) is not predicted."""
 
     def __init__(self, predict: Any, max_batch: int, wait_s: float):
         self.predict = predict  # list[dict] -> list[dict], same order
@@ -72,10 +80,11 @@ class Batcher:
         self.wait_s = wait_s
         self.queue: asyncio.Queue | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="mmllm-model")
-        self.batches = 0
+        self.batches = 0  # model calls
+        self.records = 0  # records predicted
 
     async def submit(self, records: list[dict], top_k: int) -> tuple[list[dict], int]:
-        """Results for `records` (in order) and the size of the batch that served them."""
+        """Results for `records` (in order) and the size of the largest model call that served them."""
         assert self.queue is not None
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((records, top_k, future))
@@ -101,20 +110,29 @@ class Batcher:
             await self._serve(same_k, loop)
 
     async def _serve(self, items: list, loop: asyncio.AbstractEventLoop) -> None:
-        flat = [r for recs, _, _ in items for r in recs]
-        try:
-            results = await loop.run_in_executor(self.worker, self.predict, flat, items[0][1])
-        except Exception as e:  # noqa: BLE001 - reported to each waiting request, the server stays up
-            for _, _, fut in items:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
-        self.batches += 1
-        start = 0
-        for recs, _, fut in items:
-            if not fut.done():
-                fut.set_result((results[start:start + len(recs)], len(flat)))
-            start += len(recs)
+        results: list[list[dict]] = [[] for _ in items]
+        largest = [0] * len(items)
+        todo = [(n, r) for n, (recs, _, _) in enumerate(items) for r in recs]
+        while todo:
+            todo = [(n, r) for n, r in todo if not items[n][2].done()]  # a client that left is not predicted
+            chunk, todo = todo[:self.max_batch], todo[self.max_batch:]
+            if not chunk:
+                break
+            try:
+                out = await loop.run_in_executor(self.worker, self.predict, [r for _, r in chunk], items[0][1])
+            except Exception as e:  # noqa: BLE001 - reported to each waiting request, the server stays up
+                for n in {n for n, _ in chunk}:
+                    if not items[n][2].done():
+                        items[n][2].set_exception(e)
+                continue
+            self.batches += 1
+            self.records += len(chunk)
+            for (n, _), res in zip(chunk, out):
+                results[n].append(res)
+                largest[n] = max(largest[n], len(chunk))
+            for n, (recs, _, fut) in enumerate(items):
+                if len(results[n]) == len(recs) and not fut.done():
+                    fut.set_result((results[n], largest[n]))
 
 
 def decode_media(obj: dict, config: dict) -> dict:
@@ -164,9 +182,10 @@ def to_records(objs: list, config: dict, media: MediaRoot) -> list[dict | tuple[
 
 
 def build_app(predictor: Any, cfg: ServeConfig) -> Any:
-    """The FastAPI application (separate from `run` so tests can mount it)."""
+    """The FastAPI application, behind `guard` (separate from `run` so tests can mount it)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 
     from mmllm.predict import error_line, predict_each
 
@@ -186,7 +205,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "batches": batcher.batches}
+        return {"status": "ok", "batches": batcher.batches, "records": batcher.records}
 
     @app.get("/info")
     async def info() -> dict:
@@ -195,22 +214,35 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
                 "modalities": c["model"]["modalities"],
                 "encoders": {r: {k: e.get(k) for k in ("name", "identity", "license") if k in e}
                              for r, e in c.get("encoders", {}).items()},
-                "max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms}
+                "max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms, "max_records": cfg.max_records}
 
     @app.post("/predict")
     async def predict_route(request: Request) -> Any:
+        closing = {"connection": "close"}  # a refused body is not read on: the connection ends with the answer
         try:
-            single, objs = await read_body(request, cfg.max_request_mb)
+            single, objs = await read_body(request, cfg)
             top_k = int(request.query_params.get("top_k", cfg.top_k))
             if not 1 <= top_k <= 1000:
                 raise ValueError("top_k: must be between 1 and 1000")
-        except PayloadTooLarge as e:
-            return JSONResponse({"error": str(e)}, status_code=413)
+        except ClientDisconnect:
+            log("client disconnected before sending its whole request: dropped")
+            return Response(status_code=400)
+        except RequestRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status, headers=closing)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+        if len(objs) > cfg.max_records:
+            return JSONResponse({"error": f"{len(objs)} records in one request; at most {cfg.max_records} "
+                                          "(--max-records): send them in several requests"}, status_code=413)
         items = to_records(objs, predictor.config, media)
         good = [it for it in items if not isinstance(it, tuple)]
-        results, batch = await batcher.submit(good, top_k) if good else ([], 0)
+        results, batch = ([], 0)
+        if good:
+            answer = await until_answered(batcher.submit(good, top_k), request.receive)
+            if answer is None:
+                log("client disconnected before its answer: its records were not predicted")
+                return Response(status_code=400)
+            results, batch = answer
         it_results = iter(results)
         out = [{"id": it[0]["id"], "error": error_line(it[0], it[1])} if isinstance(it, tuple) else next(it_results)
                for it in items]
@@ -226,21 +258,134 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     async def no_traceback(request: Request, exc: Exception) -> Any:
         return JSONResponse({"error": media.hide(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=500)
 
-    return app
+    return guard(app, cfg, media)
 
 
-class PayloadTooLarge(ValueError):
-    pass
+async def until_answered(job: Any, receive: Any) -> Any:
+    """The result of `job`, or None (and `job` cancelled) when the client disconnects first."""
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work, left = asyncio.ensure_future(job), asyncio.ensure_future(gone())
+    await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+    left.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    return None
 
 
-async def read_body(request: Any, max_mb: int) -> tuple[bool, list]:
+def allowed_hosts(cfg: ServeConfig) -> set[str] | None:
+    """The host names a request's Host (and Origin) may carry; None: any (`--allow-host '*'`)."""
+    if "*" in cfg.allow_host:
+        return None
+    names = {"localhost", "127.0.0.1", "::1", cfg.host.strip("[]").lower()}
+    names |= {h.strip().strip("[]").lower().rstrip(".") for h in cfg.allow_host}
+    return names
+
+
+def host_name(value: str) -> str | None:
+    """The host of a Host header or an Origin (`name[:port]`, `[v6]:port`, `scheme://...`), lower case."""
+    from urllib.parse import urlsplit
+
+    try:
+        name = urlsplit(value if "://" in value else "//" + value).hostname
+    except ValueError:
+        return None
+    return name.rstrip(".") if name else None
+
+
+def host_ok(name: str | None, allowed: set[str] | None, wildcard: bool) -> bool:
+    """An allowed name; on a wildcard bind (0.0.0.0, ::) also any IP address (a rebound DNS name never is one)."""
+    import ipaddress
+
+    if allowed is None:
+        return True
+    if name is None:
+        return False
+    if name in allowed:
+        return True
+    if wildcard:
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True
+    return False
+
+
+def guard(app: Any, cfg: ServeConfig, media: MediaRoot) -> Any:
+    """ASGI wrapper for every endpoint: Host must name this server (421), a browser's Origin must be one of
+    those names (403), and an error is one line on stderr, never a traceback."""
+    allowed = allowed_hosts(cfg)
+    wildcard = cfg.host in ("0.0.0.0", "::", "")
+
+    async def guarded(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = None
+            if not host_ok(host_name(headers.get(b"host", "")), allowed, wildcard):
+                refusal = (421, "Host header does not name this server (start it with --allow-host NAME to accept "
+                                "that name)")
+            elif b"origin" in headers and not host_ok(host_name(headers[b"origin"]), allowed, wildcard):
+                refusal = (403, "requests from other web origins are refused (--allow-host NAME accepts one)")
+            if refusal:
+                body = json.dumps({"error": refusal[1]}).encode()
+                await send({"type": "http.response.start", "status": refusal[0],
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        try:
+            await app(scope, receive, send)
+        except Exception as e:  # noqa: BLE001 - the answer (500) is sent; the log gets one line
+            log(media.hide(f"error: {type(e).__name__}: {str(e)[:200]}"))
+
+    return guarded
+
+
+class RequestRefused(ValueError):
+    """A request refused before it is read whole: the message, and its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def body_receive(receive: Any, limit: int, max_mb: int, timeout_s: float) -> Any:
+    """`receive` that refuses a body past `limit` bytes (413) or not sent within `timeout_s` (408), counted as
+    it streams in, whatever the framing (Content-Length or chunked)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    size = 0
+
+    async def limited() -> dict:
+        nonlocal size
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            raise RequestRefused(408, f"request body not received within {timeout_s:g} s (--request-timeout)") from None
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise RequestRefused(413, f"request larger than {max_mb} MB (--max-request-mb)")
+        return message
+
+    return limited
+
+
+async def read_body(request: Any, cfg: ServeConfig) -> tuple[bool, list]:
     """(one record?, the JSON objects) of a JSON or multipart request; ValueError says what is wrong."""
-    limit = max_mb << 20
+    from starlette.requests import Request
+
+    limit = cfg.max_request_mb << 20
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("application/json", "multipart/form-data"):
+        raise RequestRefused(415, f"content-type {kind[:60] or '(none)'!r}: send application/json or "
+                                  "multipart/form-data")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request larger than {max_mb} MB (--max-request-mb)")
-    kind = request.headers.get("content-type", "")
-    if kind.startswith("multipart/form-data"):
+        raise RequestRefused(413, f"request larger than {cfg.max_request_mb} MB (--max-request-mb)")
+    request = Request(request.scope, body_receive(request.receive, limit, cfg.max_request_mb, cfg.request_timeout))
+    if kind == "multipart/form-data":
         form = await request.form()
         obj: dict[str, Any] = {}
         for key, value in form.multi_items():
@@ -249,8 +394,6 @@ async def read_body(request: Any, max_mb: int) -> tuple[bool, list]:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request larger than {max_mb} MB (--max-request-mb)")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -262,8 +405,91 @@ async def read_body(request: Any, max_mb: int) -> tuple[bool, list]:
     raise ValueError(f"expected a JSON object or a list of objects, got {type(data).__name__}")
 
 
+def protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers: uvicorn has none, so a socket that sends
+    nothing (or a byte a minute) would hold a connection for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        headers_due: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.headers_due:
+                self.headers_due.cancel()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            if self.headers_due:
+                self.headers_due.cancel()
+            self.headers_due = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()  # no request started in time
+
+    return TimedH11
+
+
+class QuietRepeats:
+    """stderr for a long-running server: a line already written in the last `window` seconds is counted, not
+    written again (its count comes with its next appearance), and at most `most` lines a window are written."""
+
+    def __init__(self, stream: Any, window: float = 60.0, most: int = 200):
+        import time
+
+        self.stream, self.window, self.most, self.clock = stream, window, most, time.monotonic
+        self.seen: dict[str, list] = {}  # line -> [time written, repeats since]
+        self.start, self.written, self.dropped = self.clock(), 0, 0
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        if len(self.partial) > 1 << 16:
+            lines, self.partial = [*lines, self.partial], ""
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        now = self.clock()
+        if now - self.start > self.window:
+            if self.dropped:
+                self.stream.write(f"({self.dropped} more log lines in the last {self.window:g} s not shown)\n")
+            self.start, self.written, self.dropped = now, 0, 0
+        last = self.seen.get(line)
+        if last and now - last[0] < self.window:
+            last[1] += 1
+            return
+        if self.written >= self.most:
+            self.dropped += 1
+            return
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        again = f" (and {last[1]} more time(s) before)" if last and last[1] else ""
+        self.stream.write(line + again + "\n")
+        self.stream.flush()
+        self.seen[line] = [now, 0]
+        self.written += 1
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def run(cfg: ServeConfig) -> int:
     import socket
+    import sys
 
     import uvicorn
 
@@ -278,6 +504,12 @@ def run(cfg: ServeConfig) -> int:
     except OSError as e:
         raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({e.strerror})") from None
     log(f"serving {cfg.checkpoint} on http://{cfg.host}:{sock.getsockname()[1]} (Ctrl-C stops)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    saved, sys.stderr = sys.stderr, QuietRepeats(sys.stderr)  # before uvicorn's log handlers take sys.stderr
+    try:
+        server = uvicorn.Server(uvicorn.Config(
+            app, log_level="warning", access_log=False, http=protocol(cfg.request_timeout),
+            limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.timeout_keep_alive))
+        server.run(sockets=[sock])
+    finally:
+        sys.stderr = saved
     return 0

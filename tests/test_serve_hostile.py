@@ -7,11 +7,11 @@ import base64
 import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -97,7 +97,8 @@ def plain(site):
         yield s
 
 
-ROOTED_LIMITS: list[str] = []  # the limits of the later points join here
+ROOTED_LIMITS = ["--max-batch", "4", "--max-records", "8", "--max-request-mb", "1", "--request-timeout", "2",
+                 "--timeout-keep-alive", "1", "--max-connections", "32", "--allow-host", "example.test"]
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,131 @@ def test_port_out_of_range_is_exit_2_before_the_model_loads(site):
     line = one_line_error(run_cli("serve", str(site["ckpt"]), "--port", "70000"))
     assert "--port" in line and "70000" in line
     assert time.monotonic() - started < 2  # refused by the config check, no model built
+
+
+def raw(port: int, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(data)
+    return s
+
+
+def test_only_json_and_multipart_bodies_are_accepted(plain):
+    url, _, _ = plain
+    body = json.dumps({"id": "t", "text": "it is big"})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = requests.post(url + "/predict", data=body, headers={"content-type": kind} if kind else {}, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"], (kind, r.text)
+    r = requests.post(url + "/predict", data=body, headers={"content-type": "application/json; charset=utf-8"},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_host_and_origin_must_name_the_server(plain, rooted):
+    for url, port, _ in (plain, rooted):
+        for host in ("evil.test", f"evil.test:{port}", f"127.0.0.1.evil.test:{port}", ""):
+            r = requests.get(url + "/info", headers={"Host": host}, timeout=10)
+            assert r.status_code == 421 and "--allow-host" in r.json()["error"], (host, r.text)
+        r = requests.post(url + "/predict", json={"text": "hi"}, headers={"Host": "evil.test"}, timeout=10)
+        assert r.status_code == 421
+        for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+            assert requests.get(url + "/health", headers={"Host": host}, timeout=10).status_code == 200, host
+        for origin in ("http://evil.test", "null", f"http://evil.test:{port}"):
+            r = requests.get(url + "/info", headers={"Origin": origin}, timeout=10)
+            assert r.status_code == 403, (origin, r.text)
+        assert requests.get(url + "/info", headers={"Origin": f"http://localhost:{port}"}, timeout=10).ok
+    url, port, _ = rooted
+    for host in ("example.test", f"Example.Test.:{port}"):  # --allow-host example.test
+        assert requests.get(url + "/health", headers={"Host": host}, timeout=10).status_code == 200, host
+    assert requests.get(url + "/health", headers={"Host": "example.test", "Origin": "http://example.test"},
+                        timeout=10).status_code == 200
+
+
+def test_lists_go_to_the_model_in_max_batch_calls_and_are_capped_at_max_records(rooted):
+    url, _, _ = rooted
+    before = requests.get(url + "/health", timeout=10).json()
+    r = requests.post(url + "/predict", json=[{"id": f"l{i}", "text": "it is big"} for i in range(7)], timeout=30)
+    assert r.status_code == 200 and [x["id"] for x in r.json()] == [f"l{i}" for i in range(7)], r.text
+    assert int(r.headers["X-MMLLM-Batch-Records"]) <= 4  # --max-batch 4
+    after = requests.get(url + "/health", timeout=10).json()
+    assert (after["batches"] - before["batches"], after["records"] - before["records"]) == (2, 7)
+    r = requests.post(url + "/predict", json=[{"id": f"l{i}", "text": "it is big"} for i in range(9)], timeout=30)
+    assert r.status_code == 413 and "--max-records" in r.json()["error"], r.text
+
+
+def test_work_for_a_client_that_left_is_dropped(plain):
+    url, port, _ = plain  # --batch-wait-ms 1500: the client leaves while its batch waits
+    before = requests.get(url + "/health", timeout=10).json()["batches"]
+    body = json.dumps([{"id": f"d{i}", "text": "it is big"} for i in range(3)]).encode()
+    s = raw(port, b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(0.3)
+    s.close()
+    time.sleep(2.5)
+    assert requests.get(url + "/health", timeout=10).json()["batches"] == before  # no model call for it
+
+
+def test_the_body_limit_holds_while_a_chunked_multipart_body_streams(rooted):
+    _, port, _ = rooted  # --max-request-mb 1
+
+    def chunk(b: bytes) -> bytes:
+        return b"%x\r\n" % len(b) + b + b"\r\n"
+
+    s = raw(port, b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: multipart/form-data; boundary=XX\r\n\r\n" + chunk(
+                      b'--XX\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'))
+    sent, answer = 0, b""
+    with contextlib.closing(s):
+        while sent < 32 << 20:
+            if select.select([s], [], [], 0)[0]:
+                break
+            try:
+                s.sendall(chunk(b"\0" * 65536))
+            except OSError:
+                break
+            sent += 65536
+        with contextlib.suppress(OSError):
+            answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), (sent, answer[:200])
+    assert sent < 8 << 20, sent  # answered while the body streamed, not after reading it all
+
+
+def test_silent_sockets_time_out_and_never_stop_others_being_answered(rooted):
+    url, port, _ = rooted  # --request-timeout 2, --max-connections 32
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(45)]
+    idle += [raw(port, b"POST /predict HTTP/1.1\r\nHo") for _ in range(5)]  # headers begun, never finished
+    started = time.monotonic()
+    try:
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                r = requests.post(url + "/predict", json={"id": "n", "text": "it is big"}, timeout=5)
+                if r.status_code == 200:
+                    break
+            assert time.monotonic() - started < 10, "no answer while 50 sockets sat idle"
+            time.sleep(0.2)
+        for s in idle:  # every silent socket was closed by the server
+            assert s.recv(1) == b""
+        assert time.monotonic() - started < 10
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_disconnect_mid_body_is_one_log_line(rooted):
+    _, port, log = rooted
+    s = raw(port, b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n[{\"id\": ")
+    time.sleep(0.3)
+    s.close()
+    time.sleep(1.0)
+    text = log.read_text()
+    assert text.count("disconnected before sending its whole request") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_repeated_warnings_do_not_flood_stderr(rooted):
+    url, _, log = rooted
+    for i in range(12):
+        r = requests.post(url + "/predict", json={"id": f"w{i}", "text": "it is big", "colour_x": "red"}, timeout=30)
+        assert r.status_code == 200
+    time.sleep(0.5)
+    assert log.read_text().count("colour_x") == 1
