@@ -35,7 +35,7 @@ def test_configs_are_validated_like_the_cli(tmp_path):
     with pytest.raises(UserError, match=r"^--config: unknown option 'ouptut' \(did you mean output\?\)$"):
         mmllm.config.build(mmllm.PrepareConfig, {"ouptut": "o"}, {"input": ["x.csv"], "output": "o"})  # --config keys
     cfg = mmllm.make_config(mmllm.FinetuneConfig, mmllm.FinetuneConfig(prepared="p", output="o", lr=1), epochs=3)
-    assert (cfg.lr, cfg.epochs, cfg.fusion) == (1.0, 3, "bilinear") and isinstance(cfg.lr, float)
+    assert (cfg.lr, cfg.epochs, cfg.fusion) == (1.0, 3, "auto") and isinstance(cfg.lr, float)
 
 
 def test_prepare_finetune_predict_match_the_cli(tiny_models, tmp_path):

@@ -189,7 +189,7 @@ def test_resume_refuses_options_that_change_model_or_data(prepared, interrupted,
     r = run_cli("finetune", str(prepared), "--output", str(interrupted), *BASE, "--resume", "--fusion", "gated",
                 "--seed", "1", "--hidden-size", "32")
     line = one_line_error(r)
-    assert "--resume" in line and "fusion (bilinear -> gated)" in line and "seed (0 -> 1)" in line
+    assert "--resume" in line and "fusion (auto -> gated)" in line and "seed (0 -> 1)" in line
     assert "hidden_size (16 -> 32)" in line
     assert (interrupted / "finetune_config.json").read_text() == saved
     assert (interrupted / "resume" / "state.json").is_file()

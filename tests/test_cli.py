@@ -153,7 +153,7 @@ def test_help_shows_defaults_choices_and_panels():
             assert f"[default: {f.default}]" in out, f.name
         if f.metadata["choices"]:
             assert f"[choices: {', '.join(f.metadata['choices'])}]" in out, f.name
-    assert "[choices: concat, gated, attention, transformer, bilinear] [default: bilinear]" in out
+    assert "[choices: concat, gated, attention, transformer, bilinear, auto] [default: auto]" in out
     assert "[choices: fp32, bf16, fp16] [default: fp32]" in out
     titles = [line.split("─", 2)[1].strip() for line in out.splitlines() if line.startswith("╭─")]
     assert titles == ["Arguments", "Model", "Training", "Early stopping", "Output", "Runtime", "Options"]

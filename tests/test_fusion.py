@@ -45,7 +45,8 @@ def test_every_fusion_gives_logits_loss_and_gradients(fusion, tiny_models):
     assert out["logits"].shape == (4, 3) and torch.isfinite(out["loss"])
     assert (out["gates"].shape == (4, 3)) if fusion == "gated" else out["gates"] is None
     out["loss"].backward()
-    grads = [p.grad for p in model.fusion.parameters()]
+    fused = model.head if fusion == "linear" else model.fusion  # a probe is one linear layer on the features
+    grads = [p.grad for p in fused.parameters()]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
