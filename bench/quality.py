@@ -48,10 +48,13 @@ MODALITIES = {"digits_match": ["image", "audio"], "digits_noise": ["image", "aud
               "prompts": ["audio"]}
 # the defaults' alternatives, run on the same data in the same run so each default is chosen from measurements:
 # name -> (finetune flags, prepare flags); a variant with prepare flags prepares its own copy (media from the cache)
-ALTERNATIVES = {"digits_match": {"fusion concat": (["--fusion", "concat"], []),
+ALTERNATIVES = {"digits_match": {"fusion bilinear": (["--fusion", "bilinear"], []),
+                                 "fusion concat": (["--fusion", "concat"], []),
                                  "fusion attention": (["--fusion", "attention"], []),
                                  "prepare --no-transcribe": ([], ["--no-transcribe"])},
-                "fortunes": {"fusion concat": (["--fusion", "concat"], [])}}
+                "digits_noise": {"fusion bilinear": (["--fusion", "bilinear"], [])},
+                "fortunes": {"fusion bilinear": (["--fusion", "bilinear"], []),
+                             "fusion concat": (["--fusion", "concat"], [])}}
 EMB = {"text": "text_pooled", "image": "image_emb", "audio": "audio_emb"}  # frozen pooled features
 
 
