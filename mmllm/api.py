@@ -113,6 +113,9 @@ class Model:
         from mmllm.records import RecordError, convert_rows
 
         single = isinstance(records, dict)
+        if not single and not isinstance(records, (list, tuple)):  # a str would be read as records of characters
+            raise TypeError(f"Model.predict takes a record (a dict) or a list of records (dicts), not a "
+                            f"{type(records).__name__}")
         cfg = make_config(C.PredictConfig, checkpoint=self.checkpoint, **options)
         rows = enumerate([records] if single else records, start=1)
         items = convert_rows(((i, r if isinstance(r, dict) else RecordError(None, "expected a dict"))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmllm.config import FUSIONS, MAX_AUDIO_SECONDS, ROLES
-from mmllm.errors import UserError, utf8_text
+from mmllm.errors import UserError, read_json
 from mmllm.model import Classifier, ModelConfig, build_model, classifier
 
 FORMAT = "mmllm-checkpoint"
@@ -151,10 +151,7 @@ def read_config(folder: str | Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} is not an mmllm checkpoint (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
+    config = read_json(path)  # size-capped; corrupt or too deeply nested JSON is one line naming it
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{folder} is not an mmllm checkpoint (config.json has no format '{FORMAT}')")
     problems = check_config(config, folder)
@@ -170,10 +167,7 @@ def check_label_map(config: dict, folder: Path) -> None:
     path = folder / "labels.json"
     if not path.is_file():
         return
-    try:
-        given = json.loads(utf8_text(path.read_bytes(), str(path)))
-    except ValueError as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
+    given = read_json(path)
     expected = {n: i for i, n in enumerate(config.get("labels", []))}
     if given == expected:
         return

@@ -20,12 +20,13 @@ import numpy as np
 from mmllm import hub
 from mmllm.config import PrepareConfig
 from mmllm.console import log, warn
-from mmllm.errors import UserError
+from mmllm.errors import UserError, read_json
 from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
 from mmllm.records import RecordError, error_entry
 
 SCHEMA_VERSION = 1
 META = "mmllm-prepared.json"
+META_KEYS = ("encoders", "features", "columns", "preprocessing")  # what finetune / eval / merge read from META
 SPLITS = ("train", "validation", "test")
 ENCODER_CODE = 2  # bump when an encoder's computation changes, so cached features are not reused
 CHARS_PER_TOKEN = 64  # text beyond max_text_tokens x this many characters is never tokenized
@@ -39,12 +40,21 @@ def load_prepared(path: str | Path) -> tuple[Any, dict]:
     meta_path = p / META
     if not meta_path.is_file():
         raise UserError(f"{p} is not a prepared dataset (no {META}); run `mmllm prepare` first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{p}: prepared with schema version {meta.get('schema_version')}, this mmllm reads "
-                        f"{SCHEMA_VERSION}: prepare it again")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        version = meta.get("schema_version") if isinstance(meta, dict) else None
+        raise UserError(f"{p}: prepared with schema version {version}, this mmllm reads {SCHEMA_VERSION}: prepare it "
+                        "again")
+    missing = [k for k in META_KEYS if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise UserError(f"{meta_path} has no {', '.join(repr(k) for k in missing)} (edited or damaged): prepare it "
+                        "again")
     datasets.disable_progress_bars()
-    data = datasets.load_from_disk(str(p))
+    try:
+        data = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001 - e.g. ArrowInvalid of a damaged .arrow file, a missing dataset_info.json
+        raise UserError(f"{p}: the prepared data cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}):"
+                        " prepare it again") from None
     check_labels(p, data, meta)
     return data, meta
 

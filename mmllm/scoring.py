@@ -28,6 +28,8 @@ def keyed_lines(path: str, field: str | None, candidates: tuple[str, ...]) -> tu
         text = sys.stdin.read()
     else:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"{p} is a folder: expected a file of lines or JSON lines")
         if not p.is_file():
             raise UserError(f"file not found: {p}")
         text = utf8_text(p.read_bytes(), str(p))
@@ -67,6 +69,8 @@ def _is_json_object(line: str) -> bool:
 def run_bleu(cfg: BleuConfig) -> int:
     hyps = read_lines(cfg.hyp, cfg.field, ("prediction", "text", "hypothesis", "generated"))
     refs = [read_lines(r, cfg.field, ("target", "reference", "text", "ref")) for r in cfg.ref]
+    if not hyps:
+        raise UserError(f"--hyp {cfg.hyp}: no lines (an empty file): nothing to score")
     for r, path in zip(refs, cfg.ref):
         if len(r) != len(hyps):
             raise UserError(f"--ref {path}: {len(r)} lines, but --hyp has {len(hyps)}")
@@ -95,6 +99,9 @@ def run_wer(cfg: WerConfig) -> int:
 def run_accuracy(cfg: AccuracyConfig) -> int:
     pred, pred_ids = read_labels(cfg.pred, cfg.pred_field, "--pred")
     gold, gold_ids = read_labels(cfg.gold, cfg.gold_field, "--gold")
+    for labels, flag, path in ((pred, "--pred", cfg.pred), (gold, "--gold", cfg.gold)):
+        if not labels:
+            raise UserError(f"{flag} {path}: no records (an empty file): nothing to score")
     joined: dict[str, Any] = {}
     if pred_ids is not None and gold_ids is not None:  # records are matched by id, in any order
         pred, gold, joined = join_on_ids(pred, pred_ids, gold, gold_ids, cfg)

@@ -330,3 +330,73 @@ def test_a_lone_surrogate_is_that_records_error_in_prepare(tiny_models, tmp_path
     (skipped,) = meta["skipped"]
     assert skipped["row"] == 4 and skipped["column"] == column and "lone surrogate U+D800" in skipped["reason"]
     assert skipped["id"] == ("\ufffd" if column == "id" else "r3")
+
+
+def one_line(r) -> str:
+    """The single stderr line of a user error: exit 2, no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("frozen encoders")]
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def test_damaged_prepared_folders_are_one_line_naming_them(trained_checkpoint, tmp_path):
+    import shutil
+
+    source = trained_checkpoint.parent / "p"
+    garbage = tmp_path / "garbage"
+    shutil.copytree(source, garbage)
+    for arrow in (garbage / "train").glob("*.arrow"):
+        arrow.write_bytes(b"\x00garbage, not an Arrow stream" * 10)
+    for args in (["finetune", garbage, "--output", tmp_path / "o"], ["eval", "model", trained_checkpoint, garbage]):
+        line = one_line(run_cli(*args))
+        assert f"{garbage}: the prepared data cannot be read" in line and "prepare it again" in line, line
+    no_encoders = tmp_path / "no_encoders"
+    shutil.copytree(source, no_encoders)
+    meta = json.loads((no_encoders / "mmllm-prepared.json").read_text())
+    del meta["encoders"]
+    (no_encoders / "mmllm-prepared.json").write_text(json.dumps(meta))
+    line = one_line(run_cli("finetune", no_encoders, "--output", tmp_path / "o"))
+    assert line.endswith(f"{no_encoders / 'mmllm-prepared.json'} has no 'encoders' (edited or damaged): prepare it "
+                         "again"), line
+
+
+def test_empty_files_and_a_folder_in_eval_scores_are_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("a\n")
+    line = one_line(run_cli("eval", "accuracy", "--pred", tmp_path / "empty.txt", "--gold", tmp_path / "empty.txt"))
+    assert line.endswith(f"--pred {tmp_path / 'empty.txt'}: no records (an empty file): nothing to score")
+    line = one_line(run_cli("eval", "bleu", "--hyp", tmp_path / "empty.txt", "--ref", tmp_path / "empty.txt"))
+    assert line.endswith(f"--hyp {tmp_path / 'empty.txt'}: no lines (an empty file): nothing to score")
+    line = one_line(run_cli("eval", "bleu", "--hyp", tmp_path, "--ref", tmp_path / "one.txt"))
+    assert line.endswith(f"{tmp_path} is a folder: expected a file of lines or JSON lines"), line
+
+
+def test_huge_or_deeply_nested_checkpoint_json_is_one_line(trained_checkpoint, tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(trained_checkpoint, ck)
+    config = ck / "config.json"
+    with open(config, "r+b") as f:  # 500 MB, sparse: a reader that reads it whole would take 500 MB
+        f.truncate(500 << 20)
+    line = one_line(run_cli("predict", ck, "-", input='{"text": "hi"}\n'))
+    assert f"{config} is 500 MB, more than the 64 MB a JSON file of mmllm has: not read" in line, line
+    config.write_text("[" * 200_000 + "]" * 200_000)
+    line = one_line(run_cli("predict", ck, "-", input='{"text": "hi"}\n'))
+    assert line.endswith(f"{config}: JSON nested too deeply to read (the file was edited or damaged)"), line
+    (tmp_path / "ck" / "config.json").write_text((trained_checkpoint / "config.json").read_text())
+    (ck / "labels.json").write_text("{" * 100_000)
+    line = one_line(run_cli("predict", ck, "-", input='{"text": "hi"}\n'))
+    assert str(ck / "labels.json") in line and ("nested too deeply" in line or "corrupt JSON" in line), line
+
+
+def test_model_predict_of_a_string_is_a_type_error(trained_checkpoint):
+    import mmllm
+
+    model = mmllm.load(trained_checkpoint, device="cpu", quiet=True)
+    for wrong in ("hello", b"hello", 3, None):
+        with pytest.raises(TypeError) as e:
+            model.predict(wrong)
+        assert str(e.value) == ("Model.predict takes a record (a dict) or a list of records (dicts), not a "
+                                f"{type(wrong).__name__}")
+    assert "prediction" in model.predict({"text": "it is big"})
