@@ -250,8 +250,9 @@ def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, tra
                "train_records_per_s": round(trained_records * dist.world / elapsed, 1) if elapsed else None,
                "world_size": dist.world}
     if dist.main:
-        task.save(model, run.folder, final)
+        # metrics.json first: the model card (written by save) states which epoch's weights these are
         (run.folder / "metrics.json").write_text(json_text(summary, indent=2) + "\n")
+        task.save(model, run.folder, final)
         plot_curves(state.history, run.folder / "training_curves.png", state.best_epoch)
         if run.report is not None:
             run.report.close()

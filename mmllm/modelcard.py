@@ -1,7 +1,8 @@
 """The model card (README.md) of a checkpoint: what it does, on what data, with which encoders, how well.
 
-Written from the checkpoint's own config.json (task, labels, data counts, encoder identities, final validation
-metrics) and the finetune_config.json beside it (the command line), so it says nothing the folder cannot back.
+Written from the checkpoint's own config.json (task, labels, data counts, encoder identities, what was trained,
+validation metrics), the finetune_config.json beside it (the command line) and metrics.json (which epoch's weights
+were kept), so every sentence says only what the folder backs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ METRIC_DEFINITIONS = {
 FILES = {"config.json": "model config, labels, encoder identities and preprocessing",
          "model.safetensors": "weights outside the Hugging Face folders (projections, fusion, head)",
          "finetune_config.json": "every option of the run that wrote this checkpoint",
-         "metrics.json": "summary of the run (epochs, best epoch, final validation metrics)",
+         "metrics.json": "summary of the run (epochs, best epoch, validation metrics of the saved weights)",
          "metrics.jsonl": "one line of metrics per epoch"}
 
 
@@ -42,12 +43,44 @@ def write(folder: Path, config: dict) -> None:
 
 def render(folder: Path, config: dict) -> str:
     task = config.get("task", "classify")
+    mods = modalities(config)
+    kind = "classifier" if task == "classify" else "text generator"
     parts = [front_matter(config), f"# {folder.name.split('.tmp-')[0].lstrip('.')}\n",
-             f"A multimodal {'classifier' if task == 'classify' else 'text generator'} fine-tuned with mmllm "
-             f"(`--task {task}`) on {', '.join(modalities(config))}.\n",
+             f"A {'multimodal ' if len(mods) > 1 else ''}{kind} trained with mmllm (`--task {task}`) on "
+             f"{', '.join(mods)}.\n",
              usage(config), labels_section(config), data_section(config), encoders_section(config),
-             metrics_section(config), training_section(folder), files_section(config)]
+             metrics_section(config, run_summary(folder)), training_section(folder), files_section(config)]
     return "\n".join(p for p in parts if p)
+
+
+def text_training(config: dict) -> str | None:
+    """How a classifier's text model was trained: "lora", "full", "frozen" (also under a linear probe, which
+    reads its stored pooled states), or None without a text model (and for generation)."""
+    model = config.get("model") or {}
+    if config.get("task", "classify") != "classify" or "text" not in model.get("modalities", []):
+        return None
+    if model.get("fusion") == "linear":
+        return "frozen"
+    if model.get("lora_r"):
+        return "lora"
+    return "frozen" if model.get("freeze_text") else "full"
+
+
+def decoder_training(config: dict) -> str | None:
+    """How a generator's decoder was trained: "lora", "full" or "frozen"; None for a classifier."""
+    gen = config.get("generation")
+    if not gen:
+        return None
+    return "lora" if gen.get("lora_r") else "full" if gen.get("train_decoder") else "frozen"
+
+
+def run_summary(folder: Path) -> dict:
+    """metrics.json of the run (best epoch, schedule), or {} when absent or unreadable."""
+    try:
+        summary = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def modalities(config: dict) -> list[str]:
@@ -81,15 +114,19 @@ def front_matter(config: dict) -> str:
 def usage(config: dict) -> str:
     lines = ["## Use", "", "```bash", "mmllm predict CHECKPOINT records.jsonl   # or a manifest, or a class folder",
              "mmllm eval model CHECKPOINT data", "```"]
-    if config.get("task") == "classify" and "text" in config["model"]["modalities"]:
-        lines += ["", "The fine-tuned text model alone is a Hugging Face folder (LoRA adapters merged):", "",
+    text = text_training(config)
+    if text:
+        what = {"lora": "The fine-tuned text model alone (LoRA adapters merged into its weights)",
+                "full": "The fine-tuned text model alone",
+                "frozen": "The text model (its pretrained weights, unchanged: it was not trained)"}[text]
+        lines += ["", f"{what} is a Hugging Face folder:", "",
                   "```python", "from transformers import AutoModel, AutoTokenizer",
                   'model = AutoModel.from_pretrained("CHECKPOINT/text_model")',
                   'tokenizer = AutoTokenizer.from_pretrained("CHECKPOINT/text_model")', "```"]
-    elif config.get("task") == "generate":
-        lines += ["", "When the decoder was trained (LoRA, merged, or --train-decoder), `decoder/` is a Hugging "
-                  "Face folder for `AutoModelForCausalLM`; the image/audio prefix projector stays in "
-                  "model.safetensors."]
+    elif decoder_training(config) in ("lora", "full"):
+        lines += ["", "`decoder/` is the trained decoder" + (" (LoRA adapters merged)" if decoder_training(config)
+                  == "lora" else "") + ", a Hugging Face folder for `AutoModelForCausalLM`; the image/audio prefix "
+                  "projector stays in model.safetensors."]
     return "\n".join(lines) + "\n"
 
 
@@ -131,21 +168,58 @@ def encoders_section(config: dict) -> str:
                     f"{md(license_of(gen['decoder']))} | | |")
     if not rows:
         return ""
-    note = ("The text model is fine-tuned (its weights are in text_model/); image and audio encoders are frozen "
-            "and identified by a hash of their weights." if config.get("task") == "classify" else
-            "Encoders are frozen and identified by a hash of their weights.")
     return "\n".join(["## Encoders", "", "| role | name | identity | license | dim | precision |",
-                      "|---|---|---|---|---|---|", *rows, "", note, ""])
+                      "|---|---|---|---|---|---|", *rows, "", *encoder_notes(config), ""])
 
 
-def metrics_section(config: dict) -> str:
-    metrics = {k: v for k, v in (config.get("metrics") or {}).items() if isinstance(v, (int, float))}
+def encoder_notes(config: dict) -> list[str]:
+    """One sentence per kind of encoder: trained how, or frozen and identified by its weights' hash."""
+    notes = []
+    text = text_training(config)
+    lora_r = (config.get("model") or {}).get("lora_r")
+    if text == "lora":
+        notes.append(f"The text model is fine-tuned with LoRA (rank {lora_r}; only the adapters trained), merged into "
+                     "the weights in text_model/.")
+    elif text == "full":
+        notes.append("The text model is fine-tuned (all its weights; they are in text_model/).")
+    elif text == "frozen":
+        notes.append("The text model is frozen (not trained); text_model/ holds its pretrained weights.")
+    frozen = [r for r in (config.get("encoders") or {}) if r != "text" or text is None]
+    if frozen:
+        verb = "is" if len(frozen) == 1 else "are"
+        notes.append(f"The {' and '.join(frozen)} encoder{'s' if len(frozen) > 1 else ''} {verb} frozen and "
+                     f"identified by a hash of {'its' if len(frozen) == 1 else 'their'} weights.")
+    decoder = decoder_training(config)
+    if decoder == "lora":
+        notes.append(f"The decoder is fine-tuned with LoRA (rank {config['generation']['lora_r']}), merged into the "
+                     "weights in decoder/.")
+    elif decoder == "full":
+        notes.append("The decoder is fine-tuned (all its weights; they are in decoder/).")
+    elif decoder == "frozen":
+        notes.append("The decoder is frozen (not trained) and referenced by identity; decoder/ holds its tokenizer "
+                     "and config.")
+    return notes
+
+
+def metrics_section(config: dict, summary: dict | None = None) -> str:
+    metrics = {k: v for k, v in (config.get("metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if not metrics:
         return ""
     rows = [f"| {k} | {v:.4f} | {METRIC_DEFINITIONS.get(k, '')} |" for k, v in metrics.items()]
-    return "\n".join(["## Metrics (validation split, final weights)", "", "| metric | value | definition |",
-                      "|---|---|---|", *rows, "", "The whole run: [metrics.json](metrics.json); per epoch: "
-                      "[metrics.jsonl](metrics.jsonl).", ""])
+    return "\n".join(["## Metrics", "", f"Measured on the validation split with {weights_sentence(summary or {})}", "",
+                      "| metric | value | definition |", "|---|---|---|", *rows, "",
+                      "The whole run: [metrics.json](metrics.json); per epoch: [metrics.jsonl](metrics.jsonl).", ""])
+
+
+def weights_sentence(summary: dict) -> str:
+    """Which weights the checkpoint holds (and the metrics measure), from the run's metrics.json."""
+    best, epochs, monitor = summary.get("best_epoch"), summary.get("epochs"), summary.get("monitor")
+    if not best or not epochs:
+        return ("the weights saved here (the run's metrics.json is missing: which epoch they come from is not "
+                "recorded)." if not summary else f"the weights saved here: those after {epochs or 0} epochs.")
+    last = " (the last)" if best == epochs else f" of {epochs}"
+    return f"the weights saved here: those of epoch {best}{last}, the best by `{monitor}`."
 
 
 def training_section(folder: Path) -> str:
@@ -153,29 +227,41 @@ def training_section(folder: Path) -> str:
     command = command_line(folder / "finetune_config.json")
     if command:
         lines += ["Command line (from [finetune_config.json](finetune_config.json), options that differ from "
-                  "the defaults):", "", "```bash", command, "```", ""]
+                  "the defaults; the file lists every option):", "", "```bash", command, "```", ""]
     lines += ["![training curves](training_curves.png)", "",
               "[training_curves.png](training_curves.png): loss and validation metrics per epoch.", ""]
     return "\n".join(lines)
 
 
+DEFAULTS_DEPEND_ON = ("task", "lora_r", "modalities")  # FinetuneConfig resolves other defaults from these
+
+
 def command_line(path: Path) -> str | None:
-    """`mmllm finetune ...` with the options of a resolved finetune_config.json that differ from the defaults."""
+    """`mmllm finetune ...` with the options of a resolved finetune_config.json that differ from the defaults.
+
+    The defaults are resolved as `FinetuneConfig` resolves them for the same --task, --lora-r and --modalities
+    (--min-steps, --budget-steps, --freeze-text), and --epochs is left out when metrics.json says the run took
+    its epochs from --budget-steps: an option shows only if the run had it other than by default."""
     import dataclasses
 
     from mmllm.config import FinetuneConfig, flag
 
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        # what a run given only the options other defaults depend on would hold; those options against the plain ones
+        defaults = {**dataclasses.asdict(FinetuneConfig(**{k: values[k] for k in DEFAULTS_DEPEND_ON if k in values})),
+                    **{k: v for k, v in dataclasses.asdict(FinetuneConfig()).items() if k in DEFAULTS_DEPEND_ON}}
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
+    schedule = run_summary(path.parent).get("schedule") or {}
+    if schedule.get("epochs_from") == "--budget-steps":
+        defaults["epochs"] = values.get("epochs")
     words = ["mmllm", "finetune", str(values.get("prepared", ""))]
     for f in dataclasses.fields(FinetuneConfig):
         if f.name == "prepared" or f.name not in values:
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = values[f.name]
-        if value == default:
+        if value == defaults[f.name]:
             continue
         if isinstance(value, bool):
             words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
@@ -190,10 +276,14 @@ def files_section(config: dict) -> str:
     files = dict(FILES)
     if config.get("task") == "classify":
         files["labels.json"] = "label name -> id, a copy of config.json's labels (those are used; the two must agree)"
-    if config.get("task") == "classify" and "text" in config["model"]["modalities"]:
-        files["text_model/"] = "the fine-tuned text model and its tokenizer (Hugging Face folder)"
-    if config.get("task") == "generate":
-        files["decoder/"] = "the decoder's tokenizer and config (and its weights when it was trained)"
+    text = text_training(config)
+    if text:
+        files["text_model/"] = ("the fine-tuned" if text != "frozen" else "the pretrained (frozen)") + \
+            " text model and its tokenizer (Hugging Face folder)"
+    decoder = decoder_training(config)
+    if decoder:
+        files["decoder/"] = ("the trained decoder and its tokenizer (Hugging Face folder)" if decoder != "frozen"
+                             else "the decoder's tokenizer and config (the frozen weights are referenced by identity)")
     rows = [f"| [{name}]({name}) | {what} |" for name, what in files.items()]
     return "\n".join(["## Files", "", "| file | content |", "|---|---|", *rows, ""])
 

@@ -93,3 +93,63 @@ def test_unwritable_feature_cache_is_a_warning(tiny_models, tmp_path, isolated_h
     if failure == "disk_full":
         assert "No space left on device" in warnings[0]
         assert not list((isolated_home / "features").rglob("*.tmp*"))
+
+
+# ---------------------------------------------------------------- the model card says only what the config backs
+
+
+def _card(folder: Path) -> tuple[str, list[str]]:
+    import re
+
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"```bash\n(mmllm finetune .*)\n```", card).group(1).split()
+    return card, [w for w in command if w.startswith("--")]
+
+
+def test_command_line_leaves_out_resolved_defaults(tmp_path):
+    import dataclasses
+
+    from mmllm.config import FinetuneConfig, save_resolved
+    from mmllm.modelcard import command_line
+
+    save_resolved(FinetuneConfig(prepared="p", output="o"), tmp_path / "finetune_config.json")
+    assert command_line(tmp_path / "finetune_config.json") == "mmllm finetune p --output o"
+    cfg = dataclasses.replace(FinetuneConfig(prepared="p", output="o", lora_r=4, task="generate"), epochs=7)
+    save_resolved(cfg, tmp_path / "finetune_config.json")  # --epochs given (no metrics.json says otherwise)
+    assert command_line(tmp_path / "finetune_config.json") == \
+        "mmllm finetune p --output o --task generate --lora-r 4 --epochs 7"
+    (tmp_path / "metrics.json").write_text(json.dumps({"schedule": {"epochs": 7, "epochs_from": "--budget-steps"}}))
+    assert "--epochs" not in command_line(tmp_path / "finetune_config.json")  # the budget chose them
+
+
+def test_model_card_of_a_frozen_text_checkpoint(trained_checkpoint):
+    card, flags = _card(trained_checkpoint)
+    metrics = json.loads((trained_checkpoint / "metrics.json").read_text())
+    assert "The text model is frozen (not trained)" in card and "pretrained (frozen) text model" in card
+    assert "fine-tuned" not in card and "LoRA" not in card and "multimodal classifier" not in card
+    assert flags == ["--output", "--hidden-size", "--epochs"], flags  # as given: --epochs 1 --hidden-size 16
+    assert f"those of epoch {metrics['best_epoch']}" in card and "final weights" not in card
+
+
+def test_model_card_of_image_only_and_lora_checkpoints(tiny_models, trained_checkpoint, tmp_path):
+    manifest = _image_manifest(tmp_path, 12)
+    assert run_cli("prepare", str(manifest), "--output", str(tmp_path / "p"), "--image-model",
+                   str(tiny_models["image"]), "--val-fraction", "0.34", "--test-fraction", "0").exit_code == 0
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "img"), "--epochs", "3",
+                "--hidden-size", "16", "--fusion", "concat")
+    assert r.exit_code == 0, r.output
+    card, flags = _card(tmp_path / "img")
+    assert "text model" not in card and "text_model/" not in card and "LoRA" not in card and "fine-tuned" not in card
+    assert "A classifier trained with mmllm (`--task classify`) on image." in card
+    assert "The image encoder is frozen and identified by a hash of its weights." in card
+    assert flags == ["--output", "--fusion", "--hidden-size", "--epochs"], flags
+    best = json.loads((tmp_path / "img" / "metrics.json").read_text())["best_epoch"]
+    assert f"those of epoch {best}" in card and "the best by `val_loss`" in card
+
+    r = run_cli("finetune", str(trained_checkpoint.parent / "p"), "--output", str(tmp_path / "lora"), "--epochs", "1",
+                "--hidden-size", "16", "--lora-r", "2")
+    assert r.exit_code == 0, r.output
+    card, flags = _card(tmp_path / "lora")
+    assert "The text model is fine-tuned with LoRA (rank 2; only the adapters trained)" in card
+    assert "LoRA adapters merged" in card and "frozen (not trained)" not in card
+    assert flags == ["--output", "--hidden-size", "--lora-r", "--epochs"], flags  # not --no-freeze-text: implied
