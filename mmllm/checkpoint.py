@@ -44,9 +44,11 @@ def is_checkpoint(folder: Path) -> bool:
     """A folder mmllm wrote as a checkpoint: its marker, or (checkpoints older than markers) config.json's format."""
     if (folder / MARKER).is_file():
         return True
+    if not (folder / "config.json").is_file():
+        return False
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_json(folder / "config.json").get("format") == FORMAT
+    except (UserError, AttributeError):
         return False
 
 

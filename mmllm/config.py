@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.errors import UserError, utf8_text
+from mmllm.errors import UserError, read_json, utf8_text
 
 ROLES = ("text", "image", "audio")
 FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
@@ -649,8 +649,8 @@ def check_resume(cfg: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
     if not (out / "resume").is_dir():
         return {}  # nothing to resume: the training loop says so
     try:
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = read_json(saved_path)
+    except UserError:
         raise UserError(f"--resume: {saved_path} is missing or unreadable, so the interrupted run's options "
                         "are unknown; start a new --output") from None
     changed = {}

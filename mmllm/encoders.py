@@ -19,7 +19,7 @@ import torch
 
 from mmllm import hub
 from mmllm.console import quiet_transformers
-from mmllm.errors import UserError
+from mmllm.errors import UserError, read_json
 
 
 # ---------------------------------------------------------------- name resolution
@@ -211,9 +211,7 @@ class ImageEncoder:
         self.folder, self.identity = resolve(name, trust_remote_code)
         if self.folder is None:
             raise UserError(f"'{name}' is not an image model")
-        import json
-
-        cfg = json.loads((self.folder / "config.json").read_text())
+        cfg = read_json(self.folder / "config.json")
         self.trust_remote_code = trust_remote_code
         if cfg.get("model_type") == "efficientnet-lite":
             self.kind = "efficientnet-lite"
@@ -240,12 +238,11 @@ class ImageEncoder:
     def model(self) -> torch.nn.Module:
         """Weights load on first use, so a run served from the feature cache never loads them."""
         if self.kind == "efficientnet-lite":
-            import json
 
             from efficientnet_lite_pytorch import EfficientNet
             from safetensors.torch import load_file
 
-            cfg = json.loads((self.folder / "config.json").read_text())
+            cfg = read_json(self.folder / "config.json")
             model = EfficientNet.from_name(cfg["variant"])
             model.load_state_dict(load_file(str(self.folder / "model.safetensors")))
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mmllm import outputs
 from mmllm.console import emit, log, show
-from mmllm.errors import UserError
+from mmllm.errors import UserError, read_json
 
 MARKER = "mmllm-model.json"
 MODEL = outputs.marked_folder("a model pulled by mmllm", MARKER)
@@ -83,8 +83,8 @@ def alias_dir(name: str) -> Path:
     if not marker.is_file():
         raise UserError(f"model '{name}' is not installed: run `mmllm models pull {name}`")
     try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        info = read_json(marker)
+    except UserError:
         raise UserError(f"model '{name}' in {folder} is corrupt: run `mmllm models pull {name} --force`") from None
     missing = [f for f in info.get("files", []) if not (folder / f).is_file()]
     if missing:

@@ -23,7 +23,7 @@ import torch
 from mmllm import checkpoint, outputs
 from mmllm.config import FinetuneConfig, check_resume, save_resolved
 from mmllm.console import emit, log, progress, warn
-from mmllm.errors import UserError
+from mmllm.errors import UserError, read_json
 from mmllm.model import penalty
 from mmllm.runtime import Dist
 from mmllm.tasks import Task
@@ -551,9 +551,9 @@ def load_state(folder: Path, model, optimizer, scheduler) -> TrainState:
                          "continued; start over with --overwrite (without --resume)")
 
     try:
-        fields = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        fields = read_json(folder / "state.json")
         state = TrainState(**fields)
-    except (OSError, ValueError, TypeError) as e:
+    except (UserError, TypeError) as e:
         raise broken("state.json", f"is unreadable ({type(e).__name__})") from None
     needed = list(STATE_FILES[1:]) + (["best.safetensors"] if state.best is not None else [])
     for name in needed:
