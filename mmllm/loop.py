@@ -315,6 +315,9 @@ def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.O
     for p in model.parameters():
         if p.requires_grad:
             groups.setdefault((id(p) in backbone, p.dim() >= 2), []).append(p)
+    if not any(p.numel() for ps in groups.values() for p in ps):
+        raise UserError("nothing to train: every weight of this model is frozen (see --lora-r, --train-decoder, "
+                        "--no-freeze-text, --modalities)")
     params = [{"params": ps, "lr": cfg.backbone_lr if is_bb else cfg.lr,
                "weight_decay": cfg.weight_decay if is_matrix else 0.0}
               for (is_bb, is_matrix), ps in sorted(groups.items())]

@@ -269,3 +269,12 @@ def test_the_transcript_is_part_of_the_decoders_prompt(tiny_decoder):
     assert table.prompts == expected
     assert prompt_text("it is big", "red") == "Describe the input. Context: it is big Speech: red\nDescription:"
     assert prompt_text(None, None) == "Describe the input.\nDescription:"  # as before transcripts existed
+
+
+def test_nothing_to_train_is_one_line(prepared, tiny_decoder, tmp_path):
+    """A frozen decoder fed text alone has no projector: one line naming the fix, exit 2, no checkpoint."""
+    r = run_cli("finetune", str(prepared), "--output", str(tmp_path / "o"), "--task", "generate", "--decoder",
+                str(tiny_decoder), "--modalities", "text", "--epochs", "1")
+    assert r.exit_code == 2, r.output
+    assert "nothing to train" in r.stderr and "--lora-r" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "config.json").exists()

@@ -243,8 +243,12 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
     dims = {m: meta["encoders"][m]["dim"] for m in prefix_mods}
-    decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     trainable = bool(fcfg.lora_r or fcfg.train_decoder)
+    if not prefix_mods and not trainable:
+        raise UserError(f"nothing to train: --modalities {','.join(modalities)} gives the frozen decoder no prefix "
+                        "(image, audio, or text prepared with --sentence-embedding), so no weight would change: "
+                        "add --lora-r N or --train-decoder, or a modality")
+    decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity,
