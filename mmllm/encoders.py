@@ -20,6 +20,7 @@ import torch
 from mmllm import hub
 from mmllm.console import quiet_transformers
 from mmllm.errors import UserError, read_json
+from mmllm.media import MAX_ASPECT
 
 
 # ---------------------------------------------------------------- name resolution
@@ -308,7 +309,10 @@ class ImageEncoder:
                 "precision": self.precision,
                 "preprocessing": {"image_size": self.image_size, "mean": self.mean, "std": self.std,
                                   "resize": "short side, bicubic, centre crop" if self.processor is None
-                                  else type(self.processor).__name__}}
+                                  else type(self.processor).__name__,
+                                  # media.load_image(min_side=image_size): a new key, so features of large images
+                                  # decoded in full before are not reused from the cache
+                                  "decode": f"draft/reduce to short side >= image_size, aspect <= {MAX_ASPECT}:1"}}
 
 
 def _fold_batchnorm(model: torch.nn.Module) -> None:

@@ -362,8 +362,8 @@ def _file(media: Any) -> str | None:
 
 def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
     """Canonical media: an RGB image, or mono float32 audio at the encoder's rate (from a path or bytes)."""
-    if role == "image":
-        return load_image(media)
+    if role == "image":  # downsized while decoding to what the encoder scales to: memory bounded per image
+        return load_image(media, encoder.image_size)
     return load_audio(media, encoder.sample_rate, cfg.max_audio_seconds)
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb limit (~ 0.25 GiB RGBA), enforced as an error
+# an encoder scales the short side to its input size: a 4000x1 strip would become 896000x224. Longer images are
+# refused, so the resized image holds at most MAX_ASPECT x size^2 pixels
+MAX_ASPECT = 50
 MB = 1 << 20
 
 
@@ -61,9 +64,13 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def load_image(source: str | Path | bytes):
+def load_image(source: str | Path | bytes, min_side: int | None = None):
     """An RGB PIL image (from a path or raw bytes): EXIF orientation applied, first frame of animations,
-    any mode converted to RGB."""
+    any mode converted to RGB.
+
+    `min_side`: the short side the consumer (an encoder) scales to. Then the image is downsized while decoding
+    (JPEG `draft`, then `reduce` by a whole factor) to a short side between min_side and 2 x min_side, and an
+    image longer than MAX_ASPECT:1 is refused, so memory per image is bounded whatever its size or shape."""
     import warnings
 
     from PIL import Image, ImageOps
@@ -76,8 +83,13 @@ def load_image(source: str | Path | bytes):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.seek(0)
+            if min_side:
+                check_aspect(img.size, path)
+                img.draft("RGB", (min_side, min_side))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, short side >= min_side
             img.load()
-            img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(_shrink(img, min_side))
+    except MediaError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MediaError(f"image too large (decompression bomb guard, > {MAX_IMAGE_PIXELS} pixels): {path}") from None
     except Image.UnidentifiedImageError:
@@ -92,7 +104,26 @@ def load_image(source: str | Path | bytes):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return _shrink(img.convert("RGB"), min_side)
+
+
+def check_aspect(size: tuple[int, int], path: Path) -> None:
+    w, h = size
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise MediaError(f"image {w}x{h} is too elongated (aspect ratio over {MAX_ASPECT}:1; an encoder would scale "
+                         f"it to {round(max(w, h) / max(1, min(w, h)))}x its input size): crop it: {path}")
+
+
+def _shrink(img, min_side: int | None):
+    """`img` reduced by the largest whole factor that keeps its short side >= min_side (box filter; modes reduce
+    does not support are left for the call after conversion to RGB)."""
+    factor = min(img.size) // min_side if min_side else 1
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:
+        return img
 
 
 def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:

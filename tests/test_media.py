@@ -122,3 +122,19 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (5, 5)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_min_side_downsizes_while_decoding_and_refuses_strips(tmp_path):
+    img = Image.new("RGB", (3000, 1000), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    img.save(tmp_path / "big.jpg", exif=exif)
+    assert load_image(tmp_path / "big.jpg", 224).size == (250, 750)  # JPEG drafted at 1/4, then EXIF applied
+    Image.new("RGB", (2000, 1000), (250, 10, 10)).convert("P").save(tmp_path / "big.png")
+    out = load_image(tmp_path / "big.png", 224)
+    assert out.mode == "RGB" and out.size == (500, 250) and out.getpixel((5, 5))[0] > 200  # reduce(4)
+    assert load_image(tmp_path / "big.png").size == (2000, 1000)  # without min_side: full size
+    Image.new("RGB", (4000, 1), (0, 0, 0)).save(tmp_path / "strip.png")
+    assert load_image(tmp_path / "strip.png").size == (4000, 1)
+    with pytest.raises(MediaError, match=r"image 4000x1 is too elongated \(aspect ratio over 50:1"):
+        load_image(tmp_path / "strip.png", 224)

@@ -153,3 +153,66 @@ def test_model_card_of_image_only_and_lora_checkpoints(tiny_models, trained_chec
     assert "The text model is fine-tuned with LoRA (rank 2; only the adapters trained)" in card
     assert "LoRA adapters merged" in card and "frozen (not trained)" not in card
     assert flags == ["--output", "--hidden-size", "--lora-r", "--epochs"], flags  # not --no-freeze-text: implied
+
+
+# ---------------------------------------------------------------- decoded images: memory bounded per record
+
+MEMORY_PROBE = r'''
+import json, resource, sys
+from pathlib import Path
+from mmllm.config import PrepareConfig
+from mmllm.encoders import ImageEncoder
+from mmllm.features import FeatureStore, load_record
+
+folder, files = Path(sys.argv[1]), sys.argv[2:]
+enc = ImageEncoder(str(folder / "effnet"))  # preprocessing only: the weights are never needed
+cfg = PrepareConfig(input=[], output="", cache=False)
+store = FeatureStore(False)
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+out = {}
+for i, f in enumerate(["warmup.jpg", *files]):
+    before = peak_mb()
+    item = load_record({"id": f, "row": i, "image": str(folder / f), "audio": None}, {"image": enc}, store, cfg)
+    if item["error"] is None:
+        img = item["media"]["image"]["decoded"]
+        pixels = enc.preprocess([img])
+        out[f] = {"error": None, "decoded": list(img.size), "pixels": list(pixels.shape)}
+    else:
+        out[f] = {"error": item["error"]["reason"], "column": item["error"]["column"]}
+    out[f]["peak_mb"] = peak_mb() - before
+print(json.dumps(out))
+'''
+
+
+def test_decoded_images_are_bounded_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    effnet = tmp_path / "effnet"  # the built-in efficientnet-lite0's preprocessing: short side to 224, centre crop
+    effnet.mkdir()
+    (effnet / "config.json").write_text(json.dumps({"model_type": "efficientnet-lite", "variant": "efficientnet-lite0",
+                                                    "image_size": 224, "hidden_size": 1280}))
+    Image.new("RGB", (640, 480), (90, 120, 30)).save(tmp_path / "warmup.jpg")
+    Image.new("RGB", (4000, 1), (255, 0, 0)).save(tmp_path / "wide.png")
+    assert (tmp_path / "wide.png").stat().st_size < 120  # the 96-byte PNG of the report
+    Image.new("RGB", (1, 8000), (0, 255, 0)).save(tmp_path / "tall.png")
+    Image.new("RGB", (4000, 3000), (30, 60, 200)).save(tmp_path / "photo.jpg", quality=90)  # a 12-MP photo
+    Image.new("RGB", (2000, 40), (9, 9, 9)).save(tmp_path / "strip.png")  # 50:1, the longest kept
+    files = ["photo.jpg", "strip.png", "wide.png", "tall.png"]  # ru_maxrss only grows: the cheap ones first
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path), *files], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for f in ("wide.png", "tall.png"):  # that record's error, in one line naming the shape; nothing allocated
+        assert out[f]["column"] == "image" and "too elongated" in out[f]["error"], out[f]
+        assert ("image 4000x1 " if f == "wide.png" else "image 1x8000 ") in out[f]["error"]
+        assert "corrupt" not in out[f]["error"]
+    assert out["photo.jpg"]["error"] is None and out["photo.jpg"]["decoded"] == [500, 375]  # JPEG draft at 1/8
+    assert out["strip.png"]["decoded"] == [2000, 40] and out["strip.png"]["pixels"] == [1, 3, 224, 224]
+    for f in files:  # peak memory of each record over the one before (a full 12-MP decode alone is 36 MB)
+        assert out[f]["peak_mb"] < 20, out
