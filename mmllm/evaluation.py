@@ -228,20 +228,33 @@ def write_outputs(result: dict, path: Path) -> None:
     log(f"wrote {path}")
 
 
-def confusion_figure(matrix: list[list[int]], labels: list[str]):
+# past this many classes the image shows those with the most gold records (the JSON has all): at most 60 x 60 counts
+PLOT_CLASSES = 60
+
+
+def confusion_figure(matrix: list[list[int]], labels: list[str], top: int = PLOT_CLASSES):
     """The confusion matrix as a figure: cells ~0.5 inch each (the image grows with the classes), every count
-    written in its cell, white on dark cells and black on light ones, font sized to the cell."""
+    written in its cell, white on dark cells and black on light ones, font sized to the cell.
+
+    Past `top` classes only the `top` with the most gold records are drawn (their rows and columns, titled so):
+    memory and time stay bounded whatever the number of classes (600 classes once took 10 GB, one text per cell)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m = np.asarray(matrix)
+    total = len(m)
+    title = None
+    if total > top:
+        keep = np.sort(np.argsort(-m.sum(1), kind="stable")[:top])  # most gold records; ties: the first labels
+        m, labels = m[np.ix_(keep, keep)], [labels[i] for i in keep]
+        title = f"the {top} of {total} classes with the most gold records (all {total} in the JSON)"
     n = len(m)
     cell = 0.5 if n <= 40 else max(0.25, 20 / n)  # inches per class: huge label sets stay under ~20-25 inches
     side = 2.5 + cell * n  # room for the tick labels
     fig, ax = plt.subplots(figsize=(side + 1, side))
-    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
+    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())) if m.size else 1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     digits = len(str(int(m.max()))) if m.size else 1
     font = max(4.0, min(11.0, 36 * cell, 100 * cell / digits))  # points (1/72 inch): the count fits its cell
@@ -255,5 +268,7 @@ def confusion_figure(matrix: list[list[int]], labels: list[str]):
                     color="white" if m[i, j] > threshold else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

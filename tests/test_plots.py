@@ -79,6 +79,53 @@ def test_confusion_image_grows_with_classes_and_every_count_is_readable(tmp_path
     assert png.size[0] >= 500 and png.size[1] >= 400
 
 
+CONFUSION_600 = r"""
+import json, resource, sys, time
+import numpy as np
+from pathlib import Path
+from mmllm.evaluation import write_outputs
+
+n = 600
+rng = np.random.default_rng(0)
+m = rng.integers(0, 3, (n, n)) + np.diag(rng.integers(5, 400, n))
+start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+write_outputs({"confusion_matrix": {"labels": [f"class-{i}" for i in range(n)], "matrix": m.tolist()}},
+              Path(sys.argv[1]) / "m.json")
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def test_confusion_image_of_600_classes_shows_the_top_60_in_bounded_time_and_memory(tmp_path):
+    import subprocess
+    import sys
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mmllm.evaluation import PLOT_CLASSES, confusion_figure
+
+    n = 600
+    rng = np.random.default_rng(0)
+    m = rng.integers(0, 3, (n, n)) + np.diag(rng.integers(5, 400, n))
+    labels = [f"class-{i}" for i in range(n)]
+    fig = confusion_figure(m.tolist(), labels)
+    ax = fig.axes[0]
+    top = sorted(np.argsort(-m.sum(1), kind="stable")[:PLOT_CLASSES])  # the classes with the most gold records
+    assert PLOT_CLASSES == 60 and [t.get_text() for t in ax.get_yticklabels()] == [labels[i] for i in top]
+    assert len(ax.texts) == 60 * 60 and "60 of 600 classes" in ax.get_title()
+    texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in ax.texts}
+    assert all(texts[b, a] == str(m[top[a], top[b]]) for a in range(60) for b in range(60))
+    assert max(fig.get_size_inches()) < 30
+    plt.close(fig)
+    r = subprocess.run([sys.executable, "-c", CONFUSION_600, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cost = json.loads(r.stdout.strip().splitlines()[-1])
+    assert cost["seconds"] < 30 and cost["peak_mb"] < 300, cost  # was: killed at 10 GB drawing 360000 labels
+    assert Image.open(tmp_path / "m_confusion.png").size[0] < 3000
+
+
 @pytest.mark.parametrize("device", ["cpu", "auto"])  # cpu: refused by validate; auto: by the device it resolves to
 def test_fp16_refused_on_cpu_before_anything_loads(tmp_path, device):
     import torch
