@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -368,8 +369,12 @@ def load_text_model(folder: Path, with_weights: bool) -> tuple[Any, torch.nn.Mod
         raise UserError(f"{folder}: no tokenizer file ({', '.join(TOKENIZER_FILES)}): the checkpoint is incomplete")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        if not with_weights:
-            return tokenizer, AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+        if not with_weights:  # the older layout: the text weights are under `text.` in model.safetensors
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            weights = weight_shapes([folder.parent / "model.safetensors"], "text.")
+            check_config_fits_weights(AutoModel, config, weights, folder / "config.json",
+                                      folder.parent / "model.safetensors")
+            return tokenizer, AutoModel.from_config(config)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{folder}: cannot load its tokenizer or config ({str(e).splitlines()[0][:200]})") from None
     return tokenizer, load_hf_weights(AutoModel, folder)
@@ -383,8 +388,17 @@ def load_hf_weights(auto: Any, folder: Path) -> torch.nn.Module:
     """`auto.from_pretrained(folder)` in float32, refusing a folder whose weights are missing or incomplete."""
     from safetensors import SafetensorError
 
-    if not any(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise UserError(f"{folder}: no model.safetensors (the trained weights): the checkpoint is incomplete")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder}: cannot load its config ({str(e).splitlines()[0][:200]})") from None
+    check_config_fits_weights(auto, config, weight_shapes(files), folder / "config.json",
+                              files[0] if len(files) == 1 else folder)
     try:
         model, info = auto.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32,
                                            output_loading_info=True)
@@ -394,3 +408,55 @@ def load_hf_weights(auto: Any, folder: Path) -> torch.nn.Module:
         bad = sorted(info.get("missing_keys") or [])[:1] or [str(info["mismatched_keys"][0])]
         raise UserError(f"{folder}: config.json and model.safetensors disagree (missing or mismatched {bad[0]})")
     return model
+
+
+def weight_shapes(files: list[Path], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the tensors named `prefix`... in safetensors files, from their headers alone (the
+    prefix removed): nothing is allocated."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.startswith(prefix):
+                        shapes[name[len(prefix):]] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+    return shapes
+
+
+def check_config_fits_weights(auto: Any, config: Any, weights: dict[str, tuple[int, ...]], config_path: Path,
+                              weights_path: Path) -> None:
+    """Refuse, in one line and before anything is allocated, a model config that does not describe these weights
+    (an untrusted checkpoint's `num_hidden_layers: 150` beside 2 layers of weights would build 1.5 GB first).
+
+    Layer counts are checked against the number of tensors (each layer holds at least one); then the model is
+    built on the meta device (shapes only) and its parameters compared with the weights' header: the same shape
+    wherever both name a tensor, and no more parameters than the weights hold."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, int) and not isinstance(value, bool) and LAYER_COUNT.search(key) and value > len(weights):
+            raise UserError(f"{config_path}: {key} {value}, but {weights_path} holds {len(weights)} tensors: the "
+                            "config does not describe these weights (edited, or another model's); refused")
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=False)
+    except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as e:
+        raise UserError(f"{config_path}: cannot build the model it describes ({str(e).splitlines()[0][:200]})") \
+            from None
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for name, tensor in model.state_dict().items():
+        held = weights.get(name, weights.get(prefix + name, weights.get(name.removeprefix(prefix))))
+        if held is not None and tuple(held) != tuple(tensor.shape):
+            raise UserError(f"{config_path} and {weights_path} disagree: {name} is {list(tensor.shape)} by the config, "
+                            f"{list(held)} in the weights; refused")
+    implied = sum(p.numel() for p in model.parameters())
+    stored = sum(math.prod(shape) for shape in weights.values())
+    if implied > stored:
+        raise UserError(f"{config_path} describes a model of {implied:,} parameters, but {weights_path} holds "
+                        f"{stored:,}: the config does not describe these weights (edited, or another model's); refused")
+
+
+# config keys that count layers (num_hidden_layers, n_layer, encoder_layers, num_layers, ...)
+LAYER_COUNT = re.compile(r"(^|_)(n_)?(layers?)$|^num_.*layers$")

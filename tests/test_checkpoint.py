@@ -82,6 +82,53 @@ def test_checkpoint_with_a_corrupt_text_model_config_is_refused(ck):
     assert "text_model" in one_line_error(r) and r.stdout == ""
 
 
+def _edit_text_config(ck, **changes) -> None:
+    path = ck / "text_model" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"num_hidden_layers": 150}, "num_hidden_layers 150, but "),
+    ({"intermediate_size": 4096}, "encoder.layer.0.intermediate.dense.weight is [4096, 32] by the config, [64, 32] in "
+                                  "the weights"),
+    ({"vocab_size": 10**6}, "embeddings.word_embeddings.weight is [1000000, 32] by the config"),
+])
+def test_untrusted_text_model_config_is_refused_before_the_model_is_built(ck, monkeypatch, changes, expected):
+    """An edited text_model/config.json is checked against the safetensors header (shapes only, on the meta device):
+    one line, exit 2, and no model is built from it (the real minilm with 150 layers took 1.5 GB and 15 s)."""
+    import transformers
+
+    def never(*_a, **_k):
+        raise AssertionError("a model was built from the untrusted config")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", never)
+    _edit_text_config(ck, **changes)
+    for args in (["predict", str(ck), "-"], ["eval", "model", str(ck), str(ck)]):
+        line = one_line_error(run_cli(*args, input='{"text": "it is big"}\n'))
+        assert str(ck / "text_model" / "config.json") in line and expected in line and "refused" in line, line
+
+
+def test_untrusted_decoder_config_is_refused_before_the_model_is_built(tiny_decoder, tmp_path, monkeypatch):
+    import transformers
+
+    from mmllm.errors import UserError
+
+    folder = shutil.copytree(tiny_decoder, tmp_path / "decoder")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 150}))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(UserError, match=r"config.json: n_layer 150, but .*model.safetensors holds \d+ tensors"):
+        checkpoint.load_hf_weights(transformers.AutoModelForCausalLM, folder)
+
+
+def test_untouched_hf_folders_pass_the_header_check(trained_checkpoint, tiny_decoder):
+    from transformers import AutoModelForCausalLM
+
+    assert checkpoint.load_hf_weights(AutoModelForCausalLM, tiny_decoder) is not None
+    model, config, tokenizer = checkpoint.load(trained_checkpoint)
+    assert config["format"] == checkpoint.FORMAT and tokenizer is not None and model.text is not None
+
+
 def test_hand_edited_labels_json_is_refused_not_ignored(ck):
     """labels.json is a copy of config.json's labels (the ones used): an edit of it alone is one line, not ignored."""
     line_in = '{"id": "a", "text": "it is big"}\n'
