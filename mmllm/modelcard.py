@@ -208,8 +208,23 @@ def metrics_section(config: dict, summary: dict | None = None) -> str:
         return ""
     rows = [f"| {k} | {v:.4f} | {METRIC_DEFINITIONS.get(k, '')} |" for k, v in metrics.items()]
     return "\n".join(["## Metrics", "", f"Measured on the validation split with {weights_sentence(summary or {})}", "",
-                      "| metric | value | definition |", "|---|---|---|", *rows, "",
+                      "| metric | value | definition |", "|---|---|---|", *rows, "", *selection_lines(config),
                       "The whole run: [metrics.json](metrics.json); per epoch: [metrics.jsonl](metrics.jsonl).", ""])
+
+
+def selection_lines(config: dict) -> list[str]:
+    """--fusion auto: which candidate this checkpoint is, why, and every candidate's validation metrics."""
+    sel = config.get("selection")
+    if not isinstance(sel, dict) or not isinstance(sel.get("candidates"), dict):
+        return []
+    rows = [f"| {md(name)}{' (kept)' if name == sel.get('kept') else ''} | "
+            + " | ".join(f"{c.get(k):.4f}" if isinstance(c.get(k), (int, float)) else "-"
+                         for k in ("val_loss", "val_accuracy", "val_f1", "seconds")) + " |"
+            for name, c in sel["candidates"].items() if isinstance(c, dict)]
+    return [f"Chosen by `--fusion auto`: {md(sel.get('kept'))}, {md(sel.get('why', ''))}. Candidates (linear: a "
+            "logistic regression on the stored features; seconds: a probe's fit, a fusion model's training forward "
+            "passes):", "", "| candidate | val_loss | val_accuracy | val_f1 | seconds |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def weights_sentence(summary: dict) -> str:

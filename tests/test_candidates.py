@@ -35,6 +35,9 @@ def test_auto_trains_every_candidate_and_keeps_the_best_on_validation(prepared, 
     assert config["selection"]["kept"] == kept and set(config["selection"]["candidates"]) == set(cands)
     metrics = json.loads((tmp_path / "ck" / "metrics.json").read_text())
     assert metrics["kept"] == kept
+    card = (tmp_path / "ck" / "README.md").read_text()
+    assert f"Chosen by `--fusion auto`: {kept}" in card and f"| {kept} (kept) |" in card
+    assert all(f"| {name}" in card for name in cands)
 
 
 @pytest.mark.parametrize("kept", ["linear", "linear_image", "gated"])
