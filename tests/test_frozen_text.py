@@ -46,7 +46,8 @@ def test_a_frozen_text_model_is_never_run_in_training_eval_or_predict(tiny_model
 
     monkeypatch.setattr(torch.nn.Module, "__call__", counting)
     ck = tmp_path / "ck"
-    r = run_cli("finetune", str(out), "--output", str(ck), "--epochs", "2", "--hidden-size", "16", "--freeze-text")
+    r = run_cli("finetune", str(out), "--output", str(ck), "--epochs", "2", "--hidden-size", "16", "--freeze-text",
+                "--fusion", "bilinear")
     assert r.exit_code == 0, r.output
     assert "reads its pooled states from the prepared data" in r.output
     assert calls["n"] == 0  # not one forward of the text model in training or validation
@@ -73,7 +74,8 @@ def test_cached_states_give_the_same_predictions_as_running_the_frozen_model(tin
 
     out = prepare(tiny_models, toy_manifest, tmp_path / "p")
     ck = tmp_path / "ck"
-    r = run_cli("finetune", str(out), "--output", str(ck), "--epochs", "2", "--hidden-size", "16", "--freeze-text")
+    r = run_cli("finetune", str(out), "--output", str(ck), "--epochs", "2", "--hidden-size", "16", "--freeze-text",
+                "--fusion", "bilinear")
     assert r.exit_code == 0, r.output
     model, config, tokenizer = checkpoint.load(ck, "cpu")
     assert model.cfg.cached_text
