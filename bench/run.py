@@ -4,6 +4,8 @@
     python bench/run.py --quick     small sizes, about a minute: writes results.json and BENCHMARKS.md under a
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
+    python bench/run.py --only transcribe,...   runs only the benchmarks of ONLY (not part of a full run) and
+                                    merges them into results.json (with their own date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
 scaling), each with run(...) -> dict and report(dict) -> (table rows, other figures); common.py holds the shared
@@ -36,13 +38,15 @@ import scaling
 import serve_load
 import startup
 import trainer_compare
+import transcribe_speed
 from common import ROOT, SAMPLE, markdown, quiet_stdout, versions, write_manifest, write_text
 
 TRACKED = (ROOT / "bench" / "results.json", ROOT / "BENCHMARKS.md")
 REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs, "trainer": trainer_compare,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
            "precision": precision, "serve": serve_load, "generate": generate_speed,
-           "limits": limits}  # results key -> module
+           "limits": limits, "transcribe": transcribe_speed}  # results key -> module
+ONLY = {"transcribe": transcribe_speed.run}  # run alone (--only), each run(tmp, quick) -> dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +145,30 @@ def main() -> None:
                     "folder unless --out is given")
     ap.add_argument("--out", help="folder for results.json and BENCHMARKS.md (default: a full run updates "
                     "bench/results.json and BENCHMARKS.md)")
+    ap.add_argument("--only", help=f"comma-separated benchmarks run alone ({', '.join(ONLY)}), merged into the "
+                    "results.json already there")
     args = ap.parse_args()
+    only = args.only.split(",") if args.only else []
+    if set(only) - set(ONLY):
+        raise SystemExit(f"--only: choose from {', '.join(ONLY)}")
     results_path, markdown_path = destinations(args.quick, args.out)
     os.environ.setdefault("MMLLM_HOME", str(Path.home() / ".cache" / "mmllm"))
     assert SAMPLE.is_file(), SAMPLE
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(args.quick, Path(tmp))
+        if only:
+            import torch
+
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            results = json.loads(results_path.read_text()) if results_path.is_file() else {
+                "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
+                "versions": versions()}
+            for name in only:
+                timed(results, name, ONLY[name], Path(tmp), args.quick)
+                results[name]["date"] = datetime.date.today().isoformat()
+        else:
+            results = run_all(args.quick, Path(tmp))
+            earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
+            results.update({k: v for k, v in earlier.items() if k in ONLY})  # kept until rerun with --only
     write_text(results_path, json.dumps(results, indent=2) + "\n")
     write_text(markdown_path, render(results))
     print(f"wrote {results_path} and {markdown_path}", file=sys.stderr)

@@ -11,6 +11,8 @@ import functools
 import hashlib
 import math
 import os
+import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ def resolve(name: str, trust_remote_code: bool = False) -> tuple[Path | None, st
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
-        return path, f"{path.name}@{weights_hash(path)}"
+        return path, folder_identity(path)
     if path.exists() or name.startswith((".", "/", "~")):
         raise UserError(f"unknown model '{name}': not a folder")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in name:
@@ -50,6 +52,20 @@ def resolve(name: str, trust_remote_code: bool = False) -> tuple[Path | None, st
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot fetch model '{name}' from the Hugging Face hub: {str(e).splitlines()[0]}") from None
     return folder, f"{name}@{weights_hash(folder)}"
+
+
+def folder_identity(path: Path) -> str:
+    """A local folder's identity: `NAME@hash of its weights`; the alias's own identity when these are the weights
+    of a pulled built-in alias (its marker names it, and the weights are those of the alias's folder), so
+    `--text-model ~/.cache/mmllm/models/minilm` and `--text-model minilm` are the same model to eval and predict."""
+    alias = hub.pulled_alias(path)
+    installed = hub.model_dir(alias) if alias is not None else None
+    if installed is not None and installed.is_dir() and installed.resolve() == path.resolve():
+        return hub.identity_of_alias(alias)  # the alias's own folder, spelled as a path
+    digest = weights_hash(path)
+    if installed is not None and installed.is_dir() and weights_hash(installed) == digest:
+        return hub.identity_of_alias(alias)  # a copy of it
+    return f"{path.name}@{digest}"
 
 
 def weights_hash(folder: Path) -> str:
@@ -475,12 +491,24 @@ def pool_sequence(seq: np.ndarray, n: int) -> np.ndarray:
 
 class Transcriber:
     """Speech -> text with a Whisper model (`prepare --transcribe`): its encoder on the clip's real length (whole
-    seconds, as AudioEncoder, but at least MIN_WINDOW), its decoder greedy and batched.
+    seconds, as AudioEncoder, but at least MIN_WINDOW), its decoder greedy, batched by window, and bounded by the
+    clip's duration (`token_cap`). A decode that looks like a model that did not recognise the speech (`verdict`:
+    no end within the cap, a repetitive text, Whisper's no-speech test) is left empty and counted in `rejected`.
     `transcribe(list[np.ndarray]) -> list[str]`."""
 
     role = "transcript"
     MAX_TOKENS = 224  # Whisper's own cap on the tokens of one 30 s window
-    TOKENS_PER_SECOND = 8  # a cap per second of window (speech is ~4): a decoder stuck repeating stops early
+    # per second of the clip's own audio (not of its window): Whisper's own 224 per 30 s, rounded up; read English
+    # speech is 4-5 tokens/s (espeak-ng sentences), so only a decoder that runs away reaches it; the floor keeps
+    # short clips' words ("seventy-three.")
+    TOKENS_PER_SECOND = 8
+    MIN_TOKENS = 8
+    COMPRESSION_RATIO = 2.4  # Whisper's threshold: a text gzip shrinks more than this repeats itself
+    NO_SPEECH = 0.6, -1.0  # Whisper's: P(no speech) above the first and mean log-prob below the second
+    # P(no speech) above which the decode is dropped however confident: whisper-tiny.en says "you" of silence with
+    # P 0.99 and log-prob -0.7; the 48 English sample_data clips reach 0.61, noise and tones 0.77-0.95
+    NO_SPEECH_ALONE = 0.9
+    CAPTION = re.compile(r"\s*(?:[(\[][^()\[\]]*[)\]]\s*)+")  # only "(speaking in foreign language)", "[SOUND]", ...
     # whisper-tiny.en on the 48 sample_data clips (0.3-0.6 s of speech): windows of 1-2 s make the decoder repeat
     # itself ("Yes, yes, yes, ...") on 20 clips, 5 s on 3, 10 s and 30 s on none; 10 s costs a third of 30 s
     MIN_WINDOW = 10.0
@@ -510,17 +538,22 @@ class Transcriber:
         specials = [i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special and i != eos]
         self.suppress = sorted({i for i in specials + list(config.suppress_tokens or []) if 0 <= i < vocab})
         self.begin_suppress = sorted({i for i in config.begin_suppress_tokens or [] if 0 <= i < vocab})
+        self.no_speech_id = next((i for i in map(self._token, ("<|nospeech|>", "<|nocaptions|>"))
+                                  if i is not None and i != eos), None)
         self.clips = 0  # clips transcribed by this instance (not served from the cache)
+        self.rejected: dict[str, int] = {}  # why a decode was left empty -> clips
+
+    def _token(self, text: str) -> int | None:
+        i = self.tokenizer.convert_tokens_to_ids(text)
+        return i if isinstance(i, int) and i != self.tokenizer.unk_token_id and 0 <= i < self.config.vocab_size \
+            else None
 
     def _prompt(self) -> list[int]:
         """<|startoftranscript|> [<|en|><|transcribe|> on multilingual models] <|notimestamps|>, as far as the
         tokenizer has them."""
-        def token(text: str) -> list[int]:
-            i = self.tokenizer.convert_tokens_to_ids(text)
-            return [i] if isinstance(i, int) and i != self.tokenizer.unk_token_id else []
-
-        task = token("<|en|>") + token("<|transcribe|>") if self.config.vocab_size >= 51865 else []
-        return [self.config.decoder_start_token_id] + task + token("<|notimestamps|>")
+        task = [self._token("<|en|>"), self._token("<|transcribe|>")] if self.config.vocab_size >= 51865 else []
+        return [self.config.decoder_start_token_id] + [i for i in task + [self._token("<|notimestamps|>")]
+                                                       if i is not None]
 
     @functools.cached_property
     def model(self) -> torch.nn.Module:
@@ -534,55 +567,110 @@ class Transcriber:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         return model
 
+    def token_cap(self, samples: int) -> int:
+        """The most tokens decoded for a clip of `samples`: TOKENS_PER_SECOND of its audio, at least MIN_TOKENS."""
+        seconds = min(samples / self.sample_rate, 30.0)
+        return max(1, min(self.max_tokens, max(self.MIN_TOKENS, math.ceil(self.TOKENS_PER_SECOND * seconds))))
+
     @torch.inference_mode()
     def transcribe(self, clips: list[np.ndarray]) -> list[str]:
-        """One transcript per clip, in order. Clips with the same window are decoded together, so a clip's
-        transcript does not depend on the other clips of the batch."""
+        """One transcript per clip, in order ("" for a rejected decode). Clips with the same window are decoded
+        together, each to its own cap, so a clip's transcript does not depend on the other clips of the batch."""
         out = [""] * len(clips)
         groups: dict[float, list[int]] = {}
-        for i, clip in enumerate(clips):
-            groups.setdefault(whisper_window(len(clip), self.sample_rate, least=self.MIN_WINDOW), []).append(i)
+        for i in sorted(range(len(clips)), key=lambda i: len(clips[i])):
+            groups.setdefault(whisper_window(len(clips[i]), self.sample_rate, least=self.MIN_WINDOW), []).append(i)
         for window, idx in groups.items():
-            for i, ids in zip(idx, self._greedy([clips[i] for i in idx], window)):
-                out[i] = " ".join(self.tokenizer.decode(ids, skip_special_tokens=True).split())
+            decoded = self._greedy([clips[i] for i in idx], window, [self.token_cap(len(clips[i])) for i in idx])
+            for i, (ids, stats) in zip(idx, decoded):
+                text = " ".join(self.tokenizer.decode(ids, skip_special_tokens=True).split())
+                why = self.verdict(text, **stats)
+                if why:
+                    self.rejected[why] = self.rejected.get(why, 0) + 1
+                out[i] = "" if why else text
         self.clips += len(clips)
         return out
 
-    def _greedy(self, clips: list[np.ndarray], window: float) -> list[list[int]]:
-        """Greedy token ids (prompt and end token left out) of clips that share one window, with a KV cache."""
+    @classmethod
+    def verdict(cls, text: str, ended: bool, logprob: float, no_speech: float | None) -> str | None:
+        """Why a decode is not a transcript (None: it is): no end token within the cap, nothing but captions in
+        brackets (what an English-only Whisper writes of other languages and of noise), a repetitive text (gzip
+        compression ratio), or the no-speech tests (`logprob`: mean log-probability per token)."""
+        if not ended:
+            return "no end within the token cap"
+        if cls.CAPTION.fullmatch(text):
+            return "foreign language" if "foreign" in text.lower() else "a sound caption, not speech"
+        raw = text.encode()
+        if raw and len(raw) / len(zlib.compress(raw)) > cls.COMPRESSION_RATIO:
+            return "repetitive text"
+        if no_speech is not None and (no_speech > cls.NO_SPEECH_ALONE or
+                                      (no_speech > cls.NO_SPEECH[0] and logprob < cls.NO_SPEECH[1])):
+            return "no speech"
+        return None
+
+    def report(self) -> str | None:
+        """The one line that says how many clips were left untranscribed, and why (None: none)."""
+        if not self.rejected:
+            return None
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items(), key=lambda kv: -kv[1]))
+        return (f"{sum(self.rejected.values())} clips not transcribed ({why}): their transcript is empty; "
+                f"{self.name} did not recognise the speech (an English-only model on other languages, or noise)")
+
+    @torch.inference_mode()
+    def _greedy(self, clips: list[np.ndarray], window: float, caps: list[int]) -> list[tuple[list[int], dict]]:
+        """Greedy token ids (prompt and end token left out) of clips that share one window, each stopped at its cap,
+        with a KV cache; and per clip {ended, logprob (mean per token, the end included), no_speech}."""
         from transformers.modeling_outputs import BaseModelOutput
 
         n = int(window * self.sample_rate)
         feats = self.processor([c[:n] for c in clips], sampling_rate=self.sample_rate, return_tensors="pt",
                                padding="max_length", max_length=n).input_features  # (B, mels, frames)
         eos = self.config.eos_token_id
-        tokens = [[] for _ in clips]
+        tokens: list[list[int]] = [[] for _ in clips]
+        cap = torch.tensor(caps)  # (B,)
         done = torch.zeros(len(clips), dtype=torch.bool)
+        ended = torch.zeros(len(clips), dtype=torch.bool)
+        logprob = torch.zeros(len(clips))
+        no_speech: list[float | None] = [None] * len(clips)
         step_ids, past = torch.tensor([self.prompt] * len(clips)), None  # (B, P)
         with autocast(self.precision):
             states = BaseModelOutput(last_hidden_state=whisper_states(self.model.model.encoder, feats))
-            for step in range(min(self.max_tokens, int(self.TOKENS_PER_SECOND * window))):
+            for step in range(max(caps) + 1):  # cap tokens, then one step for the end token
                 out = self.model(encoder_outputs=states, decoder_input_ids=step_ids, use_cache=True,
                                  **{self._cache_arg: past})
+                if step == 0 and self.no_speech_id is not None:  # what the model says right after <|startoftranscript|>
+                    no_speech = out.logits[:, 0].float().softmax(-1)[:, self.no_speech_id].tolist()
                 logits = out.logits[:, -1].float()  # (B, V)
                 logits[:, self.suppress] = -math.inf
                 if step == 0:
                     logits[:, self.begin_suppress] = -math.inf
-                nxt = torch.where(done, eos, logits.argmax(-1))  # (B,)
+                best = logits.argmax(-1)  # (B,)
+                at_cap = step >= cap
+                live = ~done
+                lp = logits.log_softmax(-1).gather(1, best[:, None])[:, 0]
+                logprob += torch.where(live & (~at_cap | (best == eos)), lp, 0.0)
+                ended |= live & (best == eos)
+                nxt = torch.where(done | at_cap, eos, best)  # (B,)
                 for b in torch.nonzero(nxt != eos).flatten().tolist():
                     tokens[b].append(int(nxt[b]))
                 done |= nxt == eos
                 if done.all():
                     break
                 step_ids, past = nxt[:, None], getattr(out, "cache", None) or out.past_key_values
-        return tokens
+        stats = [{"ended": bool(ended[b]), "logprob": float(logprob[b]) / (len(tokens[b]) + int(ended[b])),
+                  "no_speech": no_speech[b]} for b in range(len(clips))]
+        return list(zip(tokens, stats))
 
     def describe(self) -> dict:
         return {"name": self.name, "identity": self.identity, "precision": self.precision,
                 "preprocessing": {"sample_rate": self.sample_rate, "decoding": "greedy", "prompt": self.prompt,
                                   "window": f"real length, whole seconds, {self.MIN_WINDOW:g} to 30 s",
-                                  "max_tokens": f"{self.TOKENS_PER_SECOND} per second of window, at most "
-                                                f"{self.max_tokens}"}}
+                                  "max_tokens": f"{self.TOKENS_PER_SECOND} per second of audio, at least "
+                                                f"{self.MIN_TOKENS}, at most {self.max_tokens}",
+                                  "rejected": f"no end within the cap, only bracketed captions, gzip compression "
+                                              f"ratio > {self.COMPRESSION_RATIO:g}, P(no speech) > "
+                                              f"{self.NO_SPEECH_ALONE:g} or > {self.NO_SPEECH[0]:g} with mean "
+                                              f"log-prob < {self.NO_SPEECH[1]:g}: empty"}}
 
 
 # ---------------------------------------------------------------- decoder

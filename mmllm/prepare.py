@@ -356,6 +356,9 @@ def transcript_report(transcriber: Any, tmp: Path, references: tuple[str, dict[i
                               "empty": sum(not t for t in written.values()), "transcribed": transcriber.clips}
     log(f"transcripts: {len(written)} records ({report['empty']} empty); {transcriber.clips} clips transcribed, "
         "the others from the cache or identical files")
+    report["rejected"] = dict(transcriber.rejected)  # why the clips transcribed now were left empty -> clips
+    if transcriber.report():
+        warn(transcriber.report())
     if references:
         column, refs = references
         plain = lambda xs: [" ".join(re.sub(r"[^\w\s']", " ", x.lower()).split()) for x in xs]  # noqa: E731

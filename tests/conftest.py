@@ -81,6 +81,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         vocab_size=100, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
         max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+    with torch.no_grad():  # a random decoder repeats one token and never ends, which Transcriber rejects: this one
+        # ends after 3 tokens whatever it hears (feature 0 of its position table is -1 before position 3 and +1 from
+        # there on, and the end token's tied embedding reads that feature); the encoder stays random
+        dec = whisper.model.decoder
+        dec.embed_positions.weight[:, 0] = torch.where(torch.arange(dec.embed_positions.weight.shape[0]) >= 3, 1., -1.)
+        dec.embed_tokens.weight[2] = torch.nn.functional.one_hot(torch.tensor(0), 32) * 5.0
     out["whisper"] = root / "whisper"
     whisper.save_pretrained(out["whisper"])
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out["whisper"])

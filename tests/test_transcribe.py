@@ -4,6 +4,7 @@ predict/eval for raw records. The tiny random Whisper writes gibberish, but the 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +19,20 @@ def tiny_whisper(tiny_models, tmp_path_factory) -> Path:
     """The tiny random Whisper of conftest with a tokenizer, so its token ids decode to words."""
     folder = tmp_path_factory.mktemp("asr") / "whisper"
     shutil.copytree(tiny_models["whisper"], folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def runaway_whisper(tiny_models, tmp_path_factory) -> Path:
+    """tiny_whisper with its decoder left random: it repeats one token and never writes the end token."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("asr") / "runaway"
+    shutil.copytree(tiny_models["whisper"], folder)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(WhisperConfig.from_pretrained(folder)).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
 
@@ -147,6 +162,126 @@ def test_predict_and_eval_transcribe_raw_records_like_prepare(tiny_models, tiny_
     assert r.exit_code == 0, r.output
     out = load_json_lines(r.stdout)
     assert out[0]["id"] == "x" and out[0]["prediction"] in ("b", "s")
+
+
+def decoded_lengths(transcriber) -> list[int]:
+    """Patches `transcriber` to record the number of tokens decoded per clip, in the order it decodes them."""
+    lengths: list[int] = []
+    greedy = transcriber._greedy
+
+    def spy(*args):
+        out = greedy(*args)
+        lengths.extend(len(ids) for ids, _ in out)
+        return out
+
+    transcriber._greedy = spy
+    return lengths
+
+
+def test_decoded_tokens_are_bounded_by_the_clip_duration(runaway_whisper):
+    """A decoder that never ends stops at TOKENS_PER_SECOND of each clip's own audio (at least MIN_TOKENS), each
+    clip of one batch at its own cap, and its transcript is left empty with one summary line."""
+    from conftest import sine
+    from mmllm.encoders import Transcriber
+
+    asr = Transcriber(str(runaway_whisper))
+    assert asr.max_tokens == 31  # max_target_positions 32, minus the prompt
+    seconds = [2.5, 0.5, 1.5, 0.2]  # one 10 s window: decoded together
+    caps = [asr.token_cap(int(s * 16000)) for s in seconds]
+    assert caps == [20, 8, 12, 8] == [max(asr.MIN_TOKENS, math.ceil(asr.TOKENS_PER_SECOND * s)) for s in seconds]
+    lengths = decoded_lengths(asr)
+    assert asr.transcribe([sine(s, 300) for s in seconds]) == ["", "", "", ""]
+    assert sorted(lengths) == sorted(caps)  # decoded shortest first
+    assert asr.token_cap(16000 * 60) == asr.max_tokens == 31
+    assert asr.rejected == {"no end within the token cap": 4}
+    line = asr.report()
+    assert line.startswith("4 clips not transcribed (4 no end within the token cap)") and "\n" not in line
+
+
+def test_a_transcript_does_not_depend_on_its_batch(tiny_whisper):
+    from conftest import sine
+    from mmllm.encoders import Transcriber
+
+    asr = Transcriber(str(tiny_whisper))
+    clips = [sine(s, f) for s, f in [(0.5, 300), (2.5, 500), (12.0, 400), (0.7, 600)]]  # windows 10, 10, 12, 10 s
+    together = asr.transcribe(clips)
+    assert together == [asr.transcribe([c])[0] for c in clips] and all(together)
+    assert asr.rejected == {} and asr.report() is None
+
+
+@pytest.mark.parametrize("text, ended, logprob, no_speech, why", [
+    ("Please open the door.", True, -0.12, 0.11, None),
+    ("No.", True, -1.03, 0.58, None),  # the least sure of the 48 English sample_data clips
+    ("No.", True, -0.57, 0.61, None),  # the most "no speech" of them
+    ("(laughs) Yes.", True, -0.5, 0.2, None),  # a caption beside words is kept
+    ("", True, -0.1, None, None),  # the end token at once: nothing said
+    ("I'm not sure if I'm not sure if", False, -1.5, 0.28, "no end within the token cap"),
+    ("(speaking in foreign language)", True, -0.8, 0.35, "foreign language"),
+    ("(water running)", True, -1.16, 0.95, "a sound caption, not speech"),
+    ("[SOUND]", True, -1.3, 0.93, "a sound caption, not speech"),
+    ("to be able " * 12, True, -0.3, 0.1, "repetitive text"),
+    ("you", True, -0.71, 0.99, "no speech"),  # what whisper-tiny.en says of silence
+    ("We", True, -1.83, 0.65, "no speech"),  # Whisper's test: P(no speech) > 0.6 and mean log-prob < -1
+    ("We", True, -0.9, 0.65, None),
+])
+def test_verdict(text, ended, logprob, no_speech, why):
+    from mmllm.encoders import Transcriber
+
+    assert Transcriber.verdict(text, ended=ended, logprob=logprob, no_speech=no_speech) == why
+
+
+def test_prepare_prints_one_line_for_the_clips_it_could_not_transcribe(tiny_models, runaway_whisper, speech_manifest,
+                                                                      tmp_path):
+    from mmllm.features import META
+
+    r = run_cli("prepare", speech_manifest, "--output", tmp_path / "p", "--text-model", tiny_models["text"],
+                "--audio-model", tiny_models["whisper"], "--transcribe", "--transcribe-model", runaway_whisper,
+                "--batch-size", "3")
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.stderr.splitlines() if "not transcribed" in x]
+    assert len(lines) == 1 and "4 clips not transcribed (4 no end within the token cap)" in lines[0], r.stderr
+    report = json.loads((tmp_path / "p" / META).read_text())["transcripts"]
+    assert report["rejected"] == {"no end within the token cap": 4} and report["empty"] == report["records"] == 20
+    assert load_json_lines(r.stdout)[-1]["transcripts"]["rejected"] == report["rejected"]
+    assert {row["transcript"] for row in split_rows(tmp_path / "p")} == {None, ""}
+
+
+def speak(folder: Path, voice: str, said: list[str]) -> list:
+    from mmllm.media import load_audio
+
+    clips = []
+    for i, text in enumerate(said):
+        path = folder / f"{voice}{i}.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
+        clips.append(load_audio(path, 16000))
+    return clips
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_whisper_tiny_en_leaves_french_and_noise_empty(tmp_path):
+    """The English-only model on French (two voices: one makes it write captions, the other run away), noise and
+    silence: empty transcripts, each decode within its clip's cap; English beside them is still transcribed."""
+    import numpy as np
+
+    from mmllm.encoders import Transcriber
+
+    french = ["Bonjour, je m'appelle Marie et j'habite à Paris depuis dix ans.",
+              "Le chat dort sur le canapé pendant que la pluie tombe.",
+              "Nous allons au marché samedi matin pour acheter des légumes."]
+    clips = speak(tmp_path, "fr", french) + speak(tmp_path, "fr+f3", french)
+    rng = np.random.default_rng(0)
+    clips += [(0.1 * rng.normal(size=3 * 16000)).astype(np.float32), np.zeros(2 * 16000, np.float32)]
+    english = speak(tmp_path, "en-gb", ["Could you tell me the way to the railway station?", "please open the door"])
+    asr = Transcriber("whisper-tiny.en")
+    lengths = decoded_lengths(asr)
+    texts = [asr.transcribe([c])[0] for c in clips + english]
+    assert texts[:len(clips)] == [""] * len(clips), texts
+    assert "station" in texts[-2].lower() and "door" in texts[-1].lower(), texts
+    assert all(n <= asr.token_cap(len(c)) for n, c in zip(lengths, clips + english)), lengths
+    # clips of 3.03 s at most: not the hundreds of tokens an unbounded decoder reaches
+    assert max(lengths[:len(clips)]) <= asr.token_cap(int(3.1 * 16000)) == 25
+    assert sum(asr.rejected.values()) == len(clips) and asr.rejected.get("foreign language", 0) >= 3, asr.rejected
 
 
 @pytest.mark.slow
