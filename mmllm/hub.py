@@ -97,6 +97,20 @@ def identity_of_alias(name: str) -> str:
     return f"{name}@{ALIASES[name].sha256[:12]}" if ALIASES[name].sha256 else name
 
 
+def pulled_alias(folder: Path) -> str | None:
+    """The built-in alias whose converted weights `folder` says it holds (its marker names the alias and the
+    pinned sha256 of the package it came from), or None: a folder mmllm did not pull, or from another version."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = read_json(marker)
+    except UserError:
+        return None
+    alias = ALIASES.get(info.get("alias")) if isinstance(info, dict) else None
+    return alias.name if alias is not None and alias.sha256 and info.get("sha256") == alias.sha256 else None
+
+
 def list_models() -> None:
     from rich.table import Table
 
