@@ -194,6 +194,9 @@ class FinetuneConfig:
     resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.", panel="Training")
     seed: int = opt(0, "Random seed.", panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
+    threads: int = opt(0, "CPU threads for training (0: chosen for the work: one for small models over stored "
+                          "features, every core when a text model or decoder runs each step; OMP_NUM_THREADS "
+                          "when set).", panel="Runtime")
 
     def __post_init__(self):
         """Options left at None take their --task's default (TASK_DEFAULTS): the config holds what runs."""

@@ -12,7 +12,7 @@ from mmllm import loop, outputs
 from mmllm.config import FinetuneConfig
 from mmllm.errors import UserError
 from mmllm.features import load_prepared
-from mmllm.runtime import Dist, setup_distributed
+from mmllm.runtime import Dist, forward_flops, setup_distributed, use_threads
 from mmllm.tasks import build_task
 
 
@@ -40,4 +40,11 @@ def train(cfg: FinetuneConfig, dist: Dist) -> int:
     if missing and cfg.modalities != "text,image,audio":
         raise UserError(f"--modalities: {missing[0]} was not prepared (prepared: {', '.join(meta['modalities'])})")
     modalities = [m for m in modalities if m in meta["modalities"]]
-    return loop.train(build_task(cfg, data, meta, modalities, dist), cfg, dist)
+    task = build_task(cfg, data, meta, modalities, dist)
+    first = list(range(min(len(task.train), cfg.batch_size)))
+    previous = torch.get_num_threads()  # the Python API's caller gets its own setting back
+    use_threads(cfg.threads, dist.device, lambda: forward_flops(task.model, task.train.batch(first, dist.device)))
+    try:
+        return loop.train(task, cfg, dist)
+    finally:
+        torch.set_num_threads(previous)

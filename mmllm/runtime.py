@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -76,3 +77,58 @@ def gather(obj: object, dist: Dist | None) -> list:
     out: list = [None] * dist.world
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+SMALL_STEP_FLOPS = 1e9  # a forward below this runs on one thread: the fusion models and heads over stored features
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def forward_flops(model: torch.nn.Module, batch: dict) -> float | None:
+    """FLOPs of one forward of `model` on `batch` (torch.utils.flop_counter), in eval mode and without touching the
+    random state, so the run that follows is the one it would have been; None when they cannot be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()
+            model(batch)
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - a model the counter cannot follow keeps the default threads
+        return None
+    finally:
+        model.train(was)
+
+
+def choose_threads(flag: int, flops: float | None) -> tuple[int, str]:
+    """CPU threads for training, and why: --threads N; else OMP_NUM_THREADS when set; else one thread for a
+    forward under SMALL_STEP_FLOPS (with several, each small op waits for the slowest core, and a core that
+    another process keeps busy makes every op wait: 10-25x slower steps measured), every core for more."""
+    if flag > 0:
+        return flag, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    if flops is None:
+        return cpu_cores(), "every core (the step's size could not be measured)"
+    if flops < SMALL_STEP_FLOPS:
+        return 1, f"{flops / 1e9:.2g} GFLOP per forward: small ops run on one thread"
+    return cpu_cores(), f"{flops / 1e9:.3g} GFLOP per forward: every core"
+
+
+def use_threads(flag: int, device: torch.device, probe: Callable[[], float | None]) -> int | None:
+    """Set torch's CPU threads for the work (`choose_threads`; `probe` measures its forward only when the choice
+    needs it) and log the choice; nothing on a GPU without --threads. The number set, or None."""
+    from mmllm.console import log
+
+    if device.type != "cpu" and flag <= 0:
+        return None
+    needs = flag <= 0 and not os.environ.get("OMP_NUM_THREADS", "").isdigit()
+    n, why = choose_threads(flag, probe() if needs else None)
+    torch.set_num_threads(n)
+    log(f"threads: {n} ({why}" + ("; --threads N to change)" if flag <= 0 else ")"))
+    return n
