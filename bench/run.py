@@ -4,8 +4,9 @@
     python bench/run.py --quick     small sizes, about a minute: writes results.json and BENCHMARKS.md under a
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
-    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (not part of a full run) and
-                                    merges them into results.json (with their own date), then BENCHMARKS.md
+    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe and busy are not
+                                    part of a full run) and merges them into results.json (with their own
+                                    date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
 scaling), each with run(...) -> dict and report(dict) -> (table rows, other figures); common.py holds the shared
@@ -47,7 +48,8 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
            "precision": precision, "serve": serve_load, "generate": generate_speed,
            "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune}  # results key -> module
-ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run}  # --only: each run(tmp, quick) -> dict
+ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run,  # --only: each run(tmp, quick) -> dict
+        "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +171,7 @@ def main() -> None:
         else:
             results = run_all(args.quick, Path(tmp))
             earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
-            results.update({k: v for k, v in earlier.items() if k in ONLY})  # kept until rerun with --only
+            results.update({k: v for k, v in earlier.items() if k in ONLY and k not in results})  # until rerun
     write_text(results_path, json.dumps(results, indent=2) + "\n")
     write_text(markdown_path, render(results))
     print(f"wrote {results_path} and {markdown_path}", file=sys.stderr)

@@ -6,6 +6,7 @@ Every failure raises `MediaError` with a short reason; callers attach the record
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import unicodedata
@@ -152,10 +153,22 @@ def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float 
     if not np.isfinite(audio).all():
         raise MediaError(f"audio contains NaN or Inf samples: {path}")
     if src_rate != sample_rate:
+        audio = resample(audio, src_rate, sample_rate)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def resample(audio: np.ndarray, src_rate: int, rate: int) -> np.ndarray:
+    """librosa.resample(res_type="soxr_hq"), the same samples, by calling soxr (librosa's own resampler) directly:
+    librosa's first call in a process costs ~2 s (its lazy imports), most of prepare's decoding on sample_data."""
+    try:
+        import soxr
+    except ImportError:  # librosa's dependency; its own path as a fallback
         import librosa
 
-        audio = librosa.resample(audio, orig_sr=src_rate, target_sr=sample_rate, res_type="soxr_hq")
-    return np.ascontiguousarray(audio, dtype=np.float32)
+        return librosa.resample(audio, orig_sr=src_rate, target_sr=rate, res_type="soxr_hq")
+    out = soxr.resample(audio, src_rate, rate, quality="HQ")
+    n = math.ceil(len(audio) * (float(rate) / src_rate))  # librosa's length: zero-padded or cut to it
+    return out[:n] if len(out) >= n else np.pad(out, (0, n - len(out)))
 
 
 def normalize_text(text: object) -> str:

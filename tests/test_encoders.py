@@ -107,3 +107,18 @@ def test_unknown_and_offline_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         resolve(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("src_rate, rate, seconds", [(22050, 16000, 0.7), (44100, 16000, 1.3), (8000, 16000, 0.2),
+                                                     (48000, 22050, 0.05)])
+def test_resample_gives_librosas_samples(src_rate, rate, seconds):
+    """media.resample calls soxr directly (librosa's first call costs ~2 s per process): the same samples."""
+    import librosa
+
+    from mmllm.media import resample
+
+    x = np.random.default_rng(src_rate).normal(size=int(src_rate * seconds)).astype(np.float32)
+    y = resample(x, src_rate, rate)
+    want = librosa.resample(x, orig_sr=src_rate, target_sr=rate, res_type="soxr_hq")
+    assert y.dtype == want.dtype == np.float32 and y.shape == want.shape
+    np.testing.assert_array_equal(y, want)
