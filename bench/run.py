@@ -4,7 +4,7 @@
     python bench/run.py --quick     small sizes, about a minute: writes results.json and BENCHMARKS.md under a
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
-    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe and busy are not
+    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e are not
                                     part of a full run) and merges them into results.json (with their own
                                     date), then BENCHMARKS.md
 
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import busy_finetune
+import e2e
 import epochs
 import generate_speed
 import limits
@@ -47,8 +48,9 @@ TRACKED = (ROOT / "bench" / "results.json", ROOT / "BENCHMARKS.md")
 REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs, "trainer": trainer_compare,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
            "precision": precision, "serve": serve_load, "generate": generate_speed,
-           "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune}  # results key -> module
-ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run,  # --only: each run(tmp, quick) -> dict
+           "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune,
+           "e2e": e2e}  # results key -> module
+ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
         "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
 
 
