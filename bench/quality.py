@@ -303,11 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="write quality.json and QUALITY.md here, not the tracked files")
     ap.add_argument("--data", type=Path, default=quality_data.DEFAULT_OUT, help="manifests (git-ignored)")
     ap.add_argument("--work", type=Path, help="keep prepared data, checkpoints and logs here (default: a temp dir)")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="only the baselines and mmllm's defaults: no single-modality runs, no alternatives")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mmllm-quality-") as tmp:
         work = args.work or Path(tmp)
         print(f"work folder: {work}", file=sys.stderr)
-        results = run(args.dataset, work, args.data, args.train, args.eval)
+        results = run(args.dataset, work, args.data, args.train, args.eval, singles=not args.defaults_only)
     publish(results, args.out, (JSON_OUT, MD_OUT), markdown)
 
 

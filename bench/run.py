@@ -4,8 +4,8 @@
     python bench/run.py --quick     small sizes, about a minute: writes results.json and BENCHMARKS.md under a
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
-    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e are not
-                                    part of a full run) and merges them into results.json (with their own
+    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e, levers are
+                                    not part of a full run) and merges them into results.json (with their own
                                     date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
@@ -32,6 +32,7 @@ import busy_finetune
 import e2e
 import epochs
 import generate_speed
+import levers
 import limits
 import predict_memory
 import prepare_memory
@@ -49,8 +50,9 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
            "precision": precision, "serve": serve_load, "generate": generate_speed,
            "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune,
-           "e2e": e2e}  # results key -> module
+           "e2e": e2e, "levers": levers}  # results key -> module
 ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
+        "levers": levers.run, "limits": limits.run,
         "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
 
 

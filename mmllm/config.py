@@ -170,11 +170,11 @@ class FinetuneConfig:
                                "CUDA only).", choices=("fp32", "bf16", "fp16"), panel="Runtime")
     monitor: str = opt("val_loss", "Early-stopping metric.", choices=("val_loss", "val_accuracy", "val_f1",
                                                                       "val_bleu"), panel="Early stopping")
-    patience: int = opt(5, "Epochs without improvement before stopping (0: never stop early); epochs inside "
-                           "warmup, before --min-steps or before the training loss falls never count.",
-                               panel="Early stopping")
-    min_steps: int = opt(None, "Early stopping never stops before this many optimizer steps (default: 300 for "
-                               "classify, 40 for generate).",
+    patience: int = opt(5, "Stop when this many epochs have passed since the best one (0: never stop early). "
+                           "A run never stops before --min-steps and a falling training loss.",
+                        panel="Early stopping")
+    min_steps: int = opt(None, "Early stopping waits for this many optimizer steps and the warmup, or for 10 "
+                               "epochs when that is sooner (default: 300 for classify, 40 for generate).",
                          panel="Early stopping")
     min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", panel="Early stopping")
     min_rel_delta: float = opt(None, "Smallest change, relative to the best value so far, that counts as an "

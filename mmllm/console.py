@@ -16,6 +16,7 @@ from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line stays one line in pipes
 QUIET = False  # the process-wide --quiet of the CLI
+RANK = 0  # this process's rank under torchrun: only rank 0 prints logs, tables, progress and warnings
 # the Python API's settings, per thread (and per asyncio task): one caller's quiet or capture never reaches another
 _QUIET: ContextVar[bool | None] = ContextVar("mmllm_quiet", default=None)
 _CAPTURED: ContextVar[list | None] = ContextVar("mmllm_captured", default=None)  # emit() collects here (`capture`)
@@ -27,10 +28,16 @@ def set_quiet(quiet: bool) -> None:
     QUIET = quiet
 
 
+def set_rank(rank: int) -> None:
+    """Under torchrun: a rank other than 0 prints nothing for humans (results and errors are not affected)."""
+    global RANK
+    RANK = rank
+
+
 def is_quiet() -> bool:
-    """--quiet, or the caller's own `quieted` setting."""
+    """--quiet, the caller's own `quieted` setting, or a rank other than 0."""
     own = _QUIET.get()
-    return QUIET if own is None else own
+    return RANK != 0 or (QUIET if own is None else own)
 
 
 @contextmanager
@@ -57,7 +64,9 @@ def show(renderable) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning on stderr; never silenced."""
+    """A warning on stderr; never silenced (but printed by rank 0 only under torchrun)."""
+    if RANK != 0:
+        return
     err.print(f"[yellow]warning:[/yellow] {message}")
 
 

@@ -37,6 +37,9 @@ CHECKPOINT = outputs.Kind("a checkpoint", True, lambda p: checkpoint.is_checkpoi
                                      "training_curves.png", "tensorboard", STATE_DIR, STATE_DIR + ".tmp",
                                      STATE_DIR + ".old"}))
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
+# early stopping may act after --min-steps (and the warmup) or after this many epochs, whichever comes first: a small
+# dataset (5 steps an epoch) stops a few epochs after its best instead of running 60 epochs to reach 300 steps
+MIN_EPOCHS = 10
 LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 
 
@@ -104,13 +107,25 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Pa
         log(f"resumed at epoch {state.epoch}, step {state.step}" + (f"; applying {applied}" if applied else ""))
     ddp_model = model
     if dist.world > 1:
-        # the text model's pooler (unused: mean pooling instead) has no gradient: DDP must know
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ddp_model = wrap_ddp(model)
     if dist.main:
         save_resolved(cfg, folder / "finetune_config.json")
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
-    report = TensorBoard(folder / "tensorboard") if cfg.report_to == "tensorboard" and dist.main else None
+    resumed = state.step + 1 if cfg.resume else None  # hide what an interrupted run logged past its saved state
+    report = TensorBoard(folder / "tensorboard", resumed) if cfg.report_to == "tensorboard" and dist.main else None
     return Run(optimizer, scheduler, state, ddp_model, plan, folder, scaler, report)
+
+
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP over `model`. New layers always take part in the loss (a missing modality is a learned placeholder, not a
+    skipped branch), so DDP looks for unused parameters only when a pretrained backbone trains: the text model's
+    pooler (mean pooling instead) gets no gradient. PyTorch's warning that it found none is then expected."""
+    import warnings
+
+    unused = bool(model.backbone_parameters())
+    if unused:
+        warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified")
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
 
 
 def unfinished(out: Path) -> Path:
@@ -220,7 +235,7 @@ def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: Stop
         state.history.append(record)
         if state.initial_loss is None and state.epoch_losses:
             state.initial_loss = float(np.mean(state.epoch_losses[:5]))
-        early_stopping_update(state, model, val_metrics, cfg, run.plan.warmup_steps)
+        early_stopping_update(state, model, val_metrics, cfg, run.plan.stop_from)
         if dist.main:
             append_jsonl(out / "metrics.jsonl", record)
             if run.report is not None:
@@ -272,7 +287,7 @@ class TrainState:
     epoch_losses: list = dataclasses.field(default_factory=list)  # step losses of the current epoch
     best: float | None = None
     best_epoch: int = 0
-    bad_epochs: int = 0
+    bad_epochs: int = 0  # epochs since the best one
     stopped_early: bool = False
     stop_reason: str = ""
     initial_loss: float | None = None  # mean loss of the first optimizer steps: has training started to learn?
@@ -337,6 +352,7 @@ class Schedule:
     warmup_steps: int
     min_steps: int
     epochs_from: str  # "--epochs" or "--budget-steps"
+    stop_from: int = 0  # early stopping may act once this step is passed (see `stop_from`)
 
 
 def plan_schedule(cfg: FinetuneConfig, n_train: int, world: int) -> Schedule:
@@ -349,10 +365,26 @@ def plan_schedule(cfg: FinetuneConfig, n_train: int, world: int) -> Schedule:
         epochs, source = cfg.epochs, "--epochs"
     total = min(cfg.max_steps, steps_per_epoch * epochs) if cfg.max_steps else steps_per_epoch * epochs
     warmup = min(int(cfg.warmup_ratio * total), cfg.max_warmup_steps)
-    plan = Schedule(epochs, steps_per_epoch, total, warmup, cfg.min_steps, source)
-    log(f"schedule: {epochs} epochs ({source}) x {steps_per_epoch} steps = {total} optimizer steps; warmup "
-        f"{warmup} steps; early stopping only after step {max(warmup, cfg.min_steps)} and once the training loss fell")
+    start, why = stop_from(warmup, cfg.min_steps, steps_per_epoch)
+    plan = Schedule(epochs, steps_per_epoch, total, warmup, cfg.min_steps, source, start)
+    if not cfg.patience:
+        stopping = "early stopping is off (--patience 0)."
+    else:
+        stopping = (f"early stopping ends the run {cfg.patience} epochs after the best one (--patience), but not "
+                    f"before step {start} ({why}) nor before the training loss falls below {LOSS_FELL:.0%} of "
+                    "its start.")
+    log(f"schedule: {epochs} epochs ({source}) x {steps_per_epoch} steps = {total} optimizer steps, warmup "
+        f"{warmup} steps; {stopping}")
     return plan
+
+
+def stop_from(warmup: int, min_steps: int, steps_per_epoch: int) -> tuple[int, str]:
+    """The step after which early stopping may act, and why: the end of warmup and --min-steps, or MIN_EPOCHS
+    epochs when those are fewer steps (small data)."""
+    floor, why = max(warmup, min_steps), "--min-steps" if min_steps >= warmup else "the warmup"
+    if MIN_EPOCHS * steps_per_epoch < floor:
+        return MIN_EPOCHS * steps_per_epoch, f"{MIN_EPOCHS} epochs: fewer steps than {why} {floor}"
+    return floor, f"{why} {floor}" if floor else "no minimum"
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total: int, warmup: int):
@@ -447,13 +479,15 @@ def fit_epoch(ddp_model, model, train: Any, optimizer, scheduler, cfg: FinetuneC
     return seen
 
 
-def early_stopping_update(state: TrainState, model, metrics: dict, cfg: FinetuneConfig, warmup_steps: int = 0
+def early_stopping_update(state: TrainState, model, metrics: dict, cfg: FinetuneConfig, start: int | None = None
                           ) -> None:
-    """Track the best --monitor value; keep its weights; stop after --patience epochs without improvement.
+    """Track the best --monitor value; keep its weights; stop once --patience epochs have passed since the best.
 
-    Epochs that end inside warmup or before --min-steps never count as bad, and nothing stops before the
-    training loss has fallen below LOSS_FELL x its starting value: early stopping cannot fire before learning.
-    """
+    Nothing stops at or before step `start` (the plan's `stop_from`: warmup and --min-steps, at most MIN_EPOCHS
+    epochs; default --min-steps) nor before the training loss has fallen below LOSS_FELL x its starting value:
+    early stopping cannot fire before learning. Past those, the epochs are counted from the best one, so a run
+    whose best came early stops as soon as it may."""
+    start = cfg.min_steps if start is None else start
     value = metrics[cfg.monitor]
     lower_is_better = cfg.monitor == "val_loss"
     # an improvement must exceed --min-delta and --min-rel-delta x the best value so far
@@ -463,16 +497,18 @@ def early_stopping_update(state: TrainState, model, metrics: dict, cfg: Finetune
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
         state.best_state = trainable_state(model)
         return
+    state.bad_epochs = since = state.epoch - state.best_epoch
     learning = state.initial_loss is not None and state.epoch_loss < LOSS_FELL * state.initial_loss
-    if state.step <= max(warmup_steps, cfg.min_steps) or not learning:
+    if state.step <= start or not learning:
         return  # too early to judge: warmup, the minimum step count, or a loss that has not fallen yet
-    state.bad_epochs += 1
-    if cfg.patience and state.bad_epochs >= cfg.patience:
+    if cfg.patience and since >= cfg.patience:
         state.stopped_early = True
         rel = f" (or {cfg.min_rel_delta:g} x best)" if cfg.min_rel_delta else ""
-        state.stop_reason = (f"stopped: no {cfg.monitor} improvement > {cfg.min_delta}{rel} for {cfg.patience} "
-                             f"epochs after warmup; best epoch {state.best_epoch}")
-        log(state.stop_reason)
+        waited = f"; stopping could not start before step {start} and a falling training loss" \
+            if since > cfg.patience else ""
+        state.stop_reason = (f"stopped early at epoch {state.epoch}, {since} epochs since the best (epoch "
+                             f"{state.best_epoch}, {cfg.monitor} {state.best:.4g}): no improvement > "
+                             f"{cfg.min_delta:g}{rel} since (--patience {cfg.patience}){waited}")
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
@@ -610,20 +646,32 @@ def preflight(cfg: FinetuneConfig, device: torch.device) -> None:
 
 
 class TensorBoard:
-    """--report-to tensorboard: every metrics.jsonl record as scalars; optimizer steps under train/ (x: step),
-    epochs under epoch/ (x: epoch). View with `tensorboard --logdir OUTPUT/tensorboard`."""
+    """--report-to tensorboard: every metrics.jsonl record as scalars, all on one x-axis, the optimizer step.
+    Each step: train/loss, train/ce, train/l2, train/l1, train/lr; each epoch, at its last step: train/epoch_loss,
+    train/epoch and val/<metric> (val/loss, val/accuracy, ...). A resumed run (`purge_step`: the step after the
+    saved state) hides what the interrupted one logged past that step, so no series steps backwards.
+    View with `tensorboard --logdir OUTPUT/tensorboard`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(folder))
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+    @staticmethod
+    def tag(key: str, per_epoch: bool) -> str | None:
+        """The scalar's name: val_X -> val/X, an epoch's train_loss -> train/epoch_loss, a step's X -> train/X."""
+        if key.startswith("val_"):
+            return "val/" + key[4:]
+        if per_epoch:
+            return {"train_loss": "train/epoch_loss", "epoch": "train/epoch"}.get(key, f"train/{key}")
+        return None if key == "epoch" else f"train/{key}"  # a step's epoch: the one in progress, not a value
 
     def __call__(self, record: dict) -> None:
         per_epoch = "train_loss" in record
-        x = record["epoch"] if per_epoch else record["step"]
         for key, value in record.items():
-            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{'epoch' if per_epoch else 'train'}/{key}", value, x)
+            tag = self.tag(key, per_epoch) if key != "step" else None
+            if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tag, value, record["step"])
         if per_epoch:
             self.writer.flush()  # an interrupted run keeps every finished epoch
 

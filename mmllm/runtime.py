@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from mmllm import console
 from mmllm.errors import UserError
 
 
@@ -35,7 +37,11 @@ def setup_distributed(device_name: str) -> Dist:
         device = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
         if want_cuda:
             torch.cuda.set_device(device)
-        return Dist(torch.distributed.get_rank(), world, device)
+        rank = torch.distributed.get_rank()
+        console.set_rank(rank)  # one copy of the plan, the progress bars and the warnings: rank 0's
+        if rank:
+            warnings.simplefilter("ignore")  # Python's warnings (PyTorch's, transformers') too
+        return Dist(rank, world, device)
     device = torch.device(device_name if device_name not in ("auto",) else ("cuda" if want_cuda else "cpu"))
     return Dist(0, 1, device)
 

@@ -23,9 +23,13 @@ def test_torchrun_two_processes_matches_one(prepared, tmp_path):
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "mmllm", "-q", *common, "--batch-size", "4", "--output", str(tmp_path / "two")],
+                          "-m", "mmllm", *common, "--batch-size", "4", "--output", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
+    # issue 25: one copy of what a person reads (rank 0's), and no DDP warning about unused parameters
+    assert two.stderr.count("schedule:") == 1, two.stderr
+    assert two.stderr.count("epoch 1/3") == two.stderr.count("epoch 1: train_loss") == 1, two.stderr
+    assert "find_unused_parameters" not in two.stderr and "Warning" not in two.stderr, two.stderr
     a = json.loads(one.stdout.strip().splitlines()[-1])
     lines = [json.loads(x) for x in two.stdout.strip().splitlines() if x.startswith("{")]
     assert len(lines) == 1, "only rank 0 writes the summary"

@@ -167,7 +167,9 @@ def test_early_stopping_restores_best(prepared, tmp_path):
                        "--monitor", "val_accuracy", "--warmup-ratio", "0", "--min-steps", "0")
     # stops at the first epoch after the training loss fell below 98% of its start (never before learning)
     assert summary["stopped_early"] and summary["best_epoch"] == 1 and 1 < summary["epochs"] < 30
-    assert summary["stop_reason"].startswith("stopped: no val_accuracy improvement > 10.0 for 1 epochs")
+    assert summary["stop_reason"].startswith(f"stopped early at epoch {summary['epochs']}, "
+                                             f"{summary['epochs'] - 1} epochs since the best (epoch 1, val_accuracy")
+    assert "no improvement > 10 since (--patience 1)" in summary["stop_reason"]
     curve = [json.loads(line) for line in (tmp_path / "es" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in curve if "train_loss" in r]
     assert losses[-1] < 0.98 * losses[0] and all(x >= 0.98 * losses[0] for x in losses[1:-1])

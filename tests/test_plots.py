@@ -176,12 +176,54 @@ def test_report_to_tensorboard_writes_event_files(text_prepared, tmp_path):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [rec for rec in logged if "train_loss" in rec]
     steps = [rec for rec in logged if "lr" in rec]
-    val = [(e.step, e.value) for e in events.Scalars("epoch/val_loss")]
-    assert [s for s, _ in val] == [1, 2]
+    # issue 25: training and validation on one x-axis, the optimizer step (an epoch at its last step)
+    val = [(e.step, e.value) for e in events.Scalars("val/loss")]
+    assert [s for s, _ in val] == [rec["step"] for rec in epochs] == [steps[len(steps) // 2 - 1]["step"],
+                                                                       steps[-1]["step"]]
     assert [v for _, v in val] == pytest.approx([rec["val_loss"] for rec in epochs], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/epoch_loss")] == pytest.approx([rec["train_loss"] for rec in epochs])
+    assert [(e.step, e.value) for e in events.Scalars("train/epoch")] == [(rec["step"], rec["epoch"]) for rec in epochs]
     lr = events.Scalars("train/lr")
     assert [e.step for e in lr] == [rec["step"] for rec in steps]
     assert [e.value for e in lr] == pytest.approx([rec["lr"] for rec in steps], rel=1e-5)
+    assert not [t for t in events.Tags()["scalars"] if t.startswith("epoch/")]
+    assert out_of_order(out / "tensorboard") == []  # what `tensorboard --inspect` reports as outoforder_steps
     from PIL import Image
 
     assert Image.open(out / "training_curves.png").size == (1000, 380)
+
+
+def out_of_order(logdir) -> list:
+    """`tensorboard --inspect --logdir LOGDIR`'s outoforder_steps of the scalars, over every event file."""
+    from tensorboard.backend.event_processing import event_file_inspector as inspector
+
+    found = []
+    for unit in inspector.get_inspection_units(str(logdir)):
+        scalars = inspector.get_dict_to_print(unit.field_to_obs).get("scalars")
+        found += (scalars or {}).get("outoforder_steps", [])
+    return found
+
+
+def test_tensorboard_resumed_run_hides_what_the_interrupted_run_logged_past_its_state(tmp_path):
+    """A run killed at step 8 after saving its state at step 5 resumes from 5: TensorBoard shows steps 1..10 once,
+    none twice and none backwards (purge_step)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmllm.loop import TensorBoard
+
+    first = TensorBoard(tmp_path)
+    for step in range(1, 9):
+        first({"step": step, "epoch": 1, "loss": 1.0 / step})
+    first.close()
+    resumed = TensorBoard(tmp_path, purge_step=6)
+    for step in range(6, 11):
+        resumed({"step": step, "epoch": 2, "loss": 2.0 / step})
+    resumed({"epoch": 2, "step": 10, "train_loss": 0.3, "val_loss": 0.4})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == list(range(1, 11))
+    assert [v for _, v in loss] == pytest.approx([1.0 / s for s in range(1, 6)] + [2.0 / s for s in range(6, 11)])
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(10, pytest.approx(0.4))]

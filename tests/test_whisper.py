@@ -173,3 +173,27 @@ def test_whisper_converter_round_trip(tmp_path, tiny_whisper):
     with torch.inference_mode():
         torch.testing.assert_close(converted(feats, decoder_input_ids=ids).logits,
                                    tiny_whisper(feats, decoder_input_ids=ids).logits)
+
+
+def test_clips_of_one_window_are_encoded_together_with_the_same_features(tiny_models):
+    """AudioEncoder batches the clips that share a window: each clip's states are those it has alone."""
+    from conftest import sine
+    from mmllm.encoders import load_encoder
+
+    enc = load_encoder("audio", str(tiny_models["whisper"]))
+    clips = [sine(s, f) for s, f in [(0.5, 300), (2.2, 500), (0.7, 700), (1.5, 400), (2.9, 350)]]  # windows 1 3 1 2 3
+    calls = []
+    forward = enc.model.conv1.forward
+    enc.model.conv1.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    pooled, seqs = enc.encode(clips)
+    assert sorted(calls) == [1, 2, 2]  # one forward per window
+    calls.clear()
+    enc.BATCH_AUDIO_SECONDS = 2.0  # at most 2 s of windows per forward: the 3 s clips one by one
+    _, bounded = enc.encode(clips)
+    assert sorted(calls) == [1, 1, 1, 2] and all(np.allclose(a, b, atol=1e-5) for a, b in zip(bounded, seqs))
+    enc.model.conv1.forward = forward
+    for clip, p, s in zip(clips, pooled, seqs):
+        p1, (s1,) = enc.encode([clip])
+        assert s.shape == s1.shape
+        np.testing.assert_allclose(s, s1, atol=1e-5)
+        np.testing.assert_allclose(p, p1[0], atol=1e-5)

@@ -1,0 +1,157 @@
+"""Levers for the frozen encoders, each measured against the way prepare ran them before, in the same run: the
+achieved FLOP/s as a fraction of the bf16 matmul peak (bench/limits.py's counting), and the cosine of the pooled
+features to fp32. Levers that won are what prepare runs now ("prepare now"); "before" is what it ran.
+
+- text (MiniLM, sample_data texts and the same texts joined into ~60-token inputs): bf16 autocast vs bf16
+  weights; sdpa (before) vs eager attention (prepare now); length-sorted batches of 32 vs 128.
+- audio (whisper-tiny.en encoder on the sample_data clips, each on its whole-second window): one clip per call
+  (before) vs the clips of one window batched (prepare now: same shapes, no padding beyond the window);
+  autocast vs bf16 weights; sdpa vs eager.
+
+Run alone: `python bench/levers.py [--quick]` prints the results JSON; `python bench/run.py --only levers` records
+it in bench/results.json and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, sample_records
+from limits import best_time, counted_flops, peaks
+
+TARGET = "text >= 25%, audio >= 15% of the bf16 matmul peak (issue 24 section 2), cosine >= 0.999 to fp32"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def text_variants(texts: list[str], repeat: int, peak: float) -> dict:
+    from transformers import AutoModel
+
+    from mmllm.encoders import load_encoder, mean_pool, pad_token_ids
+
+    enc = load_encoder("text", "minilm", precision="fp32")
+    ids = enc.tokenize(texts, 128)["input_ids"]
+    pad = enc.tokenizer.pad_token_id or 0
+
+    def pooled(model, batch: int, dtype: torch.dtype | None, autocast: bool) -> np.ndarray:
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(ids), enc.dim), np.float32)
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            for s in range(0, len(order), batch):
+                idx = order[s:s + batch]
+                x, mask = pad_token_ids([ids[i] for i in idx], pad)
+                states = model(input_ids=x, attention_mask=mask).last_hidden_state.float()
+                out[idx] = mean_pool(states, mask).numpy()
+        return out
+
+    models = {}
+    for attn in ("sdpa", "eager"):
+        models[attn] = AutoModel.from_pretrained(enc.folder, dtype=torch.float32, attn_implementation=attn).eval()
+    models["sdpa_bf16"] = AutoModel.from_pretrained(enc.folder, dtype=torch.bfloat16,
+                                                    attn_implementation="sdpa").eval()
+    reference = pooled(models["sdpa"], 32, None, False)
+    variants = {"before: sdpa, autocast, batch 32": (models["sdpa"], 32, True),
+                "prepare now: eager attention": (models["eager"], 32, True),
+                "bf16 weights": (models["sdpa_bf16"], 32, False),
+                "batch 128": (models["sdpa"], 128, True),
+                "bf16 weights, batch 128": (models["sdpa_bf16"], 128, False),
+                "fp32": (models["sdpa"], 32, False)}
+    out = {"tokens_mean": float(np.mean([len(i) for i in ids]))}
+    for name, (model, batch, ac) in variants.items():
+        fn = functools.partial(pooled, model, batch, None, ac)
+        flops, seconds = counted_flops(fn), best_time(fn, repeat)
+        out[name] = {"seconds": seconds, "fraction": flops / seconds / peak, "cosine": cosine(fn(), reference)}
+    return out
+
+
+def audio_variants(clips: list[np.ndarray], repeat: int, peak: float) -> dict:
+    from transformers import WhisperModel
+
+    from mmllm.encoders import load_encoder, whisper_states, whisper_window
+
+    enc = load_encoder("audio", "whisper-tiny.en", precision="fp32")
+    encoders = {attn: WhisperModel.from_pretrained(enc.folder, dtype=torch.float32, attn_implementation=attn)
+                .encoder.eval() for attn in ("sdpa", "eager")}
+    encoders["sdpa_bf16"] = WhisperModel.from_pretrained(enc.folder, dtype=torch.bfloat16,
+                                                         attn_implementation="sdpa").encoder.eval()
+
+    def pooled(model, batched: bool, autocast: bool, dtype: torch.dtype) -> np.ndarray:
+        groups: dict[float, list[int]] = {}
+        for i, c in enumerate(clips):
+            groups.setdefault(whisper_window(len(c), enc.sample_rate), []).append(i)
+        out = np.zeros((len(clips), enc.dim), np.float32)
+        with torch.inference_mode():
+            for window, idx in groups.items():
+                n = int(window * enc.sample_rate)
+                for part in ([idx] if batched else [[i] for i in idx]):
+                    feats = enc.processor([clips[i][:n] for i in part], sampling_rate=enc.sample_rate,
+                                          return_tensors="pt", padding="max_length", max_length=n).input_features
+                    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                        x = whisper_states(model, feats.to(dtype)).float()
+                    for j, i in enumerate(part):
+                        real = max(1, min(x.shape[1], -(-len(clips[i]) * 50 // enc.sample_rate)))
+                        out[i] = x[j, :real].mean(0).numpy()
+        return out
+
+    reference = pooled(encoders["sdpa"], False, False, torch.float32)
+    variants = {"before: one clip per call, sdpa, autocast": (encoders["sdpa"], False, True, torch.float32),
+                "eager attention": (encoders["eager"], False, True, torch.float32),
+                "prepare now: clips of one window batched": (encoders["sdpa"], True, True, torch.float32),
+                "batched, bf16 weights": (encoders["sdpa_bf16"], True, False, torch.bfloat16),
+                "batched, fp32": (encoders["sdpa"], True, False, torch.float32)}
+    out = {"clips": len(clips), "audio_s": sum(len(c) for c in clips) / enc.sample_rate}
+    for name, (model, batched, ac, dtype) in variants.items():
+        fn = functools.partial(pooled, model, batched, ac, dtype)
+        flops, seconds = counted_flops(fn), best_time(fn, repeat)
+        out[name] = {"seconds": seconds, "fraction": flops / seconds / peak, "cosine": cosine(fn(), reference)}
+    return out
+
+
+def run(tmp: Path | None, quick: bool) -> dict:
+    from mmllm.media import load_audio, normalize_text
+
+    repeat = 1 if quick else 3
+    peak = peaks(512 if quick else 2048, 2 if quick else 5)
+    records = sample_records(32 if quick else 192)
+    texts = [normalize_text(r["text"]) for r in records]
+    long_texts = [" ".join(texts[i:i + 6]) for i in range(0, len(texts), 6)] * 6  # ~60 tokens each
+    clips = [load_audio(ROOT / "sample_data" / r["audio"], 16000) for r in records[:48]]
+    return {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "bf16_peak": peak["bf16"],
+            "text_short": text_variants(texts, repeat, peak["bf16"]),
+            "text_long": text_variants(long_texts, repeat, peak["bf16"]),
+            "audio": audio_variants(clips, repeat, peak["bf16"]), "load_after": os.getloadavg()[0]}
+
+
+def report(r: dict) -> tuple[list[str], list[str]]:
+    """(table rows, other figures) for BENCHMARKS.md: one figure line per encoder and input set."""
+    lines = []
+    for part in ("text_short", "text_long", "audio"):
+        v = r[part]
+        before = next(k for k in v if k.startswith("before"))
+        cells = [f"{k} {100 * x['fraction']:.1f}% ({v[before]['seconds'] / x['seconds']:.2f}x, cos {x['cosine']:.4f})"
+                 for k, x in v.items() if isinstance(x, dict)]
+        lines.append(f"- encoder levers, {part.replace('_', ' ')} ({r.get('date', 'this run')}, % of the bf16 peak, "
+                     f"speed vs before, min cosine to fp32): " + "; ".join(cells))
+    lines.append(f"- encoder levers: {r['threads']} threads, bf16 peak {r['bf16_peak'] / 1e9:.0f} GFLOP/s, load "
+                 f"average {r['load_before']:.1f} before, {r['load_after']:.1f} after")
+    return [], lines
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(json.dumps(run(None, "--quick" in sys.argv), indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
