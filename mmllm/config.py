@@ -70,7 +70,8 @@ class PrepareConfig:
                            panel="Data")
     image_column: str = opt(None, "Column with image paths (auto-detected: image, image_path, img, ...).", panel="Data")
     audio_column: str = opt(None, "Column with audio paths (auto-detected: audio, audio_path, wav, ...).", panel="Data")
-    label_column: str = opt(None, "Column with the class label (auto-detected: label, class, category).", panel="Data")
+    label_column: str = opt(None, "Column with the class label (auto-detected: label, class, category, intent, topic, "
+                                  "sentiment, emotion, genre, ...).", panel="Data")
     target_column: str = opt(None, "Column with the target text for generation (auto-detected: target, ...).",
                              panel="Data")
     split_column: str = opt(None, "Column with train/validation/test (auto-detected: split).", panel="Data")
@@ -237,7 +238,10 @@ class BleuConfig:
 
     hyp: str = opt("-", "Hypotheses: a text file (one per line), JSONL with --field, or - for stdin.", panel="Data")
     ref: list = opt([], "Reference file(s); repeat --ref for multiple references.", panel="Data")
-    field: str = opt(None, "Field to read when a file is JSONL (default: text / prediction / target).", panel="Data")
+    field: str = opt(None, "Field of each --hyp JSON line (default: the first of prediction, text, hypothesis, "
+                           "generated).", panel="Data")
+    ref_field: str = opt(None, "Field of each --ref JSON line (default: the first of target, reference, text, "
+                               "ref).", panel="Data")
     tokenize: str = opt("13a", "sacreBLEU tokenizer (13a, intl, zh, ja-mecab, char, none, ...).", panel="Metric")
     lowercase: bool = opt(False, "Case-insensitive BLEU.", panel="Metric")
 
@@ -247,8 +251,11 @@ class WerConfig:
     """Word and character error rates (WER, CER) exactly as jiwer computes them."""
 
     hyp: str = opt("-", "Hypotheses: a text file (one per line), JSONL with --field, or - for stdin.", panel="Data")
-    ref: str = opt(None, "References: a text file (one per line) or JSONL with --field.", panel="Data")
-    field: str = opt(None, "Field to read when a file is JSONL (default: text / prediction / target).", panel="Data")
+    ref: str = opt(None, "References: a text file (one per line) or JSONL (see --ref-field).", panel="Data")
+    field: str = opt(None, "Field of each --hyp JSON line (default: the first of prediction, text, hypothesis, "
+                           "generated, transcript).", panel="Data")
+    ref_field: str = opt(None, "Field of each --ref JSON line (default: the first of target, reference, text, ref, "
+                               "transcript).", panel="Data")
 
 
 @dataclass

@@ -46,7 +46,16 @@ def build(cfg: PrepareConfig) -> int:
     records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in
                                                         ("id", "text", "image", "audio", "label", "target", "split")})
     records = check_records(records, errors, has_label=bool(cols["label"]))
-    report_columns(cols, records)
+    if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
+        cfg.transcribe = bool(cols["audio"]) and any(r["audio"] for r in records) \
+            and cfg.audio_model == default(PrepareConfig, "audio_model")
+        if cfg.transcribe:
+            log(f"transcribing the audio with {cfg.transcribe_model} for the text model (--no-transcribe: off)")
+    reference = reference_column(cfg, cols)
+    report_columns(cols, records, reference if cfg.transcribe else None)
+    if reference and not cfg.transcribe and cfg.transcript_reference_column:
+        warn(f"--transcript-reference-column {reference}: not used, prepare transcribes nothing (--transcribe is "
+             "off or there is no audio)")
     assign_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     bad_split = [r for r in records if r["split"] not in SPLITS]
     for r in bad_split:
@@ -58,15 +67,11 @@ def build(cfg: PrepareConfig) -> int:
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
     roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
-    if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
-        cfg.transcribe = "audio" in roles and cfg.audio_model == default(PrepareConfig, "audio_model")
-        if cfg.transcribe:
-            log(f"transcribing the audio with {cfg.transcribe_model} for the text model (--no-transcribe: off)")
     if cfg.transcribe and "audio" in roles and "text" not in roles:
         roles.insert(0, "text")  # the transcripts become the text model's input
     elif cfg.transcribe and "audio" not in roles:
         warn("--transcribe: no record has audio, nothing to transcribe")
-    references = read_references(cfg, cols) if cfg.transcribe else None
+    references = read_references(cfg, reference) if cfg.transcribe and reference else None
     if not records:
         _report(errors, cfg)
         raise UserError(f"no usable records in {cfg.input[0]}")
@@ -133,12 +138,17 @@ def check_text_limit(text: Any, max_tokens: int) -> int:
                     f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
 
 
-def report_columns(cols: dict, records: list[dict]) -> None:
-    """Say which column became which role; warn about columns left unused, media columns empty in every
-    record, and a missing label/target column (naming the names looked for and the flags that set them)."""
+def report_columns(cols: dict, records: list[dict], reference: str | None = None) -> None:
+    """Say which column became which role (and which one holds the reference transcripts); warn about columns
+    left unused, media columns empty in every record, and a missing label/target column (naming the names
+    looked for and the flags that set them). The reference column is no longer an unused one (nor in the
+    prepared metadata's `ignored_columns`)."""
     if not isinstance(cols, ColumnMap):  # a class folder: labels are the folder names
         return
-    log("columns: " + ", ".join(f"{key} <- {col}" for key, col in cols.items() if col))
+    if reference in cols.ignored:
+        cols.ignored = [c for c in cols.ignored if c != reference]
+    log("columns: " + ", ".join(f"{key} <- {col}" for key, col in cols.items() if col)
+        + (f", transcript reference <- {reference}" if reference else ""))
     if cols.ignored:
         warn(f"columns not used: {', '.join(cols.ignored)} (give one a role with --text-column, --image-column, "
              "--audio-column, --label-column or --target-column)")
@@ -318,17 +328,18 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
 REFERENCE_COLUMNS = ("transcript_reference", "reference")
 
 
-def read_references(cfg: PrepareConfig, cols: dict) -> tuple[str, dict[int, str]] | None:
-    """(column, reference transcript per manifest row) of --transcript-reference-column, or of an unused column
-    named transcript_reference / reference; None when there is none."""
+def reference_column(cfg: PrepareConfig, cols: dict) -> str | None:
+    """--transcript-reference-column, or an unused column named transcript_reference / reference; None if none."""
+    given = cfg.transcript_reference_column
+    return given or next((c for c in getattr(cols, "ignored", []) if c.lower() in REFERENCE_COLUMNS), None)
+
+
+def read_references(cfg: PrepareConfig, column: str) -> tuple[str, dict[int, str]]:
+    """(column, reference transcript per manifest row) of the reference `column` (`reference_column`)."""
     from mmllm.media import normalize_text
     from mmllm.records import read_table
 
-    given = cfg.transcript_reference_column
-    column = given or next((c for c in getattr(cols, "ignored", []) if c.lower() in REFERENCE_COLUMNS), None)
     path = Path(cfg.input[0])
-    if column is None:
-        return None
     if not path.is_file():
         raise UserError(f"--transcript-reference-column: {path} is a folder; references are read from a manifest")
     columns, rows = read_table(path)

@@ -28,7 +28,8 @@ CANDIDATES = {
     "text": ["text", "sentence", "caption", "prompt", "question", "context", "description", "utterance"],
     "image": ["image", "image_path", "img", "image_file", "picture", "photo", "filepath"],
     "audio": ["audio", "audio_path", "wav", "audio_file", "sound", "speech"],
-    "label": ["label", "labels", "class", "category", "y"],
+    "label": ["label", "labels", "class", "category", "y", "intent", "topic", "sentiment", "emotion", "genre",
+              "class_label", "label_name"],
     "target": ["target", "answer", "response", "output", "summary", "target_text"],
     "split": ["split", "subset", "fold"],
 }

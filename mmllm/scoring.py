@@ -68,7 +68,7 @@ def _is_json_object(line: str) -> bool:
 
 def run_bleu(cfg: BleuConfig) -> int:
     hyps = read_lines(cfg.hyp, cfg.field, ("prediction", "text", "hypothesis", "generated"))
-    refs = [read_lines(r, cfg.field, ("target", "reference", "text", "ref")) for r in cfg.ref]
+    refs = [read_lines(r, cfg.ref_field, ("target", "reference", "text", "ref")) for r in cfg.ref]  # --field: --hyp
     if not hyps:
         raise UserError(f"--hyp {cfg.hyp}: no lines (an empty file): nothing to score")
     for r, path in zip(refs, cfg.ref):
@@ -85,7 +85,7 @@ def run_bleu(cfg: BleuConfig) -> int:
 
 def run_wer(cfg: WerConfig) -> int:
     hyps = read_lines(cfg.hyp, cfg.field, ("prediction", "text", "hypothesis", "generated", "transcript"))
-    refs = read_lines(cfg.ref, cfg.field, ("target", "reference", "text", "ref", "transcript"))
+    refs = read_lines(cfg.ref, cfg.ref_field, ("target", "reference", "text", "ref", "transcript"))
     if len(refs) != len(hyps):
         raise UserError(f"--ref {cfg.ref}: {len(refs)} lines, but --hyp has {len(hyps)}")
     if not hyps:

@@ -17,13 +17,13 @@ from mmllm.metrics import classification
 from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
 from mmllm.modelcard import data_summary
 from mmllm.runtime import Dist, gather, shard
-from mmllm.tasks import Task
+from mmllm.tasks import Task, missing_column
 from mmllm.tasks.candidates import CandidateSet, better, choose, fit_probe
 
 
 def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
     if not meta["labels"]:
-        raise UserError(f"{cfg.prepared} has no labels: use a label column for --task classify")
+        raise UserError(missing_column(cfg.prepared, meta, "label"))
     labels = meta["labels"]
     label_to_id = {n: i for i, n in enumerate(labels)}
     tokenizer = text_config = text_model = None

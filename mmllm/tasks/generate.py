@@ -26,7 +26,7 @@ from torch import nn
 from mmllm.console import log
 from mmllm.errors import UserError
 from mmllm.runtime import Dist, gather, shard
-from mmllm.tasks import Task
+from mmllm.tasks import Task, missing_column
 
 PROMPT = "Describe the input.{context}\nDescription:"
 
@@ -238,7 +238,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     from mmllm.encoders import load_decoder
 
     if not meta.get("has_target"):
-        raise UserError(f"{fcfg.prepared} has no target column: --task generate needs one (--target-column)")
+        raise UserError(missing_column(fcfg.prepared, meta, "target"))
     prefix_mods = [m for m in ("image", "audio") if m in modalities]
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
