@@ -7,6 +7,7 @@
     metrics = mmllm.evaluate("ckpt", "prepared", split="test")                  # = mmllm eval model
     model = mmllm.load("ckpt")
     model.predict([{"text": "a red car", "image": "img/1.png"}])               # = mmllm predict
+    model.predict(df)                     # a DataFrame, a manifest path, numpy / PIL / (array, sr) media too
 
 Options are the fields of the typed configs in `mmllm.config` (PrepareConfig, FinetuneConfig, ...), one per
 command, validated by the same `config.build`; a config object can be passed whole (`config=`). Each step is
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,40 +88,223 @@ def evaluate(checkpoint: str | Path | None = None, data: str | Path | None = Non
     return _run(C.EvalModelConfig, config, quiet, {"checkpoint": checkpoint, "data": data, **options})
 
 
-def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False) -> Model:
+def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False,
+         warm: bool = True) -> Model:
     """A checkpoint with its encoders, ready to predict raw records (`Model.predict`); `quiet`: no notes on
-    stderr (as --quiet), while loading and predicting."""
-    return Model(checkpoint, device, max_file_mb, quiet)
+    stderr (as --quiet), while loading and predicting. `warm`: run one synthetic record of every input the
+    checkpoint reads through the encoders and the model, so that the first `predict` costs what the next ones do
+    (lazy imports, first kernels, the tokenizer's and the resampler's first call are paid here)."""
+    return Model(checkpoint, device, max_file_mb, quiet, warm)
+
+
+ACCEPTED = ("a record (dict), a list of records, a pandas DataFrame (a record per row), a datasets.Dataset, or the "
+            "path (str or Path) of a manifest or class folder")
+IMAGE_TYPES = "a path, bytes, a PIL image or a numpy array (H x W [x 1, 3 or 4], uint8, or float in [0, 1])"
+AUDIO_TYPES = "a path, bytes, (array, sampling_rate) or {\"array\": ..., \"sampling_rate\": ...}"
+
+
+def warm_up(predictor: Any) -> float:
+    """Seconds spent predicting one synthetic record holding every input `predictor`'s checkpoint reads (a
+    short text, a grey 64x64 image, 1 s of a quiet tone): what a first call pays once."""
+    import time
+
+    import numpy as np
+
+    from mmllm.records import checkpoint_inputs, convert_rows
+
+    start = time.perf_counter()
+    raw: dict[str, Any] = {"id": "warm-up"}
+    for key in checkpoint_inputs(predictor.config):
+        if key == "text":
+            raw["text"] = "warm up"
+        elif key == "image":
+            raw["image"] = np.full((64, 64, 3), 128, np.uint8)
+        elif key == "audio":
+            t = np.arange(16000, dtype=np.float32) / 16000
+            raw["audio"] = (0.1 * np.sin(2 * np.pi * 440 * t), 16000)
+    items = list(convert_rows([(1, in_memory_media(raw, predictor.config, 1))], predictor.config, Path(".")))
+    records = [it for it in items if not isinstance(it, tuple)]
+    if records:
+        from mmllm.predict import predict_each
+
+        generation = {"max_new_tokens": 2} if predictor.generation else {}
+        predict_each(predictor, records, 1, generation)
+    return time.perf_counter() - start
+
+
+def rows_of(records: Any) -> tuple[bool, Any, Path | None]:
+    """(one record?, iterable of raw dicts (or (row, dict) pairs when read from a path), base folder of a path's
+    relative media) of what `Model.predict` takes; TypeError for anything else, naming the type only."""
+    if isinstance(records, dict):
+        return True, [records], None
+    if isinstance(records, (str, os.PathLike)):
+        from mmllm.records import input_rows
+
+        path = os.fspath(records)
+        if not isinstance(path, str) or not path or path == "-" or not os.path.exists(path):
+            raise TypeError(f"Model.predict takes {ACCEPTED}; a str is read as a path, and no file or folder has "
+                            "that name (one text: {\"text\": ...})")
+        rows, base = input_rows(path)
+        return False, rows, base
+    module = type(records).__module__.split(".")[0]
+    if module == "pandas" and hasattr(records, "to_dict") and hasattr(records, "columns"):
+        return False, (_python_values(r) for r in records.to_dict("records")), None
+    if module == "datasets" and hasattr(records, "column_names"):
+        return False, iter(records), None
+    if isinstance(records, (list, tuple)) or (isinstance(records, Iterator) and not isinstance(records, (str, bytes))):
+        return False, records, None
+    raise TypeError(f"Model.predict takes {ACCEPTED}, not a {type(records).__name__}")
+
+
+def _python_values(row: dict) -> dict:
+    """A DataFrame row with numpy scalars as Python values (an int64 id stays a number)."""
+    return {k: v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0
+            else v for k, v in row.items()}
+
+
+def in_memory_media(raw: dict, config: dict, n: int) -> dict:
+    """`raw` with in-memory media as the bytes of a file the record reader takes: numpy images as PNG, numpy audio
+    with its sampling rate as WAV (float32, lossless). Paths, bytes, PIL images and {"bytes", "path"} dicts are
+    left as they are. TypeError / ValueError name the record (`n`, 1-based) and the key, never the data."""
+    from mmllm.records import record_columns
+
+    cols = record_columns(raw, config.get("columns") or {})
+    out = raw
+    for role, convert in (("image", _image_bytes), ("audio", _audio_bytes)):
+        key = cols.get(role)
+        if key is None or raw[key] is None:
+            continue
+        try:
+            value = convert(raw[key])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"Model.predict: record {n}, key {key!r}: {e}") from None
+        if value is not raw[key]:
+            out = {**out, key: value}  # the caller's dict is untouched
+    return out
+
+
+def _is_array(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _passes(value: Any) -> bool:
+    """A media value the record reader takes itself."""
+    return (isinstance(value, (str, os.PathLike, bytes, bytearray)) or hasattr(value, "save")
+            or (isinstance(value, float) and value != value)
+            or (isinstance(value, dict) and ("bytes" in value or "path" in value)))
+
+
+def _image_bytes(value: Any) -> Any:
+    import io
+
+    if _passes(value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not _is_array(value):
+        raise TypeError(f"an image is {IMAGE_TYPES}, not a {type(value).__name__}")
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise ValueError(f"an image array is H x W [x 1, 3 or 4] (channels last), got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError("a float image array has NaN or Inf values")
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"a float image array has values in [0, 1], got {low:g} to {high:g}: divide by 255 "
+                             "or pass uint8")
+        arr = np.rint(arr * 255).astype(np.uint8)
+    elif arr.dtype.kind in "iu":
+        if arr.dtype != np.uint8 and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"an integer image array has values 0-255, got {arr.min()} to {arr.max()}")
+        arr = arr.astype(np.uint8)
+    else:
+        raise TypeError(f"an image array is uint8 or float, not {arr.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _audio_bytes(value: Any) -> Any:
+    import io
+
+    if isinstance(value, dict) and "array" in value:
+        samples, rate = value["array"], value.get("sampling_rate")
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value[1], (list, tuple)):
+        samples, rate = value
+    elif _passes(value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+    elif _is_array(value):
+        raise TypeError("an audio array needs its sampling rate: pass (array, sampling_rate) or "
+                        "{\"array\": array, \"sampling_rate\": rate}")
+    else:
+        raise TypeError(f"audio is {AUDIO_TYPES}, not a {type(value).__name__}")
+    import numpy as np
+    import soundfile as sf
+
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0 \
+            or rate != int(rate):
+        raise ValueError("the sampling rate is a positive whole number of samples per second (e.g. 16000)")
+    arr = np.asarray(samples)
+    if arr.dtype.kind not in "fiu" or arr.size == 0:  # fiu: float, signed, unsigned
+        raise ValueError(f"audio samples are a non-empty array of numbers, got dtype {arr.dtype}, {arr.size} values")
+    if arr.ndim == 2 and arr.shape[0] < arr.shape[1] and arr.shape[0] <= 8:  # (channels, samples): librosa's order
+        arr = arr.T
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"audio samples are (samples,) or (samples, channels), got shape {arr.shape}")
+    if arr.dtype.kind == "u":
+        raise ValueError(f"audio samples are float (-1 to 1) or signed integers, not {arr.dtype}")
+    if arr.dtype.kind == "i":  # full scale as soundfile reads PCM: int16 / 32768
+        arr = arr.astype(np.float64) / -float(np.iinfo(arr.dtype).min)
+    buf = io.BytesIO()
+    sf.write(buf, np.ascontiguousarray(arr, dtype=np.float32), int(rate), format="WAV", subtype="FLOAT")
+    return buf.getvalue()
 
 
 class Model:
     """A loaded checkpoint: `predict(records)` gives what `mmllm predict` writes, one dict per record."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False,
+                 warm: bool = True):
         from mmllm.predict import Predictor
 
         self.checkpoint = os.fspath(checkpoint)
         self.quiet = quiet
         with quieted(quiet):  # the encoders' precision note is a log line: silenced by quiet
             self.predictor = Predictor(self.checkpoint, device, max_file_mb)
+            self.warm_s = warm_up(self.predictor) if warm else 0.0
         self.labels: list = self.predictor.labels
 
-    def predict(self, records: dict | list[dict], *, base: str | Path = ".", **options: Any) -> dict | list[dict]:
-        """Records as `mmllm predict` reads them (text / image / audio paths, relative to `base`, or bytes, PIL
-        images), in order -> {"id", "prediction", "probability"[, "top_k"]} or {"id", "generated"}; a record
-        that cannot be used gets {"id", "error"}. One dict in, one dict out. Options: the fields of
+    def predict(self, records: Any, *, base: str | Path = ".", **options: Any) -> dict | list[dict]:
+        """Predictions, in order, for: a record (dict: one dict back), a list of records, a pandas DataFrame (a
+        record per row), a datasets.Dataset, or the path of a manifest or class folder (as `mmllm predict`
+        reads it). A record's media: paths (relative to `base`), bytes, PIL images, numpy images (H x W [x C],
+        uint8 or float in [0, 1]), audio as (array, sampling_rate) or {"array", "sampling_rate"}. Results:
+        {"id", "prediction", "probability"[, "top_k"]} or {"id", "generated"}; a record that cannot be used
+        gets {"id", "error"}. Anything else raises TypeError naming the accepted types. Options: the fields of
         `PredictConfig` that shape predictions (top_k, batch_size, strict, max_new_tokens, num_beams, ...)."""
         from mmllm import predict
-        from mmllm.records import RecordError, convert_rows
+        from mmllm.records import convert_rows
 
-        single = isinstance(records, dict)
-        if not single and not isinstance(records, (list, tuple)):  # a str would be read as records of characters
-            raise TypeError(f"Model.predict takes a record (a dict) or a list of records (dicts), not a "
-                            f"{type(records).__name__}")
+        single, rows, path_base = rows_of(records)
         cfg = make_config(C.PredictConfig, checkpoint=self.checkpoint, **options)
-        rows = enumerate([records] if single else records, start=1)
-        items = convert_rows(((i, r if isinstance(r, dict) else RecordError(None, "expected a dict"))
-                              for i, r in rows), self.predictor.config, Path(base))
+        config = self.predictor.config
+
+        def numbered() -> Iterator[tuple[int, Any]]:
+            for i, r in (rows if path_base is not None else enumerate(rows, start=1)):
+                if isinstance(r, dict):
+                    r = in_memory_media(r, config, i)
+                elif path_base is None:
+                    raise TypeError(f"Model.predict: item {i} is a {type(r).__name__}; a list holds records "
+                                    f"(dicts). Model.predict takes {ACCEPTED}")
+                yield i, r
+
+        items = convert_rows(numbered(), config, path_base if path_base is not None else Path(base))
         with quieted(self.quiet):  # this thread's notes only: another thread's predict is its own
             results = [as_json(res) for res in predict.stream(self.predictor, items, cfg)]
         return results[0] if single else results

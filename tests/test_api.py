@@ -79,3 +79,51 @@ def test_quiet_silences_the_encoder_note_in_the_cli_and_the_api(trained_checkpoi
     assert capsys.readouterr().err == ""
     mmllm.load(trained_checkpoint, device="cpu")
     assert "frozen encoders:" in capsys.readouterr().err
+
+
+def test_predict_takes_dataframes_paths_arrays_and_audio_tuples(prepared, tmp_path):
+    import numpy as np
+    import pandas as pd
+    import soundfile as sf
+    from PIL import Image
+
+    import mmllm
+
+    ckpt = tmp_path / "ck"
+    assert run_cli("finetune", str(prepared), "--output", str(ckpt), "--epochs", "1", "--hidden-size", "16",
+                   "--fusion", "concat").exit_code == 0
+    root = prepared.parent
+    model = mmllm.load(ckpt, device="cpu", quiet=True)
+    assert model.warm_s > 0
+    paths = [{"id": f"q{i}", "text": "it is big", "image": f"media/img{i}.png", "audio": f"media/a{i}.wav"}
+             for i in range(3)]
+    want = model.predict(paths, base=root)
+    assert all("prediction" in w for w in want), want
+    assert model.predict(pd.DataFrame(paths), base=root) == want
+    (root / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paths))
+    assert model.predict(root / "q.jsonl") == model.predict(str(root / "q.jsonl")) == want
+    held = []
+    for r in paths:
+        img = Image.open(root / r["image"]).convert("RGB")
+        samples, sr = sf.read(root / r["audio"], dtype="float32")
+        held.append([{**r, "image": (root / r["image"]).read_bytes(), "audio": (samples, sr)},
+                     {**r, "image": img, "audio": {"array": samples, "sampling_rate": sr}},
+                     {**r, "image": np.asarray(img), "audio": (root / r["audio"]).read_bytes()},
+                     {**r, "image": np.asarray(img) / 255.0, "audio": [samples, sr]}])
+    for n in range(4):
+        got = model.predict([h[n] for h in held], base=root)
+        assert [g["prediction"] for g in got] == [w["prediction"] for w in want], n
+        assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], abs=1e-5), n
+    one = model.predict(held[0][2])
+    assert isinstance(one, dict) and one["prediction"] == want[0]["prediction"]
+    arr = np.asarray(Image.open(root / "media/img0.png"))
+    for wrong, kind, words in (
+            (np.zeros((2, 3)), TypeError, "not a ndarray"),
+            ([paths[0], "media/img0.png"], TypeError, "item 2 is a str"),
+            ([{"text": "x", "image": [1, 2]}], TypeError, "record 1, key 'image': an image is a path, bytes"),
+            ([{"text": "x", "audio": np.zeros(8000, np.float32)}], TypeError, "needs its sampling rate"),
+            ([{"text": "x", "image": arr * 3.0}], ValueError, "values in [0, 1]"),
+            ([{"text": "x", "image": arr[:, :, :2]}], ValueError, "H x W [x 1, 3 or 4]")):
+        with pytest.raises(kind) as e:
+            model.predict(wrong)
+        assert words in str(e.value) and "[[" not in str(e.value) and "0." not in str(e.value), str(e.value)

@@ -394,9 +394,10 @@ def test_model_predict_of_a_string_is_a_type_error(trained_checkpoint):
     import mmllm
 
     model = mmllm.load(trained_checkpoint, device="cpu", quiet=True)
-    for wrong in ("hello", b"hello", 3, None):
+    for wrong in ("hello", b"hello", 3, None):  # a str is a manifest's path: "hello" names none
         with pytest.raises(TypeError) as e:
             model.predict(wrong)
-        assert str(e.value) == ("Model.predict takes a record (a dict) or a list of records (dicts), not a "
-                                f"{type(wrong).__name__}")
+        assert str(e.value).startswith("Model.predict takes a record (dict), a list of records, a pandas DataFrame")
+        assert ("no file or folder has that name" if wrong == "hello" else f"not a {type(wrong).__name__}") \
+            in str(e.value) and "hello" not in str(e.value)
     assert "prediction" in model.predict({"text": "it is big"})
