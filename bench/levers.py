@@ -7,6 +7,8 @@ features to fp32. Levers that won are what prepare runs now ("prepare now"); "be
 - audio (whisper-tiny.en encoder on the sample_data clips, each on its whole-second window): one clip per call
   (before) vs the clips of one window batched (prepare now: same shapes, no padding beyond the window);
   autocast vs bf16 weights; sdpa vs eager.
+- image (EfficientNet-Lite0 on the sample_data images): an F.pad before each stride-1 "SAME" conv (before) vs
+  plain convs with symmetric padding (prepare now).
 
 Run alone: `python bench/levers.py [--quick]` prints the results JSON; `python bench/run.py --only levers` records
 it in bench/results.json and BENCHMARKS.md.
@@ -117,8 +119,39 @@ def audio_variants(clips: list[np.ndarray], repeat: int, peak: float) -> dict:
     return out
 
 
+def image_variants(images: list, repeat: int, peak: float) -> dict:
+    """EfficientNet-Lite0 as prepare runs it (bf16, BatchNorm folded, channels_last, depthwise convs in fp32) with
+    its stride-1 "SAME" convs as plain padded convs (now) or with an F.pad before each (before)."""
+    import mmllm.encoders as E
+
+    def load(precision: str, fold: bool):
+        keep = E._fold_same_padding
+        if not fold:
+            E._fold_same_padding = lambda model: 0
+        try:
+            enc = E.load_encoder("image", "efficientnet-lite0", precision=precision)
+            assert enc.model is not None  # loaded while the patch holds
+        finally:
+            E._fold_same_padding = keep
+        return enc
+
+    encs = {"before: F.pad, then conv": load("bf16", False), "prepare now: padded convs": load("bf16", True),
+            "fp32": load("fp32", True)}
+
+    def pooled(enc) -> np.ndarray:
+        return np.concatenate([enc.encode(images[i:i + 32])[0] for i in range(0, len(images), 32)])
+
+    reference = pooled(encs["fp32"])
+    out: dict = {"images": len(images)}
+    for name, enc in encs.items():
+        fn = functools.partial(pooled, enc)
+        flops, seconds = counted_flops(fn), best_time(fn, repeat)
+        out[name] = {"seconds": seconds, "fraction": flops / seconds / peak, "cosine": cosine(fn(), reference)}
+    return out
+
+
 def run(tmp: Path | None, quick: bool) -> dict:
-    from mmllm.media import load_audio, normalize_text
+    from mmllm.media import load_audio, load_image, normalize_text
 
     repeat = 1 if quick else 3
     peak = peaks(512 if quick else 2048, 2 if quick else 5)
@@ -129,13 +162,17 @@ def run(tmp: Path | None, quick: bool) -> dict:
     return {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "bf16_peak": peak["bf16"],
             "text_short": text_variants(texts, repeat, peak["bf16"]),
             "text_long": text_variants(long_texts, repeat, peak["bf16"]),
-            "audio": audio_variants(clips, repeat, peak["bf16"]), "load_after": os.getloadavg()[0]}
+            "audio": audio_variants(clips, repeat, peak["bf16"]),
+            "image": image_variants([load_image(ROOT / "sample_data" / r["image"]) for r in records], repeat,
+                                    peak["bf16"]), "load_after": os.getloadavg()[0]}
 
 
 def report(r: dict) -> tuple[list[str], list[str]]:
     """(table rows, other figures) for BENCHMARKS.md: one figure line per encoder and input set."""
     lines = []
-    for part in ("text_short", "text_long", "audio"):
+    for part in ("text_short", "text_long", "audio", "image"):
+        if part not in r:
+            continue
         v = r[part]
         before = next(k for k in v if k.startswith("before"))
         cells = [f"{k} {100 * x['fraction']:.1f}% ({v[before]['seconds'] / x['seconds']:.2f}x, cos {x['cosine']:.4f})"

@@ -122,3 +122,21 @@ def test_resample_gives_librosas_samples(src_rate, rate, seconds):
     want = librosa.resample(x, orig_sr=src_rate, target_sr=rate, res_type="soxr_hq")
     assert y.dtype == want.dtype == np.float32 and y.shape == want.shape
     np.testing.assert_array_equal(y, want)
+
+
+def test_same_padding_convs_of_stride_1_become_plain_convs_with_the_same_outputs():
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding, Conv2dStaticSamePadding
+
+    from mmllm.encoders import _fold_same_padding
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv2dDynamicSamePadding(4, 4, 3, groups=4), Conv2dStaticSamePadding(4, 8, 5,
+                              image_size=17), Conv2dDynamicSamePadding(8, 8, 3, stride=2), torch.nn.ReLU(),
+                              Conv2dDynamicSamePadding(8, 8, 1)).eval()
+    x = torch.randn(2, 4, 17, 17)
+    before = net(x)
+    assert _fold_same_padding(net) == 3  # the strided conv pads (0, 1): it stays
+    assert [type(m).__name__ for m in net] == ["Conv2d", "Conv2d", "Conv2dDynamicSamePadding", "ReLU", "Conv2d"]
+    assert net[0].weight is not None and net[0].padding == (1, 1) and net[1].padding == (2, 2)
+    torch.testing.assert_close(net(x), before, rtol=0, atol=1e-6)
+    assert net(torch.randn(1, 4, 9, 12)).shape == (1, 8, 5, 6)  # any input size
