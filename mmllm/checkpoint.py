@@ -215,6 +215,8 @@ GENERATION_RULES = {
     "prefix_tokens": Rule("int", 1, 1024), "hidden_size": Rule("int", 1, MAX_WIDTH), "dropout": Rule("fraction"),
     "lora_r": Rule("int", 0, MAX_WIDTH), "train_decoder": Rule("bool"), "decoder": Rule("str", required=True),
     "decoder_identity": Rule("str"), "precision": Rule("str", choices=("fp32", "bf16")),
+    "prompt_format": Rule("str", choices=("chat", "plain", "describe")), "max_new_tokens": Rule("int", 1, 1 << 16),
+    "stop": Rule("list"),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "max_audio_seconds": Rule("number", 0.001, MAX_AUDIO_SECONDS),

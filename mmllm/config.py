@@ -191,7 +191,8 @@ class FinetuneConfig:
                                  panel="Model")
     train_decoder: bool = opt(False, "Fine-tune the whole decoder, not only the projector (--task generate).",
                               panel="Model")
-    max_new_tokens: int = opt(32, "Longest generated text during validation (--task generate).", panel="Training")
+    max_new_tokens: int = opt(None, "Longest generated text during validation (--task generate; default: from the "
+                                    "training answers' lengths).", panel="Training")
     resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.", panel="Training")
     seed: int = opt(0, "Random seed.", panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
@@ -222,7 +223,10 @@ class EvalModelConfig:
     reliance: bool = opt(True, "Also evaluate with each modality masked in turn.", panel="Output")
     batch_size: int = opt(64, "Batch size.", panel="Runtime")
     bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.", panel="Generation")
-    max_new_tokens: int = opt(32, "Longest generated text (generation checkpoints).", panel="Generation")
+    max_new_tokens: int = opt(None, "Longest generated text (generation checkpoints; default: the checkpoint's, "
+                                    "from its training answers' lengths).", panel="Generation")
+    stop: list = opt([], "Generation ends at this string (repeatable; the checkpoint's own stops, e.g. a newline "
+                         "when no training answer had one, also apply).", panel="Generation")
     num_beams: int = opt(1, "Beam search width (generation checkpoints).", panel="Generation")
     precision: str = opt("checkpoint", "Frozen encoders on a raw manifest: as the checkpoint's data was prepared, "
                                        "or auto, fp32, bf16.", choices=("checkpoint", "auto", "fp32", "bf16"),
@@ -300,7 +304,10 @@ class PredictConfig:
     top_k: int = opt(1, "Class probabilities per record (classification).", panel="Output")
     batch_size: int = opt(16, "Records per batch.", panel="Runtime")
     strict: bool = opt(False, "Stop at the first bad record.", panel="Data")
-    max_new_tokens: int = opt(32, "Longest generated text (generation).", panel="Generation")
+    max_new_tokens: int = opt(None, "Longest generated text (generation; default: the checkpoint's, from its "
+                                    "training answers' lengths).", panel="Generation")
+    stop: list = opt([], "Generation ends at this string (repeatable; the checkpoint's own stops, e.g. a newline "
+                         "when no training answer had one, also apply).", panel="Generation")
     num_beams: int = opt(1, "Beam search width (generation).", panel="Generation")
     do_sample: bool = opt(False, "Sample instead of greedy/beam decoding (generation).", panel="Generation")
     temperature: float = opt(1.0, "Sampling temperature (generation).", panel="Generation")
@@ -326,6 +333,8 @@ class ServeConfig:
     batch_wait_ms: float = opt(5.0, "How long the first request of a batch waits for others to join.",
                                panel="Runtime")
     top_k: int = opt(1, "Default class probabilities per record (a request may pass ?top_k=N).", panel="Output")
+    stop: list = opt([], "Generation ends at this string (repeatable), for every request, besides the checkpoint's "
+                         "own stops and a request's `stop`.", panel="Output")
     max_request_mb: int = opt(64, "Largest request body, in MB (413 beyond).", panel="Data")
     max_file_mb: int = opt(512, "Largest media file read, in MB; larger ones (and pipes, devices) are refused.",
                            panel="Data")

@@ -90,10 +90,10 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
     mods = model.cfg.modalities
     columns, source, split = eval_columns(cfg, config, mods, transcripts=model.reads_transcripts)
-    table = GenTable(columns, mods, tokenizer, with_targets=False)
+    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format)
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
-    args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize)
+    args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)
     scored = bleu_of(model, table, *args)
     rates = error_rates(scored["hypotheses"], table.targets)
     result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,

@@ -430,7 +430,8 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
         rec = it["rec"]
         row = {"id": rec["id"], "row": rec["row"], "split": rec["split"], "text": texts[i],
                "label": rec["label"], "target": normalize_text(rec["target"]) if rec["target"] is not None else None,
-               "has_text": bool(texts[i] or transcripts[i]) and text_enc is not None}
+               "has_text": bool(texts[i] or transcripts[i]) and text_enc is not None,
+               "conversation": rec.get("conversation")}  # turns of a conversation record (mmllm.conversations)
         if transcriber:
             row["transcript"] = transcripts[i]
         row.update({k: v[i] for k, v in text_cols.items()})
@@ -477,7 +478,7 @@ def arrow_schema(encoders: dict, cfg: PrepareConfig):
 
     fields = [pa.field("id", pa.string()), pa.field("row", pa.int64()), pa.field("split", pa.string()),
               pa.field("text", pa.string()), pa.field("label", pa.string()), pa.field("target", pa.string()),
-              pa.field("has_text", pa.bool_())]
+              pa.field("has_text", pa.bool_()), pa.field("conversation", pa.string())]
     if "transcript" in encoders:
         fields.append(pa.field("transcript", pa.string()))
     if "text" in encoders:

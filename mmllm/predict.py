@@ -68,7 +68,8 @@ class Predictor:
             from mmllm.tasks.generate import GenTable
 
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-            table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False)
+            table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False,
+                             kind=self.model.cfg.prompt_format)
             texts = self.model.generate(table.batch(range(len(rows)), self.device, with_targets=False),
                                         self.tokenizer, **generation)
             for row, text in zip(rows, texts):
@@ -136,7 +137,7 @@ def stream(predictor: Predictor, items: Iterable[dict | tuple[dict, Exception]],
     in input order, a batch of `cfg.batch_size` at a time; the results are returned, never shared (predict writes
     them, the Python API returns them). With `cfg.strict` the first error is yielded, then raised as a UserError."""
     generation = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-                      temperature=cfg.temperature, top_p=cfg.top_p) if predictor.generation else {}
+                      temperature=cfg.temperature, top_p=cfg.top_p, stop=cfg.stop) if predictor.generation else {}
     batch: list[dict] = []
 
     def flush() -> Iterator[dict]:

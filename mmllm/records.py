@@ -116,8 +116,10 @@ def _csv_rows(reader: csv.DictReader, columns: list[str]) -> Iterator[tuple[int,
 
 def _jsonl_rows(path: Path, max_line_mb: float) -> tuple[list[str], Iterator]:
     columns: dict[str, None] = {}
-    with open(path, "rb") as f:
-        parsed = list(json_lines(f, max_line_mb))
+    parsed = json_array_rows(path)
+    if parsed is None:
+        with open(path, "rb") as f:
+            parsed = list(json_lines(f, max_line_mb))
     for _, obj in parsed:
         if isinstance(obj, dict):
             columns.update(dict.fromkeys(obj))
@@ -277,6 +279,8 @@ def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
             rec[key] = v
     if rec["id"] in (None, ""):
         rec["id"] = f"row{row}"
+    if isinstance(raw.get("conversation"), str) and raw.get(FLAT):  # conversations.flatten's turns
+        rec["conversation"] = raw["conversation"]
     return rec
 
 
@@ -314,6 +318,7 @@ def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[lis
     if path.is_dir():
         return _read_class_folder(path)
     columns, rows = read_table(path)
+    columns, rows = conversation_rows(columns, rows)
     cols = detect_columns(columns, given_columns)
     records, errors = [], []
     for row, raw in rows:
@@ -464,6 +469,10 @@ def input_rows(source: str, max_line_mb: float = MAX_LINE_MB) -> tuple[Iterator[
         _check_manifest(path)
 
         def streamed() -> Iterator[tuple[int, Any]]:
+            whole = json_array_rows(path)
+            if whole is not None:
+                yield from whole
+                return
             with open(path, "rb") as f:
                 yield from json_lines(f, max_line_mb)
         return streamed(), path.parent
@@ -517,6 +526,7 @@ class InputCheck:
         self.inputs = checkpoint_inputs(config)
         self.known = {c.lower() for names in CANDIDATES.values() for c in names}
         self.known |= {str(c).lower() for c in self.trained.values() if c}
+        self.known |= {"conversation", FLAT}  # what flat_record adds to a conversation record
         self.warned: set[str] = set()
         names = [n for m in self.inputs for n in dict.fromkeys([self.trained.get(m) or m, m])]
         self.expected = " or ".join(f'"{n}"' for n in names) or "none (the checkpoint has no inputs)"
@@ -563,6 +573,10 @@ def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path, medi
         if isinstance(raw, RecordError):
             yield {"id": f"row{row}", "row": row}, raw
             continue
+        raw = flat_record(raw)
+        if isinstance(raw, RecordError):
+            yield {"id": f"row{row}", "row": row}, raw
+            continue
         cols = record_columns(raw, check.trained)
         check.warn_unknown(raw, cols)
         stub = {"id": given_id(raw, cols["id"], row), "row": row}
@@ -574,3 +588,61 @@ def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path, medi
         rec["given_id"] = stub["id"]
         problem = check.missing(rec, raw)
         yield (stub, problem) if problem else rec
+
+
+FLAT = "_conversation_format"  # set on records that mmllm.conversations flattened
+
+
+def json_array_rows(path: Path) -> list[tuple[int, Any]] | None:
+    """(item number, object or RecordError) of a .json file holding one JSON array (LLaVA's and LLaMA-Factory's
+    files), or None when the file is not one (JSON lines)."""
+    if path.suffix.lower() != ".json":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(JSON_SPACE + b"\xef\xbb\xbf")
+    if not head.startswith(b"["):
+        return None
+    try:
+        items = json.loads(utf8_text(path.read_bytes(), str(path)).removeprefix("\ufeff"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(items, list):
+        raise UserError(f"{path}: expected a JSON array of records")
+    return [(i, x if isinstance(x, dict) else RecordError(None, f"expected a JSON object, got {type(x).__name__}"))
+            for i, x in enumerate(items, start=1)]
+
+
+def flat_record(raw: dict) -> dict | RecordError:
+    """A conversation record (LLaVA, ShareGPT, alpaca, OpenAI messages: mmllm.conversations) as a flat record, its
+    problem as a RecordError; any other record as it is."""
+    from mmllm import conversations
+
+    fmt = conversations.detect(raw)
+    if fmt is None:
+        return raw
+    try:
+        return {**conversations.flatten(raw, fmt), FLAT: fmt}
+    except conversations.FormatError as e:
+        return RecordError(e.column, e.reason)
+
+
+def conversation_rows(columns: list[str], rows: Iterable[tuple[int, Any]]) -> tuple[list[str], Iterator]:
+    """A manifest's rows with its conversation records flattened (flat_record), and their columns; one line on
+    stderr says what was read."""
+    from mmllm import conversations
+    from mmllm.console import log
+
+    rows = list(rows)
+    out, counts, turns = [], {}, 0
+    for row, raw in rows:
+        if isinstance(raw, dict) and (fmt := conversations.detect(raw)):
+            raw = flat_record(raw)
+            counts[fmt] = counts.get(fmt, 0) + 1
+            if isinstance(raw, dict):
+                turns += sum(t["role"] == "assistant" for t in json.loads(raw["conversation"])["messages"])
+        out.append((row, raw))
+    if not counts:
+        return columns, iter(rows)
+    log(conversations.summary(counts, turns, sum(counts.values())))
+    flat = list(dict.fromkeys(["id", "text", "image", "audio", "target", "split"]))
+    return flat, iter(out)

@@ -190,7 +190,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     from mmllm.predict import error_line, predict_each
 
     def predict(records: list[dict], top_k: int) -> list[dict]:
-        return predict_each(predictor, records, top_k, {})
+        return predict_each(predictor, records, top_k, {"stop": cfg.stop} if predictor.generation else {})
 
     batcher = Batcher(predict, cfg.max_batch, cfg.batch_wait_ms / 1000)
     media = MediaRoot(cfg.media_root)
@@ -258,6 +258,10 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     async def no_traceback(request: Request, exc: Exception) -> Any:
         return JSONResponse({"error": media.hide(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=500)
 
+    if predictor.generation:  # POST /v1/chat/completions, GET /v1/models (OpenAI-compatible)
+        from mmllm import chat_routes
+
+        chat_routes.add(app, predictor, cfg, media)
     return guard(app, cfg, media)
 
 

@@ -30,7 +30,7 @@ def test_configs_are_validated_like_the_cli(tmp_path):
     first, second = str(e.value).split("; ")
     assert first == "FinetuneConfig: unknown option 'fusionn' (did you mean fusion?)"
     assert second.startswith("FinetuneConfig: unknown option 'zzz' (options: ") and ", epochs, " in second
-    with pytest.raises(UserError, match=r"unknown option 'topk' \(did you mean top_k or top_p\?\)"):
+    with pytest.raises(UserError, match=r"unknown option 'topk' \(did you mean top_k or stop or top_p\?\)"):
         mmllm.make_config(mmllm.PredictConfig, checkpoint="ck", topk=2)  # = Model.predict's options
     with pytest.raises(UserError, match=r"^--config: unknown option 'ouptut' \(did you mean output\?\)$"):
         mmllm.config.build(mmllm.PrepareConfig, {"ouptut": "o"}, {"input": ["x.csv"], "output": "o"})  # --config keys

@@ -278,3 +278,63 @@ def test_nothing_to_train_is_one_line(prepared, tiny_decoder, tmp_path):
     assert r.exit_code == 2, r.output
     assert "nothing to train" in r.stderr and "--lora-r" in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+# ---------------------------------------------------------------- stopping: EOS ids, --stop, default length
+
+def test_stop_strings_end_each_row_and_are_cut_off(tiny_decoder):
+    """--stop: each row ends at its first stop string (left out of the answer); other rows go on to their end."""
+    from mmllm.encoders import load_decoder
+
+    model, batch = tiny_prefix_model(tiny_decoder, with_targets=False)
+    _, tok, _ = load_decoder(str(tiny_decoder))
+    free = model.generate(batch, tok, max_new_tokens=8)
+    row = max(range(len(free)), key=lambda i: len(free[i]))
+    word = free[row].split()[-1]  # a word that this row says
+    stopped = model.generate(batch, tok, max_new_tokens=8, stop=[word])
+    for before, after in zip(free, stopped):
+        assert after == (before[:before.find(word)].strip() if word in before else before)
+    assert stopped[row] != free[row] and word not in stopped[row]
+
+
+def test_stop_ids_take_the_generation_configs_eos_and_the_templates_end_of_turn(tiny_decoder):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from mmllm import chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+
+    class Decoder:
+        generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, tok.cls_token_id])
+
+    assert chat.stop_ids(tok, Decoder, chat.PLAIN) == [tok.eos_token_id, tok.cls_token_id]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}[MASK] {% endfor %}"  # end of turn != EOS
+    assert chat.stop_ids(tok, None, chat.CHAT) == [tok.eos_token_id, tok.mask_token_id]
+    ids, mask = chat.encode(tok, [{"role": "user", "content": "big"}, {"role": "assistant", "content": "red"}],
+                            None, chat.CHAT)
+    assert tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m]) == ["red", "[MASK]"]
+
+
+def test_defaults_from_the_training_answers_are_in_the_checkpoint(prepared, tiny_decoder, tmp_path):
+    """The default --max-new-tokens comes from the longest training answer; a newline stops answers when no
+    training answer has one; EOS is in the loss (pad == EOS does not mask it out)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "gen"
+    r = run_cli("finetune", str(prepared), "--output", str(out), "--task", "generate", "--decoder", str(tiny_decoder),
+                "--epochs", "1", "--hidden-size", "16", "--prefix-tokens", "2")
+    assert r.exit_code == 0, r.output
+    gen = json.loads((out / "config.json").read_text())["generation"]
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    train = datasets.load_from_disk(str(prepared))["train"]
+    longest = max(len(tok(" " + t, add_special_tokens=False)["input_ids"]) + 1 for t in train["target"])
+    assert gen["max_new_tokens"] == max(8, -(-5 * longest // 4) + 2)
+    assert gen["stop"] == ["\n", "\nUser:"] and gen["prompt_format"] == "plain"
+
+    from mmllm.tasks.generate import GenTable
+
+    tok.pad_token = tok.eos_token  # pad == EOS, as SmolLM2's tokenizer has it
+    table = GenTable({"id": ["a"], "target": ["big red"], "text": ["it is"]}, [], tok, with_targets=True, kind="plain")
+    labels = table.batch([0])["labels"][0]
+    assert labels[labels != -100].tolist()[-1] == tok.eos_token_id

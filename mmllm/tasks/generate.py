@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmllm import chat
+from mmllm.chat import DESCRIBE
 from mmllm.console import log
 from mmllm.errors import UserError
 from mmllm.runtime import Dist, gather, shard
@@ -43,12 +46,42 @@ class GenConfig:
     decoder: str = ""  # name as given (alias, folder or hub id)
     decoder_identity: str = ""
     precision: str = "fp32"  # the frozen decoder's weights as trained: fp32 or bf16 (--decoder-precision, resolved)
+    prompt_format: str = DESCRIBE  # chat (the tokenizer's template), plain, or describe (checkpoints before chat)
+    max_new_tokens: int = 32  # default longest answer: from the training answers' lengths (older checkpoints: 32)
+    stop: list = field(default_factory=list)  # strings that end an answer by default (learned from the targets)
 
 
 def prompt_text(text: str | None, transcript: str | None = None) -> str:
-    """The decoder's prompt: the record's text and what was said in its audio (prepare's transcript), when any."""
-    speech = f" Speech: {transcript}" if transcript else ""
-    return PROMPT.format(context=(f" Context: {text}" if text else "") + speech)
+    """The decoder's prompt (DESCRIBE checkpoints): the record's text and what was said in its audio (prepare's
+    transcript), when any."""
+    return PROMPT.format(context=_context(text, transcript))
+
+
+def _context(text: str | None, transcript: str | None) -> str:
+    return (f" Context: {text}" if text else "") + (f" Speech: {transcript}" if transcript else "")
+
+
+def record_turns(text: str | None, transcript: str | None, target: str | None, conversation: str | None,
+                 kind: str) -> tuple[list[dict], str | None]:
+    """(messages, system) of a record: its `conversation` (JSON written by mmllm.conversations), else one user turn
+    (the record's text and transcript) answered by its target. The transcript joins the first user turn."""
+    if conversation:
+        talk = json.loads(conversation)
+        messages = [dict(m) for m in talk["messages"]]
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if transcript and first is not None:
+            first["content"] = (first["content"] + f" Speech: {transcript}").strip()
+        return messages, talk.get("system")
+    user = prompt_text(text, transcript) if kind == DESCRIBE else "Describe the input." + _context(text, transcript)
+    messages = [{"role": "user", "content": user}]
+    if target is not None:
+        messages.append({"role": "assistant", "content": target})
+    return messages, None
+
+
+def answer_of(messages: list[dict]) -> str:
+    """The reference answer of a record: its last assistant turn ('' when it has none)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
 
 
 class PrefixDecoder(nn.Module):
@@ -67,6 +100,7 @@ class PrefixDecoder(nn.Module):
                                                     nn.Linear(cfg.hidden_size, p * d)) for m in cfg.modalities})
         self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), p, d))  # for a missing modality
         self.class_weights = None
+        self.stop_ids: list[int] = []  # token ids that end an answer (chat.stop_ids), set with the tokenizer
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters  # LM head on a slice
 
@@ -115,17 +149,23 @@ class PrefixDecoder(nn.Module):
         return {"loss": loss}
 
     @torch.no_grad()
-    def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int = 32, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+    def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int | None = None, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop: list[str] | None = None) -> list[str]:
         """Every record of the batch at once: prefix + prompt embeddings left-aligned (padding first, masked), then
-        the decoder's own generate with a KV cache; it returns the new tokens only."""
+        the decoder's own generate with a KV cache; it returns the new tokens only, each answer ended at the first
+        stop token (EOS, end of turn: chat.stop_ids) or stop string (`stop`, plus the checkpoint's `cfg.stop`)."""
         inputs, mask = left_align(*self.embed({k: v for k, v in batch.items() if k != "labels"}))
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                    **kwargs)
-        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        ends = self.stop_ids or [tokenizer.eos_token_id]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+        stops = [s for s in dict.fromkeys([*self.cfg.stop, *(stop or [])]) if s]
+        if stops:  # the decoder stops each row at a stop string; the string itself is cut off below
+            kwargs.update(stopping_criteria=[chat.stop_criteria(tokenizer, stops)])
+        ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask,
+                                    max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, num_beams=num_beams,
+                                    pad_token_id=pad, eos_token_id=ends, **kwargs)
+        return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
 
 
 def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,36 +185,39 @@ def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class GenTable:
-    """Prompt (+ target) token ids from the decoder's tokenizer, with the precomputed modality embeddings."""
+    """Each record's conversation as token ids (chat.encode: the loss covers its assistant turns) and its prompt
+    up to the answer (chat.prompt_ids), with the precomputed modality embeddings. A record is one turn (its text
+    and transcript, then its target) unless it carries a `conversation` (JSON: messages, system)."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
-                 max_tokens: int = 256):
+                 max_tokens: int = 256, kind: str = DESCRIBE):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
         self.tokenizer = tokenizer
-        targets = list(columns["target"]) if "target" in columns else [None] * self.n
-        self.targets = [t if t is not None else "" for t in targets]
-        texts = list(columns["text"]) if "text" in columns else [None] * self.n
-        said = list(columns["transcript"]) if columns.get("transcript") is not None else [None] * self.n
-        self.prompts = [tokenizer(prompt_text(t, s), add_special_tokens=False)["input_ids"][:max_tokens]
-                        for t, s in zip(texts, said)]
-        self.answers = None
+        none = [None] * self.n
+        targets = list(columns["target"]) if "target" in columns else none
+        texts = list(columns["text"]) if "text" in columns else none
+        said = list(columns["transcript"]) if columns.get("transcript") is not None else none
+        talks = list(columns["conversation"]) if columns.get("conversation") is not None else none
+        turns = [record_turns(t, s, g, c, kind) for t, s, g, c in zip(texts, said, targets, talks)]
+        self.targets = [answer_of(m) for m, _ in turns]
+        limit = 4 * max_tokens  # a whole conversation
+        self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, limit) for m, sys_ in turns]
+        self.answers = None  # (ids, loss mask) of each whole conversation
         if with_targets:
-            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            self.answers = [tokenizer(" " + t, add_special_tokens=False)["input_ids"][:max_tokens] + eos
-                            for t in self.targets]
+            self.answers = [chat.encode(tokenizer, m, sys_, kind, limit) for m, sys_ in turns]
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
 
     @classmethod
-    def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool):
+    def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
                  [f"{m}_emb" for m in modalities]
         if "text" in modalities:
             wanted.append("has_text")
-        wanted += ["transcript"] if "transcript" in ds.column_names else []  # read as part of the prompt
-        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets)
+        wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
+        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind)
 
     def __len__(self) -> int:
         return self.n
@@ -182,14 +225,25 @@ class GenTable:
     @property
     def lengths(self) -> list[int]:
         """Prompt (+ target) tokens per record: training groups records of similar length into a batch."""
-        answers = self.answers or [[]] * self.n
-        return [len(p) + len(a) for p, a in zip(self.prompts, answers)]
+        if self.answers is None:
+            return [len(p) for p in self.prompts]
+        return [len(ids) for ids, _ in self.answers]
+
+    def longest_answer(self) -> int:
+        """Tokens of the longest assistant turn (its end-of-turn token included) of any record."""
+        longest = 0
+        for _, mask in self.answers or []:
+            run = 0
+            for t in mask:
+                run = run + 1 if t else 0
+                longest = max(longest, run)
+        return longest
 
     def batch(self, idx: Any, device: Any = "cpu", with_targets: bool | None = None,
               drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         idx = list(map(int, idx))
         use_targets = self.answers is not None if with_targets is None else with_targets
-        seqs = [self.prompts[i] + (self.answers[i] if use_targets else []) for i in idx]
+        seqs = [self.answers[i][0] if use_targets else self.prompts[i] for i in idx]
         width = max(1, max(len(s) for s in seqs))
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(idx), width), pad, dtype=torch.long)  # right padding: (B, T)
@@ -199,7 +253,8 @@ class GenTable:
             ids[j, :len(s)] = torch.tensor(s)
             mask[j, :len(s)] = 1
             if use_targets:
-                labels[j, len(self.prompts[i]):len(s)] = torch.tensor(self.answers[i])
+                keep = torch.tensor(self.answers[i][1], dtype=torch.bool)
+                labels[j, :len(s)] = torch.where(keep, torch.tensor(s), -100)
         out = {"input_ids": ids, "attention_mask": mask}
         if use_targets:
             out["labels"] = labels
@@ -259,14 +314,21 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             decoder.set_attn_implementation("eager")
         except (ValueError, ImportError):
             pass
+    cfg.prompt_format = chat.template_kind(tokenizer, fcfg.decoder)
+    train = GenTable.from_split(data["train"], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format)
+    val = GenTable.from_split(data["validation"], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format)
+    answer_defaults(cfg, train)
+    log(f"prompts: {'the decoder tokenizer chat template' if cfg.prompt_format == chat.CHAT else cfg.prompt_format}"
+        f"; answers end at EOS{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, "
+        f"at most {cfg.max_new_tokens} new tokens by default")
     model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).to(dist.device)
-    train = GenTable.from_split(data["train"], prefix_mods, tokenizer, with_targets=True)
-    val = GenTable.from_split(data["validation"], prefix_mods, tokenizer, with_targets=True)
+    model.stop_ids = chat.stop_ids(tokenizer, decoder, cfg.prompt_format)
 
     def validate(m: PrefixDecoder) -> dict:
         out = {"val_loss": validation_loss(m, val, fcfg.batch_size, dist.device, dist)}
         if fcfg.monitor == "val_bleu":
-            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens, dist=dist)
+            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens or cfg.max_new_tokens,
+                        dist=dist)
             out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
         return out
 
@@ -274,6 +336,15 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         save_checkpoint(m, out, tokenizer, meta, metrics, str(Path(fcfg.prepared).resolve()))
 
     return Task(model, train, validate, save)
+
+
+def answer_defaults(cfg: GenConfig, train: GenTable) -> None:
+    """What the training answers teach about stopping: the default --max-new-tokens (the longest answer's tokens
+    and a quarter more, at least 8) and default stop strings (a newline when no answer has one; the plain
+    format's next 'User:' turn)."""
+    cfg.max_new_tokens = max(8, math.ceil(1.25 * train.longest_answer()) + 2)
+    multiline = any("\n" in t for t in train.targets)
+    cfg.stop = ([] if multiline else ["\n"]) + (chat.PLAIN_STOPS if cfg.prompt_format == chat.PLAIN else [])
 
 
 @torch.no_grad()
@@ -293,8 +364,8 @@ def validation_loss(model: PrefixDecoder, table: GenTable, batch_size: int, devi
 
 
 def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: int, device: Any,
-            max_new_tokens: int, num_beams: int = 1, tokenize: str = "13a", drop: frozenset = frozenset(),
-            dist: Dist | None = None) -> dict:
+            max_new_tokens: int | None, num_beams: int = 1, tokenize: str = "13a", stop: list[str] | None = None,
+            drop: frozenset = frozenset(), dist: Dist | None = None) -> dict:
     """Greedy/beam outputs streamed into sacreBLEU (only strings are kept, never logits); under DDP each
     rank generates for its shard and the hypotheses are gathered in table order."""
     from mmllm.metrics import bleu
@@ -304,7 +375,7 @@ def bleu_of(model: PrefixDecoder, table: GenTable, tokenizer: Any, batch_size: i
     rows = shard(len(table), dist)
     for start in range(rows.start, rows.stop, batch_size):
         batch = table.batch(range(start, min(rows.stop, start + batch_size)), device, with_targets=False, drop=drop)
-        hyps += model.generate(batch, tokenizer, max_new_tokens, num_beams)
+        hyps += model.generate(batch, tokenizer, max_new_tokens, num_beams, stop=stop)
     hyps = [h for part in gather(hyps, dist) for h in part]
     m = bleu(hyps, [table.targets], tokenize)
     return {"val_bleu": m["bleu"], "val_chrf": m["chrf"], "hypotheses": hyps, "bleu_signature": m["bleu_signature"]}
@@ -370,6 +441,7 @@ def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDeco
                             f"{cfg.decoder_identity}")
         decoder = prepare_decoder(decoder, cfg)
     model = PrefixDecoder(cfg, decoder)
+    model.stop_ids = chat.stop_ids(tokenizer, decoder, cfg.prompt_format)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("decoder.") or old_layout]
     if missing or unexpected:

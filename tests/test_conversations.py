@@ -1,0 +1,186 @@
+"""Conversation data as the ecosystem writes it (LLaVA, ShareGPT / LLaMA-Factory, alpaca, OpenAI messages): read,
+flattened, trained on with the loss on every assistant turn; each bad record is its own one-line error."""
+
+import base64
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli, tiny_prepare_args, write_image, write_wav
+
+TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }} {{ m['content'] }} [SEP]{% endfor %}"
+            "{% if add_generation_prompt %}[CLS] assistant{% endif %}")
+COLORS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(scope="session")
+def chat_decoder(tiny_decoder, tmp_path_factory):
+    """The tiny GPT-2 with a chat template on its tokenizer ([CLS] opens a turn, [SEP] = EOS closes it)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat") / "gpt2"
+    shutil.copytree(tiny_decoder, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def media(tmp_path, n=12):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        color = ["red", "blue"][i % 2]
+        write_image(tmp_path / "m" / f"i{i}.png", COLORS[color])
+        write_wav(tmp_path / "m" / f"a{i}.wav", freq=300 + 200 * (i % 2))
+        out.append((f"m/i{i}.png", f"m/a{i}.wav", color, ["train"] * 8 + ["validation"] * 2 + ["test"] * 2))
+    return out
+
+
+def split(i):
+    return "train" if i < 8 else "validation" if i < 10 else "test"
+
+
+def llava(tmp_path):
+    rows = [{"id": f"q{i}", "image": img, "split": split(i), "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"it is {color}"},
+        {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "yes it is big"}]}
+        for i, (img, _, color, _) in enumerate(media(tmp_path))]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(rows, indent=1))  # one JSON array, as LLaVA ships it
+    return path, "llava", 2
+
+
+def sharegpt(tmp_path):
+    rows = [{"id": f"s{i}", "split": split(i), "images": [img], "audios": [wav], "system": "answer briefly",
+             "messages": [{"role": "user", "content": "<image><audio>what is it?"},
+                          {"role": "assistant", "content": f"a {color} thing"}]}
+            for i, (img, wav, color, _) in enumerate(media(tmp_path))]
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path, "sharegpt", 1
+
+
+def alpaca(tmp_path):
+    rows = [{"id": f"a{i}", "split": split(i), "instruction": "<image>name the colour", "input": "it is one thing",
+             "output": f"{color}", "images": [img], "history": [["hello", "yes"]]}
+            for i, (img, _, color, _) in enumerate(media(tmp_path))]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path, "alpaca", 2
+
+
+def openai_records(tmp_path):
+    rows = []
+    for i, (img, wav, color, _) in enumerate(media(tmp_path)):
+        audio = base64.b64encode((tmp_path / wav).read_bytes()).decode()
+        uri = "data:image/png;base64," + base64.b64encode((tmp_path / img).read_bytes()).decode()
+        rows.append({"id": f"o{i}", "split": split(i), "messages": [
+            {"role": "system", "content": "answer briefly"},
+            {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                         {"type": "image_url", "image_url": {"url": uri if i % 2 else img}},
+                                         {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]},
+            {"role": "assistant", "content": f"a {color} thing"}]})
+    path = tmp_path / "openai.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path, "openai", 1
+
+
+@pytest.mark.parametrize("write", [llava, sharegpt, alpaca, openai_records])
+def test_each_format_is_read_and_trained_on(write, tiny_models, chat_decoder, tmp_path):
+    import datasets
+
+    path, fmt, turns = write(tmp_path)
+    r = run_cli(*tiny_prepare_args(tiny_models, path, tmp_path / "p"))
+    assert r.exit_code == 0, r.output
+    assert "conversations: 12 record(s) read as" in r.stderr and f"{turns * 12} assistant turn(s)" in r.stderr
+    train = datasets.load_from_disk(str(tmp_path / "p"))["train"]
+    assert len(train) == 8 and all(train["has_image"])
+    talk = json.loads(train["conversation"][0])
+    assert sum(m["role"] == "assistant" for m in talk["messages"]) == turns
+    assert "<image>" not in json.dumps(talk) and "<audio>" not in json.dumps(talk)
+    assert train["target"][0] == talk["messages"][-1]["content"]
+    if fmt in ("sharegpt", "openai"):
+        assert talk["system"] == "answer briefly" and all(train["has_audio"])
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "g"), "--task", "generate", "--decoder",
+                str(chat_decoder), "--epochs", "3", "--batch-size", "4", "--hidden-size", "16", "--prefix-tokens",
+                "2", "--lr", "5e-3", "--patience", "0")
+    assert r.exit_code == 0, r.output
+    assert "prompts: the decoder tokenizer chat template" in r.stderr
+    losses = [json.loads(x)["val_loss"] for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
+              if "val_loss" in x]
+    assert losses[-1] < losses[0]
+    r = run_cli("predict", str(tmp_path / "g"), str(path))
+    assert r.exit_code == 0, r.output
+    assert all("generated" in json.loads(x) for x in r.stdout.splitlines())
+
+
+def test_loss_covers_every_assistant_turn_and_nothing_else(chat_decoder, tiny_decoder):
+    from transformers import AutoTokenizer
+
+    from mmllm import chat
+
+    talk = [{"role": "user", "content": "is it big"}, {"role": "assistant", "content": "red thing"},
+            {"role": "user", "content": "and"}, {"role": "assistant", "content": "small"}]
+    tok = AutoTokenizer.from_pretrained(chat_decoder)
+    ids, mask = chat.encode(tok, talk, "be brief", chat.CHAT)
+    assert ids == tok(tok.apply_chat_template([{"role": "system", "content": "be brief"}, *talk], tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "red thing [SEP] small [SEP]"
+    assert tok.decode(chat.prompt_ids(tok, talk, None, chat.CHAT)) == tok.decode(
+        tok(tok.apply_chat_template(talk[:3], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)["input_ids"])
+    plain = AutoTokenizer.from_pretrained(tiny_decoder)  # no template: User:/Assistant: turns, EOS after each answer
+    ids, mask = chat.encode(plain, talk, None, chat.PLAIN)
+    assert plain.decode([i for i, m in zip(ids, mask) if m]) == "red thing [SEP] small [SEP]"
+
+
+def test_the_embedded_decoders_template_marks_its_turns():
+    """smollm2-135m (SmolLM2-135M-Instruct) has a chat template; its answers end with <|im_end|>, its EOS."""
+    from pathlib import Path
+
+    from conftest import REAL_HOME
+
+    folder = Path(REAL_HOME) / "models" / "smollm2-135m"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("smollm2-135m not pulled")
+    from transformers import AutoTokenizer
+
+    from mmllm import chat
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert chat.template_kind(tok) == chat.CHAT
+    talk = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a red square."}]
+    ids, mask = chat.encode(tok, talk, None, chat.CHAT)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "a red square.<|im_end|>"
+    assert ids[-1] != tok.eos_token_id and tok.eos_token_id in [i for i, m in zip(ids, mask) if m]
+    assert chat.stop_ids(tok, None, chat.CHAT) == [tok.eos_token_id]
+
+
+BAD = {
+    "placeholders": {"images": ["m/i0.png"], "messages": [{"role": "user", "content": "<image><image> what"},
+                                                          {"role": "assistant", "content": "red"}]},
+    "missing file": {"images": ["m/nope.png"], "messages": [{"role": "user", "content": "<image> what"},
+                                                            {"role": "assistant", "content": "red"}]},
+    "empty answer": {"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": "  "}]},
+    "url": {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                       "image_url": {"url": "https://example.com/a.png"}}]},
+                         {"role": "assistant", "content": "red"}]},
+}
+
+
+def test_each_bad_record_is_its_own_one_line_error(tiny_models, tmp_path):
+    good = sharegpt(tmp_path)[0].read_text().splitlines()
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(good + [json.dumps(b) for b in BAD.values()]) + "\n")
+    r = run_cli(*tiny_prepare_args(tiny_models, path, tmp_path / "p"))
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text())
+    reasons = {e["row"]: e for e in meta["skipped"]}
+    assert sorted(reasons) == [13, 14, 15, 16]
+    assert "2 <image> placeholder(s) in the turns but 1 image item(s) in 'images'" in reasons[13]["reason"]
+    assert reasons[14]["column"] == "image" and "nope.png" in json.dumps(reasons[14])
+    assert reasons[15]["reason"] == "turn 2: empty assistant turn"
+    assert "https URLs are not fetched" in reasons[16]["reason"]
+    assert all("\n" not in e["reason"] for e in meta["skipped"])
