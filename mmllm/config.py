@@ -220,7 +220,9 @@ class EvalModelConfig:
     output: str = opt(None, "Also write the metrics JSON (and confusion matrix PNG) here.", panel="Output")
     overwrite: bool = opt(False, "Replace an existing eval result written by mmllm (never anything else).",
                           panel="Output")
-    reliance: bool = opt(True, "Also evaluate with each modality masked in turn.", panel="Output")
+    reliance: bool = opt(None, "Also evaluate with each modality masked in turn. Default: on for classification, "
+                               "off for generation (each masked modality generates the split again).",
+                         panel="Output")
     batch_size: int = opt(64, "Batch size.", panel="Runtime")
     bleu_tokenize: str = opt("13a", "sacreBLEU tokenizer for generated text.", panel="Generation")
     max_new_tokens: int = opt(None, "Longest generated text (generation checkpoints; default: the checkpoint's, "

@@ -79,7 +79,7 @@ def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
     padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
     result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
                               "split": split, **classification(gold, padded.argmax(1), names, padded)}
-    if cfg.reliance:
+    if cfg.reliance is not False:
         result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
     return result
 
@@ -102,6 +102,9 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
                               **{k: v for k, v in rates.items() if k != "n"},
                               "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
                                            list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
+    if cfg.reliance is None and mods:
+        log("reliance: not computed for a generation checkpoint unless asked (it generates the split once more "
+            "per modality): --reliance")
     if cfg.reliance and mods:
         masked = {"none": {"bleu": result["bleu"], "chrf": result["chrf"]}}
         for m in mods:

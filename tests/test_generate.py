@@ -35,6 +35,9 @@ def test_generation_eval_and_predict(prepared, tiny_decoder, toy_manifest, tmp_p
     gen_finetune(prepared, tiny_decoder, out, "--monitor", "val_bleu", "--l2", "1e-4")
     r = run_cli("eval", "model", str(out), str(prepared), "--max-new-tokens", "8")
     assert r.exit_code == 0, r.output
+    assert "reliance" not in json.loads(r.stdout) and "reliance: not computed" in r.stderr  # opt-in here
+    r = run_cli("eval", "model", str(out), str(prepared), "--max-new-tokens", "8", "--reliance")
+    assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
     assert m["task"] == "generate" and "tok:13a" in m["bleu_signature"]
     assert set(m["reliance"]["masked"]) == {"none", "image", "audio"} and len(m["examples"]) == min(5, m["n"])
