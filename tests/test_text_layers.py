@@ -248,3 +248,20 @@ def test_prepare_refuses_more_trunk_layers_than_the_model_has(tiny_models, toy_m
     assert r.exit_code == 2, r.output
     assert "--text-trunk-layers 3: the text model" in r.output and "has 2 layers; use 1 to 2" in r.output
     assert not (tmp_path / "p").exists()
+
+
+def test_shards_with_trunk_states_merge_and_shards_of_another_k_do_not(tiny_models, toy_manifest, tmp_path):
+    import datasets
+
+    shards = []
+    for i, k in enumerate(("1", "1", "2")):
+        prepare(tiny_models, toy_manifest, tmp_path / f"s{i}", "--precision", "fp32", "--text-trunk-layers", k,
+                "--shard-index", str(i % 2), "--num-shards", "2")
+        shards.append(tmp_path / f"s{i}")
+    r = run_cli("prepare", str(shards[0]), str(shards[1]), "--merge", "--output", str(tmp_path / "merged"))
+    assert r.exit_code == 0, r.output
+    merged = datasets.load_from_disk(str(tmp_path / "merged"))
+    assert all(len(row["text_trunk"]) == len(row["input_ids"]) for row in merged["train"])
+    assert json.loads((tmp_path / "merged" / "mmllm-prepared.json").read_text())["text_trunk"]["top_layers"] == 1
+    r = run_cli("prepare", str(shards[0]), str(shards[2]), "--merge", "--output", str(tmp_path / "other"))
+    assert r.exit_code == 2 and "other encoders or features" in r.output, r.output
