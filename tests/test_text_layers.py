@@ -265,3 +265,31 @@ def test_shards_with_trunk_states_merge_and_shards_of_another_k_do_not(tiny_mode
     assert json.loads((tmp_path / "merged" / "mmllm-prepared.json").read_text())["text_trunk"]["top_layers"] == 1
     r = run_cli("prepare", str(shards[0]), str(shards[2]), "--merge", "--output", str(tmp_path / "other"))
     assert r.exit_code == 2 and "other encoders or features" in r.output, r.output
+
+
+def test_an_interrupted_top_layers_run_resumes_to_the_same_result(tiny_models, toy_manifest, tmp_path, monkeypatch):
+    import mmllm.loop as loop
+
+    prepare(tiny_models, toy_manifest, tmp_path / "p", "--precision", "fp32", "--text-trunk-layers", "1")
+    args = ["--epochs", "3", "--batch-size", "8", "--hidden-size", "16", "--fusion", "concat", "--patience", "0",
+            "--train-text-layers", "1", "--backbone-lr", "1e-3"]
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "full"), *args)
+    assert r.exit_code == 0, r.output
+    whole = load_json_lines(r.stdout)[-1]
+    original = loop.fit_epoch
+
+    def stop_after_first_epoch(*a, **k):
+        seen = original(*a, **k)
+        if a[7].epoch == 0:
+            a[8].hit = True  # as Ctrl-C: the state is saved, the run exits 130
+        return seen
+
+    monkeypatch.setattr(loop, "fit_epoch", stop_after_first_epoch)
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "cut"), *args)
+    assert r.exit_code == 130, r.output
+    monkeypatch.setattr(loop, "fit_epoch", original)
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "cut"), *args, "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = load_json_lines(r.stdout)[-1]
+    for key in ("val_loss", "val_accuracy", "steps", "best_epoch"):
+        assert resumed[key] == whole[key], key
