@@ -133,8 +133,8 @@ def report(r: dict) -> tuple[list[str], list[str]]:
             f"fine-tuning step {r['step_s']['full']:.3f} s | {fmt(r['ratio'][k], '.3f')} (bound "
             f"{r['bound'][k]:.3f}) | {TARGET} | {r['met']} |"]
     lines = [f"- text_layers ({r.get('date', 'this run')}, {r['cores']} threads, load {r['load']}): step of the top "
-             + ", ".join(f"{k} layers {r['step_s']['top ' + k]:.3f} s ({r['ratio'][k]:.3f} of full, bound "
-                         f"{r['bound'][k]:.3f})" for k in r["ratio"])
+             + ", ".join(f"{k} layer{'s' if k != '1' else ''} {r['step_s']['top ' + k]:.3f} s ({r['ratio'][k]:.3f} "
+                         f"of full, bound {r['bound'][k]:.3f})" for k in r["ratio"])
              + f"; full fine-tuning {r['step_s']['full']:.3f} s; frozen (pooled states) {r['step_s']['frozen']:.4f} s;"
              f" stored trunk states {', '.join(f'{b:,}' for b in r['bytes_per_record'].values())} bytes per record "
              f"({r['dtype']}, {r['mean_tokens']:.0f} tokens x 384 values)"]

@@ -179,7 +179,8 @@ def encoder_notes(config: dict) -> list[str]:
     lora_r = (config.get("model") or {}).get("lora_r")
     top = (config.get("model") or {}).get("train_text_layers")
     if text in ("lora", "full") and top:
-        notes.append(f"Only the top {top} layers of the text model are fine-tuned"
+        notes.append(f"Only the top {top} layer{'s' if top > 1 else ''} of the text model {'are' if top > 1 else 'is'} "
+                     "fine-tuned"
                      + (f" (with LoRA rank {lora_r}, merged)" if text == "lora" else "")
                      + ", trained over the token states of the frozen layers below them that prepare stored "
                      f"(--text-trunk-layers {top}); text_model/ holds the whole model: the pretrained embeddings and "
