@@ -54,7 +54,9 @@ ALTERNATIVES = {"digits_match": {"fusion bilinear": (["--fusion", "bilinear"], [
                                  "prepare --no-transcribe": ([], ["--no-transcribe"])},
                 "digits_noise": {"fusion bilinear": (["--fusion", "bilinear"], [])},
                 "fortunes": {"fusion bilinear": (["--fusion", "bilinear"], []),
-                             "fusion concat": (["--fusion", "concat"], [])}}
+                             "fusion concat": (["--fusion", "concat"], []),
+                             "top 1 text layer trained": (["--train-text-layers", "1"], ["--text-trunk-layers", "1"]),
+                             "top 2 text layers trained": (["--train-text-layers", "2"], ["--text-trunk-layers", "2"])}}
 EMB = {"text": "text_pooled", "image": "image_emb", "audio": "audio_emb"}  # frozen pooled features
 
 

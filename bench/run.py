@@ -4,9 +4,9 @@
     python bench/run.py --quick     small sizes, about a minute: writes results.json and BENCHMARKS.md under a
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
-    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e, levers are
-                                    not part of a full run) and merges them into results.json (with their own
-                                    date), then BENCHMARKS.md
+    python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e, levers,
+                                    text_layers are not part of a full run) and merges them into results.json (with
+                                    their own date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
 scaling), each with run(...) -> dict and report(dict) -> (table rows, other figures); common.py holds the shared
@@ -41,6 +41,7 @@ import prepare_speed
 import scaling
 import serve_load
 import startup
+import text_layers
 import trainer_compare
 import transcribe_speed
 from common import ROOT, SAMPLE, markdown, quiet_stdout, versions, write_manifest, write_text
@@ -50,9 +51,10 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
            "predict": predict_memory, "prepare_memory": prepare_memory, "scaling": scaling,
            "precision": precision, "serve": serve_load, "generate": generate_speed,
            "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune,
-           "e2e": e2e, "levers": levers}  # results key -> module
+           "e2e": e2e, "levers": levers, "text_layers": text_layers}  # results key -> module
 ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
         "levers": levers.run, "limits": limits.run, "precision": lambda tmp, quick: precision.run(quick),
+        "text_layers": text_layers.run,
         "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
 
 

@@ -53,16 +53,18 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def save(model: Classifier, folder: Path, info: dict, tokenizer: Any, text_config: Any) -> None:
+def save(model: Classifier, folder: Path, info: dict, tokenizer: Any, text_config: Any,
+         text_model: torch.nn.Module | None = None) -> None:
     """Write weights + self-description into `folder` (which the caller renames into place): the text model
-    as a Hugging Face folder in text_model/, every other weight in model.safetensors, and the model card."""
+    as a Hugging Face folder in text_model/, every other weight in model.safetensors, and the model card.
+    `text_model`: the whole text model to write when the model holds only a part of it (its trained top layers)."""
     from mmllm import modelcard
 
     write_marker(folder)
     net = unwrap(model)
     state = net.state_dict()
     if net.text is not None:
-        save_hf_model(net.text, folder / "text_model")
+        save_hf_model(text_model if text_model is not None else net.text, folder / "text_model")
         state = {k: v for k, v in state.items() if not k.startswith("text.")}  # stored once, in text_model/
     save_weights(file_tensors(state), folder / "model.safetensors")
     config = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict(), **info}
@@ -208,6 +210,7 @@ MODEL_RULES = {
     "text_dim": Rule("int", 1, MAX_WIDTH), "image_dim": Rule("int", 1, MAX_WIDTH),
     "audio_dim": Rule("int", 1, MAX_WIDTH), "share_projections": Rule("bool"), "modality_dropout": Rule("fraction"),
     "freeze_text": Rule("bool"), "lora_r": Rule("int", 0, MAX_WIDTH), "text_model_type": Rule("str"),
+    "train_text_layers": Rule("int", 0, 1 << 12),
     "sequence": Rule("bool"), "extra": Rule("dict"),
 }
 GENERATION_RULES = {

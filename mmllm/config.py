@@ -27,7 +27,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # the validation metrics each task produces: what --monitor may name
 TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": ("val_loss", "val_bleu")}
 # finetune options that only one task reads (the other task would silently ignore them)
-TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text"),
+TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text",
+                          "train_text_layers"),
              "generate": ("decoder", "prefix_tokens", "train_decoder", "max_new_tokens", "decoder_precision")}
 # finetune defaults that depend on --task (a field left at None takes its task's value): generation learns short
 # templates from a frozen decoder in far fewer steps than a classifier, and its val_loss keeps creeping towards 0
@@ -37,7 +38,8 @@ TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_d
 # prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
 MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
                  "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
-                 "sequence_features", "sentence_embedding", "val_fraction", "test_fraction", "augment", "on_error",
+                 "sequence_features", "sentence_embedding", "text_trunk_layers", "val_fraction", "test_fraction",
+                 "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
                  "precision", "transcribe", "transcribe_model", "transcript_reference_column")
 RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "min_rel_delta", "lr",
@@ -85,6 +87,9 @@ class PrepareConfig:
     sequence_features: bool = opt(False, "Also store image/audio token sequences (for attention fusion).",
                                   panel="Model")
     sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.", panel="Model")
+    text_trunk_layers: int = opt(0, "Also store the text model's token states after layer L-K (its real tokens; "
+                                    "bf16 when the encoders run bf16), so that finetune --train-text-layers K trains "
+                                    "its top K layers without running the rest (0: off).", panel="Model")
     transcribe: bool = opt(None, "Transcribe the audio (speech recognition) and give the transcript to the text "
                                  "model as a second segment after the text (or as the text when there is none). "
                                  "Default: on when the data has audio and --audio-model is the embedded "
@@ -146,6 +151,10 @@ class FinetuneConfig:
                                   "unless --lora-r adapts it; --no-freeze-text fine-tunes it (on 2 CPU cores over "
                                   "100x slower per step: 5-10 s vs under 0.04 s on 1000 fortunes).", panel="Model")
     lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).", panel="Model")
+    train_text_layers: int = opt(0, "Train only the top K layers of the text model (with --lora-r: LoRA on them), "
+                                    "the pooling and the head, over the token states of the layers below that "
+                                    "prepare --text-trunk-layers K stored: those layers and the embeddings never run "
+                                    "(0: off; see --freeze-text).", panel="Model")
     share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).", panel="Model")
     modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
     epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
@@ -205,8 +214,9 @@ class FinetuneConfig:
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.freeze_text is None and self.task == "classify":  # LoRA adapts the text model: then it runs
-            self.freeze_text = not self.lora_r and "text" in [m.strip() for m in str(self.modalities).split(",")]
+        if self.freeze_text is None and self.task == "classify":  # LoRA or top layers train: then they run
+            mods = [m.strip() for m in str(self.modalities).split(",")]
+            self.freeze_text = not self.lora_r and not self.train_text_layers and "text" in mods
 
 
 @dataclass
@@ -565,6 +575,8 @@ def prepare_rules(cfg: PrepareConfig) -> list[str]:
     problems = []
     if cfg.augment > MAX_AUGMENT:
         problems.append(f"--augment: at most {MAX_AUGMENT} variants per record (got {cfg.augment})")
+    if cfg.text_trunk_layers < 0:
+        problems.append(f"--text-trunk-layers: must be >= 0 (got {cfg.text_trunk_layers})")
     if not 0 < cfg.max_audio_seconds <= MAX_AUDIO_SECONDS:
         problems.append(f"--max-audio-seconds: must be in (0, {MAX_AUDIO_SECONDS:g}] (got {cfg.max_audio_seconds})")
     if cfg.transcribe is False:
@@ -595,12 +607,17 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
     if cfg.lora_r and cfg.freeze_text and task == "classify":
         problems.append("--lora-r and --freeze-text: LoRA trains adapters on the text model, --freeze-text keeps "
                         "it fixed; choose one")
+    if cfg.train_text_layers and cfg.freeze_text and task == "classify":
+        problems.append("--train-text-layers and --freeze-text: the first trains the text model's top layers, the "
+                        "second keeps it fixed; choose one")
+    if cfg.train_text_layers < 0:
+        problems.append(f"--train-text-layers: must be >= 0 (got {cfg.train_text_layers})")
     if cfg.lora_r and cfg.train_decoder and task == "generate":
         problems.append("--lora-r and --train-decoder: LoRA trains adapters, --train-decoder the whole decoder; "
                         "choose one")
     if task == "classify" and explicit and "text" not in mods:
         problems += [f"{flag(n)}: needs the text modality (--modalities {cfg.modalities})"
-                     for n in ("lora_r", "freeze_text") if getattr(cfg, n)]
+                     for n in ("lora_r", "freeze_text", "train_text_layers") if getattr(cfg, n)]
     if task == "classify" and explicit and cfg.share_projections and not {"image", "audio"} <= set(mods):
         problems.append("--share-projections: shares the image and audio projection; needs both modalities")
     if task == "classify" and explicit and cfg.modality_dropout and len(set(mods)) < 2:

@@ -179,11 +179,17 @@ class TextEncoder:
         ids = self.tokenize(texts, max_tokens)["input_ids"]
         return l2_normalize(torch.from_numpy(self.pooled(ids))).numpy()
 
-    @torch.inference_mode()
     def pooled(self, input_ids: list[list[int]], batch_size: int = 32) -> np.ndarray:
         """The frozen text model's token states for these exact token ids, mean-pooled over each record's tokens
         (N, D), unnormalized: what a frozen text model gives the fusion, computed once (prepare) instead of in
         every training step. Records are run in batches of similar length (little padding)."""
+        return self.pooled_and_trunk(input_ids, 0, batch_size)[0]
+
+    @torch.inference_mode()
+    def pooled_and_trunk(self, input_ids: list[list[int]], trunk_layers: int = 0, batch_size: int = 32
+                         ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(pooled states (N, D) as `pooled`, and with `trunk_layers` k > 0 each record's token states after layer
+        L-k: (n_i, D) float32 over its real tokens, padding left out), from one forward of the whole model."""
         if self._model is None:  # eager attention: 1.0-1.9x sdpa's texts/s on short texts, 1.06-1.12x on ~60
             # tokens (bench/levers.py, three runs), the same states; a model without an eager path keeps its default
             try:
@@ -193,13 +199,19 @@ class TextEncoder:
         pad = self.tokenizer.pad_token_id or 0
         order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
         out = np.zeros((len(input_ids), self.dim), np.float32)
+        trunk: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * (len(input_ids) if trunk_layers else 0)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = pad_token_ids([input_ids[i] for i in idx], pad)
             with autocast(self.precision):
-                states = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, T, D)
+                result = self._model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(trunk_layers))
+            states = result.last_hidden_state.float()  # (B, T, D)
             out[idx] = mean_pool(states, mask).numpy()
-        return out
+            if trunk_layers:
+                below = result.hidden_states[-1 - trunk_layers].float()  # (B, T, D): the input of layer L-k+1
+                for j, i in enumerate(idx):
+                    trunk[i] = below[j, :int(mask[j].sum())].numpy().copy()
+        return out, trunk
 
     def describe(self) -> dict:
         return {"name": self.name, "identity": self.identity, "dim": self.dim, "precision": self.precision,

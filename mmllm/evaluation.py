@@ -131,7 +131,10 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_state
                                 f"{config['encoders'][role]['name']}")
         if cfg.split not in ds:
             raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
-        columns = ds[cfg.split].with_format("numpy")[:]
+        part = ds[cfg.split]
+        if "text_trunk" in part.column_names:  # the checkpoint holds the whole text model: it runs on the token ids
+            part = part.remove_columns("text_trunk")
+        columns = part.with_format("numpy")[:]
         columns["label"] = label_strings(ds[cfg.split])  # names (the prepared column is a ClassLabel of ids)
         return columns, str(data), cfg.split
     from mmllm.records import raw_records

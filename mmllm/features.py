@@ -136,8 +136,8 @@ class FeatureStore:
         self._lock = threading.Lock()  # get() runs in the decode threads
 
     def get(self, key: str, shapes: dict[str, tuple[int, ...]] | None = None) -> dict | None:
-        """The features of `key`, or None to compute them. `shapes`: what a valid entry holds (float32 tensors of
-        these shapes); a cache entry that differs is recomputed."""
+        """The features of `key`, or None to compute them. `shapes`: what a valid entry holds (tensors of these
+        names and shapes); a cache entry that differs is recomputed."""
         if key in self.memo:
             self.memo.move_to_end(key)
             self.hits += 1
@@ -217,7 +217,7 @@ def write_entry(path: Path, value: dict) -> None:
 
 
 def read_entry(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict | None, str | None]:
-    """(tensors, None) of a valid cache entry, or (None, what is wrong with it)."""
+    """(tensors, None) of a valid cache entry, or (None, what is wrong with it); `shapes`: of every tensor."""
     from safetensors import safe_open
 
     try:
@@ -231,7 +231,7 @@ def read_entry(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> 
     if tensors_checksum(value) != recorded:
         return None, "does not match its checksum (garbled)"
     if shapes is not None:
-        got = {k: tuple(v.shape) for k, v in value.items() if v.dtype == np.float32}
+        got = {k: tuple(v.shape) for k, v in value.items()}
         if got != {k: tuple(s) for k, s in shapes.items()}:
             return None, f"holds shapes {got}, not the {shapes} the encoder gives"
     return value, None
@@ -428,7 +428,8 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
     transcripts = transcribe_chunk(good, transcriber, store, cfg) if transcriber else [None] * len(good)
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
-    text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, cfg) if text_enc and texts else {}
+    text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, cfg, store) \
+        if text_enc and texts else {}
     rows = []
     for i, it in enumerate(good):
         rec = it["rec"]
@@ -453,11 +454,13 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
     return rows, errors
 
 
-def text_columns(texts: list[str], transcripts: list[str | None] | None, text_enc: Any, cfg: PrepareConfig
-                 ) -> dict[str, Any]:
+def text_columns(texts: list[str], transcripts: list[str | None] | None, text_enc: Any, cfg: PrepareConfig,
+                 store: FeatureStore | None = None) -> dict[str, Any]:
     """Token ids and mask of each text (with its transcript as a second segment), the frozen text model's pooled
     states of exactly those tokens (`text_pooled`: a --freeze-text model reads them instead of running the text
-    model in every step) and, with --sentence-embedding, the same vectors L2-normalized (`text_emb`)."""
+    model in every step), with --text-trunk-layers K its token states after layer L-K (`text_trunk`, cached by
+    `trunk_key`: finetune --train-text-layers K runs only the top K layers over them) and, with
+    --sentence-embedding, the pooled states L2-normalized (`text_emb`)."""
     import torch
 
     from mmllm.encoders import l2_normalize
@@ -468,13 +471,55 @@ def text_columns(texts: list[str], transcripts: list[str | None] | None, text_en
     pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcripts else None
     tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs)
     cols = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
-    if text_enc.states or cfg.sentence_embedding:
+    pooled = None
+    if cfg.text_trunk_layers:
+        pooled, trunk = text_trunk(tokens["input_ids"], text_enc, cfg.text_trunk_layers, store or FeatureStore(False))
+        cols["text_trunk"] = [list(states) for states in trunk]  # rows of per-token fixed-size lists
+    elif text_enc.states or cfg.sentence_embedding:
         pooled = text_enc.pooled(tokens["input_ids"])
-        if text_enc.states:
-            cols["text_pooled"] = pooled
-        if cfg.sentence_embedding:
-            cols["text_emb"] = l2_normalize(torch.from_numpy(pooled)).numpy()
+    if pooled is not None and text_enc.states:
+        cols["text_pooled"] = pooled
+    if pooled is not None and cfg.sentence_embedding:
+        cols["text_emb"] = l2_normalize(torch.from_numpy(pooled)).numpy()
     return cols
+
+
+def trunk_dtype(text_enc: Any) -> str:
+    """How trunk states are stored: bf16 when the encoders run bf16, else fp32."""
+    return "bf16" if text_enc.precision == "bf16" else "fp32"
+
+
+def trunk_key(ids: list[int], text_enc: Any, k: int) -> str:
+    """Cache key of one text's trunk states: its token ids, the text model's identity, K and the precision."""
+    parts = {"role": "text_trunk", "tokens": hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+             "encoder": text_enc.identity, "layers": k, "precision": text_enc.precision, "code": ENCODER_CODE}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def text_trunk(input_ids: list[list[int]], text_enc: Any, k: int, store: FeatureStore
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(pooled states (N, D), per record its states after layer L-K as stored: (n_i, D) float32, or uint16 bf16 bit
+    patterns), from the feature cache or one forward of the whole model per distinct token sequence missing."""
+    from mmllm.text_layers import to_storage
+
+    dtype = trunk_dtype(text_enc)
+    keys = [trunk_key(ids, text_enc, k) for ids in input_ids]
+    found: dict[str, dict] = {}
+    missing: dict[str, list[int]] = {}
+    for key, ids in zip(keys, input_ids):
+        if key not in found and key not in missing:
+            value = store.get(key, {"pooled": (text_enc.dim,), "states": (max(1, len(ids)), text_enc.dim)})
+            if value is None:
+                missing[key] = ids
+            else:
+                found[key] = value
+    if missing:
+        todo = list(missing)
+        pooled, trunk = text_enc.pooled_and_trunk([missing[key] for key in todo], k)
+        for key, p, t in zip(todo, pooled, trunk):
+            found[key] = {"pooled": p, "states": to_storage(t, dtype)}
+            store.put(key, found[key])
+    return np.stack([found[key]["pooled"] for key in keys]), [found[key]["states"] for key in keys]
 
 
 def arrow_schema(encoders: dict, cfg: PrepareConfig):
@@ -490,6 +535,9 @@ def arrow_schema(encoders: dict, cfg: PrepareConfig):
                    pa.field("text_pooled", pa.list_(pa.float32(), encoders["text"].dim))]
         if cfg.sentence_embedding:
             fields.append(pa.field("text_emb", pa.list_(pa.float32(), encoders["text"].dim)))
+        if cfg.text_trunk_layers:
+            value = pa.uint16() if trunk_dtype(encoders["text"]) == "bf16" else pa.float32()
+            fields.append(pa.field("text_trunk", pa.list_(pa.list_(value, encoders["text"].dim))))
     for role in ("image", "audio"):
         if role in encoders:
             dim = encoders[role].dim

@@ -35,6 +35,7 @@ class ModelConfig:
     modality_dropout: float = 0.0
     freeze_text: bool = False
     lora_r: int = 0
+    train_text_layers: int = 0  # k > 0: only the top k layers train, over the trunk states prepare stored
     text_model_type: str | None = None
     sequence: bool = False  # attention/transformer fusion over the stored image/audio token sequences
     extra: dict = field(default_factory=dict)
@@ -153,10 +154,15 @@ class Classifier(nn.Module):
         return self
 
     def with_text_states(self, batch: dict) -> dict:
-        """The batch plus the text model's token states (B, T, D_text) when the text is not stored pooled."""
+        """The batch plus the text model's token states (B, T, D_text) when the text is not stored pooled: the
+        top layers (a TextTop) over the stored trunk states `text_trunk`, or the whole model over token ids."""
         if "text" in self.cfg.modalities and "text_pooled" not in batch:
-            out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            batch = {**batch, "text_seq": out.last_hidden_state}
+            if "text_trunk" in batch:  # --train-text-layers: the trunk ran once, in prepare
+                states = self.text(batch["text_trunk"], batch["attention_mask"])
+            else:
+                out = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                states = out.last_hidden_state
+            batch = {**batch, "text_seq": states}
         return batch
 
     def output(self, logits: torch.Tensor, batch: dict, gates: torch.Tensor | None = None) -> dict[str, Any]:
@@ -295,8 +301,11 @@ def build_model(cfg: ModelConfig, text_model: nn.Module | None) -> Classifier:
     if text_model is not None and cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        # the top layers alone (a TextTop, not a transformers model) name their linear layers: all of them
+        targets = "all-linear" if hasattr(text_model, "get_input_embeddings") else sorted(
+            {name.rsplit(".", 1)[-1] for name, m in text_model.named_modules() if isinstance(m, nn.Linear)})
         text_model = get_peft_model(text_model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-                                                           target_modules="all-linear", lora_dropout=0.0))
+                                                           target_modules=targets, lora_dropout=0.0))
     elif text_model is not None and cfg.freeze_text:
         text_model.requires_grad_(False)
     return classifier(cfg, text_model)

@@ -177,7 +177,15 @@ def encoder_notes(config: dict) -> list[str]:
     notes = []
     text = text_training(config)
     lora_r = (config.get("model") or {}).get("lora_r")
-    if text == "lora":
+    top = (config.get("model") or {}).get("train_text_layers")
+    if text in ("lora", "full") and top:
+        notes.append(f"Only the top {top} layer{'s' if top > 1 else ''} of the text model {'are' if top > 1 else 'is'} "
+                     "fine-tuned"
+                     + (f" (with LoRA rank {lora_r}, merged)" if text == "lora" else "")
+                     + ", trained over the token states of the frozen layers below them that prepare stored "
+                     f"(--text-trunk-layers {top}); text_model/ holds the whole model: the pretrained embeddings and "
+                     "lower layers, the trained top layers.")
+    elif text == "lora":
         notes.append(f"The text model is fine-tuned with LoRA (rank {lora_r}; only the adapters trained), merged into "
                      "the weights in text_model/.")
     elif text == "full":

@@ -77,6 +77,7 @@ def build(cfg: PrepareConfig) -> int:
         raise UserError(f"no usable records in {cfg.input[0]}")
     encoders = load_encoders(cfg, roles)
     cfg.max_text_tokens = check_text_limit(encoders.get("text"), cfg.max_text_tokens)
+    check_trunk_layers(encoders.get("text"), cfg.text_trunk_layers)
     records = augment_records(records, cfg.augment)
     tmp = outputs.beside(out, folder=True)
     try:
@@ -86,6 +87,11 @@ def build(cfg: PrepareConfig) -> int:
             raise UserError(f"every record of {cfg.input[0]} was skipped ({len(errors)} errors, see above)")
         labels = sorted({lab for lab in _labels(tmp) if lab is not None})
         meta = build_meta(cfg, cols, encoders, rows_per_split, labels, errors)
+        if cfg.text_trunk_layers:
+            meta["text_trunk"]["bytes_per_record"] = trunk_bytes(tmp, sum(rows_per_split.values()))
+            log(f"text trunk states: {meta['text_trunk']['bytes_per_record']:,} bytes per record "
+                f"({meta['text_trunk']['dtype']}, after layer {meta['text_trunk']['after_layer']} of "
+                f"{meta['text_trunk']['layers']})")
         if "transcript" in encoders:
             meta["transcripts"] = transcript_report(encoders["transcript"], tmp, references)
         _finish(tmp, out, meta, cfg)
@@ -94,6 +100,8 @@ def build(cfg: PrepareConfig) -> int:
         raise
     summary = {"output": str(out), "counts": rows_per_split, "skipped": len(errors), "labels": len(labels),
                "seconds": round(time.perf_counter() - start, 2)}
+    if cfg.text_trunk_layers:
+        summary["text_trunk_bytes_per_record"] = meta["text_trunk"]["bytes_per_record"]
     if meta.get("transcripts"):
         summary["transcripts"] = {k: v for k, v in meta["transcripts"].items() if not k.endswith("_definition")}
     emit(summary)
@@ -136,6 +144,31 @@ def check_text_limit(text: Any, max_tokens: int) -> int:
         return min(limits)
     raise UserError(f"--max-text-tokens {max_tokens}: the text model '{text.name}' takes at most {min(limits)} "
                     f"tokens (its position limit); use --max-text-tokens {min(limits)} or less")
+
+
+def check_trunk_layers(text: Any, k: int) -> None:
+    """--text-trunk-layers K needs a text model of at least K layers that splits into trunk and top layers."""
+    if not k:
+        return
+    if text is None:
+        raise UserError(f"--text-trunk-layers {k}: the data has no text (no text column, or every text is empty)")
+    from mmllm.text_layers import check_split
+
+    check_split(text.config, k, "--text-trunk-layers", text.name)
+
+
+def trunk_bytes(tmp: Path, records: int) -> int:
+    """Mean bytes of the stored trunk states per record (the values alone, as the Arrow files hold them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for f in (tmp / "_arrow").glob("*.arrow"):
+        with pa.ipc.open_stream(str(f)) as reader:
+            column = reader.read_all().column("text_trunk")
+            values = pc.list_flatten(pc.list_flatten(column))
+            total += len(values) * values.type.byte_width
+    return round(total / max(1, records))
 
 
 def report_columns(cols: dict, records: list[dict], reference: str | None = None) -> None:
@@ -298,10 +331,21 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
             features["text_pooled"] = [enc.dim]  # the frozen text model's mean-pooled token states
             if cfg.sentence_embedding:
                 features["text_emb"] = [enc.dim]
+            if cfg.text_trunk_layers:
+                features["text_trunk"] = ["T", enc.dim]  # token states after layer L-K, the real tokens only
         else:
             features[f"{role}_emb"] = [enc.dim]
             if cfg.sequence_features:
                 features[f"{role}_seq"] = [16, enc.dim]
+    trunk = None
+    if cfg.text_trunk_layers:
+        from mmllm.features import trunk_dtype
+        from mmllm.text_layers import num_layers
+
+        text = encoders["text"]
+        trunk = {"top_layers": cfg.text_trunk_layers, "layers": num_layers(text.config),
+                 "after_layer": num_layers(text.config) - cfg.text_trunk_layers, "dtype": trunk_dtype(text),
+                 "text_model": text.identity}
     return {
         "schema_version": SCHEMA_VERSION,
         "mmllm_version": __import__("mmllm").__version__,
@@ -317,6 +361,7 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
                           "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding,
                           "precision": resolve_precision(cfg.precision),  # what the frozen encoders ran in
                           "transcribe": transcriber.describe() if transcriber else None},
+        "text_trunk": trunk,  # --text-trunk-layers: K (top_layers) of L (layers), the storage dtype
         "labels": labels,
         "has_target": bool(cols.get("target")),
         "counts": counts,
@@ -416,7 +461,9 @@ def merge(cfg: PrepareConfig) -> int:
     for (_, meta), path in zip(loaded[1:], cfg.input[1:]):
         mine = {r: e["identity"] for r, e in meta["encoders"].items()}
         theirs = {r: e["identity"] for r, e in first["encoders"].items()}
-        if mine != theirs or meta["features"] != first["features"]:
+        trunk = [{k: v for k, v in (m.get("text_trunk") or {}).items() if k != "bytes_per_record"}
+                 for m in (meta, first)]
+        if mine != theirs or meta["features"] != first["features"] or trunk[0] != trunk[1]:
             raise UserError(f"--merge: {path} was prepared with other encoders or features ({mine} vs {theirs})")
     out = Path(cfg.output)
     tmp = outputs.beside(out, folder=True)

@@ -34,7 +34,11 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
         if text.identity != meta["encoders"]["text"]["identity"]:
             raise UserError(f"text model {text.name} is now {text.identity}, prepared with "
                             f"{meta['encoders']['text']['identity']}: prepare again")
-        tokenizer, text_config, text_model = text.tokenizer, text.config, text.build_model()
+        tokenizer, text_config = text.tokenizer, text.config
+        text_model = top_layers(cfg, meta, text) if cfg.train_text_layers else text.build_model()
+    elif cfg.train_text_layers:
+        raise UserError(f"--train-text-layers {cfg.train_text_layers}: needs the text modality (training uses "
+                        f"{', '.join(modalities)})")
     pad_id = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
     enc = meta["encoders"]
     fusions = candidate_fusions(cfg, modalities)
@@ -46,13 +50,15 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
                            image_dim=enc.get("image", {}).get("dim"), audio_dim=enc.get("audio", {}).get("dim"),
                            share_projections=cfg.share_projections, modality_dropout=cfg.modality_dropout,
                            freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
+                           train_text_layers=cfg.train_text_layers if "text" in mods else 0,
                            text_model_type=getattr(text_config, "model_type", None),
                            sequence=sequence and fusion in TOKEN_FUSIONS)
 
     members = {f: build_model(model_config(f, modalities), text_model).to(dist.device) for f in fusions}
     cached = uses_cached_text(next(iter(members.values())).cfg, meta)
-    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence, cached)
-    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence, cached)
+    trunk = bool(cfg.train_text_layers)
+    train_table = FeatureTable.from_split(data["train"], modalities, label_to_id, pad_id, sequence, cached, trunk)
+    val = FeatureTable.from_split(data["validation"], modalities, label_to_id, pad_id, sequence, cached, trunk)
     weights = auto_class_weights(train_table.labels, len(labels)).to(dist.device) if cfg.class_weights == "auto" \
         else None
     for member in members.values():
@@ -91,9 +97,39 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
             warn(f"this {cfg.fusion} model's {cfg.monitor} {metrics[cfg.monitor]:.4f} is worse than a linear probe's "
                  f"{metrics['linear_probe'][cfg.monitor]:.4f} on the same stored features (--fusion auto would keep "
                  "the better one)")
-        checkpoint.save(chosen, out, info, tokenizer, text_config)
+        whole = None
+        if cfg.train_text_layers:  # the checkpoint holds the whole text model: its trunk with the trained top
+            from mmllm.text_layers import compose
+
+            whole = compose(text.build_model(), checkpoint.merged_state(checkpoint.unwrap(chosen).text))
+        checkpoint.save(chosen, out, info, tokenizer, text_config, whole)
 
     return Task(model, train_table, run_validation, save)
+
+
+def top_layers(cfg: Any, meta: dict, text: Any) -> torch.nn.Module:
+    """--train-text-layers K: the text model's top K layers alone (a TextTop), after checking that the prepared data
+    stores the states below them for this very text model; the trunk and the embeddings are never loaded."""
+    from mmllm.text_layers import check_split, load_top, num_layers
+
+    k, stored = cfg.train_text_layers, meta.get("text_trunk")
+    check_split(text.config, k, "--train-text-layers", text.name)
+    if not stored:
+        raise UserError(f"--train-text-layers {k}: {cfg.prepared} stores no text trunk states; prepare it again "
+                        f"with --text-trunk-layers {k}")
+    if stored.get("top_layers") != k:
+        raise UserError(f"--train-text-layers {k}: {cfg.prepared} stores the states below the top "
+                        f"{stored.get('top_layers')} layers (prepare --text-trunk-layers {stored.get('top_layers')}): "
+                        f"use --train-text-layers {stored.get('top_layers')}, or prepare again with "
+                        f"--text-trunk-layers {k}")
+    if stored.get("text_model") != text.identity or stored.get("layers") != num_layers(text.config):
+        raise UserError(f"--train-text-layers {k}: {cfg.prepared} stores trunk states of the text model "
+                        f"{stored.get('text_model')}, not of {text.identity}: prepare again")
+    log(f"text model: its top {k} of {num_layers(text.config)} layers train"
+        + (f" (LoRA rank {cfg.lora_r})" if cfg.lora_r else "")
+        + f" over the states after layer {num_layers(text.config) - k} stored by prepare ({stored.get('dtype')}); "
+        "the layers below and the embeddings never run")
+    return load_top(text.folder, text.config, k)
 
 
 def candidate_fusions(cfg: Any, modalities: list[str]) -> list[str]:
