@@ -221,3 +221,26 @@ def test_models_list_at_80_columns_never_cuts_an_alias(tmp_path):
             pulled = [a.name for a in ALIASES.values() if a.source]
             assert f"mmllm models pull {' '.join(pulled)}" in r.stderr
         assert {m["name"] for m in json.loads(r.stdout)["models"]} == set(ALIASES)
+
+
+def test_readme_lists_each_option_of_a_command_once_and_only_real_ones():
+    import dataclasses
+    import re
+    from collections import Counter
+
+    from mmllm import config as C
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("Useful options"):text.index("Speech content:")]
+    bullets = {b.split("`")[1]: b for b in re.split(r"\n- ", section)[1:]}
+    assert set(bullets) == {"prepare", "finetune", "predict", "serve"}
+    for cmd, bullet in bullets.items():
+        spans = [s for s in re.findall(r"`([^`]*)`", bullet) if not s.startswith("python ")]  # not bench commands
+        flags = [f for span in spans for f in re.findall(r"--[a-z0-9][a-z0-9-]*", span)]
+        twice = sorted(f for f, n in Counter(flags).items() if n > 1)
+        assert not twice, f"README's {cmd} options name {twice} more than once"
+        cls = {"prepare": C.PrepareConfig, "finetune": C.FinetuneConfig, "predict": C.PredictConfig,
+               "serve": C.ServeConfig}[cmd]
+        real = {C.flag(f.name) for f in dataclasses.fields(cls)}
+        real |= {"--no-" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type == "bool"}
+        assert set(flags) <= real, f"README's {cmd} options name flags it does not have: {set(flags) - real}"
