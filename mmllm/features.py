@@ -128,7 +128,8 @@ class FeatureStore:
         self.memo: OrderedDict[str, dict] = OrderedDict()
         self.memo_bytes = memo_bytes  # bounded: memory must not grow with the number of records
         self.size = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # features found (cache or this run's memo) / encoded now
+        self.shared = 0  # media identical to one encoded moments before in the same chunk (encoded once)
         self.bad = 0  # entries found unreadable, garbled or of the wrong shape (recomputed)
         self.writable = True
         self._lock = threading.Lock()  # get() runs in the decode threads
@@ -151,6 +152,11 @@ class FeatureStore:
                 self.hits += 1
                 return value
         return None
+
+    @property
+    def reused(self) -> int:
+        """Features not encoded again: from the cache, or shared with an identical file of this run."""
+        return self.hits + self.shared
 
     def peek(self, key: str) -> dict | None:
         """Features encoded earlier in this run (no hit counted)."""
@@ -375,8 +381,11 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: Pre
         todo: dict[str, Any] = {}
         for it in good:
             m = it["media"].get(role)
-            if m and "decoded" in m and m["key"] not in todo and store.peek(m["key"]) is None:
-                todo[m["key"]] = m["decoded"]
+            if m and "decoded" in m:
+                if m["key"] in todo or store.peek(m["key"]) is not None:
+                    store.shared += 1
+                else:
+                    todo[m["key"]] = m["decoded"]
         keys = list(todo)
         enc = encoders.get(role)
         for b in range(0, len(keys), cfg.batch_size):
@@ -399,8 +408,11 @@ def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cf
     todo: dict[str, Any] = {}
     for it in good:
         t = it.get("transcript")
-        if t and "decoded" in t and t["key"] not in todo and store.peek(t["key"]) is None:
-            todo[t["key"]] = t["decoded"]
+        if t and "decoded" in t:
+            if t["key"] in todo or store.peek(t["key"]) is not None:
+                store.shared += 1
+            else:
+                todo[t["key"]] = t["decoded"]
     keys = list(todo)
     for b in range(0, len(keys), cfg.batch_size):
         batch = keys[b:b + cfg.batch_size]

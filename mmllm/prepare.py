@@ -220,14 +220,16 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
                         writers[split] = pa.ipc.new_stream(str(arrow_dir / f"{split}.arrow"), schema)
                     writers[split].write_batch(pa.RecordBatch.from_pylist(part, schema=schema))
                     counts[split] += len(part)
-                advance(len(loaded), info=f"cache {store.hits} hit / {store.misses} new")
+                # features counted per image, audio clip and transcript, not per record
+                advance(len(loaded), info=f"media features: {store.misses} encoded, {store.reused} reused")
     finally:
         for w in writers.values():
             w.close()
         prefetch.shutdown(cancel_futures=True)
         if workers:
             workers.shutdown(cancel_futures=True)
-    log(f"features: {store.misses} encoded, {store.hits} reused (cache or identical files)")
+    log(f"features: {store.misses} encoded, {store.reused} reused (counted per image, audio clip and transcript; "
+        "reused: from the feature cache, or an identical file of this run)")
     return {s: n for s, n in counts.items() if n}, errors
 
 

@@ -106,6 +106,23 @@ def test_augment_only_train(tiny_models, toy_manifest, tmp_path):
     assert not np.allclose(emb[some], emb[f"{some}~aug1"])
 
 
+def test_prepare_counts_media_features_and_says_what_it_counts(tiny_models, toy_manifest, tmp_path, monkeypatch):
+    import hashlib
+    import re
+
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "home"))  # an empty feature cache
+    media = [p for p in (toy_manifest.parent / "media").iterdir()]
+    distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in media})
+    assert distinct < len(media) == 96  # the toy audio repeats 5 tones: identical files are encoded once
+    for n, (encoded, reused) in enumerate([(distinct, len(media) - distinct), (0, len(media))]):
+        r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / f"out{n}"))
+        assert r.exit_code == 0, r.output
+        assert f"media features: {encoded} encoded, {reused} reused" in r.stderr  # the progress bar's note
+        line = re.search(r"features: (\d+) encoded, (\d+) reused \(([^)]*)\)", r.stderr)
+        assert line and (int(line[1]), int(line[2])) == (encoded, reused), r.stderr
+        assert "per image, audio clip and transcript" in line[3] and "feature cache" in line[3]
+
+
 def test_augment_does_what_its_help_says(monkeypatch):
     """--augment's help is written from config.AUGMENT_IMAGE / AUGMENT_AUDIO; the augmentations read the same
     numbers and stay within them."""
