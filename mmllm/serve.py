@@ -210,8 +210,11 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     @app.get("/info")
     async def info() -> dict:
         c = predictor.config
+        transcriber = predictor.encoders.get("transcript")  # the audio is transcribed as prepare did
         return {"task": c.get("task", "classify"), "labels": c.get("labels", []),
                 "modalities": c["model"]["modalities"],
+                "transcribes_audio": transcriber is not None,
+                "transcriber": getattr(transcriber, "name", None),
                 "encoders": {r: {k: e.get(k) for k in ("name", "identity", "license") if k in e}
                              for r, e in c.get("encoders", {}).items()},
                 "max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms, "max_records": cfg.max_records}
@@ -262,7 +265,9 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
         from mmllm import chat_routes
 
         chat_routes.add(app, predictor, cfg, media)
-    return guard(app, cfg, media)
+    guarded = guard(app, cfg, media)
+    guarded.batcher = batcher  # type: ignore[attr-defined]  # its counts: /health, and serve's last line
+    return guarded
 
 
 async def until_answered(job: Any, receive: Any) -> Any:
@@ -491,29 +496,87 @@ class QuietRepeats:
         return getattr(self.stream, name)
 
 
+class Stopped(Exception):
+    """A stop signal that reached the process after uvicorn's graceful shutdown (uvicorn raises it again)."""
+
+    def __init__(self, sig: int):
+        super().__init__(sig)
+        self.sig = sig
+
+
+def signal_name(sig: int) -> str:
+    import signal
+
+    return {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}.get(sig, f"signal {sig}")
+
+
+def server_class() -> type:
+    """uvicorn's Server that says on stderr when a stop signal arrives, once."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                log(f"serve: {signal_name(sig)} received: finishing the open requests, then stopping")
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 def run(cfg: ServeConfig) -> int:
+    """Serve until a stop signal or an error, then say on stderr why it stopped. Exit status: 128 + the signal
+    after a signal's graceful shutdown (130 Ctrl-C, 143 SIGTERM), as a shell reports it; 1 after an error."""
+    import errno
+    import signal
     import socket
     import sys
+    import threading
+    import time
 
     import uvicorn
 
     from mmllm.predict import Predictor
 
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
-    app = build_app(predictor, cfg)
-    try:
+    try:  # before the model loads: a port in use is said at once
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((cfg.host, cfg.port))
     except OSError as e:
-        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({e.strerror})") from None
-    log(f"serving {cfg.checkpoint} on http://{cfg.host}:{sock.getsockname()[1]} (Ctrl-C stops)")
-    saved, sys.stderr = sys.stderr, QuietRepeats(sys.stderr)  # before uvicorn's log handlers take sys.stderr
+        why = " (another server is listening there: choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({e.strerror}){why}") from None
     try:
-        server = uvicorn.Server(uvicorn.Config(
+        predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
+    except BaseException:
+        sock.close()
+        raise
+    app = build_app(predictor, cfg)
+    log(f"serving {cfg.checkpoint} on http://{cfg.host}:{sock.getsockname()[1]} (Ctrl-C stops)")
+
+    def stopped_by(sig: int, frame: Any) -> None:  # uvicorn raises the signal it shut down for: it lands here
+        raise Stopped(sig)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stopped_by) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    saved, sys.stderr = sys.stderr, QuietRepeats(sys.stderr)  # before uvicorn's log handlers take sys.stderr
+    started, code = time.monotonic(), 0
+    try:
+        server = server_class()(uvicorn.Config(
             app, log_level="warning", access_log=False, http=protocol(cfg.request_timeout),
             limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.timeout_keep_alive))
         server.run(sockets=[sock])
+        reason = "the server shut down"
+    except Stopped as e:
+        reason, code = signal_name(e.sig), 128 + e.sig
+    except KeyboardInterrupt:
+        reason, code = signal_name(signal.SIGINT), 130
+    except SystemExit as e:  # uvicorn's own exit (its start-up failed)
+        reason, code = f"uvicorn exited with status {e.code}", e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - the reason is the last line on stderr
+        reason, code = f"error: {type(e).__name__}: {str(e)[:200]}", 1
     finally:
         sys.stderr = saved
-    return 0
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {app.batcher.records} records "
+        f"predicted in {app.batcher.batches} model calls")
+    return code
