@@ -117,7 +117,8 @@ def test_prepare_counts_media_features_and_says_what_it_counts(tiny_models, toy_
     for n, (encoded, reused) in enumerate([(distinct, len(media) - distinct), (0, len(media))]):
         r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / f"out{n}"))
         assert r.exit_code == 0, r.output
-        assert f"media features: {encoded} encoded, {reused} reused" in r.stderr  # the progress bar's note
+        assert re.search(rf"(?m)^prepare .* {encoded} encoded, {reused} reused$", r.stderr)  # the progress bar
+        assert "features of each image, audio clip and transcript: encoded now, or reused" in r.stderr  # its legend
         line = re.search(r"features: (\d+) encoded, (\d+) reused \(([^)]*)\)", r.stderr)
         assert line and (int(line[1]), int(line[2])) == (encoded, reused), r.stderr
         assert "per image, audio clip and transcript" in line[3] and "feature cache" in line[3]
