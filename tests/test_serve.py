@@ -195,3 +195,18 @@ def test_port_in_use_names_the_cause(trained_checkpoint):
     assert r.exit_code == 2
     assert "cannot listen (Address already in use) (another server is listening there: choose another --port)" \
         in one_line_error(r)
+
+
+def test_reliance_is_an_opt_in_query_option(server):
+    url, _, root = server
+    rec = {"id": "a", "text": "it is big", "image_base64": base64.b64encode(
+        (root / "media" / "img0.png").read_bytes()).decode()}
+    plain = requests.post(url + "/predict?top_k=2", json=rec).json()
+    assert "reliance" not in plain  # the default answer is unchanged
+    masked = requests.post(url + "/predict?top_k=2&reliance=1", json=rec).json()
+    assert {k: v for k, v in masked.items() if k != "reliance"} == plain
+    assert set(masked["reliance"]) == {"text", "image"}  # the checkpoint's modalities
+    for r in masked["reliance"].values():
+        assert set(r) == {"prediction", "probability", "drop"}
+    bad = requests.post(url + "/predict?reliance=maybe", json=rec)
+    assert bad.status_code == 400 and "reliance" in bad.json()["error"]
