@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,760",
                 "--force-device-scale-factor=1"):
         options.add_argument(arg)
+    # a fake microphone (chromium's test tone), allowed without a prompt: the page's recorder can be tested
+    options.add_argument("--use-fake-device-for-media-stream")
+    options.add_argument("--use-fake-ui-for-media-stream")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -108,6 +112,44 @@ def test_the_page_predicts_an_uploaded_image_and_audio_as_predict_does(checkpoin
     for m in ("text", "image", "audio"):
         row, want = shown["reliance"][m], expected["reliance"][m]
         assert row[1:3] == [want["prediction"], f"{100 * want['probability']:.1f}%"], (m, row, want)
+
+
+@needs_browser
+def test_a_recording_from_the_microphone_is_sent_as_wav_and_predicted(checkpoint, browser):
+    import base64
+    import io
+
+    import soundfile as sf
+    from selenium.webdriver.common.by import By
+
+    proc, url = start_serve(checkpoint)
+    try:
+        browser.get(url + "/")
+        wait_for(browser, "body[data-ready='1']")
+        record = browser.find_element(By.ID, "record")
+        assert record.is_enabled()  # 127.0.0.1 is a secure context: MediaRecorder and getUserMedia are offered
+        record.click()
+        wait_for(browser, "#record-note:not(:empty)")
+        time.sleep(1.5)
+        record.click()  # stop: the browser decodes its recording and the page keeps it as 16-bit WAV
+        wait_for(browser, "#audio-preview:not(.hidden)")
+        wav = base64.b64decode(browser.execute_async_script(
+            "const done = arguments[0]; const r = new FileReader();"
+            "r.onload = () => done(r.result.split(',')[1]); r.readAsDataURL(state.audio.blob);"))
+        browser.find_element(By.ID, "text").send_keys("it is big")
+        browser.find_element(By.ID, "predict").click()
+        wait_for(browser, "body[data-done='1']")
+        assert browser.find_element(By.ID, "error").text == ""
+        shown = browser.find_element(By.ID, "prediction").text
+        expected = requests.post(url + "/predict?top_k=4&reliance=1", data={"id": "playground", "text": "it is big"},
+                                 files={"audio": ("recording.wav", wav)}).json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    samples, rate = sf.read(io.BytesIO(wav))
+    assert samples.ndim == 1 and rate >= 8000 and len(samples) / rate > 0.5  # mono, about the time recorded
+    assert abs(samples).max() > 0.01  # the fake microphone's tone, not silence
+    assert shown == expected["prediction"]
 
 
 def test_reliance_is_opt_in_and_masks_as_eval_model_does(checkpoint, toy_manifest):
