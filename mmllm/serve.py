@@ -612,6 +612,7 @@ def run(cfg: ServeConfig) -> int:
         sys.stderr = saved
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {app.batcher.records} records "
-        f"predicted in {app.batcher.batches} model calls")
+    n, calls = app.batcher.records, app.batcher.batches
+    log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {n} record{'s' * (n != 1)} predicted in "
+        f"{calls} model call{'s' * (calls != 1)}")
     return code

@@ -171,7 +171,7 @@ def test_serve_says_when_it_stops_and_why(trained_checkpoint, sig, code, name):
     assert proc.returncode == code, err
     assert f"serve: {name} received: finishing the open requests, then stopping" in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"serve stopped: {name}, after ") and "1 records predicted in 1 model calls" in last, err
+    assert last.startswith(f"serve stopped: {name}, after ") and "1 record predicted in 1 model call" in last, err
     assert "Traceback" not in err
 
 
