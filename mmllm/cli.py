@@ -24,11 +24,20 @@ from mmllm.api import run_step
 from mmllm.console import err, set_quiet
 from mmllm.errors import UserError
 
+
+
+class PanelGroup(typer.core.TyperGroup):
+    """A command group's help drawn like a command's (`print_help`): flags without type names, then its commands."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        print_help(self, ctx)
+
+
 app = typer.Typer(help="Fine-tune pretrained language models together with image and audio inputs.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, cls=PanelGroup)
 eval_app = typer.Typer(help="Metrics: of a checkpoint (model) or standalone (bleu, wer, fid, accuracy).",
-                       no_args_is_help=True)
-models_app = typer.Typer(help="Embedded pretrained models: list and pull.", no_args_is_help=True)
+                       no_args_is_help=True, cls=PanelGroup)
+models_app = typer.Typer(help="Embedded pretrained models: list and pull.", no_args_is_help=True, cls=PanelGroup)
 app.add_typer(eval_app, name="eval")
 app.add_typer(models_app, name="models")
 
@@ -141,6 +150,15 @@ def print_help(command: Any, ctx: Any) -> None:
             help_cell.highlight_regex(r"\[(default|choices): [^\]]*\]", "dim")
             table.add_row(flag_cell, help_cell)
         console.print(Panel(table, title=name, title_align="left", border_style="dim"))
+    if hasattr(command, "list_commands"):  # a group: its commands, each with the first sentence of its help
+        table = Table.grid(padding=(0, 2), expand=True)
+        table.add_column(no_wrap=True, style="bold cyan")
+        table.add_column(ratio=1)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                table.add_row(name, Text(sub.get_short_help_str(limit=300)))
+        console.print(Panel(table, title="Commands", title_align="left", border_style="dim"))
 
 
 def command(group: typer.Typer, name: str, cls: type, target: str) -> None:

@@ -22,6 +22,14 @@ ROLES = ("text", "image", "audio")
 FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
 AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 MAX_AUGMENT = 100  # augmented variants per training record
+# what --augment does to a training record's copies (features.augment_image / augment_audio read these)
+AUGMENT_IMAGE = {"flip_p": 0.5, "min_area": 0.8, "jitter": 0.2}  # mirror, crop to >= 80% area, brightness/contrast
+AUGMENT_AUDIO = {"gain_db": 6.0, "snr_db": 30.0, "shift_s": 0.1}  # gain, white noise, circular shift
+AUGMENT_HELP = ("Augmented copies added per training record (ids ID~augN; validation and test untouched, text "
+                "unchanged). Images: mirrored left-right with p {flip_p:g}, cropped to a random {min_area:.0%}-100% "
+                "of their area and resized back, brightness and contrast each scaled by a random factor within "
+                "+-{jitter:.0%}. Audio: gain within +-{gain_db:g} dB, white noise at {snr_db:g} dB SNR, shifted "
+                "circularly by up to +-{shift_s:g} s.").format(**AUGMENT_IMAGE, **AUGMENT_AUDIO)
 MAX_AUDIO_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
 MAX_CONFIG_BYTES = 1 << 20
 # the validation metrics each task produces: what --monitor may name
@@ -102,7 +110,7 @@ class PrepareConfig:
                                                  "reference).", panel="Data")
     val_fraction: float = opt(0.1, "Validation fraction when there is no split column (stratified).", panel="Data")
     test_fraction: float = opt(0.1, "Test fraction when there is no split column (stratified).", panel="Data")
-    augment: int = opt(0, "Augmented variants added per training record (images and audio).", panel="Data")
+    augment: int = opt(0, AUGMENT_HELP, panel="Data")
     on_error: str = opt("skip", "What a bad record does: skip it (reported) or fail the run.",
                         choices=("skip", "fail"), panel="Data")
     cache: bool = opt(True, "Reuse features cached by content hash + encoder identity + preprocessing.",

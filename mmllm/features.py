@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmllm import hub
-from mmllm.config import PrepareConfig
+from mmllm.config import AUGMENT_AUDIO, AUGMENT_IMAGE, PrepareConfig
 from mmllm.console import log, warn
 from mmllm.errors import UserError, read_json
 from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
@@ -130,7 +130,8 @@ class FeatureStore:
         self.memo: OrderedDict[str, dict] = OrderedDict()
         self.memo_bytes = memo_bytes  # bounded: memory must not grow with the number of records
         self.size = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # features found (cache or this run's memo) / encoded now
+        self.shared = 0  # media identical to one encoded moments before in the same chunk (encoded once)
         self.bad = 0  # entries found unreadable, garbled or of the wrong shape (recomputed)
         self.writable = True
         self._lock = threading.Lock()  # get() runs in the decode threads
@@ -153,6 +154,11 @@ class FeatureStore:
                 self.hits += 1
                 return value
         return None
+
+    @property
+    def reused(self) -> int:
+        """Features not encoded again: from the cache, or shared with an identical file of this run."""
+        return self.hits + self.shared
 
     def peek(self, key: str) -> dict | None:
         """Features encoded earlier in this run (no hit counted)."""
@@ -379,8 +385,11 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: Pre
         todo: dict[str, Any] = {}
         for it in good:
             m = it["media"].get(role)
-            if m and "decoded" in m and m["key"] not in todo and store.peek(m["key"]) is None:
-                todo[m["key"]] = m["decoded"]
+            if m and "decoded" in m:
+                if m["key"] in todo or store.peek(m["key"]) is not None:
+                    store.shared += 1
+                else:
+                    todo[m["key"]] = m["decoded"]
         keys = list(todo)
         enc = encoders.get(role)
         for b in range(0, len(keys), cfg.batch_size):
@@ -403,8 +412,11 @@ def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cf
     todo: dict[str, Any] = {}
     for it in good:
         t = it.get("transcript")
-        if t and "decoded" in t and t["key"] not in todo and store.peek(t["key"]) is None:
-            todo[t["key"]] = t["decoded"]
+        if t and "decoded" in t:
+            if t["key"] in todo or store.peek(t["key"]) is not None:
+                store.shared += 1
+            else:
+                todo[t["key"]] = t["decoded"]
     keys = list(todo)
     for b in range(0, len(keys), cfg.batch_size):
         batch = keys[b:b + cfg.batch_size]
@@ -552,26 +564,29 @@ def _rng(seed: int, rec_id: str, k: int) -> np.random.Generator:
 
 
 def augment_image(img, rng: np.random.Generator, encoder: Any):
-    """Horizontal flip, random crop (80-100% area) and brightness/contrast jitter (+-20%)."""
+    """Horizontal flip, random crop and brightness/contrast jitter (config.AUGMENT_IMAGE: --augment's help)."""
     from PIL import ImageEnhance, ImageOps
 
-    if rng.random() < 0.5:
+    p = AUGMENT_IMAGE
+    if rng.random() < p["flip_p"]:
         img = ImageOps.mirror(img)
     w, h = img.size
-    scale = np.sqrt(rng.uniform(0.8, 1.0))
+    scale = np.sqrt(rng.uniform(p["min_area"], 1.0))
     cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
     left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     img = img.crop((left, top, left + cw, top + ch)).resize((w, h))
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
-    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
 
 
 def augment_audio(clip: np.ndarray, rng: np.random.Generator, encoder: Any) -> np.ndarray:
-    """Gain (+-6 dB), white noise at 30 dB SNR, circular time shift (+-0.1 s)."""
-    clip = clip * np.float32(10 ** (rng.uniform(-6, 6) / 20))
+    """Gain, white noise at a fixed SNR, circular time shift (config.AUGMENT_AUDIO: --augment's help)."""
+    p = AUGMENT_AUDIO
+    clip = clip * np.float32(10 ** (rng.uniform(-p["gain_db"], p["gain_db"]) / 20))
     power = float(np.mean(clip ** 2)) or 1e-8
-    clip = clip + rng.normal(0, np.sqrt(power / 1000), clip.shape).astype(np.float32)
-    shift = int(rng.integers(-encoder.sample_rate // 10, encoder.sample_rate // 10 + 1))
+    clip = clip + rng.normal(0, np.sqrt(power / 10 ** (p["snr_db"] / 10)), clip.shape).astype(np.float32)
+    most = int(encoder.sample_rate * p["shift_s"])
+    shift = int(rng.integers(-most, most + 1))
     return np.roll(clip, shift).astype(np.float32)
 
 

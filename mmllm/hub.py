@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmllm import outputs
-from mmllm.console import emit, log, show
+from mmllm.console import emit, err, log, show
 from mmllm.errors import UserError, read_json
 
 MARKER = "mmllm-model.json"
@@ -111,19 +111,32 @@ def pulled_alias(folder: Path) -> str | None:
     return alias.name if alias is not None and alias.sha256 and info.get("sha256") == alias.sha256 else None
 
 
-def list_models() -> None:
+def models_table(rows: list[dict], with_source: bool):
+    """The table `models list` shows on stderr. An alias is what users type: never wrapped or cut, and the pull
+    command for the models not ready is the caption (wrapped between aliases)."""
     from rich.table import Table
 
+    missing = [r["name"] for r in rows if not r["ready"]]
+    notes = ([] if with_source else ["source packages: in the JSON on stdout (or in a wider terminal)"]) + (
+        [f"not ready: mmllm models pull {' '.join(missing)}"] if missing else [])
+    table = Table(title=f"mmllm models (cache: {home() / 'models'})", caption="\n".join(notes) or None)
+    for col in ("alias", "role", "params", "size", "license", *(("source",) if with_source else ()), "ready"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(r["name"], r["role"], r["params"], f"{r['size_mb']} MB" if r["size_mb"] else "-",
+                      r["license"], *((r["source"] or "librosa (no weights)",) if with_source else ()),
+                      "[green]yes[/green]" if r["ready"] else "[red]no[/red]")
+    return table
+
+
+def list_models() -> None:
     rows = []
     for a in ALIASES.values():
         rows.append({**asdict(a), "ready": is_ready(a.name), "path": str(model_dir(a.name)) if a.source else None})
-    table = Table(title=f"mmllm models (cache: {home() / 'models'})")
-    for col in ("alias", "role", "params", "size", "license", "source", "ready"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], r["role"], r["params"], f"{r['size_mb']} MB" if r["size_mb"] else "-",
-                      r["license"], r["source"] or "librosa (no weights)",
-                      "[green]yes[/green]" if r["ready"] else "[red]no[/red] (mmllm models pull " + r["name"] + ")")
+    table = models_table(rows, with_source=True)
+    if err.measure(table, options=err.options.update_width(1000)).maximum > err.width:
+        # the source column would squeeze the others (an alias is never cut): it is left to the JSON
+        table = models_table(rows, with_source=False)
     show(table)
     emit({"models": rows})
 

@@ -690,9 +690,13 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
     plt.close(fig)
 
 
+SERIES_STYLES = [("o", 9, "-"), ("s", 5, "--"), ("^", 4, ":"), ("D", 3, "-.")]  # (marker, size, line style)
+
+
 def curves_figure(history: list[dict], best_epoch: int | None = None):
     """Losses (left) and validation metrics (right) per epoch: points with lines (a 1-epoch run shows its
-    points), whole-number epoch ticks, the best epoch (the weights kept) marked by a dashed line and stars."""
+    points), each series its own marker and dash (`SERIES_STYLES`: a series hidden under another still shows),
+    whole-number epoch ticks, the best epoch (the weights kept) marked by a dashed line and stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -704,9 +708,11 @@ def curves_figure(history: list[dict], best_epoch: int | None = None):
     panels = [(axes[0], ["train_loss", "val_loss"], "loss"),
               (axes[1], [k for k in ("val_accuracy", "val_f1", "val_bleu", "val_chrf") if k in history[0]], "metric")]
     for ax, keys, ylabel in panels:
-        for key in keys:
-            values = [h.get(key, float("nan")) for h in history]
-            line, = ax.plot(epochs, values, marker="o", markersize=4, label=key.replace("_", " "))
+        for n, key in enumerate(keys):  # series that coincide (accuracy = F1) stay distinguishable: each its own
+            values = [h.get(key, float("nan")) for h in history]  # marker, size and dash, the first one hollow
+            marker, size, dash = SERIES_STYLES[n % len(SERIES_STYLES)]
+            line, = ax.plot(epochs, values, marker=marker, markersize=size, linestyle=dash,
+                            markerfacecolor="none" if n == 0 else None, label=key.replace("_", " "))
             if best_epoch in epochs:
                 ax.plot([best_epoch], [values[epochs.index(best_epoch)]], marker="*", markersize=13,
                         color=line.get_color(), linestyle="none")

@@ -48,14 +48,16 @@ class Predictor:
         # one batch at a time: the tokenizers ("Already borrowed") and the feature memo are not thread-safe
         self.lock = threading.Lock()
 
-    def predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
+    def predict(self, records: list[dict], top_k: int = 1, reliance: bool = False, **generation: Any) -> list[dict]:
         """One result per record, in order, each with the record's id as given (`given_id`, else `id`). Threads
-        that share a Predictor take turns."""
+        that share a Predictor take turns. `reliance`: each result also says what the model answers with each of
+        its modalities masked (the masking of `eval model`'s reliance table), under "reliance"."""
         with self.lock:
-            return self._predict(records, top_k, **generation)
+            return self._predict(records, top_k, reliance, **generation)
 
     @torch.no_grad()
-    def _predict(self, records: list[dict], top_k: int = 1, **generation: Any) -> list[dict]:
+    def _predict(self, records: list[dict], top_k: int = 1, reliance: bool = False, **generation: Any
+                 ) -> list[dict]:
         from mmllm.batches import FeatureTable
         from mmllm.features import featurize
 
@@ -70,24 +72,39 @@ class Predictor:
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False,
                              kind=self.model.cfg.prompt_format)
-            texts = self.model.generate(table.batch(range(len(rows)), self.device, with_targets=False),
-                                        self.tokenizer, **generation)
-            for row, text in zip(rows, texts):
+
+            def answers(drop: frozenset = frozenset()) -> list[str]:
+                batch = table.batch(range(len(rows)), self.device, with_targets=False, drop=drop)
+                return self.model.generate(batch, self.tokenizer, **generation)
+
+            texts = answers()
+            masked = {m: answers(frozenset({m})) for m in self.model.cfg.modalities} if reliance else {}
+            for n, (row, text) in enumerate(zip(rows, texts)):
                 results[row["id"]] = {"generated": text}
+                if reliance:
+                    results[row["id"]]["reliance"] = {m: {"generated": t[n]} for m, t in masked.items()}
         elif rows:
             mods = self.model.cfg.modalities
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             pad = self.tokenizer.pad_token_id or 0 if self.tokenizer is not None else 0
             table = FeatureTable(columns, mods, None, pad, self.model.cfg.sequence, self.model.cfg.cached_text)
             batch = table.batch(range(len(rows)), self.device)
-            out = self.model(batch)
-            probs = out["logits"].float().softmax(-1).cpu().numpy()  # (B, C)
+
+            def probabilities(drop: frozenset = frozenset()) -> np.ndarray:  # (B, C)
+                return self.model(batch, drop=drop)["logits"].float().softmax(-1).cpu().numpy()
+
+            probs = probabilities()
+            masked = {m: probabilities(frozenset({m})) for m in mods} if reliance else {}
             k = min(top_k, len(self.labels))
-            for row, p in zip(rows, probs):
+            for n, (row, p) in enumerate(zip(rows, probs)):
                 best = np.argsort(-p)[:k]
                 res: dict[str, Any] = {"prediction": self.labels[int(best[0])], "probability": float(p[best[0]])}
                 if top_k > 1:
                     res["top_k"] = [{"label": self.labels[int(i)], "probability": float(p[i])} for i in best]
+                if reliance:  # per masked modality: its answer, and how much the unmasked answer's probability fell
+                    res["reliance"] = {m: {"prediction": self.labels[int(q[n].argmax())],
+                                           "probability": float(q[n].max()),
+                                           "drop": float(p[best[0]] - q[n][best[0]])} for m, q in masked.items()}
                 results[row["id"]] = res
         return [{"id": i, **results[r["id"]]} for i, r in zip(given, records)]
 

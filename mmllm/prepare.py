@@ -235,6 +235,8 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
     workers = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
     prefetch = ThreadPoolExecutor(1)
     try:
+        log("features of each image, audio clip and transcript: encoded now, or reused (from the feature cache or "
+            "an identical file)")
         with progress("prepare", total=len(records)) as advance:
             pending = prefetch.submit(load_chunk, chunks[0], encoders, store, cfg, workers) if chunks else None
             for i in range(len(chunks)):
@@ -253,14 +255,15 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
                         writers[split] = pa.ipc.new_stream(str(arrow_dir / f"{split}.arrow"), schema)
                     writers[split].write_batch(pa.RecordBatch.from_pylist(part, schema=schema))
                     counts[split] += len(part)
-                advance(len(loaded), info=f"cache {store.hits} hit / {store.misses} new")
+                advance(len(loaded), info=f"{store.misses} encoded, {store.reused} reused")  # short: 80 columns
     finally:
         for w in writers.values():
             w.close()
         prefetch.shutdown(cancel_futures=True)
         if workers:
             workers.shutdown(cancel_futures=True)
-    log(f"features: {store.misses} encoded, {store.hits} reused (cache or identical files)")
+    log(f"features: {store.misses} encoded, {store.reused} reused (counted per image, audio clip and transcript; "
+        "reused: from the feature cache, or an identical file of this run)")
     return {s: n for s, n in counts.items() if n}, errors
 
 

@@ -1,7 +1,8 @@
 """`mmllm serve`: an HTTP JSON service over the same predictor as `mmllm predict`.
 
-GET /health, GET /info, POST /predict (a JSON record, a JSON list of records, or a multipart form with
-`text`/`id` fields and `image`/`audio` files). Media are base64 (`"image": "data:image/png;base64,..."` or
+GET / (the playground page, `playground`), GET /health, GET /info, POST /predict (a JSON record, a JSON list of
+records, or a multipart form with `text`/`id` fields and `image`/`audio` files; `?top_k=K`, `?reliance=1`: each
+record also predicted with each modality masked). Media are base64 (`"image": "data:image/png;base64,..."` or
 `"image_base64": "..."`) or uploaded files; a server-side path is read only when the server was started with
 --media-root, and only a regular file under that folder (MediaRoot). Concurrent requests are
 micro-batched: the first request of a batch waits up to --batch-wait-ms for others, and one worker thread runs
@@ -75,7 +76,7 @@ class Batcher:
     worker thread. A request whose client has gone (its future cancelled) is not predicted."""
 
     def __init__(self, predict: Any, max_batch: int, wait_s: float):
-        self.predict = predict  # list[dict] -> list[dict], same order
+        self.predict = predict  # (list[dict], key) -> list[dict], same order
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.queue: asyncio.Queue | None = None
@@ -83,11 +84,12 @@ class Batcher:
         self.batches = 0  # model calls
         self.records = 0  # records predicted
 
-    async def submit(self, records: list[dict], top_k: int) -> tuple[list[dict], int]:
-        """Results for `records` (in order) and the size of the largest model call that served them."""
+    async def submit(self, records: list[dict], key: Any) -> tuple[list[dict], int]:
+        """Results for `records` (in order) and the size of the largest model call that served them. Records are
+        batched only with records of the same `key` (the settings `predict` is called with)."""
         assert self.queue is not None
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((records, top_k, future))
+        await self.queue.put((records, key, future))
         return await future
 
     async def run(self) -> None:
@@ -104,7 +106,7 @@ class Batcher:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            same_k = [i for i in items if i[1] == items[0][1]]  # one top_k per model call
+            same_k = [i for i in items if i[1] == items[0][1]]  # one key (top_k, ...) per model call
             for extra in items[len(same_k):]:
                 await self.queue.put(extra)
             await self._serve(same_k, loop)
@@ -189,8 +191,10 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
 
     from mmllm.predict import error_line, predict_each
 
-    def predict(records: list[dict], top_k: int) -> list[dict]:
-        return predict_each(predictor, records, top_k, {"stop": cfg.stop} if predictor.generation else {})
+    def predict(records: list[dict], key: tuple[int, bool]) -> list[dict]:  # key: (top_k, reliance)
+        top_k, reliance = key
+        return predict_each(predictor, records, top_k, {"reliance": reliance,
+                                                        **({"stop": cfg.stop} if predictor.generation else {})})
 
     batcher = Batcher(predict, cfg.max_batch, cfg.batch_wait_ms / 1000)
     media = MediaRoot(cfg.media_root)
@@ -203,6 +207,14 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
 
     app = FastAPI(title="mmllm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
+    page, policy = playground()
+
+    @app.get("/")
+    async def playground_page() -> Any:
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"content-security-policy": policy, "x-content-type-options": "nosniff",
+                                 "cache-control": "no-cache"})
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "batches": batcher.batches, "records": batcher.records}
@@ -210,8 +222,11 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     @app.get("/info")
     async def info() -> dict:
         c = predictor.config
+        transcriber = predictor.encoders.get("transcript")  # the audio is transcribed as prepare did
         return {"task": c.get("task", "classify"), "labels": c.get("labels", []),
                 "modalities": c["model"]["modalities"],
+                "transcribes_audio": transcriber is not None,
+                "transcriber": getattr(transcriber, "name", None),
                 "encoders": {r: {k: e.get(k) for k in ("name", "identity", "license") if k in e}
                              for r, e in c.get("encoders", {}).items()},
                 "max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms, "max_records": cfg.max_records}
@@ -224,6 +239,9 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
             top_k = int(request.query_params.get("top_k", cfg.top_k))
             if not 1 <= top_k <= 1000:
                 raise ValueError("top_k: must be between 1 and 1000")
+            reliance = request.query_params.get("reliance", "0").strip().lower()
+            if reliance not in ("0", "1", "false", "true"):
+                raise ValueError("reliance: 1 (each record also predicted with each modality masked) or 0")
         except ClientDisconnect:
             log("client disconnected before sending its whole request: dropped")
             return Response(status_code=400)
@@ -238,7 +256,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
         good = [it for it in items if not isinstance(it, tuple)]
         results, batch = ([], 0)
         if good:
-            answer = await until_answered(batcher.submit(good, top_k), request.receive)
+            answer = await until_answered(batcher.submit(good, (top_k, reliance in ("1", "true"))), request.receive)
             if answer is None:
                 log("client disconnected before its answer: its records were not predicted")
                 return Response(status_code=400)
@@ -262,7 +280,29 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
         from mmllm import chat_routes
 
         chat_routes.add(app, predictor, cfg, media)
-    return guard(app, cfg, media)
+    guarded = guard(app, cfg, media)
+    guarded.batcher = batcher  # type: ignore[attr-defined]  # its counts: /health, and serve's last line
+    return guarded
+
+
+def playground() -> tuple[bytes, str]:
+    """The playground page shipped in the package (mmllm/playground.html: inline CSS and JS, nothing fetched but
+    this server's own /info, /predict and /v1/chat/completions) and its Content-Security-Policy, which allows
+    exactly its own inline script and style (by hash) and connections to this origin."""
+    import hashlib
+    import re
+    from importlib.resources import files
+
+    html = files("mmllm").joinpath("playground.html").read_text(encoding="utf-8")
+
+    def digest(tag: str) -> str:
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+        assert body, f"playground.html has no <{tag}>"
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body[1].encode()).digest()).decode() + "'"
+
+    policy = (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; img-src blob:; "
+              "media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html.encode(), policy
 
 
 async def until_answered(job: Any, receive: Any) -> Any:
@@ -491,29 +531,88 @@ class QuietRepeats:
         return getattr(self.stream, name)
 
 
+class Stopped(Exception):
+    """A stop signal that reached the process after uvicorn's graceful shutdown (uvicorn raises it again)."""
+
+    def __init__(self, sig: int):
+        super().__init__(sig)
+        self.sig = sig
+
+
+def signal_name(sig: int) -> str:
+    import signal
+
+    return {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}.get(sig, f"signal {sig}")
+
+
+def server_class() -> type:
+    """uvicorn's Server that says on stderr when a stop signal arrives, once."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                log(f"serve: {signal_name(sig)} received: finishing the open requests, then stopping")
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 def run(cfg: ServeConfig) -> int:
+    """Serve until a stop signal or an error, then say on stderr why it stopped. Exit status: 128 + the signal
+    after a signal's graceful shutdown (130 Ctrl-C, 143 SIGTERM), as a shell reports it; 1 after an error."""
+    import errno
+    import signal
     import socket
     import sys
+    import threading
+    import time
 
     import uvicorn
 
     from mmllm.predict import Predictor
 
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
-    app = build_app(predictor, cfg)
-    try:
+    try:  # before the model loads: a port in use is said at once
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((cfg.host, cfg.port))
     except OSError as e:
-        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({e.strerror})") from None
-    log(f"serving {cfg.checkpoint} on http://{cfg.host}:{sock.getsockname()[1]} (Ctrl-C stops)")
-    saved, sys.stderr = sys.stderr, QuietRepeats(sys.stderr)  # before uvicorn's log handlers take sys.stderr
+        why = " (another server is listening there: choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({e.strerror}){why}") from None
     try:
-        server = uvicorn.Server(uvicorn.Config(
+        predictor = Predictor(cfg.checkpoint, cfg.device, cfg.max_file_mb)
+    except BaseException:
+        sock.close()
+        raise
+    app = build_app(predictor, cfg)
+    log(f"serving {cfg.checkpoint} on http://{cfg.host}:{sock.getsockname()[1]} (Ctrl-C stops)")
+
+    def stopped_by(sig: int, frame: Any) -> None:  # uvicorn raises the signal it shut down for: it lands here
+        raise Stopped(sig)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stopped_by) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    saved, sys.stderr = sys.stderr, QuietRepeats(sys.stderr)  # before uvicorn's log handlers take sys.stderr
+    started, code = time.monotonic(), 0
+    try:
+        server = server_class()(uvicorn.Config(
             app, log_level="warning", access_log=False, http=protocol(cfg.request_timeout),
             limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.timeout_keep_alive))
         server.run(sockets=[sock])
+        reason = "the server shut down"
+    except Stopped as e:
+        reason, code = signal_name(e.sig), 128 + e.sig
+    except KeyboardInterrupt:
+        reason, code = signal_name(signal.SIGINT), 130
+    except SystemExit as e:  # uvicorn's own exit (its start-up failed)
+        reason, code = f"uvicorn exited with status {e.code}", e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - the reason is the last line on stderr
+        reason, code = f"error: {type(e).__name__}: {str(e)[:200]}", 1
     finally:
         sys.stderr = saved
-    return 0
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    n, calls = app.batcher.records, app.batcher.batches
+    log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {n} record{'s' * (n != 1)} predicted in "
+        f"{calls} model call{'s' * (calls != 1)}")
+    return code

@@ -182,3 +182,65 @@ def test_quiet_on_every_command():
         assert json.loads(quiet.stdout) == json.loads(loud.stdout)
         assert quiet.stderr.strip() == ""
     assert "nothing to pull" in run_cli("models", "pull", "logmel").stderr
+
+
+def test_help_of_groups_and_commands_shows_no_raw_type_names():
+    import re
+
+    groups = [[], ["eval"], ["models"]]
+    for args in [*groups, *(a for a, _ in _commands()), ["models", "list"], ["models", "pull"]]:
+        out = _help(args, 80)
+        assert not re.search(r"<\w+>", out), (args, re.findall(r"<\w+>", out))  # typer's '<bool>' metavars
+        assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out, args
+    top = _help([], 80)
+    assert "--quiet, -q" in top and "--version" in top
+    for cmd in ("prepare", "finetune", "predict", "serve", "eval", "models"):
+        assert re.search(rf"(?m)^│ {cmd}\s", top), cmd  # the Commands panel of a group
+    assert re.search(r"(?m)^│ pull\s", _help(["models"], 80))
+
+
+def test_models_list_at_80_columns_never_cuts_an_alias(tmp_path):
+    import os
+    import re
+
+    from mmllm.hub import ALIASES
+
+    for home in (None, tmp_path / "empty"):  # models ready, then none pulled (the pull command is shown)
+        env = dict(os.environ, COLUMNS="80", PYTHONPATH=str(ROOT))
+        if home:
+            env["MMLLM_HOME"] = str(home)
+        r = subprocess.run([sys.executable, "-m", "mmllm", "models", "list"], capture_output=True, text=True,
+                           cwd=ROOT, env=env)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.splitlines()
+        table = [line for line in lines if line[:1] in "┏┃┡│└"]  # the title and notes are never cut, only long
+        assert len(table) >= len(ALIASES) + 4 and max(len(line) for line in table) <= 80 and "…" not in r.stderr
+        for alias in ALIASES:
+            assert any(re.match(rf"│ {re.escape(alias)} +│", line) for line in lines), (alias, r.stderr)
+        if home:
+            pulled = [a.name for a in ALIASES.values() if a.source]
+            assert f"mmllm models pull {' '.join(pulled)}" in r.stderr
+        assert {m["name"] for m in json.loads(r.stdout)["models"]} == set(ALIASES)
+
+
+def test_readme_lists_each_option_of_a_command_once_and_only_real_ones():
+    import dataclasses
+    import re
+    from collections import Counter
+
+    from mmllm import config as C
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("Useful options"):text.index("Speech content:")]
+    bullets = {b.split("`")[1]: b for b in re.split(r"\n- ", section)[1:]}
+    assert set(bullets) == {"prepare", "finetune", "predict", "serve"}
+    for cmd, bullet in bullets.items():
+        spans = [s for s in re.findall(r"`([^`]*)`", bullet) if not s.startswith("python ")]  # not bench commands
+        flags = [f for span in spans for f in re.findall(r"--[a-z0-9][a-z0-9-]*", span)]
+        twice = sorted(f for f, n in Counter(flags).items() if n > 1)
+        assert not twice, f"README's {cmd} options name {twice} more than once"
+        cls = {"prepare": C.PrepareConfig, "finetune": C.FinetuneConfig, "predict": C.PredictConfig,
+               "serve": C.ServeConfig}[cmd]
+        real = {C.flag(f.name) for f in dataclasses.fields(cls)}
+        real |= {"--no-" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type == "bool"}
+        assert set(flags) <= real, f"README's {cmd} options name flags it does not have: {set(flags) - real}"

@@ -106,6 +106,57 @@ def test_augment_only_train(tiny_models, toy_manifest, tmp_path):
     assert not np.allclose(emb[some], emb[f"{some}~aug1"])
 
 
+def test_prepare_counts_media_features_and_says_what_it_counts(tiny_models, toy_manifest, tmp_path, monkeypatch):
+    import hashlib
+    import re
+
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "home"))  # an empty feature cache
+    media = [p for p in (toy_manifest.parent / "media").iterdir()]
+    distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in media})
+    assert distinct < len(media) == 96  # the toy audio repeats 5 tones: identical files are encoded once
+    for n, (encoded, reused) in enumerate([(distinct, len(media) - distinct), (0, len(media))]):
+        r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / f"out{n}"))
+        assert r.exit_code == 0, r.output
+        assert re.search(rf"(?m)^prepare .* {encoded} encoded, {reused} reused$", r.stderr)  # the progress bar
+        assert "features of each image, audio clip and transcript: encoded now, or reused" in r.stderr  # its legend
+        line = re.search(r"features: (\d+) encoded, (\d+) reused \(([^)]*)\)", r.stderr)
+        assert line and (int(line[1]), int(line[2])) == (encoded, reused), r.stderr
+        assert "per image, audio clip and transcript" in line[3] and "feature cache" in line[3]
+
+
+def test_augment_does_what_its_help_says(monkeypatch):
+    """--augment's help is written from config.AUGMENT_IMAGE / AUGMENT_AUDIO; the augmentations read the same
+    numbers and stay within them."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from PIL import Image, ImageOps
+
+    from mmllm import config as C, features
+
+    help_text = next(f for f in dataclasses.fields(C.PrepareConfig) if f.name == "augment").metadata
+    for words in ("mirrored left-right with p 0.5", "80%-100% of their area", "+-20%", "+-6 dB", "30 dB SNR",
+                  "+-0.1 s", "text unchanged", "validation and test untouched"):
+        assert words in help_text["help"], words
+    enc = SimpleNamespace(sample_rate=16000)
+    t = np.arange(16000) / 16000
+    clip = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for seed in range(20):  # the level stays within the stated gain (noise at 30 dB SNR adds 0.1%)
+        out = features.augment_audio(clip, np.random.default_rng(seed), enc)
+        gain_db = 20 * np.log10(np.sqrt(np.mean(out ** 2)) / np.sqrt(np.mean(clip ** 2)))
+        assert abs(gain_db) <= 6.05
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    monkeypatch.setitem(C.AUGMENT_IMAGE, "flip_p", 1.0)  # the code reads the numbers the help is written from
+    monkeypatch.setitem(C.AUGMENT_IMAGE, "min_area", 1.0)
+    monkeypatch.setitem(C.AUGMENT_IMAGE, "jitter", 0.0)
+    assert np.array_equal(np.asarray(features.augment_image(img, np.random.default_rng(1), enc)),
+                          np.asarray(ImageOps.mirror(img)))
+    monkeypatch.setitem(C.AUGMENT_AUDIO, "gain_db", 0.0)
+    monkeypatch.setitem(C.AUGMENT_AUDIO, "snr_db", 300.0)
+    monkeypatch.setitem(C.AUGMENT_AUDIO, "shift_s", 0.0)
+    assert np.allclose(features.augment_audio(clip, np.random.default_rng(1), enc), clip, atol=1e-6)
+
+
 def finetune(prepared, out, *extra):
     r = run_cli("finetune", str(prepared), "--output", str(out), "--epochs", "3", "--batch-size", "8",
                 "--hidden-size", "32", *extra)

@@ -43,7 +43,7 @@ def test_one_epoch_curves_are_not_empty(tmp_path):
     from mmllm.loop import curves_figure, plot_curves
 
     fig = curves_figure(_history(1), best_epoch=1)
-    curves = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "o"]
+    curves = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() not in ("*", "None", None, "")]
     assert len(curves) == 3 and all(len(ln.get_xdata()) == 1 for ln in curves)  # one visible point per curve
     assert _integer_ticks(fig.axes[0]) == [1.0]
     plt.close(fig)
@@ -51,6 +51,34 @@ def test_one_epoch_curves_are_not_empty(tmp_path):
     image = np.asarray(Image.open(tmp_path / "c.png").convert("L"))
     assert image.shape == (380, 1000)
     assert (image < 200).sum() > 2000  # markers, text and the best-epoch line: not a blank plot
+
+
+def test_overlapping_series_stay_distinguishable(tmp_path):
+    """val_accuracy and val_f1 equal at every epoch (and train_loss = val_loss): each series has its own marker,
+    size and dash, so the one drawn first still shows around the one drawn over it."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mmllm.loop import curves_figure, plot_curves
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0 / e, "val_accuracy": 0.5 + 0.05 * e,
+                "val_f1": 0.5 + 0.05 * e} for e in range(1, 6)]
+    fig = curves_figure(history, best_epoch=5)
+    for ax in fig.axes:
+        series = [ln for ln in ax.get_lines() if ln.get_label() in ("train loss", "val loss", "val accuracy",
+                                                                    "val f1")]
+        assert len(series) == 2
+        (a, b) = series
+        assert list(a.get_ydata()) == list(b.get_ydata())  # drawn on top of each other
+        assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
+        assert a.get_markersize() > b.get_markersize() and a.get_markerfacecolor() == "none"  # a ring around b
+        legend = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert {a.get_label(), b.get_label()} <= legend
+    plt.close(fig)
+    plot_curves(history, tmp_path / "c.png", best_epoch=5)  # the ring shows in the image: the first series' colour
+    rgb = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    blue = (abs(rgb - np.array([31, 119, 180])).sum(-1) < 60).sum()  # matplotlib's C0, the first series
+    assert blue > 300, blue
 
 
 def test_confusion_image_grows_with_classes_and_every_count_is_readable(tmp_path):

@@ -136,3 +136,77 @@ def test_port_in_use_is_one_line_exit_2(prepared, tmp_path):
 def test_serve_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path):
     r = run_cli("serve", str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in one_line_error(r)
+
+
+def start_serve(ckpt, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`mmllm serve CKPT` on a free port, answering /health; (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", str(ckpt), "--port", str(port), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read()[-2000:])
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("serve did not answer /health within 120 s")
+
+
+@pytest.mark.parametrize("sig, code, name", [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "SIGINT (Ctrl-C)")])
+def test_serve_says_when_it_stops_and_why(trained_checkpoint, sig, code, name):
+    import signal
+
+    proc, url = start_serve(trained_checkpoint)
+    info = requests.get(url + "/info").json()
+    assert info["transcribes_audio"] is False and info["transcriber"] is None  # a text-only checkpoint
+    assert requests.post(url + "/predict", json={"id": "a", "text": "it is big"}).status_code == 200
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert f"serve: {name} received: finishing the open requests, then stopping" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"serve stopped: {name}, after ") and "1 record predicted in 1 model call" in last, err
+    assert "Traceback" not in err
+
+
+def test_serve_says_when_an_error_stops_it(trained_checkpoint, monkeypatch):
+    import uvicorn
+
+    def broken(self, sockets=None):
+        raise RuntimeError("the event loop broke")
+
+    monkeypatch.setattr(uvicorn.Server, "run", broken)
+    r = run_cli("serve", str(trained_checkpoint), "--port", str(free_port()))
+    assert r.exit_code == 1
+    assert "serve stopped: error: RuntimeError: the event loop broke" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_port_in_use_names_the_cause(trained_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("serve", str(trained_checkpoint), "--port", str(s.getsockname()[1]))
+    assert r.exit_code == 2
+    assert "cannot listen (Address already in use) (another server is listening there: choose another --port)" \
+        in one_line_error(r)
+
+
+def test_reliance_is_an_opt_in_query_option(server):
+    url, _, root = server
+    rec = {"id": "a", "text": "it is big", "image_base64": base64.b64encode(
+        (root / "media" / "img0.png").read_bytes()).decode()}
+    plain = requests.post(url + "/predict?top_k=2", json=rec).json()
+    assert "reliance" not in plain  # the default answer is unchanged
+    masked = requests.post(url + "/predict?top_k=2&reliance=1", json=rec).json()
+    assert {k: v for k, v in masked.items() if k != "reliance"} == plain
+    assert set(masked["reliance"]) == {"text", "image"}  # the checkpoint's modalities
+    for r in masked["reliance"].values():
+        assert set(r) == {"prediction", "probability", "drop"}
+    bad = requests.post(url + "/predict?reliance=maybe", json=rec)
+    assert bad.status_code == 400 and "reliance" in bad.json()["error"]

@@ -60,6 +60,29 @@ def prepare(models: dict, whisper: Path, manifest: Path, out: Path, *extra: str)
     return load_json_lines(r.stdout)[-1]
 
 
+def asgi_get_json(predictor, path: str) -> dict:
+    """GET `path` from serve's application over `predictor` (ASGI, no socket)."""
+    import asyncio
+
+    from mmllm.config import ServeConfig
+    from mmllm.serve import build_app
+
+    app, sent = build_app(predictor, ServeConfig(checkpoint="ck")), []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"host", b"localhost")], "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("localhost", 80), "client": ("127.0.0.1", 1)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 200, sent
+    return json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
 def split_rows(out: Path) -> list[dict]:
     from mmllm.features import load_prepared
 
@@ -145,6 +168,8 @@ def test_predict_and_eval_transcribe_raw_records_like_prepare(tiny_models, tiny_
     assert r.exit_code == 0, r.output
     predictor = Predictor(str(tmp_path / "ck"))
     assert "transcript" in predictor.encoders
+    info = asgi_get_json(predictor, "/info")  # serve's /info says the model transcribes audio, with what
+    assert info["transcribes_audio"] is True and info["transcriber"] == str(tiny_whisper)
     records = [x for x in raw_records(str(speech_manifest), predictor.config) if isinstance(x, dict)]
     rows, errors = featurize(records, predictor.encoders, predictor.prep)
     prepared = {r["id"]: r for r in split_rows(tmp_path / "p")}
