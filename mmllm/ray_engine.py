@@ -87,9 +87,9 @@ def encoded_chunks(records: list[dict], encoders: dict, cfg: PrepareConfig, sche
     roles = [role for role in encoders if role != "transcript"]
     expected = {"mmllm": __version__, **{role: enc.identity for role, enc in encoders.items()}}
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
-             ctx.wait_for_min_actors_s)
-    ctx.execution_options.preserve_order = True  # rows come back in record order, as the local engine writes them
+    options = ctx.execution_options
+    saved = options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s
+    options.preserve_order = True  # rows come back in record order, as the local engine writes them
     ctx.enable_progress_bars = False  # prepare's own bar counts the records
     ctx.print_on_execution_start = False
     ctx.wait_for_min_actors_s = ACTOR_START_S
@@ -101,8 +101,11 @@ def encoded_chunks(records: list[dict], encoders: dict, cfg: PrepareConfig, sche
     try:
         items = ray.data.from_items([{"record": pickle.dumps(r)} for r in records],
                                     override_num_blocks=max(1, math.ceil(len(records) / chunk)))
+        # one chunk in flight per actor: every chunk starts on this node, and Ray Data would queue chunks on the
+        # actors here (locality) while the other nodes' wait
+        pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
         out = items.map_batches(EncoderActor, fn_constructor_args=(cfg, roles, expected), batch_size=chunk,
-                                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+                                batch_format="pyarrow", compute=pool, num_cpus=1)
         for block in out.iter_batches(batch_format="pyarrow", batch_size=None):
             for r in block.to_pylist():
                 if r["problem"]:  # an actor could not load the encoders, or they are not this process's
@@ -117,7 +120,7 @@ def encoded_chunks(records: list[dict], encoders: dict, cfg: PrepareConfig, sche
                 pids.add(stats["pid"])
                 yield batch, json.loads(r["errors"]), r["records"]
     finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+        (options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
          ctx.wait_for_min_actors_s) = saved
         data_log.setLevel(level)
     log(f"ray: chunks encoded by {len(pids)} of {actors} actors")

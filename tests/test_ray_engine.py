@@ -57,14 +57,18 @@ def bad_manifest(tmp_path, n: int = 30):
 
 @pytest.fixture
 def ray_cluster(isolated_home):
-    """A local Ray cluster of 2 CPUs (2 encoder actors), small object store, no dashboard; its workers see this
-    test's MMLLM_HOME (feature cache) as they inherit the environment."""
+    """A local Ray cluster of 2 nodes with 1 CPU each (2 encoder actors), small object stores, no dashboard; its
+    nodes inherit this test's environment, so the workers' feature cache is this test's MMLLM_HOME."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(address="local", num_cpus=2, object_store_memory=150 << 20, include_dashboard=False,
-             logging_level="WARNING")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20,
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=100 << 20)
+    ray.init(address=cluster.address, logging_level="WARNING")
     yield ray
     ray.shutdown()
+    cluster.shutdown()
 
 
 def cache_keys(home) -> set[str]:
@@ -87,7 +91,7 @@ def test_ray_engine_equals_local_engine(ray_cluster, tiny_models, tmp_path, isol
     args = [a for a in args if a not in ("--output", str(tmp_path / "unused"))]
     r = run_cli(*args, "--output", tmp_path / "ray", "--engine", "ray")
     assert r.exit_code == 0, r.output
-    assert "ray: 2 encoder actors on 1 node" in r.stderr and "chunks encoded by 2 of 2 actors" in r.stderr, r.stderr
+    assert "ray: 2 encoder actors on 2 nodes" in r.stderr and "chunks encoded by 2 of 2 actors" in r.stderr, r.stderr
     assert sum(json.loads(r.stdout)["counts"].values()) == 25  # 31 rows, 6 skipped
     ray_keys = cache_keys(isolated_home)
     local_home = tmp_path / "local_home"
@@ -99,7 +103,7 @@ def test_ray_engine_equals_local_engine(ray_cluster, tiny_models, tmp_path, isol
 
     got, meta = load_prepared(tmp_path / "ray")
     want, local_meta = load_prepared(tmp_path / "local")
-    assert meta.pop("engine") == {"name": "ray", "actors": 2, "nodes": 1}
+    assert meta.pop("engine") == {"name": "ray", "actors": 2, "nodes": 2}
     assert local_meta.pop("engine") == {"name": "local"}
     assert meta == local_meta  # counts, labels, encoders, features, skipped records, transcripts report
     assert sorted((e["id"], e["column"]) for e in meta["skipped"]) == [
