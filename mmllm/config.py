@@ -49,7 +49,8 @@ MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", 
                  "sequence_features", "sentence_embedding", "text_trunk_layers", "val_fraction", "test_fraction",
                  "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
-                 "precision", "transcribe", "transcribe_model", "transcript_reference_column")
+                 "precision", "transcribe", "transcribe_model", "transcript_reference_column", "engine",
+                 "ray_address")
 RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "min_rel_delta", "lr",
              "backbone_lr", "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device",
              "num_workers", "output", "overwrite", "report_to", "resume")
@@ -120,6 +121,13 @@ class PrepareConfig:
                                  "bf16 where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU.",
                          choices=("auto", "fp32", "bf16"), panel="Runtime")
     num_workers: int = opt(0, "Threads that decode media while the encoders run.", panel="Runtime")
+    engine: str = opt("local", "Where records are decoded and encoded: local (this process) or ray (encoder actors "
+                               "on a Ray cluster, one per CPU, each loading the encoders once; needs pip install "
+                               "'mmllm[ray]'). Both write the same prepared data.", choices=("local", "ray"),
+                      panel="Runtime")
+    ray_address: str = opt(None, "--engine ray: the cluster to use; auto: the running one (ray start), HOST:PORT or "
+                                 "ray://HOST:10001: that one. Default: the running one on this machine, else a new "
+                                 "local cluster.", panel="Runtime")
     shard_index: int = opt(0, "Which shard of the input this run prepares (0-based).", panel="Data")
     num_shards: int = opt(1, "Split the input into this many disjoint shards (job arrays).", panel="Data")
     merge: bool = opt(False, "Join prepared shard folders (given as INPUT...) into --output.", panel="Data")
@@ -587,6 +595,8 @@ def prepare_rules(cfg: PrepareConfig) -> list[str]:
         problems.append(f"--text-trunk-layers: must be >= 0 (got {cfg.text_trunk_layers})")
     if not 0 < cfg.max_audio_seconds <= MAX_AUDIO_SECONDS:
         problems.append(f"--max-audio-seconds: must be in (0, {MAX_AUDIO_SECONDS:g}] (got {cfg.max_audio_seconds})")
+    if cfg.ray_address is not None and cfg.engine != "ray" and not cfg.merge:
+        problems.append("--ray-address: only used with --engine ray")
     if cfg.transcribe is False:
         problems += [f"{flag(n)}: only used with --transcribe" for n in ("transcribe_model",
                      "transcript_reference_column") if getattr(cfg, n) != default(PrepareConfig, n)]

@@ -12,10 +12,11 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
-
 
 from mmllm import outputs
 from mmllm.config import PrepareConfig, default, save_resolved
@@ -36,7 +37,19 @@ PREPARED = outputs.marked_folder("a prepared dataset", META, writes=(META, "prep
 def run(cfg: PrepareConfig) -> int:
     outputs.check(cfg.output, PREPARED, cfg.input, cfg.overwrite)
     with outputs.lock(cfg.output):  # a second prepare on the same --output meanwhile is refused
-        return merge(cfg) if cfg.merge else build(cfg)
+        if cfg.merge:
+            return merge(cfg)
+        with engine(cfg):
+            return build(cfg)
+
+
+def engine(cfg: PrepareConfig) -> Any:
+    """Where build's chunks are encoded: here, or (--engine ray) on a Ray cluster connected meanwhile."""
+    if cfg.engine != "ray":
+        return nullcontext()
+    from mmllm import ray_engine
+
+    return ray_engine.cluster(cfg)
 
 
 def build(cfg: PrepareConfig) -> int:
@@ -81,12 +94,13 @@ def build(cfg: PrepareConfig) -> int:
     records = augment_records(records, cfg.augment)
     tmp = outputs.beside(out, folder=True)
     try:
-        rows_per_split, errors = encode_and_write(records, errors, encoders, cfg, tmp)
+        where = {"name": cfg.engine}  # the engine, as build_meta records it
+        rows_per_split, errors = encode_and_write(records, errors, encoders, cfg, tmp, where)
         _report(errors, cfg)
         if not sum(rows_per_split.values()):
             raise UserError(f"every record of {cfg.input[0]} was skipped ({len(errors)} errors, see above)")
         labels = sorted({lab for lab in _labels(tmp) if lab is not None})
-        meta = build_meta(cfg, cols, encoders, rows_per_split, labels, errors)
+        meta = build_meta(cfg, cols, encoders, rows_per_split, labels, errors, where)
         if cfg.text_trunk_layers:
             meta["text_trunk"]["bytes_per_record"] = trunk_bytes(tmp, sum(rows_per_split.values()))
             log(f"text trunk states: {meta['text_trunk']['bytes_per_record']:,} bytes per record "
@@ -222,49 +236,85 @@ def augment_records(records: list[dict], k: int) -> list[dict]:
 # ---------------------------------------------------------------- encode + write
 
 def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cfg: PrepareConfig,
-                     tmp: Path) -> tuple[dict[str, int], list[dict]]:
+                     tmp: Path, where: dict) -> tuple[dict[str, int], list[dict]]:
+    """Chunks of records -> Arrow rows (here, or on a Ray cluster with --engine ray) -> one file per split.
+    `where`: the engine's description, completed by the Ray engine (actors, nodes)."""
+    tally = {"hits": 0, "misses": 0, "engine": where}  # features reused (cache or identical files) / encoded now
+    schema = arrow_schema(encoders, cfg)
+    if cfg.engine == "ray":
+        from mmllm import ray_engine
+
+        chunks = ray_engine.encoded_chunks(records, encoders, cfg, schema, tally, CHUNK)
+    else:
+        chunks = local_chunks(records, encoders, cfg, schema, tally)
+    files = SplitFiles(tmp / "_arrow", schema)
+    try:
+        log("features of each image, audio clip and transcript: encoded now, or reused (from the feature cache or "
+            "an identical file)")
+        with progress("prepare", total=len(records)) as advance, closing(chunks):
+            for batch, chunk_errors, n in chunks:
+                errors.extend(chunk_errors)
+                if cfg.on_error == "fail" and errors:
+                    raise UserError(format_error(errors[0]))
+                files.write(batch)
+                advance(n, info=f"{tally['misses']} encoded, {tally['hits']} reused")  # short: 80 columns
+    finally:
+        files.close()
+    log(f"features: {tally['misses']} encoded, {tally['hits']} reused (counted per image, audio clip and transcript; "
+        "reused: from the feature cache, or an identical file of this run)")
+    return {s: n for s, n in files.counts.items() if n}, errors
+
+
+def local_chunks(records: list[dict], encoders: dict, cfg: PrepareConfig, schema: Any, tally: dict
+                 ) -> Iterator[tuple[Any, list[dict], int]]:
+    """(Arrow rows, errors, records) per chunk of CHUNK records, in order, encoded in this process: the next chunk is
+    decoded (threads) while this one is encoded."""
     import pyarrow as pa
 
     store = FeatureStore(cfg.cache)
-    schema = arrow_schema(encoders, cfg)
-    arrow_dir = tmp / "_arrow"
-    arrow_dir.mkdir(parents=True)
-    writers: dict[str, Any] = {}
-    counts = {s: 0 for s in SPLITS}
     chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
     workers = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
     prefetch = ThreadPoolExecutor(1)
     try:
-        log("features of each image, audio clip and transcript: encoded now, or reused (from the feature cache or "
-            "an identical file)")
-        with progress("prepare", total=len(records)) as advance:
-            pending = prefetch.submit(load_chunk, chunks[0], encoders, store, cfg, workers) if chunks else None
-            for i in range(len(chunks)):
-                loaded = pending.result()
-                if i + 1 < len(chunks):  # decode the next chunk while this one is encoded
-                    pending = prefetch.submit(load_chunk, chunks[i + 1], encoders, store, cfg, workers)
-                rows, chunk_errors = encode_chunk(loaded, encoders, store, cfg)
-                errors.extend(chunk_errors)
-                if cfg.on_error == "fail" and errors:
-                    raise UserError(format_error(errors[0]))
-                for split in SPLITS:
-                    part = [r for r in rows if r["split"] == split]
-                    if not part:
-                        continue
-                    if split not in writers:
-                        writers[split] = pa.ipc.new_stream(str(arrow_dir / f"{split}.arrow"), schema)
-                    writers[split].write_batch(pa.RecordBatch.from_pylist(part, schema=schema))
-                    counts[split] += len(part)
-                advance(len(loaded), info=f"{store.misses} encoded, {store.reused} reused")  # short: 80 columns
+        pending = prefetch.submit(load_chunk, chunks[0], encoders, store, cfg, workers) if chunks else None
+        for i in range(len(chunks)):
+            loaded = pending.result()
+            if i + 1 < len(chunks):  # decode the next chunk while this one is encoded
+                pending = prefetch.submit(load_chunk, chunks[i + 1], encoders, store, cfg, workers)
+            rows, chunk_errors = encode_chunk(loaded, encoders, store, cfg)
+            tally.update(hits=store.reused, misses=store.misses)
+            yield pa.RecordBatch.from_pylist(rows, schema=schema), chunk_errors, len(loaded)
     finally:
-        for w in writers.values():
-            w.close()
         prefetch.shutdown(cancel_futures=True)
         if workers:
             workers.shutdown(cancel_futures=True)
-    log(f"features: {store.misses} encoded, {store.reused} reused (counted per image, audio clip and transcript; "
-        "reused: from the feature cache, or an identical file of this run)")
-    return {s: n for s, n in counts.items() if n}, errors
+
+
+class SplitFiles:
+    """Arrow rows appended to one stream file per split (FOLDER/train.arrow, ...), each created at its first row."""
+
+    def __init__(self, folder: Path, schema: Any):
+        folder.mkdir(parents=True)
+        self.folder, self.schema = folder, schema
+        self.writers: dict[str, Any] = {}
+        self.counts = {s: 0 for s in SPLITS}
+
+    def write(self, batch: Any) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        for split in SPLITS:
+            part = batch.filter(pc.equal(batch.column("split"), split))
+            if not part.num_rows:
+                continue
+            if split not in self.writers:
+                self.writers[split] = pa.ipc.new_stream(str(self.folder / f"{split}.arrow"), self.schema)
+            self.writers[split].write_batch(part)
+            self.counts[split] += part.num_rows
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
 
 
 # ---------------------------------------------------------------- augmentation (training records only)
@@ -322,7 +372,8 @@ def with_class_labels(ds: Any, names: list[str]) -> Any:
     return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
 
 
-def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list) -> dict:
+def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list,
+               where: dict) -> dict:
     from mmllm.encoders import resolve_precision
 
     transcriber = encoders.get("transcript")
@@ -369,6 +420,7 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
         "has_target": bool(cols.get("target")),
         "counts": counts,
         "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+        "engine": where,  # local, or ray with its actors and nodes
         "skipped": errors,
     }
 
