@@ -7,8 +7,8 @@ features to fp32. Levers that won are what prepare runs now ("prepare now"); "be
 - audio (whisper-tiny.en encoder on the sample_data clips, each on its whole-second window): one clip per call
   (before) vs the clips of one window batched (prepare now: same shapes, no padding beyond the window);
   autocast vs bf16 weights; sdpa vs eager.
-- image (EfficientNet-Lite0 on the sample_data images): PyTorch bf16 with an F.pad before each stride-1 "SAME"
-  conv (before), with plain symmetric-padded convs, and OpenVINO fp32 (prepare now, when OpenVINO is installed).
+- image (EfficientNet-Lite0 on the sample_data images): an F.pad before each stride-1 "SAME" conv (before) vs
+  plain convs with symmetric padding (prepare now).
 
 Run alone: `python bench/levers.py [--quick]` prints the results JSON; `python bench/run.py --only levers` records
 it in bench/results.json and BENCHMARKS.md.
@@ -120,39 +120,32 @@ def audio_variants(clips: list[np.ndarray], repeat: int, peak: float) -> dict:
 
 
 def image_variants(images: list, repeat: int, peak: float) -> dict:
-    """EfficientNet-Lite0: PyTorch bf16 (BatchNorm folded, channels_last, depthwise convs in fp32) with an F.pad
-    before each stride-1 "SAME" conv (before) or plain padded convs, OpenVINO fp32 (prepare now), PyTorch fp32.
-    FLOPs are counted once on the PyTorch fp32 forward (the same network for every variant)."""
+    """EfficientNet-Lite0 as prepare runs it (bf16, BatchNorm folded, channels_last, depthwise convs in fp32) with
+    its stride-1 "SAME" convs as plain padded convs (now) or with an F.pad before each (before)."""
     import mmllm.encoders as E
 
-    def load(precision: str, fold: bool, runtime: str = "torch"):
-        keep, env = E._fold_same_padding, os.environ.get("MMLLM_OPENVINO")
+    def load(precision: str, fold: bool):
+        keep = E._fold_same_padding
         if not fold:
             E._fold_same_padding = lambda model: 0
-        os.environ["MMLLM_OPENVINO"] = "1" if runtime == E.OPENVINO else "0"
         try:
             enc = E.load_encoder("image", "efficientnet-lite0", precision=precision)
-            assert enc.runtime == runtime, enc.runtime
-            assert (enc.compiled if runtime == E.OPENVINO else enc.model) is not None  # loaded while patched
+            assert enc.model is not None  # loaded while the patch holds
         finally:
             E._fold_same_padding = keep
-            os.environ.pop("MMLLM_OPENVINO") if env is None else os.environ.__setitem__("MMLLM_OPENVINO", env)
         return enc
 
-    encs = {"before: PyTorch bf16, F.pad, then conv": load("bf16", False),
-            "PyTorch bf16, padded convs": load("bf16", True),
-            "prepare now: OpenVINO fp32": load("auto", True, E.OPENVINO), "PyTorch fp32": load("fp32", True)}
+    encs = {"before: F.pad, then conv": load("bf16", False), "prepare now: padded convs": load("bf16", True),
+            "fp32": load("fp32", True)}
 
     def pooled(enc) -> np.ndarray:
         return np.concatenate([enc.encode(images[i:i + 32])[0] for i in range(0, len(images), 32)])
 
-    reference = pooled(encs["PyTorch fp32"])
-    flops = counted_flops(functools.partial(pooled, encs["PyTorch fp32"]))  # the same network: OpenVINO's are not seen
-    out: dict = {"images": len(images), "images_per_s": {}}
+    reference = pooled(encs["fp32"])
+    out: dict = {"images": len(images)}
     for name, enc in encs.items():
         fn = functools.partial(pooled, enc)
-        seconds = best_time(fn, repeat)
-        out["images_per_s"][name] = len(images) / seconds
+        flops, seconds = counted_flops(fn), best_time(fn, repeat)
         out[name] = {"seconds": seconds, "fraction": flops / seconds / peak, "cosine": cosine(fn(), reference)}
     return out
 
@@ -183,7 +176,7 @@ def report(r: dict) -> tuple[list[str], list[str]]:
         v = r[part]
         before = next(k for k in v if k.startswith("before"))
         cells = [f"{k} {100 * x['fraction']:.1f}% ({v[before]['seconds'] / x['seconds']:.2f}x, cos {x['cosine']:.4f})"
-                 for k, x in v.items() if isinstance(x, dict) and "fraction" in x]
+                 for k, x in v.items() if isinstance(x, dict)]
         lines.append(f"- encoder levers, {part.replace('_', ' ')} ({r.get('date', 'this run')}, % of the bf16 peak, "
                      f"speed vs before, min cosine to fp32): " + "; ".join(cells))
     lines.append(f"- encoder levers: {r['threads']} threads, bf16 peak {r['bf16_peak'] / 1e9:.0f} GFLOP/s, load "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,8 +59,8 @@ def peaks(n: int, repeat: int) -> dict:
     return out
 
 
-def achieved(fn: Callable[[], object], repeat: int, precision: str, peak: dict, flops: int | None = None) -> dict:
-    flops = counted_flops(fn) if flops is None else flops
+def achieved(fn: Callable[[], object], repeat: int, precision: str, peak: dict) -> dict:
+    flops = counted_flops(fn)
     seconds = best_time(fn, repeat)
     rate = flops / seconds
     return {"flops": flops, "seconds": seconds, "flops_per_s": rate, "precision": precision,
@@ -82,20 +81,7 @@ def encoder_rates(n: int, repeat: int, peak: dict) -> dict:
     calls = {"text": lambda: encoder("text", precision).embed(texts, 128),
              "image": lambda: encoder("image", precision).encode(images),
              "audio": lambda: encoder("audio", precision).encode(clips)}
-    out = {}
-    for role, fn in calls.items():
-        flops, ran_in = None, precision
-        if getattr(encoder(role, precision), "runtime", "torch") != "torch":  # OpenVINO: FLOPs of the same network
-            ran_in = "fp32"  # as PyTorch counts them, against the fp32 peak (it runs fp32 kernels)
-            os.environ["MMLLM_OPENVINO"] = "0"
-            try:
-                torch_enc = encoder(role, "fp32")
-                flops = counted_flops(functools.partial(torch_enc.encode, images))
-            finally:
-                del os.environ["MMLLM_OPENVINO"]
-        out[role] = {"items": n, "runtime": getattr(encoder(role, precision), "runtime", "torch"),
-                     **achieved(fn, repeat, ran_in, peak, flops)}
-    return out
+    return {role: {"items": n, **achieved(fn, repeat, precision, peak)} for role, fn in calls.items()}
 
 
 def classify_step(repeat: int, peak: dict, batch: int = 32, tokens: int = 32) -> dict:
@@ -145,8 +131,7 @@ def report(r: dict) -> tuple[list[str], list[str]]:
     p = r["matmul_flops_per_s"]
     lines = [f"- dense matmul peak ({r['threads']} threads): fp32 {p['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
              f"{p['bf16'] / 1e9:.0f} GFLOP/s ({p['bf16'] / p['fp32']:.1f}x)"]
-    named = [(f"{role} encoder (prepare" + (f", {e['runtime']})" if e.get("runtime", "torch") != "torch" else ")"), e)
-             for role, e in r["encoders"].items()]
+    named = [(f"{role} encoder (prepare)", e) for role, e in r["encoders"].items()]
     named += [("classify training step (MiniLM, fp32)", r["classify_step"]),
               ("generate training step (smollm2-135m prefix decoder)", r["generate_step"])]
     for name, e in named:

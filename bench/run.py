@@ -53,8 +53,7 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
            "limits": limits, "transcribe": transcribe_speed, "busy": busy_finetune,
            "e2e": e2e, "levers": levers, "text_layers": text_layers}  # results key -> module
 ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
-        "levers": levers.run, "limits": limits.run, "precision": lambda tmp, quick: precision.run(quick),
-        "text_layers": text_layers.run,
+        "levers": levers.run, "limits": limits.run, "text_layers": text_layers.run,
         "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
 
 

@@ -114,14 +114,6 @@ def precision_note(requested: str, resolved: str) -> str:
     return f"frozen encoders: {how}{why}"
 
 
-def runtime_note(encoders: dict) -> str | None:
-    """One stderr line when an encoder runs outside PyTorch (the image encoder on OpenVINO), else None."""
-    image = encoders.get("image")
-    if getattr(image, "runtime", "torch") == OPENVINO:
-        return "image encoder: OpenVINO, fp32 (MMLLM_OPENVINO=0 runs it in PyTorch)"
-    return None
-
-
 def autocast(precision: str, device: str = "cpu"):
     """bf16 autocast for a frozen encoder's forward (weights stay fp32); a no-op for fp32."""
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -257,12 +249,8 @@ class ImageEncoder:
             raise UserError(f"'{name}' is not an image model")
         cfg = read_json(self.folder / "config.json")
         self.trust_remote_code = trust_remote_code
-        self.runtime = "torch"
         if cfg.get("model_type") == "efficientnet-lite":
             self.kind = "efficientnet-lite"
-            self.runtime = image_runtime()
-            if self.runtime == OPENVINO:
-                self.precision = "fp32"  # OpenVINO's fp32 kernels beat PyTorch's bf16 here, at fp32's accuracy
             self.image_size = int(cfg["image_size"])
             self.mean, self.std = [127 / 255] * 3, [128 / 255] * 3  # TF-Lite training normalization
             self.processor = None
@@ -331,46 +319,8 @@ class ImageEncoder:
         x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W)
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
-    @functools.cached_property
-    def compiled(self) -> Any:
-        """The OpenVINO-compiled feature extractor (runtime "openvino"): converted from the PyTorch model once per
-        weights and OpenVINO version, kept as IR under $MMLLM_HOME/openvino/ (in memory when that is not
-        writable), compiled for this process's thread count."""
-        import threading
-
-        import openvino as ov
-
-        folder = hub.home() / "openvino" / hashlib.sha256(f"{self.identity}|{ov.__version__}".encode()).hexdigest()[:24]
-        xml = folder / "model.xml"
-        core = ov.Core()
-        if xml.is_file() and (folder / "model.bin").is_file():
-            graph = core.read_model(str(xml))
-        else:
-            graph = _openvino_graph(self, ov)
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            try:
-                tmp.mkdir(parents=True, exist_ok=True)
-                ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)
-                os.replace(tmp, folder)  # whole or not at all; another process's copy wins a race
-            except (OSError, RuntimeError):
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)  # ours only: a read-only cache converts again next time
-        graph.reshape([-1, 3, self.image_size, self.image_size])
-        compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())})
-        self._request = compiled.create_infer_request()
-        self._lock = threading.Lock()  # one infer request: serve's threads take turns
-        return compiled
-
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> pooled (B, D), sequence (B, T, D), both float32 whatever the precision."""
-        if self.runtime == OPENVINO:
-            self.compiled  # noqa: B018 - compiled on first use
-            with self._lock:
-                fmap = torch.from_numpy(np.array(self._request.infer([pixels.float().contiguous().numpy()])[0]))
-            seq = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
-            return seq.mean(1), seq
         model = self.model
         if self.channels_last_for(model):
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -393,47 +343,13 @@ class ImageEncoder:
 
     def describe(self) -> dict:
         return {"name": self.name, "identity": self.identity, "dim": int(self.dim), "seq_len": int(self.seq_len),
-                "precision": self.precision, "runtime": self.runtime,
+                "precision": self.precision,
                 "preprocessing": {"image_size": self.image_size, "mean": self.mean, "std": self.std,
                                   "resize": "short side, bicubic, centre crop" if self.processor is None
                                   else type(self.processor).__name__,
                                   # media.load_image(min_side=image_size): a new key, so features of large images
                                   # decoded in full before are not reused from the cache
                                   "decode": f"draft/reduce to short side >= image_size, aspect <= {MAX_ASPECT}:1"}}
-
-
-OPENVINO = "openvino"
-
-
-def image_runtime() -> str:
-    """How EfficientNet-Lite runs: "openvino" (fp32) when OpenVINO is installed, unless MMLLM_OPENVINO=0; else
-    "torch". bench/levers.py, same run: 3.2x images/s over PyTorch's bf16 path, cosine 0.9999998 to PyTorch fp32."""
-    import importlib.util
-
-    if os.environ.get("MMLLM_OPENVINO", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "torch"
-    return OPENVINO if importlib.util.find_spec("openvino") is not None else "torch"
-
-
-def _openvino_graph(enc: ImageEncoder, ov: Any) -> Any:
-    """EfficientNet-Lite's feature extractor (fp32 weights as loaded, nothing folded) as an OpenVINO graph."""
-    from efficientnet_lite_pytorch import EfficientNet
-    from safetensors.torch import load_file
-
-    cfg = read_json(enc.folder / "config.json")
-    net = EfficientNet.from_name(cfg["variant"])
-    net.load_state_dict(load_file(str(enc.folder / "model.safetensors")))
-
-    class Features(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net.extract_features(x)
-
-    with torch.no_grad():
-        return ov.convert_model(Features(net).eval(), example_input=torch.zeros(1, 3, enc.image_size, enc.image_size))
 
 
 def _fold_batchnorm(model: torch.nn.Module) -> None:

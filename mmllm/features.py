@@ -94,14 +94,12 @@ def label_strings(ds: Any) -> list[str | None]:
 
 
 def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
-    from mmllm.encoders import load_encoder, precision_note, resolve_precision, runtime_note
+    from mmllm.encoders import load_encoder, precision_note, resolve_precision
 
     models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
     precision = resolve_precision(cfg.precision)
     log(precision_note(cfg.precision, precision))
     out = {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
-    if note := runtime_note(out):
-        log(note)
     if cfg.transcribe and "audio" in roles:
         out["transcript"] = load_transcriber(cfg.transcribe_model, cfg.trust_remote_code, precision)
     return out
@@ -277,8 +275,6 @@ def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: i
              "seq": cfg.sequence_features, "aug": [aug, cfg.seed, rec_id] if aug else 0}
     if role == "audio":
         parts["max_seconds"] = cfg.max_audio_seconds
-    if getattr(encoder, "runtime", "torch") != "torch":  # e.g. OpenVINO: its own kernels, its own features
-        parts["runtime"] = encoder.runtime
     if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
         parts["precision"] = encoder.precision
         parts["code"] = ENCODER_CODE  # bf16 paths changed (e.g. folded BatchNorm): never reuse older bf16 features
@@ -610,7 +606,7 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     `text_states`: featurize computes the frozen text model's pooled states (the model reads them, not tokens);
     `transcripts`: the model reads prepare's transcripts (a generator's prompt), so the audio is transcribed as
     prepare did; None: when it has a text model (which read text + transcript)."""
-    from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision, runtime_note
+    from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision
 
     requested = precision
     if precision == "checkpoint":
@@ -628,8 +624,6 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
             raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
                             f"trained on {recorded['identity']}")
         out[role] = enc
-    if note := runtime_note(out):
-        log(note)
     if "text" in out:
         out["text"].states = text_states
     recorded = config.get("preprocessing", {}).get("transcribe")

@@ -1,7 +1,5 @@
 """One interface per role; each transformers family works through it (tiny random models saved locally)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -142,47 +140,3 @@ def test_same_padding_convs_of_stride_1_become_plain_convs_with_the_same_outputs
     assert net[0].weight is not None and net[0].padding == (1, 1) and net[1].padding == (2, 2)
     torch.testing.assert_close(net(x), before, rtol=0, atol=1e-6)
     assert net(torch.randn(1, 4, 9, 12)).shape == (1, 8, 5, 6)  # any input size
-
-
-def test_openvino_runs_efficientnet_lite_as_pytorch_fp32(tmp_path, monkeypatch):
-    """EfficientNet-Lite on OpenVINO (fp32): the features of PyTorch fp32, IR converted once and reused, its own
-    cache key; MMLLM_OPENVINO=0 runs PyTorch."""
-    pytest.importorskip("openvino")
-    from efficientnet_lite_pytorch import EfficientNet
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    import mmllm.encoders as E
-    from mmllm.config import PrepareConfig
-    from mmllm.features import feature_key
-
-    folder = tmp_path / "effnet"
-    folder.mkdir()
-    torch.manual_seed(0)
-    save_file(EfficientNet.from_name("efficientnet-lite0").state_dict(), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "efficientnet-lite", "variant": "efficientnet-lite0",
-                                                    "image_size": 224, "hidden_size": 1280}))
-    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "home"))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (180 + 20 * i, 240, 3), dtype=np.uint8)) for i in range(3)]
-    ov = E.load_encoder("image", str(folder), precision="auto")
-    assert (ov.runtime, ov.precision, ov.describe()["runtime"]) == ("openvino", "fp32", "openvino")
-    got = ov.encode(images)
-    assert E.runtime_note({"image": ov}).startswith("image encoder: OpenVINO, fp32")
-    monkeypatch.setenv("MMLLM_OPENVINO", "0")
-    pt = E.load_encoder("image", str(folder), precision="fp32")
-    assert pt.runtime == "torch" and E.runtime_note({"image": pt}) is None
-    want = pt.encode(images)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == np.float32
-        g, w = g.reshape(-1, g.shape[-1]), w.reshape(-1, w.shape[-1])
-        cos = (g * w).sum(-1) / np.linalg.norm(g, axis=-1) / np.linalg.norm(w, axis=-1)
-        assert cos.min() >= 0.99999, cos.min()
-    saved = list((tmp_path / "home" / "openvino").glob("*/model.xml"))
-    assert len(saved) == 1 and not list((tmp_path / "home" / "openvino").glob("*.tmp*"))
-    monkeypatch.delenv("MMLLM_OPENVINO")
-    monkeypatch.setattr(E, "_openvino_graph", lambda *a: pytest.fail("converted twice"))
-    again = E.load_encoder("image", str(folder), precision="auto")
-    np.testing.assert_array_equal(again.encode(images)[0], got[0])  # read from the saved IR
-    cfg = PrepareConfig(input=["x.csv"], output=str(tmp_path / "o"))
-    assert feature_key("image", "d", ov, cfg, 0, "r") != feature_key("image", "d", pt, cfg, 0, "r")

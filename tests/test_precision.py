@@ -152,27 +152,12 @@ REAL = [("image", "efficientnet-lite0", lambda: photos(8)), ("image", "efficient
 
 @pytest.mark.slow
 @pytest.mark.parametrize("role,name,media", REAL, ids=["photos", "sample_data", "whisper", "minilm"])
-def test_bf16_matches_fp32_real_weights(role, name, media, monkeypatch):
+def test_bf16_matches_fp32_real_weights(role, name, media):
     if not (REAL_HOME / "models" / name).is_dir():
         pytest.skip(f"{name} is not pulled (mmllm models pull {name})")
-    monkeypatch.setenv("MMLLM_OPENVINO", "0")  # PyTorch's bf16 path, as where OpenVINO is not installed
     items = media()
     fp32, bf16 = pooled(role, name, "fp32", items), pooled(role, name, "bf16", items)
     assert cosine(fp32, bf16).min() >= 0.999
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("media", [lambda: photos(8), sample_images], ids=["photos", "sample_data"])
-def test_openvino_matches_pytorch_fp32_real_weights(media, monkeypatch):
-    pytest.importorskip("openvino")
-    if not (REAL_HOME / "models" / "efficientnet-lite0").is_dir():
-        pytest.skip("efficientnet-lite0 is not pulled (mmllm models pull efficientnet-lite0)")
-    items = media()
-    ov = load_encoder("image", "efficientnet-lite0", precision="auto")
-    assert ov.runtime == "openvino" and ov.precision == "fp32"
-    got = ov.encode(items)[0]
-    monkeypatch.setenv("MMLLM_OPENVINO", "0")
-    assert cosine(got, pooled("image", "efficientnet-lite0", "fp32", items)).min() >= 0.99999
 
 
 def test_predict_uses_the_checkpoint_precision_unless_given(trained_checkpoint):
