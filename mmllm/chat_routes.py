@@ -3,7 +3,7 @@
 A chat request is one conversation record: its `messages` (text, `image_url` with a data: URI, or a path read only
 under --media-root, and `input_audio` parts) go through the same reader as a conversation record in `predict`
 (records.flat_record -> conversations.flatten), and the answer through the same predictor. Requests with the
-same sampling settings are micro-batched together (their own serve.Batcher: --max-batch, --batch-wait-ms), behind
+same sampling settings are micro-batched together (their own serve_io.Batcher: --max-batch, --batch-wait-ms), behind
 the same guard and body limits as /predict. `max_tokens` (or `max_completion_tokens`), `temperature` (0 or left
 out: greedy, as `mmllm predict`; above 0: sampling with `top_p`), `stop` (a string or up to 4) and `n` (1 only)
 are read; `stream: true` sends the answer as server-sent events (`chat.completion.chunk`s, then `[DONE]`) once
@@ -81,7 +81,7 @@ def add(app: Any, predictor: Any, cfg: Any, media: Any) -> None:
 
     from mmllm.console import log
     from mmllm.predict import error_line, predict_each
-    from mmllm.serve import Batcher, RequestRefused, read_body, to_records, until_answered
+    from mmllm.serve_io import Batcher, RequestRefused, read_body, to_records, until_answered
 
     model_id = Path(cfg.checkpoint).resolve().name or "mmllm"
     default_max = predictor.model.cfg.max_new_tokens
