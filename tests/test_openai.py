@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from test_conversations import chat_decoder  # noqa: F401 - the fixture
-from test_serve import free_port
+from test_serve import start_serve
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -26,21 +22,7 @@ def chat_server(prepared, chat_decoder, tmp_path, isolated_home):  # noqa: F811
     r = run_cli("finetune", str(prepared), "--output", str(ckpt), "--task", "generate", "--decoder", str(chat_decoder),
                 "--epochs", "4", "--batch-size", "8", "--hidden-size", "32", "--prefix-tokens", "2", "--lr", "5e-3")
     assert r.exit_code == 0, r.output
-    port = free_port()
-    env = {**os.environ, "MMLLM_HOME": str(isolated_home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", str(ckpt), "--port", str(port),
-                             "--batch-wait-ms", "50", "--media-root", str(tmp_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.3)
+    proc, url = start_serve(ckpt, "--batch-wait-ms", "50", "--media-root", str(tmp_path), home=isolated_home)
     yield url, ckpt, tmp_path
     proc.terminate()
     proc.wait(timeout=20)

@@ -32,21 +32,8 @@ def server(prepared, tmp_path, isolated_home):
     r = run_cli("finetune", str(prepared), "--output", str(ckpt), "--modalities", "text,image", "--epochs", "1",
                 "--hidden-size", "16")
     assert r.exit_code == 0, r.output
-    port = free_port()
-    env = {**os.environ, "MMLLM_HOME": str(isolated_home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", str(ckpt), "--port", str(port),
-                             "--batch-wait-ms", "50", "--max-batch", "64", "--media-root", str(prepared.parent)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.3)
+    proc, url = start_serve(ckpt, "--batch-wait-ms", "50", "--max-batch", "64", "--media-root", str(prepared.parent),
+                            home=isolated_home)
     yield url, ckpt, prepared.parent
     proc.terminate()
     proc.wait(timeout=20)
@@ -138,10 +125,12 @@ def test_serve_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path):
     assert str(tmp_path / "nope") in one_line_error(r)
 
 
-def start_serve(ckpt, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`mmllm serve CKPT` on a free port, answering /health; (process, base URL)."""
+def start_serve(ckpt, *extra: str, home=None) -> tuple[subprocess.Popen, str]:
+    """`mmllm serve CKPT` on a free port (models from `home` when given), answering /health; (process, base URL)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if home is not None:
+        env["MMLLM_HOME"] = str(home)
     proc = subprocess.Popen([sys.executable, "-m", "mmllm", "serve", str(ckpt), "--port", str(port), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
