@@ -71,6 +71,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
     with failing(folder, out, dist):
         finish(task, run, cfg, dist, out, trained_records, time.perf_counter() - start)
     if dist.world > 1:
+        torch.distributed.barrier()  # rank 0 saved alone: no rank tears down gloo while a peer may still use it
         torch.distributed.destroy_process_group()
     return 0
 

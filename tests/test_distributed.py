@@ -120,6 +120,9 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "steps": steps,
                     "reduced": reduced, "sharded": sharded, "whole": validate(model, val, ["a", "b", "c"], "cpu", 4),
                     "probs": probs, "gold": gold, "gates": gates}, out)
+    # as finetune does (loop.py): no rank tears down gloo while its peer may still be talking to it (CI once saw
+    # rank 1 abort with 'terminate called without an active exception' when it destroyed its group first)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
