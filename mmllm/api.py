@@ -100,6 +100,7 @@ def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, q
 ACCEPTED = ("a record (dict), a list of records, a pandas DataFrame (a record per row), a datasets.Dataset, or the "
             "path (str or Path) of a manifest or class folder")
 IMAGE_TYPES = "a path, bytes, a PIL image or a numpy array (H x W [x 1, 3 or 4], uint8, or float in [0, 1])"
+MAX_SAMPLING_RATE = 768_000  # the highest rate of common audio hardware
 AUDIO_TYPES = "a path, bytes, (array, sampling_rate) or {\"array\": ..., \"sampling_rate\": ...}"
 
 
@@ -235,7 +236,8 @@ def _audio_bytes(value: Any) -> Any:
 
     if isinstance(value, dict) and "array" in value:
         samples, rate = value["array"], value.get("sampling_rate")
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value[1], (list, tuple)):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value[1], (list, tuple)) \
+            and not _passes(value[0]):  # (path, path) is two files, not (samples, rate)
         samples, rate = value
     elif _passes(value):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -248,8 +250,9 @@ def _audio_bytes(value: Any) -> Any:
     import soundfile as sf
 
     if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0 \
-            or rate != int(rate):
-        raise ValueError("the sampling rate is a positive whole number of samples per second (e.g. 16000)")
+            or not rate <= MAX_SAMPLING_RATE or rate != int(rate):
+        raise ValueError(f"the sampling rate is a whole number of samples per second from 1 to {MAX_SAMPLING_RATE} "
+                         "(e.g. 16000)")
     arr = np.asarray(samples)
     if arr.dtype.kind not in "fiu" or arr.size == 0:  # fiu: float, signed, unsigned
         raise ValueError(f"audio samples are a non-empty array of numbers, got dtype {arr.dtype}, {arr.size} values")
@@ -261,6 +264,8 @@ def _audio_bytes(value: Any) -> Any:
         raise ValueError(f"audio samples are float (-1 to 1) or signed integers, not {arr.dtype}")
     if arr.dtype.kind == "i":  # full scale as soundfile reads PCM: int16 / 32768
         arr = arr.astype(np.float64) / -float(np.iinfo(arr.dtype).min)
+    elif not np.isfinite(arr).all():
+        raise ValueError("audio samples have NaN or Inf values")
     buf = io.BytesIO()
     sf.write(buf, np.ascontiguousarray(arr, dtype=np.float32), int(rate), format="WAV", subtype="FLOAT")
     return buf.getvalue()

@@ -127,6 +127,9 @@ def _shrink(img, min_side: int | None):
         return img
 
 
+MAX_AUDIO_PEAK = 1000.0  # samples are full scale at +-1; float WAV/FLAC may exceed it, not by this much
+
+
 def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 samples at `sample_rate` (from a path or raw bytes), trimmed to `max_seconds`
     (reading no further than needed)."""
@@ -152,6 +155,9 @@ def load_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float 
     audio = audio.mean(axis=1)
     if not np.isfinite(audio).all():
         raise MediaError(f"audio contains NaN or Inf samples: {path}")
+    peak = float(np.abs(audio).max())
+    if peak > MAX_AUDIO_PEAK:  # float files can hold any value; the log-mel of 1e30 overflows to NaN features
+        raise MediaError(f"audio samples reach {peak:.3g}, beyond {MAX_AUDIO_PEAK:g} x full scale (+-1): {path}")
     if src_rate != sample_rate:
         audio = resample(audio, src_rate, sample_rate)
     return np.ascontiguousarray(audio, dtype=np.float32)

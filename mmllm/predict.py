@@ -97,6 +97,10 @@ class Predictor:
             masked = {m: probabilities(frozenset({m})) for m in mods} if reliance else {}
             k = min(top_k, len(self.labels))
             for n, (row, p) in enumerate(zip(rows, probs)):
+                if not np.isfinite(p).all():  # never an answer the model did not give: NaN has no argmax
+                    results[row["id"]] = {"error": "the model's output for this record is not finite (NaN or Inf "
+                                                   "in its features)"}
+                    continue
                 best = np.argsort(-p)[:k]
                 res: dict[str, Any] = {"prediction": self.labels[int(best[0])], "probability": float(p[best[0]])}
                 if top_k > 1:

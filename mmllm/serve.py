@@ -92,9 +92,10 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
         closing = {"connection": "close"}  # a refused body is not read on: the connection ends with the answer
         try:
             single, objs = await read_body(request, cfg)
-            top_k = int(request.query_params.get("top_k", cfg.top_k))
-            if not 1 <= top_k <= 1000:
-                raise ValueError("top_k: must be between 1 and 1000")
+            raw_k = request.query_params.get("top_k", str(cfg.top_k)).strip()
+            if not (raw_k.isascii() and raw_k.isdigit() and 1 <= int(raw_k) <= 1000):
+                raise ValueError("top_k: a whole number between 1 and 1000")
+            top_k = int(raw_k)
             reliance = request.query_params.get("reliance", "0").strip().lower()
             if reliance not in ("0", "1", "false", "true"):
                 raise ValueError("reliance: 1 (each record also predicted with each modality masked) or 0")

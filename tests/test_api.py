@@ -123,7 +123,13 @@ def test_predict_takes_dataframes_paths_arrays_and_audio_tuples(prepared, tmp_pa
             ([{"text": "x", "image": [1, 2]}], TypeError, "record 1, key 'image': an image is a path, bytes"),
             ([{"text": "x", "audio": np.zeros(8000, np.float32)}], TypeError, "needs its sampling rate"),
             ([{"text": "x", "image": arr * 3.0}], ValueError, "values in [0, 1]"),
-            ([{"text": "x", "image": arr[:, :, :2]}], ValueError, "H x W [x 1, 3 or 4]")):
+            ([{"text": "x", "image": arr[:, :, :2]}], ValueError, "H x W [x 1, 3 or 4]"),
+            ([{"text": "x", "audio": (np.zeros(800, np.float32), float("inf"))}], ValueError, "from 1 to 768000"),
+            ([{"text": "x", "audio": (np.zeros(800, np.float32), 2 ** 40)}], ValueError, "from 1 to 768000"),
+            ([{"text": "x", "audio": (np.full(800, np.nan, np.float32), 16000)}], ValueError, "NaN or Inf"),
+            ([{"text": "x", "audio": ("media/a0.wav", "media/a1.wav")}], TypeError, "not a tuple")):
         with pytest.raises(kind) as e:
             model.predict(wrong)
         assert words in str(e.value) and "[[" not in str(e.value) and "0." not in str(e.value), str(e.value)
+    loud = model.predict({"id": "loud", "text": "x", "audio": (np.full(16000, 1e30, np.float32), 16000)})
+    assert set(loud) == {"id", "error"} and "beyond 1000 x full scale" in loud["error"], loud

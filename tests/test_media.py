@@ -138,3 +138,18 @@ def test_min_side_downsizes_while_decoding_and_refuses_strips(tmp_path):
     assert load_image(tmp_path / "strip.png").size == (4000, 1)
     with pytest.raises(MediaError, match=r"image 4000x1 is too elongated \(aspect ratio over 50:1"):
         load_image(tmp_path / "strip.png", 224)
+
+
+def test_audio_beyond_any_full_scale_is_refused_not_turned_into_nan(tmp_path):
+    import soundfile as sf
+
+    from mmllm.media import MediaError, load_audio
+
+    for peak, ok in ((1e30, False), (1001.0, False), (3.0, True)):  # float WAV holds any value; +-1 is full scale
+        path = tmp_path / f"p{peak:g}.wav"
+        sf.write(path, np.full(1600, peak, np.float32), 16000, subtype="FLOAT")
+        if ok:
+            assert float(load_audio(path, 16000).max()) == pytest.approx(peak)
+        else:
+            with pytest.raises(MediaError, match="beyond 1000 x full scale"):
+                load_audio(path, 16000)

@@ -88,8 +88,9 @@ def test_bad_input_is_4xx_with_one_line_never_500(server):
     assert "prediction" in body[0] and "error" in body[1]
     r = requests.post(url + "/predict", json=42)
     assert r.status_code == 400
-    r = requests.post(url + "/predict?top_k=zero", json={"text": "x"})
-    assert r.status_code == 400
+    for k in ("zero", "abc", "1e3", "-1", "0", "1001", "²"):
+        r = requests.post(url + f"/predict?top_k={k}", json={"text": "x"})
+        assert r.status_code == 400 and r.json() == {"error": "top_k: a whole number between 1 and 1000"}, (k, r.text)
     nested = "[" * 100_000 + "]" * 100_000
     r = requests.post(url + "/predict", data=nested, headers={"content-type": "application/json"})
     assert r.status_code == 400
