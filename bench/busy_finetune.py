@@ -31,7 +31,7 @@ LIMIT_S = 900  # the busy loop ends by itself after this, should the benchmark d
 
 
 def prepared(tmp: Path, n: int) -> Path:
-    from mmllm import prepare
+    from mmllm import preparation as prepare
     from mmllm.config import PrepareConfig
 
     manifest = write_manifest(tmp / "sample.csv", list(csv.DictReader(open(SAMPLE, encoding="utf-8")))[:n])

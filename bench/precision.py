@@ -49,7 +49,7 @@ def distinct_inputs(role: str, records: list[dict]) -> list:
 
 def prepare_seconds(role: str, path: Path, out: Path, precision: str) -> float:
     from mmllm.config import PrepareConfig
-    from mmllm.prepare import run as prepare_run
+    from mmllm.preparation import run as prepare_run
 
     _, option, alias, extra = ROLES[role]
     cfg = PrepareConfig(input=[str(path)], output=str(out), cache=False, batch_size=32, precision=precision,

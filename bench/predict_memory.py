@@ -13,7 +13,7 @@ TARGET = "peak RSS large/small <= 1.2 (flat memory)"
 
 def text_checkpoint(tmp: Path) -> Path:
     """A small text-only classifier (in-process: no start-up cost counted anywhere)."""
-    from mmllm import finetune, prepare
+    from mmllm import finetuning as finetune, preparation as prepare
     from mmllm.config import FinetuneConfig, PrepareConfig
 
     rows = [{"id": i, "text": ["it is big", "it is small", "quite large", "very tiny"][i % 4],

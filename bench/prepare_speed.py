@@ -43,7 +43,7 @@ def run(n: int, tmp: Path) -> dict:
     from mmllm import console
     from mmllm.config import PrepareConfig
     from mmllm.encoders import resolve_precision
-    from mmllm.prepare import run as prepare_run
+    from mmllm.preparation import run as prepare_run
 
     tmp.mkdir(parents=True, exist_ok=True)
     records = sample_records(n)  # n <= 480: every image is a distinct file; audio clips repeat (48 distinct)

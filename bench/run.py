@@ -93,7 +93,7 @@ def timed(results: dict, name: str, fn: Callable[..., dict], *args) -> None:
 def prepared_sample(tmp: Path, n: int) -> Path:
     """The first n records of sample_data (their own ids), prepared by this code: features the user's cache holds
     may come from another mmllm version, and epochs checks that its baseline computes the same features."""
-    from mmllm import prepare
+    from mmllm import preparation as prepare
     from mmllm.config import PrepareConfig
 
     manifest = write_manifest(tmp / "sample.csv", list(csv.DictReader(open(SAMPLE, encoding="utf-8")))[:n])

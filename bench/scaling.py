@@ -14,7 +14,7 @@ NOTE = ("log-log slope (1.0 = linear); predict: seconds from the first to the la
 
 
 def prepare_times(tmp: Path, ns: list[int]) -> list[float]:
-    from mmllm import prepare
+    from mmllm import preparation as prepare
     from mmllm.config import PrepareConfig
 
     times = []

@@ -48,7 +48,7 @@ def manifest(tmp: Path, n: int) -> Path:
 
 
 def prepared(tmp: Path, source: Path, k: int) -> tuple[Path, dict]:
-    from mmllm import prepare
+    from mmllm import preparation as prepare
     from mmllm.config import PrepareConfig
 
     out = tmp / f"k{k}"

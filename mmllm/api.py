@@ -29,7 +29,7 @@ from mmllm import config as C
 from mmllm.console import as_json, capture, quieted
 from mmllm.errors import UserError
 
-STEPS = {C.PrepareConfig: "mmllm.prepare:run", C.FinetuneConfig: "mmllm.finetune:run",
+STEPS = {C.PrepareConfig: "mmllm.preparation:run", C.FinetuneConfig: "mmllm.finetuning:run",
          C.EvalModelConfig: "mmllm.evaluation:run_model", C.PredictConfig: "mmllm.predict:run"}
 
 
@@ -86,6 +86,24 @@ def evaluate(checkpoint: str | Path | None = None, data: str | Path | None = Non
     """`mmllm eval model`: metrics of a checkpoint on a prepared folder or raw manifest. Options: the fields
     of `EvalModelConfig`."""
     return _run(C.EvalModelConfig, config, quiet, {"checkpoint": checkpoint, "data": data, **options})
+
+
+def _sign(func: Any, cls: type) -> None:
+    """`func`'s signature shows its options: its own parameters, then each field of `cls` (keyword-only, with its
+    default), so that `help(mmllm.prepare)` and `inspect.signature` list what the config accepts."""
+    import inspect
+
+    own = inspect.signature(func).parameters
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                default=f.default if f.default is not dataclasses.MISSING else (
+                                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
+              for f in dataclasses.fields(cls) if f.name not in own]
+    params = [p for p in own.values() if p.kind != inspect.Parameter.VAR_KEYWORD] + fields
+    func.__signature__ = inspect.Signature(params, return_annotation=dict)
+
+
+for _func, _cls in ((prepare, C.PrepareConfig), (finetune, C.FinetuneConfig), (evaluate, C.EvalModelConfig)):
+    _sign(_func, _cls)
 
 
 def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False,

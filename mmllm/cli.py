@@ -221,8 +221,8 @@ def guarded(call: Callable[[], Any]) -> int:
         return 1
 
 
-command(app, "prepare", C.PrepareConfig, "mmllm.prepare:run")
-command(app, "finetune", C.FinetuneConfig, "mmllm.finetune:run")
+command(app, "prepare", C.PrepareConfig, "mmllm.preparation:run")
+command(app, "finetune", C.FinetuneConfig, "mmllm.finetuning:run")
 command(app, "predict", C.PredictConfig, "mmllm.predict:run")
 command(app, "serve", C.ServeConfig, "mmllm.serve:run")
 command(eval_app, "model", C.EvalModelConfig, "mmllm.evaluation:run_model")

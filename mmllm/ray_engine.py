@@ -1,7 +1,7 @@
 """`prepare --engine ray`: chunks of records decoded and encoded by encoder actors on a Ray cluster (Ray Data).
 
 This process reads the manifest, checks the records, assigns splits and writes the prepared data exactly as the
-local engine does (prepare.py); only the per-chunk work moves: each actor loads the encoders once and runs the local
+local engine does (preparation.py); only the per-chunk work moves: each actor loads the encoders once and runs the local
 engine's functions on its chunks (features.load_chunk: cache lookup, hashing and decoding; features.encode_chunk:
 the batched encoders and the rows), so features, feature-cache keys and skipped records are the same. The rows come
 back as Arrow in record order (Ray Data's preserve_order), the skipped records and counters beside them.

@@ -8,14 +8,35 @@ import pytest
 from conftest import ROOT, load_json_lines, run_cli
 
 
-def test_import_is_light_and_step_modules_stay_modules():
-    code = ("import sys, mmllm; heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy') "
-            "if m in sys.modules];"
-            "import mmllm.prepare as p; from mmllm import finetune as f;"
-            "print(heavy, callable(mmllm.prepare), p is mmllm.prepare, hasattr(p, 'run'), callable(f), "
-            "mmllm.FinetuneConfig.__name__)")
+def test_import_is_light_and_the_api_functions_are_plain_functions():
+    code = ("import sys, inspect, types, mmllm; heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy') "
+            "if m in sys.modules]; import mmllm.preparation, mmllm.finetuning;"
+            "print(heavy, type(mmllm).__name__, [isinstance(f, types.FunctionType) for f in "
+            "(mmllm.prepare, mmllm.finetune, mmllm.evaluate)], mmllm.FinetuneConfig.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "[] True True True True FinetuneConfig", out.stderr
+    assert out.stdout.strip() == "[] module [True, True, True] FinetuneConfig", out.stderr
+
+
+def test_api_signatures_show_the_config_options():
+    import dataclasses
+    import inspect
+
+    import mmllm
+
+    for func, cls, first in ((mmllm.prepare, mmllm.PrepareConfig, ["input", "output"]),
+                             (mmllm.finetune, mmllm.FinetuneConfig, ["prepared", "output"]),
+                             (mmllm.evaluate, mmllm.EvalModelConfig, ["checkpoint", "data"])):
+        params = inspect.signature(func).parameters
+        assert list(params)[:2] == first and "options" not in params
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(fields) - set(first) <= set(params), sorted(set(fields) - set(params))
+        for name, f in fields.items():
+            if name not in first and f.default is not dataclasses.MISSING:
+                assert params[name].default == f.default, name
+                assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert func.__doc__ and func.__module__ == "mmllm.api"
+    assert inspect.signature(mmllm.finetune).parameters["epochs"].default == mmllm.FinetuneConfig().epochs
+    assert "lr" in str(inspect.signature(mmllm.finetune)) and "text_model" in str(inspect.signature(mmllm.prepare))
 
 
 def test_configs_are_validated_like_the_cli(tmp_path):

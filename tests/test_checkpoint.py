@@ -226,12 +226,12 @@ def interrupted(prepared, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_options_that_change_model_or_data(prepared, interrupted, monkeypatch):
-    import mmllm.finetune
+    import mmllm.finetuning
 
     def loaded(*a, **k):
         raise AssertionError("models were loaded before the resume check")
 
-    monkeypatch.setattr(mmllm.finetune, "build_task", loaded)
+    monkeypatch.setattr(mmllm.finetuning, "build_task", loaded)
     saved = (interrupted / "finetune_config.json").read_text()
     r = run_cli("finetune", str(prepared), "--output", str(interrupted), *BASE, "--resume", "--fusion", "gated",
                 "--seed", "1", "--hidden-size", "32")
@@ -244,7 +244,7 @@ def test_resume_refuses_options_that_change_model_or_data(prepared, interrupted,
 
 def test_resume_refused_by_the_loop_too(prepared, interrupted):
     """A config built in code (not via the CLI) meets the same check when training starts."""
-    from mmllm import finetune
+    from mmllm import finetuning as finetune
     from mmllm.config import FinetuneConfig
     from mmllm.errors import UserError
 

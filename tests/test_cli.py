@@ -48,7 +48,7 @@ def test_bad_flag_values_reported_together(tmp_path):
 
 
 def test_config_file_and_flag_override(tmp_path, monkeypatch):
-    import mmllm.prepare as prepare
+    import mmllm.preparation as prepare
 
     seen = {}
     monkeypatch.setattr(prepare, "run", lambda cfg: seen.setdefault("cfg", cfg) and 0)

@@ -14,12 +14,12 @@ from mmllm import config as C
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's body replaced by a recorder: reaching it means the config was accepted."""
-    import mmllm.finetune
+    import mmllm.finetuning
     import mmllm.predict
-    import mmllm.prepare
+    import mmllm.preparation
 
     seen = {}
-    for module in (mmllm.prepare, mmllm.finetune, mmllm.predict):
+    for module in (mmllm.preparation, mmllm.finetuning, mmllm.predict):
         monkeypatch.setattr(module, "run", lambda cfg: seen.setdefault("cfg", cfg) and 0)
     return seen
 

@@ -11,7 +11,7 @@ from conftest import ROOT, one_line_error, run_cli, tiny_prepare_args, write_csv
 
 def test_import_and_help_do_not_import_ray():
     code = ("import sys; sys.argv = ['mmllm', 'prepare', '--help']\n"
-            "import mmllm, mmllm.prepare, mmllm.ray_engine\nfrom mmllm.cli import main\n"
+            "import mmllm, mmllm.preparation, mmllm.ray_engine\nfrom mmllm.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('ray' in sys.modules, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "--engine" in r.stdout and "--ray-address" in r.stdout, r.stderr
@@ -81,7 +81,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow  # ~40-60 s on 2 cores: Ray start and two actors loading torch + transformers
 def test_ray_engine_equals_local_engine(ray_cluster, tiny_models, tmp_path, isolated_home, monkeypatch):
-    from mmllm import prepare
+    from mmllm import preparation as prepare
     from mmllm.features import label_strings, load_prepared
 
     manifest = bad_manifest(tmp_path)

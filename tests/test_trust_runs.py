@@ -297,7 +297,7 @@ def test_a_non_finite_validation_metric_stops_the_run(image_data, tmp_path, monk
         task.validate = lambda model: {**validate(model), "val_loss": float("nan")}
         return task
 
-    monkeypatch.setattr("mmllm.finetune.build_task", build)
+    monkeypatch.setattr("mmllm.finetuning.build_task", build)
     out = tmp_path / "nanval"
     r = run_cli("finetune", str(prepared), "--output", str(out), *FAST, "--epochs", "2")
     assert r.exit_code == 2 and "val_loss is nan" in one_line(r.stderr)
