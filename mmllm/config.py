@@ -642,8 +642,8 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
         problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
     if cfg.max_steps and cfg.epochs == 0:
         problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
-    if getattr(cfg, "precision", None) == "fp16" and cfg.device in ("cpu", "mps"):
-        problems.append(f"--precision fp16: needs a CUDA device (got --device {cfg.device}); use bf16 or fp32")
+    if getattr(cfg, "precision", None) and (problem := fp16_rule(cfg.precision, cfg.device)):
+        problems.append(problem)
     if task == "generate" and cfg.decoder_precision == "bf16" and (cfg.lora_r or cfg.train_decoder):
         problems.append("--decoder-precision bf16: only for a frozen decoder (not with --lora-r or --train-decoder); "
                         "use --precision bf16 for autocast")
@@ -686,15 +686,27 @@ def serve_rules(cfg: ServeConfig) -> list[str]:
     return problems
 
 
+def fp16_rule(precision: str, device: str) -> str | None:
+    """The one statement of the fp16 rule: autocast with a gradient scaler needs CUDA. `device` is the option
+    (auto passes until it is resolved) or the resolved device's type."""
+    if precision == "fp16" and device.split(":")[0] not in ("auto", "cuda"):
+        return f"--precision fp16: needs a CUDA GPU (this run is on {device}); use --precision bf16 or fp32"
+    return None
+
+
 def device_rules(cfg: Any) -> list[str]:
     """--device names a device kind this tool knows (whether it exists is checked by runtime.pick_device)."""
     device = getattr(cfg, "device", None)
-    if device is None:
-        return []
-    kind, _, index = str(device).partition(":")
+    problem = device_grammar(str(device)) if device is not None else None
+    return [problem] if problem else []
+
+
+def device_grammar(device: str) -> str | None:
+    """The one statement of what --device may say: auto, cpu, cuda, cuda:N or mps (None when it is one)."""
+    kind, _, index = device.partition(":")
     if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        return [f"--device: use auto, cpu, cuda, cuda:N or mps (got '{device}')"]
-    return []
+        return f"--device: use auto, cpu, cuda, cuda:N or mps (got '{device}')"
+    return None
 
 
 def check_resume(cfg: FinetuneConfig) -> dict[str, tuple[Any, Any]]:

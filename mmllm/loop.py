@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmllm import checkpoint, outputs
-from mmllm.config import FinetuneConfig, check_resume, save_resolved
+from mmllm.config import FinetuneConfig, check_resume, fp16_rule, save_resolved
 from mmllm.console import emit, log, progress, warn
 from mmllm.errors import UserError, read_json
 from mmllm.model import penalty
@@ -638,9 +638,8 @@ def preflight(cfg: FinetuneConfig, device: torch.device) -> None:
     """Refuse, before any model loads, what this run cannot do here: fp16 without CUDA, TensorBoard missing."""
     import importlib.util
 
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise UserError(f"--precision fp16: needs a CUDA GPU (this run is on {device.type}); use --precision bf16 "
-                        "or fp32")
+    if problem := fp16_rule(cfg.precision, device.type):
+        raise UserError(problem)
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--report-to tensorboard: the tensorboard package is not installed; "
                         "pip install 'mmllm[tensorboard]' (or tensorboard)")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from mmllm import console
+from mmllm.config import device_grammar
 from mmllm.errors import UserError
 
 
@@ -48,18 +49,18 @@ def setup_distributed(device_name: str) -> Dist:
 
 def check_device(name: str) -> None:
     """Refuse, in one line and before any model loads, a --device this torch cannot use."""
+    if problem := device_grammar(name):
+        raise UserError(problem)
     kind, _, index = name.partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
             raise UserError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu or auto")
         count = torch.cuda.device_count()
-        if index and (not index.isdigit() or int(index) >= count):
+        if index and int(index) >= count:
             raise UserError(f"--device {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
     elif kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: Apple MPS is not available here; use --device cpu or auto")
-    elif kind not in ("auto", "cpu", "cuda", "mps"):
-        raise UserError(f"--device: use auto, cpu, cuda, cuda:N or mps (got '{name}')")
 
 
 def pick_device(name: str) -> torch.device:

@@ -213,7 +213,7 @@ FINETUNE = ["finetune", "p", "--output", "o"]
     (["--modalities", "text,text"], "--modalities: each modality once"),
     (["--epochs", "0", "--max-steps", "10"], "--max-steps: with --epochs 0 nothing is trained"),
     (["--task", "generate", "--prefix-tokens", "0"], "--prefix-tokens: must be >= 1"),
-    (["--precision", "fp16", "--device", "cpu"], "--precision fp16: needs a CUDA device"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16: needs a CUDA GPU (this run is on cpu)"),
 ])
 def test_finetune_rule(no_work, args, expected):
     assert expected in one_line_error(run_cli(*FINETUNE, *args))
