@@ -138,7 +138,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_state
         columns["label"] = label_strings(ds[cfg.split])  # names (the prepared column is a ClassLabel of ids)
         return columns, str(data), cfg.split
     from mmllm.records import raw_records
-    from mmllm.features import config_from_checkpoint, encoders_for_checkpoint, featurize
+    from mmllm.features import checkpoint_preprocessing, encoders_for_checkpoint, featurize
 
     encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states,
                                        transcripts=transcripts)
@@ -149,9 +149,7 @@ def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_state
         else:
             records.append(item)
     records, split = raw_split(records, cfg.split, data)
-    prep = config_from_checkpoint(config)
-    prep.max_file_mb = cfg.max_file_mb
-    rows, bad = featurize(records, encoders, prep)
+    rows, bad = featurize(records, encoders, checkpoint_preprocessing(config, cfg.max_file_mb))
     for e in bad:
         warn(f"skipped record {e['id']}: {e['reason']}")
     if not rows:

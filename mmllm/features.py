@@ -6,6 +6,7 @@ load_record (cache lookup or decode) -> encode_chunk (batched frozen encoders) -
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mmllm import hub
-from mmllm.config import AUGMENT_AUDIO, AUGMENT_IMAGE, PrepareConfig
+from mmllm.config import AUGMENT_AUDIO, AUGMENT_IMAGE, PrepareConfig, default
 from mmllm.console import log, warn
 from mmllm.errors import UserError, read_json
 from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
@@ -246,10 +247,62 @@ def _reason(e: Exception) -> str:
     return text[:160]
 
 
-def feature_shapes(role: str, encoder: Any, cfg: PrepareConfig) -> dict[str, tuple[int, ...]]:
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How raw records become features, as one typed record: prepare builds it from its options (`of`) and writes
+    it into the prepared metadata (`recorded`), finetune copies that into every checkpoint, and eval, predict and
+    serve read it back (`read`) to featurize new records exactly as the training data was. The last three fields
+    are limits of the run that reads records (not recorded): its file size limit, encoder batch and cache use."""
+
+    max_text_tokens: int
+    max_audio_seconds: float
+    precision: str  # what the frozen encoders ran in (resolved: fp32 or bf16)
+    sequence_features: bool
+    sentence_embedding: bool
+    augment: int
+    seed: int
+    transcribe: dict | None  # the transcriber's describe(); None: prepare did not transcribe
+    text_trunk_layers: int
+    max_file_mb: int
+    batch_size: int
+    cache: bool
+
+    RUN_ONLY = ("max_file_mb", "batch_size", "cache")
+    FIXED = {"text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB", "audio": "mono float32"}
+    UNRECORDED = {"precision": "fp32", "transcribe": None}  # what data prepared before these were recorded used
+
+    @classmethod
+    def of(cls, cfg: PrepareConfig, transcriber: Any = None) -> Preprocessing:
+        """The record of a prepare run (precision resolved as the encoders load it)."""
+        from mmllm.encoders import resolve_precision
+
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name not in cls.UNRECORDED}
+        return cls(**values, precision=resolve_precision(cfg.precision),
+                   transcribe=transcriber.describe() if transcriber is not None else None)
+
+    @classmethod
+    def read(cls, recorded: dict, **run: Any) -> Preprocessing:
+        """The record as prepare wrote it; a field older data lacks takes what that data used: prepare's default
+        (mmllm.config, the one statement of it) or UNRECORDED's value."""
+        def value(name: str) -> Any:
+            if name in run:
+                return run[name]
+            if name in recorded:
+                return recorded[name]
+            return cls.UNRECORDED[name] if name in cls.UNRECORDED else default(PrepareConfig, name)
+
+        return cls(**{f.name: value(f.name) for f in dataclasses.fields(cls)})
+
+    def recorded(self) -> dict:
+        """What the prepared metadata and checkpoints hold ("preprocessing")."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+        return {**out, **self.FIXED}
+
+
+def feature_shapes(role: str, encoder: Any, pre: Preprocessing) -> dict[str, tuple[int, ...]]:
     """The tensors `encode_media` stores for one medium: pooled (D,), and with --sequence-features seq (16, D)."""
     shapes = {"pooled": (int(encoder.dim),)}
-    if cfg.sequence_features:
+    if pre.sequence_features:
         shapes["seq"] = (encoder.SEQ_LEN if role == "audio" else 16, int(encoder.dim))
     return shapes
 
@@ -270,21 +323,21 @@ def content_hash(media: Any, max_mb: float | None = None) -> str:
         raise MediaError(f"cannot read ({e.strerror or e}): {p}") from None
 
 
-def feature_key(role: str, digest: str, encoder: Any, cfg: PrepareConfig, aug: int, rec_id: str) -> str:
+def feature_key(role: str, digest: str, encoder: Any, pre: Preprocessing, aug: int, rec_id: str) -> str:
     parts = {"role": role, "content": digest, "encoder": encoder.identity, "pre": encoder.describe()["preprocessing"],
-             "seq": cfg.sequence_features, "aug": [aug, cfg.seed, rec_id] if aug else 0}
+             "seq": pre.sequence_features, "aug": [aug, pre.seed, rec_id] if aug else 0}
     if role == "audio":
-        parts["max_seconds"] = cfg.max_audio_seconds
+        parts["max_seconds"] = pre.max_audio_seconds
     if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
         parts["precision"] = encoder.precision
         parts["code"] = ENCODER_CODE  # bf16 paths changed (e.g. folded BatchNorm): never reuse older bf16 features
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def transcript_key(digest: str, transcriber: Any, cfg: PrepareConfig) -> str:
+def transcript_key(digest: str, transcriber: Any, pre: Preprocessing) -> str:
     """Cache key of a clip's transcript: its content, the recognizer's identity, decoding and audio limit."""
     parts = {"role": "transcript", "content": digest, "model": transcriber.identity,
-             "pre": transcriber.describe()["preprocessing"], "max_seconds": cfg.max_audio_seconds,
+             "pre": transcriber.describe()["preprocessing"], "max_seconds": pre.max_audio_seconds,
              "precision": transcriber.precision}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -298,29 +351,29 @@ def value_text(value: dict) -> str:
     return bytes(np.asarray(value["utf8"], dtype=np.uint8)).decode("utf-8")
 
 
-def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig, workers) -> list[dict]:
+def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing, workers) -> list[dict]:
     """Per record: text, and for each medium either cached features or decoded media to encode."""
     mapper = workers.map if workers else map
-    return list(mapper(lambda r: load_record(r, encoders, store, cfg), chunk))
+    return list(mapper(lambda r: load_record(r, encoders, store, pre), chunk))
 
 
-def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConfig) -> dict:
+def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessing) -> dict:
     item = {"rec": rec, "error": None, "media": {}}
     try:
         for role in ("image", "audio"):
             if role not in encoders or not rec[role]:
                 continue
             column = role
-            digest = _digest(rec, role, cfg)
-            key = feature_key(role, digest, encoders[role], cfg, rec.get("aug", 0), rec["id"])
-            cached = store.get(key, feature_shapes(role, encoders[role], cfg))
+            digest = _digest(rec, role, pre)
+            key = feature_key(role, digest, encoders[role], pre, rec.get("aug", 0), rec["id"])
+            cached = store.get(key, feature_shapes(role, encoders[role], pre))
             if cached is not None:
                 item["media"][role] = {"key": key, "digest": digest, "features": cached}
                 continue
             try:
-                decoded = decode(role, rec[role], encoders[role], cfg)
+                decoded = decode(role, rec[role], encoders[role], pre)
                 if rec.get("aug"):
-                    decoded = AUGMENT[role](decoded, _rng(cfg.seed, rec["id"], rec["aug"]), encoders[role])
+                    decoded = AUGMENT[role](decoded, _rng(pre.seed, rec["id"], rec["aug"]), encoders[role])
             except MediaError as e:
                 raise RecordError(column, str(e), _file(rec[role])) from None
             except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
@@ -328,7 +381,7 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
         if "transcript" in encoders and rec["audio"]:
-            item["transcript"] = load_transcript(rec, encoders, store, cfg, item["media"].get("audio"))
+            item["transcript"] = load_transcript(rec, encoders, store, pre, item["media"].get("audio"))
     except RecordError as e:
         item["error"] = error_entry(rec, e)
     except Exception as e:  # noqa: BLE001 - one record's failure is that record's error, never the run's
@@ -336,25 +389,25 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConf
     return item
 
 
-def _digest(rec: dict, role: str, cfg: PrepareConfig) -> str:
+def _digest(rec: dict, role: str, pre: Preprocessing) -> str:
     try:
-        return content_hash(rec[role], cfg.max_file_mb)
+        return content_hash(rec[role], pre.max_file_mb)
     except MediaError as e:
         raise RecordError(role, str(e), _file(rec[role])) from None
 
 
-def load_transcript(rec: dict, encoders: dict, store: FeatureStore, cfg: PrepareConfig, audio: dict | None) -> dict:
+def load_transcript(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessing, audio: dict | None) -> dict:
     """The record's cached transcript, or its audio to transcribe: the un-augmented clip (augmented copies share
     the transcript), decoded once when the audio encoder decoded it at the same rate."""
     transcriber = encoders["transcript"]
-    key = transcript_key(audio["digest"] if audio else _digest(rec, "audio", cfg), transcriber, cfg)
+    key = transcript_key(audio["digest"] if audio else _digest(rec, "audio", pre), transcriber, pre)
     cached = store.get(key)
     if cached is not None:
         return {"key": key, "text": value_text(cached)}
     if audio and "decoded" in audio and not rec.get("aug") and encoders["audio"].sample_rate == transcriber.sample_rate:
         return {"key": key, "decoded": audio["decoded"]}
     try:
-        return {"key": key, "decoded": decode("audio", rec["audio"], transcriber, cfg)}
+        return {"key": key, "decoded": decode("audio", rec["audio"], transcriber, pre)}
     except MediaError as e:
         raise RecordError("audio", str(e), _file(rec["audio"])) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
@@ -366,14 +419,14 @@ def _file(media: Any) -> str | None:
     return media if isinstance(media, str) else None
 
 
-def decode(role: str, media: Any, encoder: Any, cfg: PrepareConfig) -> Any:
+def decode(role: str, media: Any, encoder: Any, pre: Preprocessing) -> Any:
     """Canonical media: an RGB image, or mono float32 audio at the encoder's rate (from a path or bytes)."""
     if role == "image":  # downsized while decoding to what the encoder scales to: memory bounded per image
         return load_image(media, encoder.image_size)
-    return load_audio(media, encoder.sample_rate, cfg.max_audio_seconds)
+    return load_audio(media, encoder.sample_rate, pre.max_audio_seconds)
 
 
-def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig) -> None:
+def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:
     """Encode each distinct medium still missing (batched) into the store; attach the features to the items."""
     from mmllm.encoders import pool_sequence
 
@@ -388,12 +441,12 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: Pre
                     todo[m["key"]] = m["decoded"]
         keys = list(todo)
         enc = encoders.get(role)
-        for b in range(0, len(keys), cfg.batch_size):
-            batch = keys[b:b + cfg.batch_size]
+        for b in range(0, len(keys), pre.batch_size):
+            batch = keys[b:b + pre.batch_size]
             pooled, seqs = enc.encode([todo[k] for k in batch])
             for j, k in enumerate(batch):
                 value = {"pooled": pooled[j].astype(np.float32)}
-                if cfg.sequence_features:
+                if pre.sequence_features:
                     value["seq"] = pool_sequence(np.asarray(seqs[j]), enc.SEQ_LEN if role == "audio" else 16)
                 store.put(k, value)
         for it in good:
@@ -402,7 +455,7 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, cfg: Pre
                 m["features"] = store.peek(m["key"])
 
 
-def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cfg: PrepareConfig
+def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, pre: Preprocessing
                      ) -> list[str | None]:
     """Per item: its transcript (cached, or transcribed now once per distinct clip, batched), None without audio."""
     todo: dict[str, Any] = {}
@@ -414,8 +467,8 @@ def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cf
             else:
                 todo[t["key"]] = t["decoded"]
     keys = list(todo)
-    for b in range(0, len(keys), cfg.batch_size):
-        batch = keys[b:b + cfg.batch_size]
+    for b in range(0, len(keys), pre.batch_size):
+        batch = keys[b:b + pre.batch_size]
         for k, text in zip(batch, transcriber.transcribe([todo[k] for k in batch])):
             store.put(k, text_value(text))
     out: list[str | None] = []
@@ -425,18 +478,18 @@ def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, cf
     return out
 
 
-def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: PrepareConfig
+def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing
                  ) -> tuple[list[dict], list[dict]]:
     """Encode the distinct media still missing (batched), transcribe the audio (--transcribe), then assemble the
     Arrow rows."""
     errors = [it["error"] for it in loaded if it["error"]]
     good = [it for it in loaded if not it["error"]]
-    encode_media(good, encoders, store, cfg)
+    encode_media(good, encoders, store, pre)
     transcriber = encoders.get("transcript")
-    transcripts = transcribe_chunk(good, transcriber, store, cfg) if transcriber else [None] * len(good)
+    transcripts = transcribe_chunk(good, transcriber, store, pre) if transcriber else [None] * len(good)
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
-    text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, cfg, store) \
+    text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, pre, store) \
         if text_enc and texts else {}
     rows = []
     for i, it in enumerate(good):
@@ -454,7 +507,7 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
             m = it["media"].get(role)
             row[f"has_{role}"] = m is not None
             row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
-            if cfg.sequence_features:
+            if pre.sequence_features:
                 n = 16
                 seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
                 row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
@@ -462,7 +515,7 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, cfg: P
     return rows, errors
 
 
-def text_columns(texts: list[str], transcripts: list[str | None] | None, text_enc: Any, cfg: PrepareConfig,
+def text_columns(texts: list[str], transcripts: list[str | None] | None, text_enc: Any, pre: Preprocessing,
                  store: FeatureStore | None = None) -> dict[str, Any]:
     """Token ids and mask of each text (with its transcript as a second segment), the frozen text model's pooled
     states of exactly those tokens (`text_pooled`: a --freeze-text model reads them instead of running the text
@@ -475,19 +528,19 @@ def text_columns(texts: list[str], transcripts: list[str | None] | None, text_en
 
     # the tokenizer would read (and hold offsets for) a whole 15 MB text before truncating it to a few hundred
     # tokens: it only ever needs the head (no token of a real text is CHARS_PER_TOKEN characters long)
-    heads = [t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in texts]
-    pairs = [t and t[:CHARS_PER_TOKEN * cfg.max_text_tokens] for t in transcripts] if transcripts else None
-    tokens = text_enc.tokenize(heads, cfg.max_text_tokens, pairs)
+    heads = [t[:CHARS_PER_TOKEN * pre.max_text_tokens] for t in texts]
+    pairs = [t and t[:CHARS_PER_TOKEN * pre.max_text_tokens] for t in transcripts] if transcripts else None
+    tokens = text_enc.tokenize(heads, pre.max_text_tokens, pairs)
     cols = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     pooled = None
-    if cfg.text_trunk_layers:
-        pooled, trunk = text_trunk(tokens["input_ids"], text_enc, cfg.text_trunk_layers, store or FeatureStore(False))
+    if pre.text_trunk_layers:
+        pooled, trunk = text_trunk(tokens["input_ids"], text_enc, pre.text_trunk_layers, store or FeatureStore(False))
         cols["text_trunk"] = [list(states) for states in trunk]  # rows of per-token fixed-size lists
-    elif text_enc.states or cfg.sentence_embedding:
+    elif text_enc.states or pre.sentence_embedding:
         pooled = text_enc.pooled(tokens["input_ids"])
     if pooled is not None and text_enc.states:
         cols["text_pooled"] = pooled
-    if pooled is not None and cfg.sentence_embedding:
+    if pooled is not None and pre.sentence_embedding:
         cols["text_emb"] = l2_normalize(torch.from_numpy(pooled)).numpy()
     return cols
 
@@ -530,7 +583,7 @@ def text_trunk(input_ids: list[list[int]], text_enc: Any, k: int, store: Feature
     return np.stack([found[key]["pooled"] for key in keys]), [found[key]["states"] for key in keys]
 
 
-def arrow_schema(encoders: dict, cfg: PrepareConfig):
+def arrow_schema(encoders: dict, pre: Preprocessing):
     import pyarrow as pa
 
     fields = [pa.field("id", pa.string()), pa.field("row", pa.int64()), pa.field("split", pa.string()),
@@ -541,16 +594,16 @@ def arrow_schema(encoders: dict, cfg: PrepareConfig):
     if "text" in encoders:
         fields += [pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.int8())),
                    pa.field("text_pooled", pa.list_(pa.float32(), encoders["text"].dim))]
-        if cfg.sentence_embedding:
+        if pre.sentence_embedding:
             fields.append(pa.field("text_emb", pa.list_(pa.float32(), encoders["text"].dim)))
-        if cfg.text_trunk_layers:
+        if pre.text_trunk_layers:
             value = pa.uint16() if trunk_dtype(encoders["text"]) == "bf16" else pa.float32()
             fields.append(pa.field("text_trunk", pa.list_(pa.list_(value, encoders["text"].dim))))
     for role in ("image", "audio"):
         if role in encoders:
             dim = encoders[role].dim
             fields += [pa.field(f"has_{role}", pa.bool_()), pa.field(f"{role}_emb", pa.list_(pa.float32(), dim))]
-            if cfg.sequence_features:
+            if pre.sequence_features:
                 fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), 16)))
     return pa.schema(fields)
 
@@ -589,12 +642,12 @@ def augment_audio(clip: np.ndarray, rng: np.random.Generator, encoder: Any) -> n
 AUGMENT = {"image": augment_image, "audio": augment_audio}
 
 
-def featurize(records: list[dict], encoders: dict, cfg: PrepareConfig, store: FeatureStore | None = None
+def featurize(records: list[dict], encoders: dict, pre: Preprocessing, store: FeatureStore | None = None
               ) -> tuple[list[dict], list[dict]]:
     """Raw records -> (model-ready rows, error entries), with the same code path as `prepare`."""
-    store = store or FeatureStore(cfg.cache)
-    loaded = load_chunk(records, encoders, store, cfg, None)
-    return encode_chunk(loaded, encoders, store, cfg)
+    store = store or FeatureStore(pre.cache)
+    loaded = load_chunk(records, encoders, store, pre, None)
+    return encode_chunk(loaded, encoders, store, pre)
 
 
 def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool = False,
@@ -610,7 +663,7 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
 
     requested = precision
     if precision == "checkpoint":
-        precision = config.get("preprocessing", {}).get("precision", "fp32")
+        precision = (config.get("preprocessing") or {}).get("precision", Preprocessing.UNRECORDED["precision"])
     precision = resolve_precision(precision)
     log(precision_note(requested, precision))
     out = {}
@@ -635,12 +688,8 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     return out
 
 
-def config_from_checkpoint(config: dict) -> PrepareConfig:
-    pre = config.get("preprocessing", {})
-    return PrepareConfig(input=[], output="", max_text_tokens=pre.get("max_text_tokens", 128),
-                         max_audio_seconds=pre.get("max_audio_seconds", 30.0), cache=False,
-                         precision=pre.get("precision", "fp32"),
-                         sentence_embedding=bool(pre.get("sentence_embedding")),
-                         sequence_features=bool(pre.get("sequence_features")),
-                         transcribe=bool(pre.get("transcribe")),
-                         transcribe_model=(pre.get("transcribe") or {}).get("name", "whisper-tiny.en"))
+def checkpoint_preprocessing(config: dict, max_file_mb: int) -> Preprocessing:
+    """How a checkpoint's records are featurized: as its data was prepared (the Preprocessing it recorded), with
+    this run's file limit and no feature cache; no text trunk states (the checkpoint holds its whole text model)."""
+    return Preprocessing.read(config.get("preprocessing") or {}, max_file_mb=max_file_mb, cache=False,
+                              batch_size=default(PrepareConfig, "batch_size"), text_trunk_layers=0)

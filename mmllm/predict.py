@@ -27,7 +27,7 @@ class Predictor:
     """A checkpoint with its encoders: raw records in, prediction dicts out."""
 
     def __init__(self, folder: str, device: str = "auto", max_file_mb: int = 512, precision: str = "checkpoint"):
-        from mmllm.features import FeatureStore, config_from_checkpoint, encoders_for_checkpoint
+        from mmllm.features import FeatureStore, checkpoint_preprocessing, encoders_for_checkpoint
 
         self.device = pick_device(device)
         self.config = checkpoint.read_config(folder)
@@ -42,8 +42,7 @@ class Predictor:
         self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision,
                                                 text_states=getattr(self.model.cfg, "cached_text", False),
                                                 transcripts=getattr(self.model, "reads_transcripts", None))
-        self.prep = config_from_checkpoint(self.config)
-        self.prep.max_file_mb = max_file_mb
+        self.prep = checkpoint_preprocessing(self.config, max_file_mb)
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
         # one batch at a time: the tokenizers ("Already borrowed") and the feature memo are not thread-safe
         self.lock = threading.Lock()

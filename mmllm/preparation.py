@@ -22,7 +22,7 @@ from mmllm import outputs
 from mmllm.config import PrepareConfig, default, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
-from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, arrow_schema, encode_chunk, \
+from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, Preprocessing, arrow_schema, encode_chunk, \
     label_column, load_chunk, load_encoders, load_prepared
 from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, error_entry, format_error, \
     read_records
@@ -240,13 +240,14 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
     """Chunks of records -> Arrow rows (here, or on a Ray cluster with --engine ray) -> one file per split.
     `where`: the engine's description, completed by the Ray engine (actors, nodes)."""
     tally = {"hits": 0, "misses": 0, "engine": where}  # features reused (cache or identical files) / encoded now
-    schema = arrow_schema(encoders, cfg)
+    pre = Preprocessing.of(cfg, encoders.get("transcript"))
+    schema = arrow_schema(encoders, pre)
     if cfg.engine == "ray":
         from mmllm import ray_engine
 
         chunks = ray_engine.encoded_chunks(records, encoders, cfg, schema, tally, CHUNK)
     else:
-        chunks = local_chunks(records, encoders, cfg, schema, tally)
+        chunks = local_chunks(records, encoders, pre, cfg.num_workers, schema, tally)
     files = SplitFiles(tmp / "_arrow", schema)
     try:
         log("features of each image, audio clip and transcript: encoded now, or reused (from the feature cache or "
@@ -265,23 +266,23 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
     return {s: n for s, n in files.counts.items() if n}, errors
 
 
-def local_chunks(records: list[dict], encoders: dict, cfg: PrepareConfig, schema: Any, tally: dict
-                 ) -> Iterator[tuple[Any, list[dict], int]]:
+def local_chunks(records: list[dict], encoders: dict, pre: Preprocessing, num_workers: int, schema: Any,
+                 tally: dict) -> Iterator[tuple[Any, list[dict], int]]:
     """(Arrow rows, errors, records) per chunk of CHUNK records, in order, encoded in this process: the next chunk is
     decoded (threads) while this one is encoded."""
     import pyarrow as pa
 
-    store = FeatureStore(cfg.cache)
+    store = FeatureStore(pre.cache)
     chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
-    workers = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
+    workers = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     prefetch = ThreadPoolExecutor(1)
     try:
-        pending = prefetch.submit(load_chunk, chunks[0], encoders, store, cfg, workers) if chunks else None
+        pending = prefetch.submit(load_chunk, chunks[0], encoders, store, pre, workers) if chunks else None
         for i in range(len(chunks)):
             loaded = pending.result()
             if i + 1 < len(chunks):  # decode the next chunk while this one is encoded
-                pending = prefetch.submit(load_chunk, chunks[i + 1], encoders, store, cfg, workers)
-            rows, chunk_errors = encode_chunk(loaded, encoders, store, cfg)
+                pending = prefetch.submit(load_chunk, chunks[i + 1], encoders, store, pre, workers)
+            rows, chunk_errors = encode_chunk(loaded, encoders, store, pre)
             tally.update(hits=store.reused, misses=store.misses)
             yield pa.RecordBatch.from_pylist(rows, schema=schema), chunk_errors, len(loaded)
     finally:
@@ -374,8 +375,6 @@ def with_class_labels(ds: Any, names: list[str]) -> Any:
 
 def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, labels: list, errors: list,
                where: dict) -> dict:
-    from mmllm.encoders import resolve_precision
-
     transcriber = encoders.get("transcript")
     encoders = {role: enc for role, enc in encoders.items() if role != "transcript"}  # the modalities
     features = {"transcript": ["string"]} if transcriber else {}
@@ -409,12 +408,7 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
         "modalities": list(encoders),
         "encoders": {role: enc.describe() for role, enc in encoders.items()},
         "features": features,
-        "preprocessing": {"max_text_tokens": cfg.max_text_tokens, "max_audio_seconds": cfg.max_audio_seconds,
-                          "text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB",
-                          "audio": "mono float32", "augment": cfg.augment, "seed": cfg.seed,
-                          "sequence_features": cfg.sequence_features, "sentence_embedding": cfg.sentence_embedding,
-                          "precision": resolve_precision(cfg.precision),  # what the frozen encoders ran in
-                          "transcribe": transcriber.describe() if transcriber else None},
+        "preprocessing": Preprocessing.of(cfg, transcriber).recorded(),
         "text_trunk": trunk,  # --text-trunk-layers: K (top_layers) of L (layers), the storage dtype
         "labels": labels,
         "has_target": bool(cols.get("target")),

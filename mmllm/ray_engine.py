@@ -26,7 +26,7 @@ from typing import Any
 from mmllm.config import PrepareConfig
 from mmllm.console import log, set_quiet
 from mmllm.errors import UserError
-from mmllm.features import FeatureStore, arrow_schema, encode_chunk, load_chunk, load_encoders
+from mmllm.features import FeatureStore, Preprocessing, arrow_schema, encode_chunk, load_chunk, load_encoders
 
 INSTALL = "pip install 'mmllm[ray]'"
 ACTOR_START_S = 300  # encoder actors not all started by then: the cluster lacks their CPUs (an error, not a hang)
@@ -152,7 +152,7 @@ class EncoderActor:
         from mmllm import __version__
 
         set_quiet(True)  # the driver says what the run does; warnings still reach its stderr
-        self.cfg, self.problem = cfg, None
+        self.problem = None
         try:
             self.encoders = load_encoders(cfg, roles)
         except UserError as e:
@@ -164,8 +164,9 @@ class EncoderActor:
             self.problem = (f"--engine ray: node {platform.node()} has other encoders or mmllm than the driver "
                             f"({differ}): install the same there")
             return
+        self.pre = Preprocessing.of(cfg, self.encoders.get("transcript"))
         self.store = FeatureStore(cfg.cache)
-        self.schema = arrow_schema(self.encoders, cfg)
+        self.schema = arrow_schema(self.encoders, self.pre)
         self.workers = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None
 
     def __call__(self, batch: Any) -> Any:
@@ -179,8 +180,8 @@ class EncoderActor:
         transcriber = self.encoders.get("transcript")
         hits, misses = self.store.reused, self.store.misses
         clips, rejected = (transcriber.clips, dict(transcriber.rejected)) if transcriber else (0, {})
-        loaded = load_chunk(chunk, self.encoders, self.store, self.cfg, self.workers)
-        rows, errors = encode_chunk(loaded, self.encoders, self.store, self.cfg)
+        loaded = load_chunk(chunk, self.encoders, self.store, self.pre, self.workers)
+        rows, errors = encode_chunk(loaded, self.encoders, self.store, self.pre)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, self.schema) as w:
             w.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.schema))
