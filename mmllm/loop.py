@@ -53,6 +53,7 @@ def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
     folder = output_folder(cfg, out) if dist.main else out
     with failing(folder, out, dist):
         run = start_run(task, cfg, dist, out, folder)
+    cfg = run.cfg  # the resolved options: what runs and what finetune_config.json says
     stop = StopFlag()
     start = time.perf_counter()
     try:
@@ -88,13 +89,14 @@ class Run:
     folder: Path  # where rank 0 writes: --output, or (--overwrite) a fresh folder that replaces it at the end
     scaler: Any = None  # torch.amp.GradScaler: scales the fp16 loss (disabled for fp32/bf16)
     report: Any = None  # --report-to tensorboard: called with every metrics.jsonl record (rank 0)
+    cfg: FinetuneConfig | None = None  # the options resolved by the plan (epochs); the caller's config is untouched
 
 
 def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Path) -> Run:
     """Optimizer, schedule and state (fresh or resumed); the output folder's metrics log and resolved config."""
     model = task.model
     plan = plan_schedule(cfg, len(task.train), dist.world)
-    cfg.epochs = plan.epochs  # the saved config says what ran
+    cfg = dataclasses.replace(cfg, epochs=plan.epochs)  # the saved config says what ran
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps, plan.warmup_steps)
     state = TrainState()
@@ -114,7 +116,7 @@ def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Pa
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
     resumed = state.step + 1 if cfg.resume else None  # hide what an interrupted run logged past its saved state
     report = TensorBoard(folder / "tensorboard", resumed) if cfg.report_to == "tensorboard" and dist.main else None
-    return Run(optimizer, scheduler, state, ddp_model, plan, folder, scaler, report)
+    return Run(optimizer, scheduler, state, ddp_model, plan, folder, scaler, report, cfg)
 
 
 def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ folder -> rename into place. Memory stays bounded by the chunk size, not the dat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -39,8 +40,8 @@ def run(cfg: PrepareConfig) -> int:
     with outputs.lock(cfg.output):  # a second prepare on the same --output meanwhile is refused
         if cfg.merge:
             return merge(cfg)
-        with engine(cfg):
-            return build(cfg)
+        with engine(cfg) as precision:  # ray: an auto --precision as the workers resolve it
+            return build(dataclasses.replace(cfg, precision=precision) if precision else cfg)
 
 
 def engine(cfg: PrepareConfig) -> Any:
@@ -60,8 +61,8 @@ def build(cfg: PrepareConfig) -> int:
                                                         ("id", "text", "image", "audio", "label", "target", "split")})
     records = check_records(records, errors, has_label=bool(cols["label"]))
     if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
-        cfg.transcribe = bool(cols["audio"]) and any(r["audio"] for r in records) \
-            and cfg.audio_model == default(PrepareConfig, "audio_model")
+        cfg = dataclasses.replace(cfg, transcribe=bool(cols["audio"]) and any(r["audio"] for r in records)
+                                  and cfg.audio_model == default(PrepareConfig, "audio_model"))
         if cfg.transcribe:
             log(f"transcribing the audio with {cfg.transcribe_model} for the text model (--no-transcribe: off)")
     reference = reference_column(cfg, cols)
@@ -89,7 +90,8 @@ def build(cfg: PrepareConfig) -> int:
         _report(errors, cfg)
         raise UserError(f"no usable records in {cfg.input[0]}")
     encoders = load_encoders(cfg, roles)
-    cfg.max_text_tokens = check_text_limit(encoders.get("text"), cfg.max_text_tokens)
+    # the resolved options (what prepare_config.json records): a new config, the caller's is left as it was given
+    cfg = dataclasses.replace(cfg, max_text_tokens=check_text_limit(encoders.get("text"), cfg.max_text_tokens))
     check_trunk_layers(encoders.get("text"), cfg.text_trunk_layers)
     records = augment_records(records, cfg.augment)
     tmp = outputs.beside(out, folder=True)

@@ -43,10 +43,10 @@ def require() -> Any:
 
 
 @contextmanager
-def cluster(cfg: PrepareConfig) -> Iterator[None]:
+def cluster(cfg: PrepareConfig) -> Iterator[str | None]:
     """Connected to a Ray cluster meanwhile: the one this process already joined (ray.init in a notebook or a test),
     else --ray-address (None: the running one on this machine, else a new local one, stopped afterwards). An auto
-    --precision is resolved where the encoders run (a worker), not here."""
+    --precision is resolved where the encoders run (a worker), not here: the context gives it (None: not auto)."""
     ray = require()
     started = not ray.is_initialized()
     if started:
@@ -56,12 +56,13 @@ def cluster(cfg: PrepareConfig) -> Iterator[None]:
             raise UserError(f"--ray-address {cfg.ray_address}: no Ray cluster to connect to ({first_line(e)}); start "
                             "one with `ray start --head`, or leave --ray-address out for a local one") from None
     try:
+        resolved = None
         if cfg.precision == "auto":
             from mmllm.encoders import resolve_precision
 
-            cfg.precision = ray.get(ray.remote(num_cpus=1)(resolve_precision).remote("auto"))
-            log(f"precision auto on the Ray workers: {cfg.precision}")
-        yield
+            resolved = ray.get(ray.remote(num_cpus=1)(resolve_precision).remote("auto"))
+            log(f"precision auto on the Ray workers: {resolved}")
+        yield resolved
     finally:
         if started:
             ray.shutdown()

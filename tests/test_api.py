@@ -154,3 +154,28 @@ def test_predict_takes_dataframes_paths_arrays_and_audio_tuples(prepared, tmp_pa
         assert words in str(e.value) and "[[" not in str(e.value) and "0." not in str(e.value), str(e.value)
     loud = model.predict({"id": "loud", "text": "x", "audio": (np.full(16000, 1e30, np.float32), 16000)})
     assert set(loud) == {"id", "error"} and "beyond 1000 x full scale" in loud["error"], loud
+
+
+def test_steps_never_mutate_the_config_they_are_given(tiny_models, tmp_path):
+    """A resolved plan is a new config (prepare's transcribe/max_text_tokens, finetune's epochs from the budget):
+    the caller's object stays as it was built, so one config can be run twice."""
+    import dataclasses
+
+    from mmllm import finetuning, preparation
+    from mmllm.config import FinetuneConfig, PrepareConfig, build
+
+    rows = [{"id": f"r{i}", "text": ["it is big", "it is small"][i % 2], "label": "bs"[i % 2]} for i in range(20)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pcfg = build(PrepareConfig, {}, {"input": [str(tmp_path / "m.jsonl")], "output": str(tmp_path / "p"),
+                                     "text_model": str(tiny_models["text"])})  # 128 tokens: over its 64
+    before = dataclasses.asdict(pcfg)
+    assert preparation.run(pcfg) == 0
+    assert dataclasses.asdict(pcfg) == before and pcfg.transcribe is None and pcfg.max_text_tokens == 128
+    saved = json.loads((tmp_path / "p" / "prepare_config.json").read_text())
+    assert saved["max_text_tokens"] == 64 and saved["transcribe"] is False  # the resolved values are recorded
+    fcfg = build(FinetuneConfig, {}, {"prepared": str(tmp_path / "p"), "output": str(tmp_path / "ck"),
+                                      "hidden_size": 16, "budget_steps": 6, "batch_size": 8})
+    before = dataclasses.asdict(fcfg)
+    assert fcfg.epochs is None and finetuning.run(fcfg) == 0
+    assert dataclasses.asdict(fcfg) == before
+    assert json.loads((tmp_path / "ck" / "finetune_config.json").read_text())["epochs"] >= 1
