@@ -95,8 +95,7 @@ def _sign(func: Any, cls: type) -> None:
 
     own = inspect.signature(func).parameters
     fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
-                                default=f.default if f.default is not dataclasses.MISSING else (
-                                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
+                                default=None if (d := C.default(cls, f.name)) is dataclasses.MISSING else d)
               for f in dataclasses.fields(cls) if f.name not in own]
     params = [p for p in own.values() if p.kind != inspect.Parameter.VAR_KEYWORD] + fields
     func.__signature__ = inspect.Signature(params, return_annotation=dict)

@@ -642,7 +642,7 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
         problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
     if cfg.max_steps and cfg.epochs == 0:
         problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
-    if getattr(cfg, "precision", None) and (problem := fp16_rule(cfg.precision, cfg.device)):
+    if problem := fp16_rule(cfg.precision, cfg.device):
         problems.append(problem)
     if task == "generate" and cfg.decoder_precision == "bf16" and (cfg.lora_r or cfg.train_decoder):
         problems.append("--decoder-precision bf16: only for a frozen decoder (not with --lora-r or --train-decoder); "

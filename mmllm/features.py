@@ -692,4 +692,4 @@ def checkpoint_preprocessing(config: dict, max_file_mb: int) -> Preprocessing:
     """How a checkpoint's records are featurized: as its data was prepared (the Preprocessing it recorded), with
     this run's file limit and no feature cache; no text trunk states (the checkpoint holds its whole text model)."""
     return Preprocessing.read(config.get("preprocessing") or {}, max_file_mb=max_file_mb, cache=False,
-                              batch_size=default(PrepareConfig, "batch_size"), text_trunk_layers=0)
+                              text_trunk_layers=0)
