@@ -287,7 +287,7 @@ class Preprocessing:
         def value(name: str) -> Any:
             if name in run:
                 return run[name]
-            if name in recorded:
+            if name in recorded and name not in cls.RUN_ONLY:  # the run's limits are never taken from the data
                 return recorded[name]
             return cls.UNRECORDED[name] if name in cls.UNRECORDED else default(PrepareConfig, name)
 

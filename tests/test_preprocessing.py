@@ -21,7 +21,8 @@ def test_record_round_trips_and_older_records_take_prepares_defaults():
     assert json.loads(json.dumps(recorded)) == recorded  # what the metadata holds is plain JSON
     back = Preprocessing.read(recorded, max_file_mb=9, batch_size=4, cache=False)
     assert dataclasses.replace(back, max_file_mb=pre.max_file_mb, batch_size=pre.batch_size, cache=pre.cache) == pre
-    old = checkpoint_preprocessing({"preprocessing": {"max_text_tokens": 40}}, 5)
+    old = checkpoint_preprocessing({"preprocessing": {"max_text_tokens": 40, "batch_size": 1, "cache": True}}, 5)
+    assert old.batch_size == default(PrepareConfig, "batch_size")  # run limits are not read from the data
     assert old.max_text_tokens == 40 and old.max_file_mb == 5 and not old.cache and old.text_trunk_layers == 0
     assert old.max_audio_seconds == default(PrepareConfig, "max_audio_seconds")  # the config's own default
     assert old.precision == "fp32" and old.transcribe is None  # what data from before these were recorded used
