@@ -52,8 +52,8 @@ def make(s: Setup, freeze: bool):
     from mmllm.model import ModelConfig, build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(modalities=MODALITIES, num_labels=len(s.labels), text_dim=384, image_dim=1280, audio_dim=384,
-                      freeze_text=freeze)
+    cfg = ModelConfig(modalities=MODALITIES, num_labels=len(s.labels), text_dim=384,
+                      dims={"image": 1280, "audio": 384}, freeze_text=freeze)
     model = build_model(cfg, s.text.build_model())
     return model, make_optimizer(model, FinetuneConfig())
 

@@ -58,7 +58,7 @@ class Loops:
 
         torch.manual_seed(0)
         return build_model(ModelConfig(modalities=MODALITIES, num_labels=len(self.labels), text_dim=384,
-                                       image_dim=1280, audio_dim=384), self.text.build_model())
+                                       dims={"image": 1280, "audio": 384}), self.text.build_model())
 
     def ours(self, n_steps: int) -> float:
         """Seconds of the fit_epoch code path finetune runs, one epoch capped at n_steps steps."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm import config as C
+from mmllm import modalities
 from mmllm.console import as_json, capture, quieted
 from mmllm.errors import UserError
 
@@ -116,9 +117,6 @@ def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, q
 
 ACCEPTED = ("a record (dict), a list of records, a pandas DataFrame (a record per row), a datasets.Dataset, or the "
             "path (str or Path) of a manifest or class folder")
-IMAGE_TYPES = "a path, bytes, a PIL image or a numpy array (H x W [x 1, 3 or 4], uint8, or float in [0, 1])"
-MAX_SAMPLING_RATE = 768_000  # the highest rate of common audio hardware
-AUDIO_TYPES = "a path, bytes, (array, sampling_rate) or {\"array\": ..., \"sampling_rate\": ...}"
 
 
 def warm_up(predictor: Any) -> float:
@@ -126,20 +124,12 @@ def warm_up(predictor: Any) -> float:
     short text, a grey 64x64 image, 1 s of a quiet tone): what a first call pays once."""
     import time
 
-    import numpy as np
-
     from mmllm.records import checkpoint_inputs, convert_rows
 
     start = time.perf_counter()
     raw: dict[str, Any] = {"id": "warm-up"}
     for key in checkpoint_inputs(predictor.config):
-        if key == "text":
-            raw["text"] = "warm up"
-        elif key == "image":
-            raw["image"] = np.full((64, 64, 3), 128, np.uint8)
-        elif key == "audio":
-            t = np.arange(16000, dtype=np.float32) / 16000
-            raw["audio"] = (0.1 * np.sin(2 * np.pi * 440 * t), 16000)
+        raw[key] = "warm up" if key == modalities.TEXT else modalities.get(key).sample()
     items = list(convert_rows([(1, in_memory_media(raw, predictor.config, 1))], predictor.config, Path(".")))
     records = [it for it in items if not isinstance(it, tuple)]
     if records:
@@ -188,104 +178,17 @@ def in_memory_media(raw: dict, config: dict, n: int) -> dict:
 
     cols = record_columns(raw, config.get("columns") or {})
     out = raw
-    for role, convert in (("image", _image_bytes), ("audio", _audio_bytes)):
+    for role in modalities.names():
         key = cols.get(role)
         if key is None or raw[key] is None:
             continue
         try:
-            value = convert(raw[key])
+            value = modalities.get(role).from_memory(raw[key])
         except (TypeError, ValueError) as e:
             raise type(e)(f"Model.predict: record {n}, key {key!r}: {e}") from None
         if value is not raw[key]:
             out = {**out, key: value}  # the caller's dict is untouched
     return out
-
-
-def _is_array(value: Any) -> bool:
-    return type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype")
-
-
-def _passes(value: Any) -> bool:
-    """A media value the record reader takes itself."""
-    return (isinstance(value, (str, os.PathLike, bytes, bytearray)) or hasattr(value, "save")
-            or (isinstance(value, float) and value != value)
-            or (isinstance(value, dict) and ("bytes" in value or "path" in value)))
-
-
-def _image_bytes(value: Any) -> Any:
-    import io
-
-    if _passes(value):
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-    if not _is_array(value):
-        raise TypeError(f"an image is {IMAGE_TYPES}, not a {type(value).__name__}")
-    import numpy as np
-    from PIL import Image
-
-    arr = np.asarray(value)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
-        raise ValueError(f"an image array is H x W [x 1, 3 or 4] (channels last), got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise ValueError("a float image array has NaN or Inf values")
-        low, high = float(arr.min()), float(arr.max())
-        if low < 0 or high > 1:
-            raise ValueError(f"a float image array has values in [0, 1], got {low:g} to {high:g}: divide by 255 "
-                             "or pass uint8")
-        arr = np.rint(arr * 255).astype(np.uint8)
-    elif arr.dtype.kind in "iu":
-        if arr.dtype != np.uint8 and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(f"an integer image array has values 0-255, got {arr.min()} to {arr.max()}")
-        arr = arr.astype(np.uint8)
-    else:
-        raise TypeError(f"an image array is uint8 or float, not {arr.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _audio_bytes(value: Any) -> Any:
-    import io
-
-    if isinstance(value, dict) and "array" in value:
-        samples, rate = value["array"], value.get("sampling_rate")
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value[1], (list, tuple)) \
-            and not _passes(value[0]):  # (path, path) is two files, not (samples, rate)
-        samples, rate = value
-    elif _passes(value):
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-    elif _is_array(value):
-        raise TypeError("an audio array needs its sampling rate: pass (array, sampling_rate) or "
-                        "{\"array\": array, \"sampling_rate\": rate}")
-    else:
-        raise TypeError(f"audio is {AUDIO_TYPES}, not a {type(value).__name__}")
-    import numpy as np
-    import soundfile as sf
-
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0 \
-            or not rate <= MAX_SAMPLING_RATE or rate != int(rate):
-        raise ValueError(f"the sampling rate is a whole number of samples per second from 1 to {MAX_SAMPLING_RATE} "
-                         "(e.g. 16000)")
-    arr = np.asarray(samples)
-    if arr.dtype.kind not in "fiu" or arr.size == 0:  # fiu: float, signed, unsigned
-        raise ValueError(f"audio samples are a non-empty array of numbers, got dtype {arr.dtype}, {arr.size} values")
-    if arr.ndim == 2 and arr.shape[0] < arr.shape[1] and arr.shape[0] <= 8:  # (channels, samples): librosa's order
-        arr = arr.T
-    if arr.ndim not in (1, 2):
-        raise ValueError(f"audio samples are (samples,) or (samples, channels), got shape {arr.shape}")
-    if arr.dtype.kind == "u":
-        raise ValueError(f"audio samples are float (-1 to 1) or signed integers, not {arr.dtype}")
-    if arr.dtype.kind == "i":  # full scale as soundfile reads PCM: int16 / 32768
-        arr = arr.astype(np.float64) / -float(np.iinfo(arr.dtype).min)
-    elif not np.isfinite(arr).all():
-        raise ValueError("audio samples have NaN or Inf values")
-    buf = io.BytesIO()
-    sf.write(buf, np.ascontiguousarray(arr, dtype=np.float32), int(rate), format="WAV", subtype="FLOAT")
-    return buf.getvalue()
 
 
 class Model:

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from mmllm.config import FUSIONS, MAX_AUDIO_SECONDS, ROLES
+from mmllm import modalities
+from mmllm.config import FUSIONS
 from mmllm.errors import UserError, read_json
-from mmllm.model import Classifier, ModelConfig, build_model, classifier
+from mmllm.model import Classifier, ModelConfig, build_model, classifier, model_fields
 
 FORMAT = "mmllm-checkpoint"
 VERSION = 1
@@ -159,6 +160,8 @@ def read_config(folder: str | Path) -> dict:
     config = read_json(path)  # size-capped; corrupt or too deeply nested JSON is one line naming it
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{folder} is not an mmllm checkpoint (config.json has no format '{FORMAT}')")
+    if isinstance(config.get("model"), dict):
+        config["model"] = model_fields(config["model"])
     problems = check_config(config, folder)
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged; fine-tune again)")
@@ -207,11 +210,10 @@ MAX_WIDTH = 1 << 16
 MODEL_RULES = {
     "modalities": Rule("list", required=True), "num_labels": Rule("int", 1, 1 << 20, required=True),
     "hidden_size": Rule("int", 1, MAX_WIDTH), "fusion": Rule("str", choices=FUSIONS), "dropout": Rule("fraction"),
-    "text_dim": Rule("int", 1, MAX_WIDTH), "image_dim": Rule("int", 1, MAX_WIDTH),
-    "audio_dim": Rule("int", 1, MAX_WIDTH), "share_projections": Rule("bool"), "modality_dropout": Rule("fraction"),
+    "text_dim": Rule("int", 1, MAX_WIDTH), "dims": Rule("dict"), "share_projections": Rule("bool"), "modality_dropout": Rule("fraction"),
     "freeze_text": Rule("bool"), "lora_r": Rule("int", 0, MAX_WIDTH), "text_model_type": Rule("str"),
     "train_text_layers": Rule("int", 0, 1 << 12),
-    "sequence": Rule("bool"), "extra": Rule("dict"),
+    "sequence": Rule("bool"), "positions": Rule("bool"), "extra": Rule("dict"),
 }
 GENERATION_RULES = {
     "modalities": Rule("list", required=True), "dims": Rule("dict", required=True),
@@ -222,9 +224,13 @@ GENERATION_RULES = {
     "stop": Rule("list"),
 }
 PREPROCESSING_RULES = {
-    "max_text_tokens": Rule("int", 1, 1 << 20), "max_audio_seconds": Rule("number", 0.001, MAX_AUDIO_SECONDS),
-    "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),
-}
+    "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),
+}  # and each modality's options (preprocessing_rules)
+
+
+def preprocessing_rules() -> dict[str, Rule]:
+    return {**PREPROCESSING_RULES, **{o.name: Rule("number", o.low if o.low is None else max(o.low, 0.001), o.high)
+                                      for _, o in modalities.options()}}
 
 
 def check_value(name: str, value: Any, rule: Rule) -> str | None:
@@ -259,9 +265,9 @@ def check_section(section: Any, name: str, rules: dict[str, Rule], closed: bool 
 def check_modalities(mods: Any, name: str) -> list[str]:
     if not isinstance(mods, list):
         return []  # reported by its rule
-    bad = [m for m in mods if m not in ROLES]
+    bad = [m for m in mods if m not in modalities.roles()]
     if bad:
-        return [f"{name} has '{bad[0]}', not one of {', '.join(ROLES)}"]
+        return [f"{name} has '{bad[0]}', not one of {', '.join(modalities.roles())}"]
     return [f"{name} lists a modality twice"] if len(set(mods)) != len(mods) else []
 
 
@@ -278,7 +284,7 @@ def check_config(config: dict, folder: Path) -> list[str]:
         problems.append("labels must be a list of label names")
     elif len(set(labels)) != len(labels):
         problems.append("labels lists a label twice")
-    problems += check_section(config.get("preprocessing", {}), "preprocessing", PREPROCESSING_RULES, closed=False)
+    problems += check_section(config.get("preprocessing", {}), "preprocessing", preprocessing_rules(), closed=False)
     if task == "generate":
         return problems + check_generation(config, folder)
     model = config.get("model")
@@ -289,8 +295,11 @@ def check_config(config: dict, folder: Path) -> list[str]:
     problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
     if isinstance(labels, list) and model["num_labels"] != len(labels):
         problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
-    problems += [f"model.{m}_dim is missing (the model uses {m})" for m in mods
-                 if m in ROLES and model.get(f"{m}_dim") is None]
+    problems += ["model.text_dim is missing (the model uses text)"] if "text" in mods and model.get("text_dim") is None else []
+    dims = model.get("dims") or {}
+    for m in mods:
+        if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):
+            problems.append(f"{p} (the model uses {m})")
     if "text" in mods and not (folder / "text_model").is_dir():
         problems.append("text_model/ (tokenizer and text model config) is missing")
     return problems + check_encoders(config, [m for m in mods if m != "text"])

@@ -16,21 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmllm import modalities
 from mmllm.errors import UserError, read_json, utf8_text
 
-ROLES = ("text", "image", "audio")
 FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
 AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 MAX_AUGMENT = 100  # augmented variants per training record
-# what --augment does to a training record's copies (features.augment_image / augment_audio read these)
-AUGMENT_IMAGE = {"flip_p": 0.5, "min_area": 0.8, "jitter": 0.2}  # mirror, crop to >= 80% area, brightness/contrast
-AUGMENT_AUDIO = {"gain_db": 6.0, "snr_db": 30.0, "shift_s": 0.1}  # gain, white noise, circular shift
-AUGMENT_HELP = ("Augmented copies added per training record (ids ID~augN; validation and test untouched, text "
-                "unchanged). Images: mirrored left-right with p {flip_p:g}, cropped to a random {min_area:.0%}-100% "
-                "of their area and resized back, brightness and contrast each scaled by a random factor within "
-                "+-{jitter:.0%}. Audio: gain within +-{gain_db:g} dB, white noise at {snr_db:g} dB SNR, shifted "
-                "circularly by up to +-{shift_s:g} s.").format(**AUGMENT_IMAGE, **AUGMENT_AUDIO)
-MAX_AUDIO_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
+AUGMENT_BASE = ("Augmented copies added per training record (ids ID~augN; validation and test untouched, text "
+                "unchanged).")  # then each modality's augment_help
 MAX_CONFIG_BYTES = 1 << 20
 # the validation metrics each task produces: what --monitor may name
 TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": ("val_loss", "val_bleu")}
@@ -44,8 +37,9 @@ TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_d
                  "generate": {"budget_steps": 80, "min_steps": 40, "min_rel_delta": 0.01}}
 # finetune options a --resume may change: they are applied from the resumed step on; all others are refused
 # prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
-MERGE_IGNORES = ("text_column", "image_column", "audio_column", "label_column", "target_column", "split_column",
-                 "id_column", "text_model", "image_model", "audio_model", "max_text_tokens", "max_audio_seconds",
+# (and each modality's column, model and options: merge_ignores())
+MERGE_IGNORES = ("text_column", "label_column", "target_column", "split_column", "id_column", "text_model",
+                 "max_text_tokens",
                  "sequence_features", "sentence_embedding", "text_trunk_layers", "val_fraction", "test_fraction",
                  "augment", "on_error",
                  "cache", "batch_size", "num_workers", "shard_index", "num_shards", "seed", "trust_remote_code",
@@ -79,8 +73,6 @@ class PrepareConfig:
                           panel="Output")
     text_column: str = opt(None, "Column with the text (auto-detected: text, sentence, caption, prompt, ...).",
                            panel="Data")
-    image_column: str = opt(None, "Column with image paths (auto-detected: image, image_path, img, ...).", panel="Data")
-    audio_column: str = opt(None, "Column with audio paths (auto-detected: audio, audio_path, wav, ...).", panel="Data")
     label_column: str = opt(None, "Column with the class label (auto-detected: label, class, category, intent, topic, "
                                   "sentiment, emotion, genre, ...).", panel="Data")
     target_column: str = opt(None, "Column with the target text for generation (auto-detected: target, ...).",
@@ -88,12 +80,8 @@ class PrepareConfig:
     split_column: str = opt(None, "Column with train/validation/test (auto-detected: split).", panel="Data")
     id_column: str = opt(None, "Column with a record id (auto-detected: id); default: the row number.", panel="Data")
     text_model: str = opt("minilm", "Text model: alias, local Hugging Face folder or hub id.", panel="Model")
-    image_model: str = opt("efficientnet-lite0", "Image encoder: alias, local folder or hub id.", panel="Model")
-    audio_model: str = opt("whisper-tiny.en", "Audio encoder: alias (also logmel, mfcc), local folder or hub id.",
-                           panel="Model")
     max_text_tokens: int = opt(128, "Truncate text to this many tokens.", panel="Model")
-    max_audio_seconds: float = opt(30.0, "Trim audio to this many seconds.", panel="Model")
-    sequence_features: bool = opt(False, "Also store image/audio token sequences (for attention fusion).",
+    sequence_features: bool = opt(False, "Also store the media's token sequences (for attention fusion).",
                                   panel="Model")
     sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.", panel="Model")
     text_trunk_layers: int = opt(0, "Also store the text model's token states after layer L-K (its real tokens; "
@@ -111,7 +99,7 @@ class PrepareConfig:
                                                  "reference).", panel="Data")
     val_fraction: float = opt(0.1, "Validation fraction when there is no split column (stratified).", panel="Data")
     test_fraction: float = opt(0.1, "Test fraction when there is no split column (stratified).", panel="Data")
-    augment: int = opt(0, AUGMENT_HELP, panel="Data")
+    augment: int = opt(0, AUGMENT_BASE, panel="Data")  # the modalities' sentences are added by _modality_options
     on_error: str = opt("skip", "What a bad record does: skip it (reported) or fail the run.",
                         choices=("skip", "fail"), panel="Data")
     cache: bool = opt(True, "Reuse features cached by content hash + encoder identity + preprocessing.",
@@ -150,7 +138,8 @@ class FinetuneConfig:
                          panel="Output")
     task: str = opt("classify", "classify (label column) or generate (target column).",
                     choices=("classify", "generate"), panel="Model")
-    modalities: str = opt("text,image,audio", "Comma-separated modalities the model may use.", panel="Model")
+    modalities: str = opt(",".join(modalities.roles()), "Comma-separated modalities the model may use (default: all "
+                                                           "that were prepared).", panel="Model")
     fusion: str = opt("auto", "How modalities are fused: concat (joined vectors), gated (learned weight per "
                                "modality), attention (over modality vectors and stored sequences), transformer "
                                "(a CLS token over text tokens, image grid and audio frames), bilinear (low-rank "
@@ -171,7 +160,8 @@ class FinetuneConfig:
                                     "the pooling and the head, over the token states of the layers below that "
                                     "prepare --text-trunk-layers K stored: those layers and the embeddings never run "
                                     "(0: off; see --freeze-text).", panel="Model")
-    share_projections: bool = opt(False, "One projection shared by image and audio (when dims match).", panel="Model")
+    share_projections: bool = opt(False, "One projection shared by media of the same width (e.g. image and video).",
+                                  panel="Model")
     modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
     epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
                             "model, e.g. as a baseline).", panel="Training")
@@ -557,9 +547,10 @@ def validate(cfg: Any) -> list[str]:
         if not cfg.output:
             problems.append("--output: required")
         mods = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
-        bad = [m for m in mods if m not in ROLES]
+        bad = [m for m in mods if m not in modalities.roles()]
         if bad or not mods:
-            problems.append(f"--modalities: use a comma-separated subset of {','.join(ROLES)} (got '{cfg.modalities}')")
+            problems.append(f"--modalities: use a comma-separated subset of {','.join(modalities.roles())} (got "
+                            f"'{cfg.modalities}')")
         problems += finetune_rules(cfg)
     if isinstance(cfg, EvalModelConfig) and (not cfg.checkpoint or not cfg.data):
         problems.append("CHECKPOINT and DATA: both required")
@@ -593,15 +584,17 @@ def prepare_rules(cfg: PrepareConfig) -> list[str]:
         problems.append(f"--augment: at most {MAX_AUGMENT} variants per record (got {cfg.augment})")
     if cfg.text_trunk_layers < 0:
         problems.append(f"--text-trunk-layers: must be >= 0 (got {cfg.text_trunk_layers})")
-    if not 0 < cfg.max_audio_seconds <= MAX_AUDIO_SECONDS:
-        problems.append(f"--max-audio-seconds: must be in (0, {MAX_AUDIO_SECONDS:g}] (got {cfg.max_audio_seconds})")
+    for _, o in modalities.options():
+        v = getattr(cfg, o.name)
+        if (o.low is not None and not v > o.low) or (o.high is not None and not v <= o.high):
+            problems.append(f"{flag(o.name)}: must be in ({o.low:g}, {o.high:g}] (got {v})")
     if cfg.ray_address is not None and cfg.engine != "ray" and not cfg.merge:
         problems.append("--ray-address: only used with --engine ray")
     if cfg.transcribe is False:
         problems += [f"{flag(n)}: only used with --transcribe" for n in ("transcribe_model",
                      "transcript_reference_column") if getattr(cfg, n) != default(PrepareConfig, n)]
     if cfg.merge:  # merging joins finished shards: the options that build a dataset were fixed back then
-        ignored = [flag(n) for n in MERGE_IGNORES if getattr(cfg, n, None) != default(PrepareConfig, n)]
+        ignored = [flag(n) for n in merge_ignores() if getattr(cfg, n, None) != default(PrepareConfig, n)]
         if ignored:
             problems.append(f"--merge: {', '.join(ignored)} do not apply when joining prepared shards "
                             "(they were fixed when each shard was prepared)")
@@ -636,8 +629,9 @@ def finetune_rules(cfg: FinetuneConfig) -> list[str]:
     if task == "classify" and explicit and "text" not in mods:
         problems += [f"{flag(n)}: needs the text modality (--modalities {cfg.modalities})"
                      for n in ("lora_r", "freeze_text", "train_text_layers") if getattr(cfg, n)]
-    if task == "classify" and explicit and cfg.share_projections and not {"image", "audio"} <= set(mods):
-        problems.append("--share-projections: shares the image and audio projection; needs both modalities")
+    if task == "classify" and explicit and cfg.share_projections and len(set(mods) - {modalities.TEXT}) < 2:
+        problems.append("--share-projections: shares one projection between media of the same width; needs at "
+                        "least two media modalities")
     if task == "classify" and explicit and cfg.modality_dropout and len(set(mods)) < 2:
         problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
     if cfg.max_steps and cfg.epochs == 0:
@@ -745,3 +739,52 @@ def _same(name: str, old: Any, new: Any) -> bool:
 def save_resolved(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (what actually ran) as JSON."""
     Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def merge_ignores() -> tuple[str, ...]:
+    """Prepare options fixed when each shard was prepared (--merge refuses them): MERGE_IGNORES and each
+    modality's column, model and options."""
+    return (*MERGE_IGNORES, *(n for m in modalities.all() for n in (f"{m.name}_column", f"{m.name}_model")),
+            *(o.name for _, o in modalities.options()))
+
+
+def _reshape(cls: type, added: dict[str, tuple[str, Any]], replaced: dict[str, Any]) -> None:
+    """Re-make dataclass `cls` in place with the fields `added` ({name: (type name, opt(...))}) in place of those
+    added before, and the fields in `replaced` given new opt(...)s: every module holding `cls` sees the new shape."""
+    current = {f.name: f for f in dataclasses.fields(cls)}
+    annotations = cls.__dict__["__annotations__"]
+    for name in getattr(cls, "_plugin_fields", ()):
+        current.pop(name, None)
+        annotations.pop(name, None)
+        if name in cls.__dict__:
+            delattr(cls, name)
+    for name, f in current.items():
+        setattr(cls, name, replaced.get(name, f))
+    for name, (kind, f) in added.items():
+        annotations[name] = kind
+        setattr(cls, name, f)
+    for attr in ("__init__", "__repr__", "__eq__", "__match_args__"):
+        if attr in cls.__dict__:
+            delattr(cls, attr)
+    cls._plugin_fields = tuple(added)
+    dataclass(cls)
+
+
+def _modality_options(*_: Any) -> None:
+    """Keep the configs in step with the modality registry (at import, and on every (un)registration): prepare
+    gets `--<m>-column`, `--<m>-model` and each modality's options, --augment's help its sentences, and
+    finetune's --modalities defaults to every input."""
+    added: dict[str, tuple[str, Any]] = {}
+    for m in modalities.all():
+        added[f"{m.name}_column"] = ("str", opt(None, m.column_help(), panel="Data"))
+        added[f"{m.name}_model"] = ("str", opt(m.default_model, m.model_help, panel="Model"))
+        for o in m.options:
+            added[o.name] = (type(o.default).__name__, opt(o.default, o.help, panel=o.panel))
+    augment = " ".join([AUGMENT_BASE, *(m.augment_help for m in modalities.all() if m.augment_help)])
+    _reshape(PrepareConfig, added, {"augment": opt(0, augment, panel="Data")})
+    help_ = next(f.metadata["help"] for f in dataclasses.fields(FinetuneConfig) if f.name == "modalities")
+    _reshape(FinetuneConfig, {}, {"modalities": opt(",".join(modalities.roles()), help_, panel="Model")})
+
+
+_modality_options()
+modalities.on_change(_modality_options)

@@ -238,8 +238,6 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 class ImageEncoder:
     """Frozen image encoder with its own preprocessing. `encode(list[PIL]) -> pooled (B, D), sequence (B, T, D)`."""
 
-    role = "image"
-
     def __init__(self, name: str, trust_remote_code: bool = False, precision: str = "fp32"):
         quiet_transformers()
         self.name = name
@@ -414,7 +412,6 @@ class AudioEncoder:
     instead of padding every clip to 30 s.
     """
 
-    role = "audio"
     SEQ_LEN = 16  # tokens kept per clip for attention fusion (adaptive average pooling over time)
     BATCH_AUDIO_SECONDS = 240.0  # of Whisper windows per encoder call (batched clips of one window length)
 
@@ -743,13 +740,15 @@ def load_decoder(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, 
     return model, tokenizer, identity
 
 
-ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
-
-
 def load_encoder(role: str, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
-    """The encoder of a role; `precision` (auto, fp32, bf16) is how its frozen forward runs."""
+    """The encoder of a role (text, or a modality's plug-in); `precision` (auto, fp32, bf16) is how its frozen
+    forward runs."""
+    from mmllm import modalities
+
     try:
-        return ENCODERS[role](name, trust_remote_code=trust_remote_code, precision=precision)
+        if role == modalities.TEXT:
+            return TextEncoder(name, trust_remote_code=trust_remote_code, precision=precision)
+        return modalities.get(role).load_encoder(name, trust_remote_code=trust_remote_code, precision=precision)
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as e:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from mmllm import hub
-from mmllm.config import AUGMENT_AUDIO, AUGMENT_IMAGE, PrepareConfig, default
+from mmllm import hub, modalities
+from mmllm.config import PrepareConfig, default
 from mmllm.console import log, warn
 from mmllm.errors import UserError, read_json
-from mmllm.media import MediaError, check_bytes, check_file, load_audio, load_image, normalize_text
+from mmllm.media import MediaError, check_bytes, check_file, normalize_text
 from mmllm.records import RecordError, error_entry
 
 SCHEMA_VERSION = 1
@@ -97,11 +97,11 @@ def label_strings(ds: Any) -> list[str | None]:
 def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
     from mmllm.encoders import load_encoder, precision_note, resolve_precision
 
-    models = {"text": cfg.text_model, "image": cfg.image_model, "audio": cfg.audio_model}
+    models = {role: getattr(cfg, f"{role}_model") for role in modalities.roles()}
     precision = resolve_precision(cfg.precision)
     log(precision_note(cfg.precision, precision))
     out = {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
-    if cfg.transcribe and "audio" in roles:
+    if cfg.transcribe and modalities.transcribed() in roles:
         out["transcript"] = load_transcriber(cfg.transcribe_model, cfg.trust_remote_code, precision)
     return out
 
@@ -255,7 +255,7 @@ class Preprocessing:
     are limits of the run that reads records (not recorded): its file size limit, encoder batch and cache use."""
 
     max_text_tokens: int
-    max_audio_seconds: float
+    options: dict  # each modality's prepare options (e.g. max_audio_seconds): recorded at the top level
     precision: str  # what the frozen encoders ran in (resolved: fp32 or bf16)
     sequence_features: bool
     sentence_embedding: bool
@@ -268,7 +268,7 @@ class Preprocessing:
     cache: bool
 
     RUN_ONLY = ("max_file_mb", "batch_size", "cache")
-    FIXED = {"text_normalization": "NFC, whitespace collapsed", "image_mode": "RGB", "audio": "mono float32"}
+    FIXED = {"text_normalization": "NFC, whitespace collapsed"}  # and each modality's `fixed`
     UNRECORDED = {"precision": "fp32", "transcribe": None}  # what data prepared before these were recorded used
 
     @classmethod
@@ -276,8 +276,10 @@ class Preprocessing:
         """The record of a prepare run (precision resolved as the encoders load it)."""
         from mmllm.encoders import resolve_precision
 
-        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name not in cls.UNRECORDED}
-        return cls(**values, precision=resolve_precision(cfg.precision),
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in cls.UNRECORDED and f.name != "options"}
+        options = {o.name: getattr(cfg, o.name) for _, o in modalities.options()}
+        return cls(**values, options=options, precision=resolve_precision(cfg.precision),
                    transcribe=transcriber.describe() if transcriber is not None else None)
 
     @classmethod
@@ -291,19 +293,26 @@ class Preprocessing:
                 return recorded[name]
             return cls.UNRECORDED[name] if name in cls.UNRECORDED else default(PrepareConfig, name)
 
-        return cls(**{f.name: value(f.name) for f in dataclasses.fields(cls)})
+        options = {o.name: recorded.get(o.name, o.default) for _, o in modalities.options()}
+        return cls(**{f.name: value(f.name) for f in dataclasses.fields(cls) if f.name != "options"}, options=options)
 
     def recorded(self) -> dict:
-        """What the prepared metadata and checkpoints hold ("preprocessing")."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
-        return {**out, **self.FIXED}
+        """What the prepared metadata and checkpoints hold ("preprocessing"), the modalities' options flat."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in (*self.RUN_ONLY, "options")}
+        fixed = {k: v for m in modalities.all() for k, v in m.fixed.items()}
+        return {**out, **self.options, **self.FIXED, **fixed}
+
+    def option(self, name: str) -> Any:
+        """A modality's option (its default when the data was prepared before the modality had it)."""
+        return self.options[name] if name in self.options else modalities.option_default(name)
 
 
 def feature_shapes(role: str, encoder: Any, pre: Preprocessing) -> dict[str, tuple[int, ...]]:
-    """The tensors `encode_media` stores for one medium: pooled (D,), and with --sequence-features seq (16, D)."""
+    """The tensors `encode_media` stores for one medium: pooled (D,), and with --sequence-features seq (T, D), T
+    its modality's seq_len."""
     shapes = {"pooled": (int(encoder.dim),)}
     if pre.sequence_features:
-        shapes["seq"] = (encoder.SEQ_LEN if role == "audio" else 16, int(encoder.dim))
+        shapes["seq"] = (modalities.get(role).sequence_length(pre), int(encoder.dim))
     return shapes
 
 
@@ -326,8 +335,7 @@ def content_hash(media: Any, max_mb: float | None = None) -> str:
 def feature_key(role: str, digest: str, encoder: Any, pre: Preprocessing, aug: int, rec_id: str) -> str:
     parts = {"role": role, "content": digest, "encoder": encoder.identity, "pre": encoder.describe()["preprocessing"],
              "seq": pre.sequence_features, "aug": [aug, pre.seed, rec_id] if aug else 0}
-    if role == "audio":
-        parts["max_seconds"] = pre.max_audio_seconds
+    parts.update(modalities.get(role).key_parts(pre))
     if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
         parts["precision"] = encoder.precision
         parts["code"] = ENCODER_CODE  # bf16 paths changed (e.g. folded BatchNorm): never reuse older bf16 features
@@ -335,9 +343,10 @@ def feature_key(role: str, digest: str, encoder: Any, pre: Preprocessing, aug: i
 
 
 def transcript_key(digest: str, transcriber: Any, pre: Preprocessing) -> str:
-    """Cache key of a clip's transcript: its content, the recognizer's identity, decoding and audio limit."""
+    """Cache key of a clip's transcript: its content, the recognizer's identity, decoding and the limits of the
+    spoken modality (its key_parts)."""
     parts = {"role": "transcript", "content": digest, "model": transcriber.identity,
-             "pre": transcriber.describe()["preprocessing"], "max_seconds": pre.max_audio_seconds,
+             "pre": transcriber.describe()["preprocessing"], **modalities.get(modalities.transcribed()).key_parts(pre),
              "precision": transcriber.precision}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -360,8 +369,8 @@ def load_chunk(chunk: list[dict], encoders: dict, store: FeatureStore, pre: Prep
 def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessing) -> dict:
     item = {"rec": rec, "error": None, "media": {}}
     try:
-        for role in ("image", "audio"):
-            if role not in encoders or not rec[role]:
+        for role in modalities.names():
+            if role not in encoders or not rec.get(role):
                 continue
             column = role
             digest = _digest(rec, role, pre)
@@ -371,22 +380,58 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
                 item["media"][role] = {"key": key, "digest": digest, "features": cached}
                 continue
             try:
-                decoded = decode(role, rec[role], encoders[role], pre)
+                decoded = modalities.get(role).decode(rec[role], encoders[role], pre)
                 if rec.get("aug"):
-                    decoded = AUGMENT[role](decoded, _rng(pre.seed, rec["id"], rec["aug"]), encoders[role])
+                    decoded = modalities.get(role).augment(decoded, _rng(pre.seed, rec["id"], rec["aug"]),
+                                                           encoders[role])
             except MediaError as e:
                 raise RecordError(column, str(e), _file(rec[role])) from None
             except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
                 raise RecordError(column, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) \
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
-        if "transcript" in encoders and rec["audio"]:
-            item["transcript"] = load_transcript(rec, encoders, store, pre, item["media"].get("audio"))
+        for source in [m for m in item["media"] if modalities.get(m).parts]:
+            for part in modalities.get(source).parts:
+                if part in encoders and not rec.get(part) and part not in item["media"]:
+                    entry = load_part(rec, source, part, encoders, store, pre, item["media"][source]["digest"])
+                    if entry is not None:
+                        item["media"][part] = entry
+        spoken = modalities.transcribed()
+        if "transcript" in encoders and (rec.get(spoken) or spoken in item["media"]):
+            item["transcript"] = load_transcript(rec, encoders, store, pre, item["media"].get(spoken))
     except RecordError as e:
         item["error"] = error_entry(rec, e)
     except Exception as e:  # noqa: BLE001 - one record's failure is that record's error, never the run's
         item["error"] = error_entry(rec, RecordError(None, f"{type(e).__name__}: {str(e)[:120]}"))
     return item
+
+
+def load_part(rec: dict, source: str, part: str, encoders: dict, store: FeatureStore, pre: Preprocessing,
+              digest: str) -> dict | None:
+    """The `part` medium a `source` file carries (a video's soundtrack is the record's audio when it has none):
+    cached features, or the part decoded by the source's plug-in for the part's encoder; None: the file has none."""
+    content = f"{digest}:{source}"
+    key = feature_key(part, content, encoders[part], pre, rec.get("aug", 0), rec["id"])
+    entry = {"key": key, "digest": content, "source": source}
+    cached = store.get(key, feature_shapes(part, encoders[part], pre))
+    if cached is not None:
+        return {**entry, "features": cached}
+    decoded = _decode_part(rec, source, part, encoders[part], pre)
+    if decoded is None:
+        return None
+    if rec.get("aug"):
+        decoded = modalities.get(part).augment(decoded, _rng(pre.seed, rec["id"], rec["aug"]), encoders[part])
+    return {**entry, "decoded": decoded}
+
+
+def _decode_part(rec: dict, source: str, part: str, encoder: Any, pre: Preprocessing) -> Any:
+    try:
+        return modalities.get(source).decode_part(part, rec[source], encoder, pre)
+    except MediaError as e:
+        raise RecordError(source, f"{part}: {e}", _file(rec[source])) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
+        raise RecordError(source, f"{part}: cannot decode ({type(e).__name__}: {str(e)[:120]})",
+                          _file(rec[source])) from None
 
 
 def _digest(rec: dict, role: str, pre: Preprocessing) -> str:
@@ -399,38 +444,32 @@ def _digest(rec: dict, role: str, pre: Preprocessing) -> str:
 def load_transcript(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessing, audio: dict | None) -> dict:
     """The record's cached transcript, or its audio to transcribe: the un-augmented clip (augmented copies share
     the transcript), decoded once when the audio encoder decoded it at the same rate."""
-    transcriber = encoders["transcript"]
-    key = transcript_key(audio["digest"] if audio else _digest(rec, "audio", pre), transcriber, pre)
+    transcriber, role = encoders["transcript"], modalities.transcribed()
+    key = transcript_key(audio["digest"] if audio else _digest(rec, role, pre), transcriber, pre)
     cached = store.get(key)
     if cached is not None:
         return {"key": key, "text": value_text(cached)}
-    if audio and "decoded" in audio and not rec.get("aug") and encoders["audio"].sample_rate == transcriber.sample_rate:
+    if audio and "decoded" in audio and not rec.get("aug") and encoders[role].sample_rate == transcriber.sample_rate:
         return {"key": key, "decoded": audio["decoded"]}
+    if audio and "source" in audio:  # the part of another file (a video's soundtrack)
+        return {"key": key, "decoded": _decode_part(rec, audio["source"], role, transcriber, pre)}
     try:
-        return {"key": key, "decoded": decode("audio", rec["audio"], transcriber, pre)}
+        return {"key": key, "decoded": modalities.get(role).decode(rec[role], transcriber, pre)}
     except MediaError as e:
-        raise RecordError("audio", str(e), _file(rec["audio"])) from None
+        raise RecordError(role, str(e), _file(rec[role])) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-        raise RecordError("audio", f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec["audio"])) \
-            from None
+        raise RecordError(role, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) from None
 
 
 def _file(media: Any) -> str | None:
     return media if isinstance(media, str) else None
 
 
-def decode(role: str, media: Any, encoder: Any, pre: Preprocessing) -> Any:
-    """Canonical media: an RGB image, or mono float32 audio at the encoder's rate (from a path or bytes)."""
-    if role == "image":  # downsized while decoding to what the encoder scales to: memory bounded per image
-        return load_image(media, encoder.image_size)
-    return load_audio(media, encoder.sample_rate, pre.max_audio_seconds)
-
-
 def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:
     """Encode each distinct medium still missing (batched) into the store; attach the features to the items."""
     from mmllm.encoders import pool_sequence
 
-    for role in ("image", "audio"):
+    for role in modalities.names():
         todo: dict[str, Any] = {}
         for it in good:
             m = it["media"].get(role)
@@ -447,7 +486,7 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Pre
             for j, k in enumerate(batch):
                 value = {"pooled": pooled[j].astype(np.float32)}
                 if pre.sequence_features:
-                    value["seq"] = pool_sequence(np.asarray(seqs[j]), enc.SEQ_LEN if role == "audio" else 16)
+                    value["seq"] = pool_sequence(np.asarray(seqs[j]), modalities.get(role).sequence_length(pre))
                 store.put(k, value)
         for it in good:
             m = it["media"].get(role)
@@ -501,14 +540,14 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, pre: P
         if transcriber:
             row["transcript"] = transcripts[i]
         row.update({k: v[i] for k, v in text_cols.items()})
-        for role in ("image", "audio"):
+        for role in modalities.names():
             if role not in encoders:
                 continue
             m = it["media"].get(role)
             row[f"has_{role}"] = m is not None
             row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
             if pre.sequence_features:
-                n = 16
+                n = modalities.get(role).sequence_length(pre)
                 seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
                 row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
         rows.append(row)
@@ -599,47 +638,18 @@ def arrow_schema(encoders: dict, pre: Preprocessing):
         if pre.text_trunk_layers:
             value = pa.uint16() if trunk_dtype(encoders["text"]) == "bf16" else pa.float32()
             fields.append(pa.field("text_trunk", pa.list_(pa.list_(value, encoders["text"].dim))))
-    for role in ("image", "audio"):
+    for role in modalities.names():
         if role in encoders:
             dim = encoders[role].dim
             fields += [pa.field(f"has_{role}", pa.bool_()), pa.field(f"{role}_emb", pa.list_(pa.float32(), dim))]
             if pre.sequence_features:
-                fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), 16)))
+                n = modalities.get(role).sequence_length(pre)
+                fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), n)))
     return pa.schema(fields)
 
 
 def _rng(seed: int, rec_id: str, k: int) -> np.random.Generator:
     return np.random.default_rng([seed, k, zlib.crc32(rec_id.encode())])
-
-
-def augment_image(img, rng: np.random.Generator, encoder: Any):
-    """Horizontal flip, random crop and brightness/contrast jitter (config.AUGMENT_IMAGE: --augment's help)."""
-    from PIL import ImageEnhance, ImageOps
-
-    p = AUGMENT_IMAGE
-    if rng.random() < p["flip_p"]:
-        img = ImageOps.mirror(img)
-    w, h = img.size
-    scale = np.sqrt(rng.uniform(p["min_area"], 1.0))
-    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    img = img.crop((left, top, left + cw, top + ch)).resize((w, h))
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
-    return ImageEnhance.Contrast(img).enhance(rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
-
-
-def augment_audio(clip: np.ndarray, rng: np.random.Generator, encoder: Any) -> np.ndarray:
-    """Gain, white noise at a fixed SNR, circular time shift (config.AUGMENT_AUDIO: --augment's help)."""
-    p = AUGMENT_AUDIO
-    clip = clip * np.float32(10 ** (rng.uniform(-p["gain_db"], p["gain_db"]) / 20))
-    power = float(np.mean(clip ** 2)) or 1e-8
-    clip = clip + rng.normal(0, np.sqrt(power / 10 ** (p["snr_db"] / 10)), clip.shape).astype(np.float32)
-    most = int(encoder.sample_rate * p["shift_s"])
-    shift = int(rng.integers(-most, most + 1))
-    return np.roll(clip, shift).astype(np.float32)
-
-
-AUGMENT = {"image": augment_image, "audio": augment_audio}
 
 
 def featurize(records: list[dict], encoders: dict, pre: Preprocessing, store: FeatureStore | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mmllm import loop, outputs
-from mmllm.config import FinetuneConfig
+from mmllm.config import FinetuneConfig, default
 from mmllm.errors import UserError
 from mmllm.features import load_prepared
 from mmllm.runtime import Dist, forward_flops, setup_distributed, use_threads
@@ -37,7 +37,7 @@ def train(cfg: FinetuneConfig, dist: Dist) -> int:
                         "records in both (--val-fraction, or the manifest's split column)")
     modalities = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
     missing = [m for m in modalities if m not in meta["modalities"]]
-    if missing and cfg.modalities != "text,image,audio":
+    if missing and cfg.modalities != default(FinetuneConfig, "modalities"):  # the default: what was prepared
         raise UserError(f"--modalities: {missing[0]} was not prepared (prepared: {', '.join(meta['modalities'])})")
     modalities = [m for m in modalities if m in meta["modalities"]]
     task = build_task(cfg, data, meta, modalities, dist)

@@ -18,26 +18,27 @@ import torch
 from torch import nn
 
 from mmllm.config import FUSIONS
+from mmllm.modalities import TEXT
 from mmllm.encoders import mean_pool
 
 
 @dataclass
 class ModelConfig:
-    modalities: list[str]  # subset of text, image, audio, in this order
+    modalities: list[str]  # text and registered modalities (mmllm.modalities), in the registry's order
     num_labels: int
     hidden_size: int = 256
     fusion: str = "concat"  # concat | gated | attention | transformer | bilinear | linear (a probe)
     dropout: float = 0.1
     text_dim: int | None = None
-    image_dim: int | None = None
-    audio_dim: int | None = None
+    dims: dict = field(default_factory=dict)  # width of each medium's features, by modality
     share_projections: bool = False
     modality_dropout: float = 0.0
     freeze_text: bool = False
     lora_r: int = 0
     train_text_layers: int = 0  # k > 0: only the top k layers train, over the trunk states prepare stored
     text_model_type: str | None = None
-    sequence: bool = False  # attention/transformer fusion over the stored image/audio token sequences
+    sequence: bool = False  # attention/transformer fusion over the stored media token sequences
+    positions: bool = False  # a learned embedding of each sequence token's position (order of frames, grid cell)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -204,21 +205,46 @@ class LinearProbe(Classifier):
         return self.output(self.head(self.features(batch, drop)), batch)
 
 
+MAX_POSITIONS = 256  # longest stored media sequence with a position embedding
+
+
 def modality_dim(cfg: ModelConfig, m: str) -> int:
-    return {"text": cfg.text_dim, "image": cfg.image_dim, "audio": cfg.audio_dim}[m]
+    return cfg.text_dim if m == TEXT else cfg.dims[m]
+
+
+def model_fields(model: dict) -> dict:
+    """A checkpoint's "model" section in today's fields: the `image_dim` / `audio_dim` of checkpoints written
+    before modalities were plug-ins become `dims`."""
+    out = dict(model)
+    legacy = {k[:-len("_dim")]: out.pop(k) for k in list(out) if k.endswith("_dim") and k != "text_dim"}
+    if legacy:
+        out["dims"] = {**{k: v for k, v in legacy.items() if v is not None}, **(out.get("dims") or {})}
+    return out
+
+
+def projection_owners(cfg: ModelConfig) -> dict[str, str]:
+    """Per modality, the modality whose projection it uses: its own, or with --share-projections the first
+    medium of the same width (one projection for, e.g., image and video frames)."""
+    owners: dict[str, str] = {}
+    for m in cfg.modalities:
+        same = [o for o in owners if owners[o] == o and TEXT not in (o, m)
+                and modality_dim(cfg, o) == modality_dim(cfg, m)]
+        owners[m] = same[0] if cfg.share_projections and same else m
+    return owners
 
 
 class MultimodalClassifier(Classifier):
     def __init__(self, cfg: ModelConfig, text_model: nn.Module | None = None):
         super().__init__(cfg, text_model)
         h = cfg.hidden_size
-        dims = {"text": cfg.text_dim, "image": cfg.image_dim, "audio": cfg.audio_dim}
+        self.owner = projection_owners(cfg)
         self.proj = nn.ModuleDict()
         for m in cfg.modalities:
-            if cfg.share_projections and m == "audio" and "image" in self.proj and dims["audio"] == dims["image"]:
-                continue  # the shared image/audio projection (parameter sharing)
-            self.proj[m] = projection(dims[m], h, cfg.dropout)
+            if self.owner[m] == m:  # else it shares an earlier medium's projection (parameter sharing)
+                self.proj[m] = projection(modality_dim(cfg, m), h, cfg.dropout)
         self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), h))  # stands in for a missing modality
+        if cfg.sequence and cfg.positions:  # without it attention over a sequence cannot tell its order
+            self.position = nn.Parameter(torch.zeros(MAX_POSITIONS, h))
         self.fusion = Fusion(cfg.fusion, len(cfg.modalities), h, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, cfg.num_labels))
 
@@ -226,8 +252,7 @@ class MultimodalClassifier(Classifier):
         """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask."""
         vecs, present = [], []
         for i, m in enumerate(self.cfg.modalities):
-            proj = self.proj[m] if m in self.proj else self.proj["image"]
-            v = proj(modality_feature(batch, m))
+            v = self.proj[self.owner[m]](modality_feature(batch, m))
             here = batch[f"has_{m}"].bool()
             if m in drop:
                 here = torch.zeros_like(here)
@@ -257,8 +282,9 @@ class MultimodalClassifier(Classifier):
                 parts.append(self.proj["text"](batch["text_seq"]))  # (B, S, H)
                 masks.append(batch["attention_mask"].bool() & present[:, i:i + 1])
             elif m != "text" and self.cfg.sequence and f"{m}_seq" in batch:
-                proj = self.proj[m] if m in self.proj else self.proj["image"]
-                seq = proj(batch[f"{m}_seq"])  # (B, S, H)
+                seq = self.proj[self.owner[m]](batch[f"{m}_seq"])  # (B, S, H)
+                if self.cfg.positions:
+                    seq = seq + self.position[:seq.shape[1]]
                 parts.append(torch.where(present[:, i, None, None], seq, self.placeholder[i].expand_as(seq)))
                 masks.append(present[:, i:i + 1].expand(-1, seq.shape[1]))
             tokens += parts

@@ -19,13 +19,13 @@ from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
-from mmllm import outputs
+from mmllm import modalities, outputs
 from mmllm.config import PrepareConfig, default, save_resolved
 from mmllm.console import emit, log, progress, show, warn
 from mmllm.errors import UserError
 from mmllm.features import META, SCHEMA_VERSION, SPLITS, FeatureStore, Preprocessing, arrow_schema, encode_chunk, \
     label_column, load_chunk, load_encoders, load_prepared
-from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, error_entry, format_error, \
+from mmllm.records import CANDIDATES, ColumnMap, RecordError, assign_splits, error_entry, format_error, keys, \
     read_records
 
 CHUNK = 256
@@ -53,16 +53,21 @@ def engine(cfg: PrepareConfig) -> Any:
     return ray_engine.cluster(cfg)
 
 
+def counted() -> str:
+    """What prepare's feature counts count: "image, audio, video and transcript"."""
+    return modalities.spelled((*modalities.names(), "transcript"), "and")
+
+
 def build(cfg: PrepareConfig) -> int:
     """Records -> features -> the prepared dataset at --output."""
     start = time.perf_counter()
     out = Path(cfg.output)
-    records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in
-                                                        ("id", "text", "image", "audio", "label", "target", "split")})
+    records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in keys()})
     records = check_records(records, errors, has_label=bool(cols["label"]))
     if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
-        cfg = dataclasses.replace(cfg, transcribe=bool(cols["audio"]) and any(r["audio"] for r in records)
-                                  and cfg.audio_model == default(PrepareConfig, "audio_model"))
+        spoken = modalities.transcribed()
+        cfg = dataclasses.replace(cfg, transcribe=bool(spoken and cols[spoken]) and any(r[spoken] for r in records)
+                                  and getattr(cfg, f"{spoken}_model") == default(PrepareConfig, f"{spoken}_model"))
         if cfg.transcribe:
             log(f"transcribing the audio with {cfg.transcribe_model} for the text model (--no-transcribe: off)")
     reference = reference_column(cfg, cols)
@@ -80,11 +85,14 @@ def build(cfg: PrepareConfig) -> int:
     records = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_index]
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
-    roles = [role for role in ("text", "image", "audio") if cols[role] and any(r[role] for r in records)]
-    if cfg.transcribe and "audio" in roles and "text" not in roles:
-        roles.insert(0, "text")  # the transcripts become the text model's input
-    elif cfg.transcribe and "audio" not in roles:
-        warn("--transcribe: no record has audio, nothing to transcribe")
+    roles = [role for role in modalities.roles() if cols[role] and any(r[role] for r in records)]
+    carried = {p for m in roles if m != modalities.TEXT for p in modalities.get(m).parts}  # e.g. soundtracks
+    roles = [role for role in modalities.roles() if role in roles or role in carried]
+    spoken = modalities.transcribed()
+    if cfg.transcribe and spoken in roles and modalities.TEXT not in roles:
+        roles.insert(0, modalities.TEXT)  # the transcripts become the text model's input
+    elif cfg.transcribe and spoken not in roles:
+        warn(f"--transcribe: no record has {spoken}, nothing to transcribe")
     references = read_references(cfg, reference) if cfg.transcribe and reference else None
     if not records:
         _report(errors, cfg)
@@ -136,8 +144,8 @@ def check_records(records: list[dict], errors: list[dict], has_label: bool) -> l
         if has_label and (r["label"] is None or r["label"] == "") and r.get("split") != "test":
             errors.append(error_entry(r, RecordError("label", "empty label")))
             continue
-        if not (r["text"] or r["image"] or r["audio"]):
-            errors.append(error_entry(r, RecordError(None, "no text, image or audio")))
+        if not any(r[m] for m in modalities.roles()):
+            errors.append(error_entry(r, RecordError(None, f"no {modalities.spelled()}")))
             continue
         kept.append(r)
     return kept
@@ -199,9 +207,9 @@ def report_columns(cols: dict, records: list[dict], reference: str | None = None
     log("columns: " + ", ".join(f"{key} <- {col}" for key, col in cols.items() if col)
         + (f", transcript reference <- {reference}" if reference else ""))
     if cols.ignored:
-        warn(f"columns not used: {', '.join(cols.ignored)} (give one a role with --text-column, --image-column, "
-             "--audio-column, --label-column or --target-column)")
-    for role in ("text", "image", "audio"):
+        flags = ", ".join(f"--{k}-column" for k in (*modalities.roles(), "label"))
+        warn(f"columns not used: {', '.join(cols.ignored)} (give one a role with {flags} or --target-column)")
+    for role in modalities.roles():
         if cols[role] and records and not any(r[role] for r in records):
             warn(f"column {cols[role]} ({role}) is empty in every record: no {role} features")
     if not cols["label"] and not cols["target"]:
@@ -252,8 +260,7 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
         chunks = local_chunks(records, encoders, pre, cfg.num_workers, schema, tally)
     files = SplitFiles(tmp / "_arrow", schema)
     try:
-        log("features of each image, audio clip and transcript: encoded now, or reused (from the feature cache or "
-            "an identical file)")
+        log(f"features of each {counted()}: encoded now, or reused (from the feature cache or an identical file)")
         with progress("prepare", total=len(records)) as advance, closing(chunks):
             for batch, chunk_errors, n in chunks:
                 errors.extend(chunk_errors)
@@ -263,8 +270,8 @@ def encode_and_write(records: list[dict], errors: list[dict], encoders: dict, cf
                 advance(n, info=f"{tally['misses']} encoded, {tally['hits']} reused")  # short: 80 columns
     finally:
         files.close()
-    log(f"features: {tally['misses']} encoded, {tally['hits']} reused (counted per image, audio clip and transcript; "
-        "reused: from the feature cache, or an identical file of this run)")
+    log(f"features: {tally['misses']} encoded, {tally['hits']} reused (counted per {counted()}; reused: from the "
+        "feature cache, or an identical file of this run)")
     return {s: n for s, n in files.counts.items() if n}, errors
 
 

@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from collections.abc import Callable, Iterable, Iterator
 
+from mmllm import modalities
 from mmllm.errors import UserError, utf8_text
 
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif"}
+# column names auto-detected per canonical key (a modality's come from its plug-in: candidates())
 CANDIDATES = {
     "id": ["id", "record_id", "uid", "key"],
     "text": ["text", "sentence", "caption", "prompt", "question", "context", "description", "utterance"],
-    "image": ["image", "image_path", "img", "image_file", "picture", "photo", "filepath"],
-    "audio": ["audio", "audio_path", "wav", "audio_file", "sound", "speech"],
     "label": ["label", "labels", "class", "category", "y", "intent", "topic", "sentiment", "emotion", "genre",
               "class_label", "label_name"],
     "target": ["target", "answer", "response", "output", "summary", "target_text"],
@@ -35,13 +33,24 @@ CANDIDATES = {
 }
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
-KEYS = ("id", "text", "image", "audio", "label", "target", "split")
 JSONL_EXT = (".jsonl", ".ndjson", ".json")
-ROLES = ("text", "image", "audio")
 MB = 1 << 20
 MAX_LINE_MB = 16  # default longest JSON line (predict: --max-line-mb)
 JSON_SPACE = b" \t\r\n"  # a JSONL line of only these is blank (JSON's own whitespace)
 SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, always a lone one (JSON's "\ud800"): not encodable as UTF-8
+
+
+def candidates() -> dict[str, list[str]]:
+    """Column names auto-detected per canonical key: id, text, each modality's (its plug-in's), label, target,
+    split."""
+    media = {m.name: list(m.columns) for m in modalities.all()}
+    return {"id": CANDIDATES["id"], "text": CANDIDATES["text"], **media,
+            **{k: v for k, v in CANDIDATES.items() if k not in ("id", "text")}}
+
+
+def keys() -> tuple[str, ...]:
+    """The canonical keys of a record."""
+    return tuple(candidates())
 
 
 class RecordError(ValueError):
@@ -187,19 +196,19 @@ def detect_columns(columns: list[str], given: dict[str, str | None]) -> ColumnMa
     lower = {c.lower(): c for c in columns}
     out = ColumnMap()
     missing = []
-    for key in KEYS:
+    for key, names in candidates().items():
         flag_value = given.get(key)
         if flag_value:
             if flag_value not in columns:
                 missing.append(f"--{key}-column: no column '{flag_value}' (columns: {', '.join(columns)})")
             out[key] = flag_value
         else:
-            out[key] = next((lower[c] for c in CANDIDATES[key] if c in lower), None)
+            out[key] = next((lower[c] for c in names if c in lower), None)
     if missing:
         raise UserError("; ".join(missing))
-    if not any(out[k] for k in ("text", "image", "audio")):
-        raise UserError(f"no text, image or audio column found (columns: {', '.join(columns)}); "
-                        "name them with --text-column / --image-column / --audio-column")
+    if not any(out[k] for k in modalities.roles()):
+        raise UserError(f"no {modalities.spelled()} column found (columns: {', '.join(columns)}); name "
+                        f"them with {' / '.join(f'--{k}-column' for k in modalities.roles())}")
     used = set(out.values())
     out.ignored = [c for c in columns if c not in used]
     return out
@@ -251,11 +260,12 @@ def replace_surrogates(value: str) -> str:
 def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
               media_path: MediaPath = local_path) -> dict:
     rec: dict[str, Any] = {"row": row}
-    for key in KEYS:
+    media = modalities.names()
+    for key in keys():
         col = cols.get(key)
         value = raw.get(col) if col else None
         check_unicode(value, col)
-        if key in ("image", "audio"):
+        if key in media:
             try:
                 rec[key] = _media(value, base, media_path)
             except RecordError as e:
@@ -341,17 +351,17 @@ def _read_class_folder(path: Path) -> tuple[list[dict], list[dict], dict]:
     for cls in classes:
         for f in sorted(cls.rglob("*")):
             ext = f.suffix.lower()
-            if not f.is_file() or (ext not in IMAGE_EXT and ext not in AUDIO_EXT):
+            role = modalities.by_extension(ext)
+            if not f.is_file() or role is None:
                 continue
-            rec = {k: None for k in KEYS}
+            rec = {k: None for k in keys()}
             rec.update(id=f.relative_to(path).as_posix(), row=len(records) + 1, label=cls.name)
-            rec["image" if ext in IMAGE_EXT else "audio"] = str(f)
+            rec[role] = str(f)
             records.append(rec)
     if not records:
-        raise UserError(f"{path}: no image or audio files in its class subfolders")
-    cols = {"id": None, "text": None, "image": "image" if any(r["image"] for r in records) else None,
-            "audio": "audio" if any(r["audio"] for r in records) else None, "label": "label", "target": None,
-            "split": None}
+        raise UserError(f"{path}: no {modalities.spelled(modalities.names())} files in its class subfolders")
+    cols = {k: None for k in keys()}
+    cols.update({m: m for m in modalities.names() if any(r[m] for r in records)}, label="label")
     return records, [], cols
 
 
@@ -484,7 +494,8 @@ def folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
     split's name), or class subfolders (id: the file's path in the folder, label: its subfolder's name)."""
     if not is_saved_dataset(path):
         records = _read_class_folder(path)[0]
-        return ((r["row"], {k: r[k] for k in ("id", "image", "audio", "label") if r[k] is not None}) for r in records)
+        return ((r["row"], {k: r[k] for k in ("id", *modalities.names(), "label") if r[k] is not None})
+                for r in records)
 
     def saved() -> Iterator[tuple[int, Any]]:
         row = 0
@@ -502,8 +513,9 @@ def checkpoint_inputs(config: dict) -> list[str]:
     mods = list(config.get("model", {}).get("modalities", []))
     if config.get("task") == "generate" and "text" not in mods:
         mods.insert(0, "text")
-    if (config.get("preprocessing") or {}).get("transcribe") and "text" in mods and "audio" not in mods:
-        mods.append("audio")  # transcribed into the text model's input (prepare --transcribe)
+    spoken = modalities.transcribed()
+    if (config.get("preprocessing") or {}).get("transcribe") and "text" in mods and spoken not in mods:
+        mods.append(spoken)  # transcribed into the text model's input (prepare --transcribe)
     return mods
 
 
@@ -511,7 +523,7 @@ def record_columns(raw: dict, trained: dict) -> dict[str, str | None]:
     """Per canonical key, the record's key: the training manifest's column name, else the usual names."""
     lower = {str(c).lower(): c for c in raw}
     cols: dict[str, str | None] = {}
-    for k, names in CANDIDATES.items():
+    for k, names in candidates().items():
         own = trained.get(k)
         cols[k] = own if own in raw else next((lower[c] for c in [str(own or "").lower(), *names] if c in lower), None)
     return cols
@@ -524,7 +536,7 @@ class InputCheck:
     def __init__(self, config: dict):
         self.trained = config.get("columns") or {}
         self.inputs = checkpoint_inputs(config)
-        self.known = {c.lower() for names in CANDIDATES.values() for c in names}
+        self.known = {c.lower() for names in candidates().values() for c in names}
         self.known |= {str(c).lower() for c in self.trained.values() if c}
         self.known |= {"conversation", FLAT}  # what flat_record adds to a conversation record
         self.warned: set[str] = set()
@@ -536,7 +548,7 @@ class InputCheck:
         if len(self.warned) >= 100:  # enough said; and memory stays bounded on adversarial input
             return
         unknown = [k for k in raw if str(k).lower() not in self.known and k not in self.warned]
-        unused = [cols[m] for m in ROLES if cols[m] and m not in self.inputs and cols[m] not in self.warned]
+        unused = [cols[m] for m in modalities.roles() if cols[m] and m not in self.inputs and cols[m] not in self.warned]
         for keys, what in ((unknown, "unknown key(s)"), (unused, "key(s) of inputs this checkpoint does not use")):
             if keys:
                 from mmllm.console import warn
@@ -644,5 +656,5 @@ def conversation_rows(columns: list[str], rows: Iterable[tuple[int, Any]]) -> tu
     if not counts:
         return columns, iter(rows)
     log(conversations.summary(counts, turns, sum(counts.values())))
-    flat = list(dict.fromkeys(["id", "text", "image", "audio", "target", "split"]))
+    flat = ["id", "text", *modalities.names(), "target", "split"]
     return flat, iter(out)

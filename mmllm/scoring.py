@@ -255,7 +255,8 @@ def inception_features(net: Any, images: list) -> np.ndarray:
 
 
 def list_images(source: str, image_column: str | None) -> list[str]:
-    from mmllm.records import IMAGE_EXT, detect_columns, read_table
+    from mmllm.modalities.image import EXTENSIONS as IMAGE_EXT
+    from mmllm.records import detect_columns, read_table
 
     p = Path(source)
     if p.is_dir():

@@ -13,10 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mmllm import modalities
 from mmllm.config import ServeConfig
-
-
-MEDIA = ("image", "audio")
 
 
 class MediaRoot:
@@ -127,7 +125,7 @@ def decode_media(obj: dict, config: dict) -> dict:
 
     out = dict(obj)
     cols = record_columns(out, config.get("columns") or {})
-    for m in MEDIA:
+    for m in modalities.names():
         key = cols[m] or m
         value = out.pop(f"{m}_base64", None)
         if value is None and isinstance(out.get(key), str) and out[key].startswith("data:"):

@@ -90,7 +90,7 @@ def test_probe_is_scikit_learn_logistic_regression():
     cols = {"id": [str(i) for i in range(n)], "label": [str(v) for v in y], "has_image": [True] * n,
             "image_emb": x.astype(np.float32)}
     table = FeatureTable(cols, ["image"], {"0": 0, "1": 1, "2": 2})
-    cfg = ModelConfig(modalities=["image"], num_labels=3, fusion="linear", image_dim=d)
+    cfg = ModelConfig(modalities=["image"], num_labels=3, fusion="linear", dims={"image": d})
     old = candidates.PROBE_C
     candidates.PROBE_C = (0.5,)
     try:

@@ -208,7 +208,7 @@ FINETUNE = ["finetune", "p", "--output", "o"]
     (["--task", "generate", "--lora-r", "4", "--train-decoder"], "--lora-r and --train-decoder"),
     (["--modalities", "image,audio", "--lora-r", "4"], "--lora-r: needs the text modality"),
     (["--modalities", "image", "--freeze-text"], "--freeze-text: needs the text modality"),
-    (["--modalities", "text,image", "--share-projections"], "--share-projections: shares the image and audio"),
+    (["--modalities", "text,image", "--share-projections"], "--share-projections: shares one projection between media"),
     (["--modalities", "image", "--modality-dropout", "0.3"], "--modality-dropout: needs at least two"),
     (["--modalities", "text,text"], "--modalities: each modality once"),
     (["--epochs", "0", "--max-steps", "10"], "--max-steps: with --epochs 0 nothing is trained"),

@@ -71,7 +71,7 @@ def tiny_task():
     val = FeatureTable(columns(N_VAL), ["image", "audio"], labels)
     torch.manual_seed(0)
     model = build_model(ModelConfig(modalities=["image", "audio"], num_labels=3, hidden_size=16, fusion="gated",
-                                    dropout=0.0, image_dim=DIM, audio_dim=DIM), None)
+                                    dropout=0.0, dims={"image": DIM, "audio": DIM}), None)
     return model, train, val
 
 

@@ -86,7 +86,7 @@ def test_backbone_lr_groups(tiny_models):
     def model(**extra):
         text = AutoModel.from_pretrained(tiny_models["text"])
         return build_model(ModelConfig(modalities=["text", "image"], num_labels=2, hidden_size=8, text_dim=32,
-                                       image_dim=4, **extra), text)
+                                       dims={"image": 4}, **extra), text)
 
     m = model()
     optimizer = loop.make_optimizer(m, cfg_of(lr=1e-2, backbone_lr=1e-5))

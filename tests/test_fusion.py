@@ -22,7 +22,7 @@ def tiny_model(fusion: str, tiny_models: dict | None = None, sequence: bool = Tr
     text = AutoModel.from_pretrained(tiny_models["text"]) if tiny_models else None
     mods = ["text", "image", "audio"] if tiny_models else ["image", "audio"]
     return build_model(ModelConfig(modalities=mods, num_labels=3, hidden_size=hidden, fusion=fusion, dropout=0.0,
-                                   text_dim=32, image_dim=12, audio_dim=10, sequence=sequence), text).eval()
+                                   text_dim=32, dims={"image": 12, "audio": 10}, sequence=sequence), text).eval()
 
 
 def batch_of(b: int = 4, t: int = 7, s: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def xor_accuracy(fusion: str, steps: int = 20) -> float:
     """Test accuracy after `steps` full-batch AdamW steps (lr 3e-3) on 256 training records."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(modalities=["image", "audio"], num_labels=2, hidden_size=16, fusion=fusion,
-                                    dropout=0.0, image_dim=16, audio_dim=16), None)
+                                    dropout=0.0, dims={"image": 16, "audio": 16}), None)
     train, test = matching_data(256, seed=10), matching_data(1000, seed=11)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -113,7 +113,7 @@ def test_interaction_fusions_learn_xor_that_concat_does_not_in_the_same_budget()
 
 def test_unknown_fusion_is_refused():
     with pytest.raises(ValueError, match="unknown fusion 'sum'.*bilinear"):
-        build_model(ModelConfig(modalities=["image"], num_labels=2, fusion="sum", image_dim=4), None)
+        build_model(ModelConfig(modalities=["image"], num_labels=2, fusion="sum", dims={"image": 4}), None)
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_transformer_without_stored_sequences_uses_pooled_tokens(prepared, tmp_p
     r = run_cli("finetune", str(prepared), "--output", str(ck), "--fusion", "transformer", "--epochs", "1",
                 "--hidden-size", "16", "--batch-size", "8")
     assert r.exit_code == 0, r.output
-    assert "no image/audio sequences" in r.stderr and "--sequence-features" in r.stderr
+    assert "no media sequences" in r.stderr and "--sequence-features" in r.stderr
     assert json.loads((ck / "config.json").read_text())["model"]["sequence"] is False
     r = run_cli("eval", "model", str(ck), str(prepared))
     assert r.exit_code == 0, r.output

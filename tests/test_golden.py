@@ -57,7 +57,7 @@ def classify_setup():
                   labels=torch.randint(0, 3, (n,), generator=g))
     torch.manual_seed(0)
     model = build_model(ModelConfig(modalities=["image", "audio"], num_labels=3, hidden_size=16, fusion="gated",
-                                    dropout=0.0, image_dim=dim, audio_dim=dim), None)
+                                    dropout=0.0, dims={"image": dim, "audio": dim}), None)
     return model, table
 
 

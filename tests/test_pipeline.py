@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_json_lines, run_cli, tiny_prepare_args, write_image
+from mmllm import preparation
 
 
 def test_prepare_output_folder(prepared):
@@ -118,10 +119,10 @@ def test_prepare_counts_media_features_and_says_what_it_counts(tiny_models, toy_
         r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest, tmp_path / f"out{n}"))
         assert r.exit_code == 0, r.output
         assert re.search(rf"(?m)^prepare .* {encoded} encoded, {reused} reused$", r.stderr)  # the progress bar
-        assert "features of each image, audio clip and transcript: encoded now, or reused" in r.stderr  # its legend
+        assert f"features of each {preparation.counted()}: encoded now, or reused" in r.stderr  # its legend
         line = re.search(r"features: (\d+) encoded, (\d+) reused \(([^)]*)\)", r.stderr)
         assert line and (int(line[1]), int(line[2])) == (encoded, reused), r.stderr
-        assert "per image, audio clip and transcript" in line[3] and "feature cache" in line[3]
+        assert "per image, audio" in line[3] and "and transcript" in line[3] and "feature cache" in line[3]
 
 
 def test_augment_does_what_its_help_says(monkeypatch):
@@ -132,7 +133,8 @@ def test_augment_does_what_its_help_says(monkeypatch):
 
     from PIL import Image, ImageOps
 
-    from mmllm import config as C, features
+    from mmllm import config as C
+    from mmllm.modalities import audio, image
 
     help_text = next(f for f in dataclasses.fields(C.PrepareConfig) if f.name == "augment").metadata
     for words in ("mirrored left-right with p 0.5", "80%-100% of their area", "+-20%", "+-6 dB", "30 dB SNR",
@@ -142,19 +144,19 @@ def test_augment_does_what_its_help_says(monkeypatch):
     t = np.arange(16000) / 16000
     clip = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     for seed in range(20):  # the level stays within the stated gain (noise at 30 dB SNR adds 0.1%)
-        out = features.augment_audio(clip, np.random.default_rng(seed), enc)
+        out = audio.augment_audio(clip, np.random.default_rng(seed), enc.sample_rate)
         gain_db = 20 * np.log10(np.sqrt(np.mean(out ** 2)) / np.sqrt(np.mean(clip ** 2)))
         assert abs(gain_db) <= 6.05
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8))
-    monkeypatch.setitem(C.AUGMENT_IMAGE, "flip_p", 1.0)  # the code reads the numbers the help is written from
-    monkeypatch.setitem(C.AUGMENT_IMAGE, "min_area", 1.0)
-    monkeypatch.setitem(C.AUGMENT_IMAGE, "jitter", 0.0)
-    assert np.array_equal(np.asarray(features.augment_image(img, np.random.default_rng(1), enc)),
+    monkeypatch.setitem(image.AUGMENT, "flip_p", 1.0)  # the code reads the numbers the help is written from
+    monkeypatch.setitem(image.AUGMENT, "min_area", 1.0)
+    monkeypatch.setitem(image.AUGMENT, "jitter", 0.0)
+    assert np.array_equal(np.asarray(image.augment_image(img, np.random.default_rng(1))),
                           np.asarray(ImageOps.mirror(img)))
-    monkeypatch.setitem(C.AUGMENT_AUDIO, "gain_db", 0.0)
-    monkeypatch.setitem(C.AUGMENT_AUDIO, "snr_db", 300.0)
-    monkeypatch.setitem(C.AUGMENT_AUDIO, "shift_s", 0.0)
-    assert np.allclose(features.augment_audio(clip, np.random.default_rng(1), enc), clip, atol=1e-6)
+    monkeypatch.setitem(audio.AUGMENT, "gain_db", 0.0)
+    monkeypatch.setitem(audio.AUGMENT, "snr_db", 300.0)
+    monkeypatch.setitem(audio.AUGMENT, "shift_s", 0.0)
+    assert np.allclose(audio.augment_audio(clip, np.random.default_rng(1), enc.sample_rate), clip, atol=1e-6)
 
 
 def finetune(prepared, out, *extra):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mmllm import features
+from mmllm import features, modalities
 from mmllm.config import PrepareConfig, default
 from mmllm.features import Preprocessing, checkpoint_preprocessing
 
@@ -24,7 +24,7 @@ def test_record_round_trips_and_older_records_take_prepares_defaults():
     old = checkpoint_preprocessing({"preprocessing": {"max_text_tokens": 40, "batch_size": 1, "cache": True}}, 5)
     assert old.batch_size == default(PrepareConfig, "batch_size")  # run limits are not read from the data
     assert old.max_text_tokens == 40 and old.max_file_mb == 5 and not old.cache and old.text_trunk_layers == 0
-    assert old.max_audio_seconds == default(PrepareConfig, "max_audio_seconds")  # the config's own default
+    assert old.option("max_audio_seconds") == default(PrepareConfig, "max_audio_seconds")  # the plug-in's default
     assert old.precision == "fp32" and old.transcribe is None  # what data from before these were recorded used
     with pytest.raises(dataclasses.FrozenInstanceError):
         old.max_file_mb = 1  # type: ignore[misc]
@@ -39,5 +39,7 @@ def test_prepared_metadata_and_checkpoint_hold_the_same_record(trained_checkpoin
     meta = json.loads((trained_checkpoint.parent / "p" / features.META).read_text())
     config = json.loads((trained_checkpoint / "config.json").read_text())
     assert config["preprocessing"] == meta["preprocessing"]
-    assert set(meta["preprocessing"]) == {f.name for f in dataclasses.fields(Preprocessing)} \
-        - set(Preprocessing.RUN_ONLY) | set(Preprocessing.FIXED)
+    fixed = {k for m in modalities.all() for k in m.fixed}
+    options = {o.name for _, o in modalities.options()}
+    assert set(meta["preprocessing"]) == {f.name for f in dataclasses.fields(Preprocessing)} - {"options"} \
+        - set(Preprocessing.RUN_ONLY) | set(Preprocessing.FIXED) | fixed | options

@@ -47,12 +47,12 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
     def model_config(fusion: str, mods: list[str]) -> ModelConfig:
         return ModelConfig(modalities=mods, num_labels=len(labels), hidden_size=cfg.hidden_size, fusion=fusion,
                            dropout=cfg.dropout, text_dim=enc.get("text", {}).get("dim"),
-                           image_dim=enc.get("image", {}).get("dim"), audio_dim=enc.get("audio", {}).get("dim"),
+                           dims={m: enc[m]["dim"] for m in mods if m != "text"},
                            share_projections=cfg.share_projections, modality_dropout=cfg.modality_dropout,
                            freeze_text=cfg.freeze_text, lora_r=cfg.lora_r,
                            train_text_layers=cfg.train_text_layers if "text" in mods else 0,
                            text_model_type=getattr(text_config, "model_type", None),
-                           sequence=sequence and fusion in TOKEN_FUSIONS)
+                           sequence=sequence and fusion in TOKEN_FUSIONS, positions=True)
 
     members = {f: build_model(model_config(f, modalities), text_model).to(dist.device) for f in fusions}
     cached = uses_cached_text(next(iter(members.values())).cfg, meta)
@@ -181,13 +181,13 @@ def selection_summary(metrics: dict, monitor: str) -> dict:
 
 
 def uses_sequences(fusion: str, meta: dict, modalities: list[str]) -> bool:
-    """Whether the fusion reads the stored image/audio sequences; says so when it would but they were not stored."""
-    if fusion not in TOKEN_FUSIONS or not {"image", "audio"} & set(modalities):
+    """Whether the fusion reads the stored media sequences; says so when it would but they were not stored."""
+    if fusion not in TOKEN_FUSIONS or not set(modalities) - {"text"}:
         return False
     if meta["preprocessing"].get("sequence_features"):
         return True
-    log(f"fusion {fusion}: the prepared data has no image/audio sequences, so each enters as one pooled token "
-        "(prepare with --sequence-features for the image grid and audio frames)")
+    log(f"fusion {fusion}: the prepared data has no media sequences, so each medium enters as one pooled token "
+        "(prepare with --sequence-features for the image grid, the audio frames, the video frames)")
     return False
 
 

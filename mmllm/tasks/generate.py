@@ -294,7 +294,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
 
     if not meta.get("has_target"):
         raise UserError(missing_column(fcfg.prepared, meta, "target"))
-    prefix_mods = [m for m in ("image", "audio") if m in modalities]
+    prefix_mods = [m for m in modalities if m != "text"]
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
     dims = {m: meta["encoders"][m]["dim"] for m in prefix_mods}

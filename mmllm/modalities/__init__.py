@@ -1,0 +1,177 @@
+"""Modalities as plug-ins: each kind of input next to text (image, audio, video) is one `Modality` in a registry.
+
+A modality owns everything about its input: the record key and the column names it auto-detects, the file
+extensions of class folders, its prepare options (`--<name>-column`, `--<name>-model` and its own, e.g.
+`--max-audio-seconds`), decoding a file into its canonical form (with its limits), its frozen encoder, what its
+soundtrack-like parts feed (`parts`), augmentation, and how the API and serve take it from memory. The core
+(records, config, features, the model, checkpoints, serve) loops over `names()` and never spells a modality.
+Text is the core's own input, not a plug-in. This module imports nothing heavy; nor does any plug-in at import.
+
+A new modality is one module with a `Modality` subclass and one `register(...)` line (here for the built-in
+ones; a user's plug-in registers itself the same way, before its options are used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+TEXT = "text"  # the core's own input
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A prepare option a modality adds (a `PrepareConfig` field, recorded in the data's preprocessing):
+    `low` < value <= `high` is checked by `validate` (None: unchecked)."""
+
+    name: str
+    default: Any
+    help: str
+    panel: str = "Model"
+    low: float | None = None
+    high: float | None = None
+
+
+class Modality:
+    """One kind of input. Subclasses set the class attributes and implement `load_encoder` and `decode`."""
+
+    name: str = ""
+    columns: tuple[str, ...] = ()  # auto-detected column names (lower case), best first
+    extensions: frozenset[str] = frozenset()  # of its files in a folder of class subfolders
+    default_model: str = ""
+    model_help: str = ""
+    options: tuple[Option, ...] = ()
+    augment_help: str = ""  # what --augment does to it (one sentence for --augment's help)
+    seq_len: int = 16  # tokens stored per item with --sequence-features
+    parts: tuple[str, ...] = ()  # modalities its files also carry (a soundtrack is audio): see decode_part
+    transcribable: bool = False  # --transcribe turns it into text (speech)
+    fid: bool = False  # eval fid compares files of this modality
+    fixed: dict = {}  # its preprocessing that no option changes, as recorded in prepared data (e.g. RGB)
+
+    def column_help(self) -> str:
+        shown = ", ".join(self.columns[:3])
+        return f"Column with {self.name} paths (auto-detected: {shown}, ...)."
+
+    def load_encoder(self, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
+        """A frozen encoder with `identity`, `dim`, `describe()` and `encode(items) -> (pooled, sequences)`."""
+        raise NotImplementedError
+
+    def decode(self, media: str | bytes, encoder: Any, pre: Any) -> Any:
+        """The canonical form of one file (a path) or bytes, as its encoder reads it; raises media.MediaError."""
+        raise NotImplementedError
+
+    def decode_part(self, part: str, media: str | bytes, encoder: Any, pre: Any) -> Any:
+        """The canonical form of the `part` modality a file carries (one of `parts`), as `part`'s `encoder` reads
+        it; None: this file has none. A record's own `part` input, when it has one, is used instead."""
+        return None
+
+    def sequence_length(self, pre: Any) -> int:
+        """Tokens stored per item with --sequence-features (may depend on its options)."""
+        return self.seq_len
+
+    def augment(self, decoded: Any, rng: Any, encoder: Any) -> Any:
+        return decoded
+
+    def key_parts(self, pre: Any) -> dict:
+        """What else its features depend on, for the feature-cache key (its options that change them)."""
+        return {}
+
+    def sample(self) -> Any:
+        """A small in-memory value the API's warm-up featurizes (from_memory accepts it)."""
+        return None
+
+    def from_memory(self, value: Any) -> Any:
+        """What the record reader takes for an in-memory value of the API: paths, bytes and {"bytes", "path"}
+        dicts as they are, arrays as the bytes of a file; TypeError / ValueError (the data is never quoted)."""
+        if passes(value):
+            return os.fspath(value) if isinstance(value, os.PathLike) else value
+        raise TypeError(f"{self.name} is a path or bytes, not a {type(value).__name__}")
+
+
+def is_array(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def passes(value: Any) -> bool:
+    """A media value the record reader takes itself."""
+    return (isinstance(value, (str, os.PathLike, bytes, bytearray)) or hasattr(value, "save")
+            or (isinstance(value, float) and value != value)
+            or (isinstance(value, dict) and ("bytes" in value or "path" in value)))
+
+
+_REGISTRY: dict[str, Modality] = {}
+_HOOKS: list = []  # called with (modality, added) on every (un)registration: config adds or drops its options
+
+
+def register(modality: Modality) -> Modality:
+    """Add a modality (its options become prepare options at once)."""
+    if not modality.name or modality.name == TEXT or modality.name in _REGISTRY:
+        raise ValueError(f"cannot register a modality named {modality.name!r}")
+    _REGISTRY[modality.name] = modality
+    for hook in _HOOKS:
+        hook(modality, True)
+    return modality
+
+
+def unregister(name: str) -> None:
+    modality = _REGISTRY.pop(name)
+    for hook in _HOOKS:
+        hook(modality, False)
+
+
+def on_change(hook) -> None:
+    _HOOKS.append(hook)
+
+
+def get(name: str) -> Modality:
+    return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+    """The registered modalities, in registration order (the order of model inputs and Arrow columns)."""
+    return tuple(_REGISTRY)
+
+
+def roles() -> tuple[str, ...]:
+    """Every model input: text, then the registered modalities."""
+    return (TEXT, *_REGISTRY)
+
+
+def all() -> list[Modality]:  # noqa: A001 - the registry's own word
+    return list(_REGISTRY.values())
+
+
+def options() -> list[tuple[Modality, Option]]:
+    return [(m, o) for m in _REGISTRY.values() for o in m.options]
+
+
+def option_default(name: str) -> Any:
+    return next(o.default for _, o in options() if o.name == name)
+
+
+def by_extension(ext: str) -> str | None:
+    """The modality whose files end with `ext` (lower case, with the dot) in a class folder."""
+    return next((m.name for m in _REGISTRY.values() if ext in m.extensions), None)
+
+
+def spelled(words: tuple[str, ...] | None = None, conjunction: str = "or") -> str:
+    """"text, image or audio": the inputs (or `words`) as a phrase."""
+    words = tuple(roles() if words is None else words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
+
+
+def transcribed() -> str | None:
+    """The modality --transcribe turns into text."""
+    return next((m.name for m in _REGISTRY.values() if m.transcribable), None)
+
+
+def _builtins() -> None:
+    from mmllm.modalities.audio import Audio
+    from mmllm.modalities.image import Image
+
+    for cls in (Image, Audio):
+        register(cls())
+
+
+_builtins()
