@@ -102,8 +102,13 @@ def _sign(func: Any, cls: type) -> None:
     func.__signature__ = inspect.Signature(params, return_annotation=dict)
 
 
-for _func, _cls in ((prepare, C.PrepareConfig), (finetune, C.FinetuneConfig), (evaluate, C.EvalModelConfig)):
-    _sign(_func, _cls)
+def _sign_all(*_: Any) -> None:
+    for func, cls in ((prepare, C.PrepareConfig), (finetune, C.FinetuneConfig), (evaluate, C.EvalModelConfig)):
+        _sign(func, cls)
+
+
+_sign_all()
+modalities.on_change(_sign_all)  # a modality registered later adds its options to the signatures too
 
 
 def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False,
