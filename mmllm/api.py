@@ -94,6 +94,7 @@ def _sign(func: Any, cls: type) -> None:
     default), so that `help(mmllm.prepare)` and `inspect.signature` list what the config accepts."""
     import inspect
 
+    func.__dict__.pop("__signature__", None)  # signed before: start again from the function's own parameters
     own = inspect.signature(func).parameters
     fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
                                 default=None if (d := C.default(cls, f.name)) is dataclasses.MISSING else d)
