@@ -210,7 +210,8 @@ MAX_WIDTH = 1 << 16
 MODEL_RULES = {
     "modalities": Rule("list", required=True), "num_labels": Rule("int", 1, 1 << 20, required=True),
     "hidden_size": Rule("int", 1, MAX_WIDTH), "fusion": Rule("str", choices=FUSIONS), "dropout": Rule("fraction"),
-    "text_dim": Rule("int", 1, MAX_WIDTH), "dims": Rule("dict"), "share_projections": Rule("bool"), "modality_dropout": Rule("fraction"),
+    "text_dim": Rule("int", 1, MAX_WIDTH), "dims": Rule("dict"), "share_projections": Rule("bool"),
+    "modality_dropout": Rule("fraction"),
     "freeze_text": Rule("bool"), "lora_r": Rule("int", 0, MAX_WIDTH), "text_model_type": Rule("str"),
     "train_text_layers": Rule("int", 0, 1 << 12),
     "sequence": Rule("bool"), "positions": Rule("bool"), "extra": Rule("dict"),
@@ -295,7 +296,8 @@ def check_config(config: dict, folder: Path) -> list[str]:
     problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
     if isinstance(labels, list) and model["num_labels"] != len(labels):
         problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
-    problems += ["model.text_dim is missing (the model uses text)"] if "text" in mods and model.get("text_dim") is None else []
+    if "text" in mods and model.get("text_dim") is None:
+        problems.append("model.text_dim is missing (the model uses text)")
     dims = model.get("dims") or {}
     for m in mods:
         if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):

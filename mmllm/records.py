@@ -548,7 +548,8 @@ class InputCheck:
         if len(self.warned) >= 100:  # enough said; and memory stays bounded on adversarial input
             return
         unknown = [k for k in raw if str(k).lower() not in self.known and k not in self.warned]
-        unused = [cols[m] for m in modalities.roles() if cols[m] and m not in self.inputs and cols[m] not in self.warned]
+        unused = [cols[m] for m in modalities.roles()
+                  if cols[m] and m not in self.inputs and cols[m] not in self.warned]
         for keys, what in ((unknown, "unknown key(s)"), (unused, "key(s) of inputs this checkpoint does not use")):
             if keys:
                 from mmllm.console import warn
