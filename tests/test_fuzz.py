@@ -6,6 +6,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mmllm import modalities
 from mmllm.errors import UserError
 from mmllm.records import RecordError, format_error, read_records
 
@@ -39,7 +40,7 @@ def test_random_bytes_as_manifest(tmp_path, data, suffix):
     except UserError as e:
         assert str(e) and "\n" not in str(e)
         # a JSONL file fails as a whole only when it has no lines, or no line names a text/image/audio key
-        assert suffix != ".jsonl" or not nonblank or "no text, image or audio column" in str(e)
+        assert suffix != ".jsonl" or not nonblank or f"no {modalities.spelled()} column" in str(e)
         return
     for e in errors:
         assert e["reason"] and "\n" not in e["reason"]

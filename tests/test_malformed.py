@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import run_cli, write_image, write_wav
 
+from mmllm import modalities
+
 GOOD = 6
 
 
@@ -147,7 +149,7 @@ def test_bad_records(case, tiny_models, tmp_path):
     bad = dict(rows[0], id="bad1")
     expected = {"duplicate_id": ("id", "duplicate id"), "empty_label": ("label", "empty label"),
                 "malformed_json": (None, "malformed JSON"), "text_is_object": ("text", "expected text"),
-                "no_media": (None, "no text, image or audio"), "unknown_split": ("split", "unknown split")}[case]
+                "no_media": (None, f"no {modalities.spelled()}"), "unknown_split": ("split", "unknown split")}[case]
     if case == "duplicate_id":
         bad["id"] = "good1"
     elif case == "empty_label":

@@ -169,8 +169,9 @@ def transcribed() -> str | None:
 def _builtins() -> None:
     from mmllm.modalities.audio import Audio
     from mmllm.modalities.image import Image
+    from mmllm.modalities.video import Video
 
-    for cls in (Image, Audio):
+    for cls in (Image, Audio, Video):
         register(cls())
 
 
