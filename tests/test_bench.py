@@ -191,3 +191,15 @@ def test_peers_report_says_why_a_peer_did_not_run_and_scores_those_that_did(monk
     assert scores == {"accuracy": 0.52, "macro_f1": 0.5}
     ran = {"install": install, "experiment": {"ok": True, "seconds": 300.0, "command": "ludwig experiment", **scores}}
     assert "| 300.0 (+ the transcription in mmllm's prepare) | 52.0 / 50.0 |" in peers.markdown(fake_peers_result(ran))
+
+
+def test_video_bench_counts_every_sampled_frame_and_reports_one_row(bench_run, tmp_path):
+    import video_speed
+
+    r = video_speed.run(tmp_path, quick=True)
+    assert r["clips"] == 16 and r["frames"] == 16 * r["frames_per_clip"] == 16 * 8
+    for key in ("prepare_s", "decode_s", "image_encoder_s", "prepare_frames_per_s", "image_encoder_frames_per_s"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["ratio"] == pytest.approx(r["image_encoder_s"] / r["prepare_s"])  # frames/s of prepare / of encoder
+    rows, lines = bench_run.REPORTS["video"].report(r)
+    assert len(rows) == 1 and rows[0].count("|") == 7 and f"{r['ratio']:.2f}" in rows[0] and len(lines) == 1
