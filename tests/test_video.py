@@ -241,3 +241,21 @@ def test_motion_is_learnt_from_the_frame_sequence_not_from_the_pooled_vector(tmp
         accuracy[fusion] = json.loads(r.stdout)["accuracy"]
     assert accuracy["attention"] >= 0.9, accuracy  # the frame sequence, in order
     assert accuracy["concat"] <= 0.7, accuracy  # the pooled vector alone: about chance (24 test clips)
+
+
+def test_video_conditions_generation(tiny_models, tiny_decoder, clips, tmp_path):
+    """--task generate reads the video like any modality: its projected prefix is in the checkpoint, and predict of a
+    raw clip generates from it."""
+    rows = [dict(r, target=f"a {r['label']} square") for r in clips]
+    out, ck = tmp_path / "p", tmp_path / "g"
+    assert run_cli(*video_args(tiny_models, write_csv(tmp_path / "m.csv", rows), out)).exit_code == 0
+    r = run_cli("finetune", str(out), "--output", str(ck), "--task", "generate", "--decoder", str(tiny_decoder),
+                "--epochs", "2", "--batch-size", "4", "--hidden-size", "16", "--prefix-tokens", "2",
+                "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "video" in json.loads((ck / "config.json").read_text())["generation"]["modalities"]
+    r = run_cli("predict", str(ck), "-", input=json.dumps({"id": "x", "video": str(tmp_path / "media" / "c1.mp4")})
+                + "\n")
+    assert r.exit_code == 0, r.output
+    line = json.loads(r.stdout)
+    assert line["id"] == "x" and isinstance(line["generated"], str)
