@@ -9,14 +9,14 @@ Formats (detected per record by `detect`):
   `input_audio` (`{"data": base64, "format": "wav"}`).
 
 `flatten` turns a record into mmllm's keys: `text` (its first user turn, placeholders removed), `image`,
-`audio` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the turns as JSON
+`audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the turns as JSON
 (`{"system": ..., "messages": [{"role", "content"}]}`), which generation renders with the decoder's chat
 template, the loss over every assistant turn. Each record's problem (a placeholder count that does not match
 its media, an empty assistant turn, a URL to fetch, a second image) is a ValueError with one line; `column`
 names the key.
 
-The modality prefix (tasks/generate.py) carries one image and one audio per record, so a record with more is
-refused, and `<video>` is refused until video is a modality.
+The modality prefix (tasks/generate.py) carries one image, one audio and one video per record, so a record with
+more is refused.
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ def flatten(raw: dict, fmt: str) -> dict:
                 where = "image" if fmt == "llava" else LISTS[m]
                 raise FormatError(where, f"{count} {tag} placeholder(s) in the turns but {len(media[m])} "
                                          f"{m} item(s) in '{where}': give one placeholder per item")
-    if media["video"]:
-        raise FormatError("videos", "video is not a modality of mmllm yet: leave videos out")
-    for m in ("image", "audio"):
+    for m in PLACEHOLDERS:
         if len(media[m]) > 1:
             raise FormatError(LISTS[m], f"{len(media[m])} {m}s: a record carries at most one {m} (the modality "
                                         "prefix holds one)")
@@ -104,8 +102,7 @@ def flatten(raw: dict, fmt: str) -> dict:
         raise FormatError(None, "no turns")
     flat = {k: raw[k] for k in ("id", "split") if k in raw}
     flat["text"] = next((t["content"] for t in messages if t["role"] == "user"), None)
-    flat["image"] = media["image"][0] if media["image"] else None
-    flat["audio"] = media["audio"][0] if media["audio"] else None
+    flat.update({m: items[0] if items else None for m, items in media.items() if items or m != "video"})
     flat["target"] = next((t["content"] for t in reversed(messages) if t["role"] == "assistant"), None)
     flat["conversation"] = json.dumps({"system": system, "messages": messages}, ensure_ascii=False)
     return flat

@@ -56,9 +56,10 @@ def keys() -> tuple[str, ...]:
 class RecordError(ValueError):
     """A record that cannot be used: which column, which file, why."""
 
-    def __init__(self, column: str | None, reason: str, file: str | None = None):
+    def __init__(self, column: str | None, reason: str, file: str | None = None, record_id: Any = None):
         super().__init__(reason)
         self.column, self.reason, self.file = column, reason, file
+        self.record_id = record_id  # the id the bad record gives itself, when it was read (else rowN is used)
 
 
 def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str], Iterator[tuple[int, Any]]]:
@@ -320,6 +321,11 @@ def given_id(raw: dict, column: str | None, row: int) -> Any:
     return str(v)
 
 
+def bad_id(e: RecordError, row: int) -> Any:
+    """The id of a record that failed as a whole: its own when it was read, else `rowN`."""
+    return f"row{row}" if e.record_id is None or e.record_id == "row0" else e.record_id
+
+
 def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[list[dict], list[dict], dict]:
     """(records, errors, column map) of a manifest file, a class folder or a `save_to_disk` folder."""
     path = Path(source).expanduser()
@@ -333,7 +339,7 @@ def read_records(source: str, given_columns: dict[str, str | None]) -> tuple[lis
     records, errors = [], []
     for row, raw in rows:
         if isinstance(raw, RecordError):
-            errors.append(error_entry({"id": f"row{row}", "row": row}, raw))
+            errors.append(error_entry({"id": bad_id(raw, row), "row": row}, raw))
             continue
         try:
             records.append(checked_record(raw, row, cols, path.parent))
@@ -588,7 +594,7 @@ def convert_rows(rows: Iterable[tuple[int, Any]], config: dict, base: Path, medi
             continue
         raw = flat_record(raw)
         if isinstance(raw, RecordError):
-            yield {"id": f"row{row}", "row": row}, raw
+            yield {"id": bad_id(raw, row), "row": row}, raw
             continue
         cols = record_columns(raw, check.trained)
         check.warn_unknown(raw, cols)
@@ -636,7 +642,7 @@ def flat_record(raw: dict) -> dict | RecordError:
     try:
         return {**conversations.flatten(raw, fmt), FLAT: fmt}
     except conversations.FormatError as e:
-        return RecordError(e.column, e.reason)
+        return RecordError(e.column, e.reason, record_id=given_id(raw, "id", 0) if "id" in raw else None)
 
 
 def conversation_rows(columns: list[str], rows: Iterable[tuple[int, Any]]) -> tuple[list[str], Iterator]:

@@ -184,3 +184,38 @@ def test_each_bad_record_is_its_own_one_line_error(tiny_models, tmp_path):
     assert reasons[15]["reason"] == "turn 2: empty assistant turn"
     assert "https URLs are not fetched" in reasons[16]["reason"]
     assert all("\n" not in e["reason"] for e in meta["skipped"])
+
+
+def test_sharegpt_videos_list_fills_the_video_input(tiny_models, chat_decoder, tmp_path):
+    """LLaMA-Factory's `videos` list with one `<video>` placeholder per item: the clip is the record's video (its
+    frames encoded, its soundtrack the audio), and a generation model trains on it; two videos are one line."""
+    import datasets
+
+    from test_video import video_args, write_video
+
+    (tmp_path / "v").mkdir()
+    rows = []
+    for i in range(12):
+        color = ["red", "blue"][i % 2]
+        write_video(tmp_path / "v" / f"c{i}.mp4", colors=[COLORS[color]] * 6, tone=440.0 if i % 2 else None)
+        rows.append({"id": f"v{i}", "split": split(i), "videos": [f"v/c{i}.mp4"],
+                     "messages": [{"role": "user", "content": "<video>what colour is the clip?"},
+                                  {"role": "assistant", "content": f"it is {color}"}]})
+    rows.append({"id": "two", "split": "train", "videos": ["v/c0.mp4", "v/c1.mp4"],
+                 "messages": [{"role": "user", "content": "<video><video>which?"},
+                              {"role": "assistant", "content": "both"}]})
+    path = tmp_path / "videos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli(*video_args(tiny_models, path, tmp_path / "p"))
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text())
+    assert [(e["id"], e["column"]) for e in meta["skipped"]] == [("two", "videos")]
+    assert "2 videos: a record carries at most one video" in meta["skipped"][0]["reason"]
+    train = datasets.load_from_disk(str(tmp_path / "p"))["train"]
+    assert len(train) == 8 and all(train["has_video"])
+    assert [bool(x) for x in train["has_audio"]] == [i % 2 == 1 for i in range(8)]  # the soundtracks
+    r = run_cli("finetune", str(tmp_path / "p"), "--output", str(tmp_path / "g"), "--task", "generate", "--decoder",
+                str(chat_decoder), "--epochs", "2", "--batch-size", "4", "--hidden-size", "16", "--prefix-tokens",
+                "2", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "video" in json.loads((tmp_path / "g" / "config.json").read_text())["generation"]["modalities"]
