@@ -31,7 +31,7 @@ def edit(folder, change) -> None:
 CASES = {
     "labels shorter than num_labels": (lambda c: c.update(labels=c["labels"][:1]), "model.num_labels is 2 but labels"),
     "unknown fusion": (lambda c: c["model"].update(fusion="magic"), "model.fusion 'magic' is not one of"),
-    "unknown modality": (lambda c: c["model"].update(modalities=["text", "video"]), "model.modalities has 'video'"),
+    "unknown modality": (lambda c: c["model"].update(modalities=["text", "smell"]), "model.modalities has 'smell'"),
     "negative size": (lambda c: c["model"].update(hidden_size=-4), "model.hidden_size must be >= 1"),
     "size as text": (lambda c: c["model"].update(hidden_size="16"), "model.hidden_size must be an integer"),
     "dropout out of range": (lambda c: c["model"].update(dropout=1.5), "model.dropout must be a number in [0, 1)"),
@@ -58,9 +58,9 @@ def test_edited_checkpoint_is_one_line_naming_the_field(ck, case):
 
 
 def test_eval_refuses_an_edited_checkpoint_too(ck, tmp_path):
-    edit(ck, lambda c: c["model"].update(modalities=["video"]))
+    edit(ck, lambda c: c["model"].update(modalities=["smell"]))
     line = one_line_error(run_cli("eval", "model", str(ck), str(tmp_path)))
-    assert "model.modalities has 'video'" in line
+    assert "model.modalities has 'smell'" in line
 
 
 def test_checkpoint_without_its_text_model_folder(ck):
