@@ -222,7 +222,7 @@ GENERATION_RULES = {
     "lora_r": Rule("int", 0, MAX_WIDTH), "train_decoder": Rule("bool"), "decoder": Rule("str", required=True),
     "decoder_identity": Rule("str"), "precision": Rule("str", choices=("fp32", "bf16")),
     "prompt_format": Rule("str", choices=("chat", "plain", "describe")), "max_new_tokens": Rule("int", 1, 1 << 16),
-    "stop": Rule("list"),
+    "stop": Rule("list"), "media_tokens": Rule("str", choices=("pooled", "sequence")), "seq_lens": Rule("dict"),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),

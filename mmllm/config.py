@@ -30,7 +30,8 @@ TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": 
 # finetune options that only one task reads (the other task would silently ignore them)
 TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text",
                           "train_text_layers"),
-             "generate": ("decoder", "prefix_tokens", "train_decoder", "max_new_tokens", "decoder_precision")}
+             "generate": ("decoder", "prefix_tokens", "media_tokens", "train_decoder", "max_new_tokens",
+                          "decoder_precision")}
 # finetune defaults that depend on --task (a field left at None takes its task's value): generation learns short
 # templates from a frozen decoder in far fewer steps than a classifier, and its val_loss keeps creeping towards 0
 TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_delta": 0.0},
@@ -200,6 +201,11 @@ class FinetuneConfig:
                              choices=("none", "auto"), panel="Training")
     decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.", panel="Model")
     prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).", panel="Model")
+    media_tokens: str = opt("pooled", "What the decoder sees of each medium (--task generate): pooled (one vector "
+                                      "projected to --prefix-tokens tokens) or sequence (each stored vector one "
+                                      "token: the image's spatial grid, audio frames, video frames; needs data "
+                                      "prepared with --sequence-features).", choices=("pooled", "sequence"),
+                            panel="Model")
     decoder_precision: str = opt("auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
                                          "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The "
                                          "projector and the loss stay fp32.", choices=("auto", "fp32", "bf16"),

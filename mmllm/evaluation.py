@@ -90,7 +90,8 @@ def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
     model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
     mods = model.cfg.modalities
     columns, source, split = eval_columns(cfg, config, mods, transcripts=model.reads_transcripts)
-    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format)
+    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
+                     sequences=tuple(model.cfg.sequenced()))
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
     args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)

@@ -70,7 +70,7 @@ class Predictor:
 
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False,
-                             kind=self.model.cfg.prompt_format)
+                             kind=self.model.cfg.prompt_format, sequences=tuple(self.model.cfg.sequenced()))
 
             def answers(drop: frozenset = frozenset()) -> list[str]:
                 batch = table.batch(range(len(rows)), self.device, with_targets=False, drop=drop)

@@ -398,7 +398,7 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
         else:
             features[f"{role}_emb"] = [enc.dim]
             if cfg.sequence_features:
-                features[f"{role}_seq"] = [16, enc.dim]
+                features[f"{role}_seq"] = [modalities.get(role).sequence_length(Preprocessing.of(cfg)), enc.dim]
     trunk = None
     if cfg.text_trunk_layers:
         from mmllm.features import trunk_dtype

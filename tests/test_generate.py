@@ -341,3 +341,34 @@ def test_defaults_from_the_training_answers_are_in_the_checkpoint(prepared, tiny
     table = GenTable({"id": ["a"], "target": ["big red"], "text": ["it is"]}, [], tok, with_targets=True, kind="plain")
     labels = table.batch([0])["labels"][0]
     assert labels[labels != -100].tolist()[-1] == tok.eos_token_id
+
+
+def test_media_tokens_sequence_feeds_each_stored_vector_as_a_decoder_token(tiny_models, toy_manifest, tiny_decoder,
+                                                                           tmp_path):
+    """--media-tokens sequence: the image's stored spatial grid and the audio's frames, one decoder token each with
+    a learned position; it trains, saves, loads and generates from raw records the same answers as eval; without
+    stored sequences it is one line."""
+    from mmllm.tasks.generate import load_checkpoint
+
+    from conftest import tiny_prepare_args
+
+    plain, seq = tmp_path / "plain", tmp_path / "seq"
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, plain)).exit_code == 0
+    r = run_cli("finetune", str(plain), "--output", str(tmp_path / "no"), "--task", "generate", "--decoder",
+                str(tiny_decoder), "--media-tokens", "sequence")
+    assert r.exit_code == 2 and "prepare it again with --sequence-features" in r.output
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, seq), "--sequence-features").exit_code == 0
+    out = tmp_path / "gen"
+    gen_finetune(seq, tiny_decoder, out, "--media-tokens", "sequence", "--epochs", "4")
+    cfg = json.loads((out / "config.json").read_text())["generation"]
+    meta = json.loads((seq / "mmllm-prepared.json").read_text())
+    assert cfg["media_tokens"] == "sequence"
+    assert cfg["seq_lens"] == {m: meta["features"][f"{m}_seq"][0] for m in ("image", "audio")}
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    model, _ = load_checkpoint(out, json.loads((out / "config.json").read_text()), "cpu")
+    assert set(model.positions) == {"image", "audio"} and model.positions["image"].shape[0] == cfg["seq_lens"]["image"]
+    assert model.placeholder.shape[0] == 0  # every medium is a sequence: no pooled stand-in
+    r = run_cli("predict", str(out), str(toy_manifest))
+    assert r.exit_code == 0, r.output
+    assert all(isinstance(x["generated"], str) for x in load_json_lines(r.stdout))

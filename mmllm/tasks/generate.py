@@ -49,6 +49,12 @@ class GenConfig:
     prompt_format: str = DESCRIBE  # chat (the tokenizer's template), plain, or describe (checkpoints before chat)
     max_new_tokens: int = 32  # default longest answer: from the training answers' lengths (older checkpoints: 32)
     stop: list = field(default_factory=list)  # strings that end an answer by default (learned from the targets)
+    media_tokens: str = "pooled"  # pooled: P tokens from each pooled vector; sequence: one token per stored vector
+    seq_lens: dict = field(default_factory=dict)  # modality -> stored sequence length (media_tokens sequence)
+
+    def sequenced(self) -> list[str]:
+        """The modalities fed as their stored sequences (one decoder token per vector)."""
+        return [m for m in self.modalities if m in self.seq_lens] if self.media_tokens == "sequence" else []
 
 
 def prompt_text(text: str | None, transcript: str | None = None) -> str:
@@ -95,10 +101,16 @@ class PrefixDecoder(nn.Module):
         self.decoder = decoder
         d = decoder.get_input_embeddings().embedding_dim
         p = cfg.prefix_tokens
+        seq = cfg.sequenced()
+        width = {m: d if m in seq else p * d for m in cfg.modalities}  # a sequence: applied to each vector
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(cfg.dims[m]), nn.Linear(cfg.dims[m], cfg.hidden_size),
                                                     nn.GELU(), nn.Dropout(cfg.dropout),
-                                                    nn.Linear(cfg.hidden_size, p * d)) for m in cfg.modalities})
-        self.placeholder = nn.Parameter(torch.zeros(len(cfg.modalities), p, d))  # for a missing modality
+                                                    nn.Linear(cfg.hidden_size, width[m])) for m in cfg.modalities})
+        pooled = [m for m in cfg.modalities if m not in seq]
+        self.placeholder = nn.Parameter(torch.zeros(len(pooled), p, d))  # for a missing (pooled) modality
+        # a sequence's tokens: a learned position each (where in the grid / in time), and a stand-in when missing
+        self.positions = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.seq_lens[m], d)) for m in seq})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.seq_lens[m], d)) for m in seq})
         self.class_weights = None
         self.stop_ids: list[int] = []  # token ids that end an answer (chat.stop_ids), set with the tokenizer
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
@@ -111,11 +123,17 @@ class PrefixDecoder(nn.Module):
         """(B, M * P, d) prefix embeddings."""
         parts = []
         p = self.cfg.prefix_tokens
-        for i, m in enumerate(self.cfg.modalities):
+        seq = self.cfg.sequenced()
+        pooled = [m for m in self.cfg.modalities if m not in seq]
+        for m in self.cfg.modalities:
+            here = batch[f"has_{m}"].bool().view(-1, 1, 1)
+            if m in seq:
+                v = self.proj[m](batch[f"{m}_seq"]) + self.positions[m]  # (B, T, d): one token per vector
+                parts.append(torch.where(here, v, self.missing[m].expand_as(v)))
+                continue
             feat = batch[f"{m}_emb"]  # (B, D_m)
             v = self.proj[m](feat).view(len(feat), p, -1)  # (B, P, d)
-            here = batch[f"has_{m}"].bool().view(-1, 1, 1)
-            parts.append(torch.where(here, v, self.placeholder[i].expand_as(v)))
+            parts.append(torch.where(here, v, self.placeholder[pooled.index(m)].expand_as(v)))
         return torch.cat(parts, 1) if parts else batch["input_ids"].new_zeros((len(batch["input_ids"]), 0, 0)).float()
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +208,7 @@ class GenTable:
     and transcript, then its target) unless it carries a `conversation` (JSON: messages, system)."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
-                 max_tokens: int = 256, kind: str = DESCRIBE):
+                 max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = ()):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -209,15 +227,19 @@ class GenTable:
             self.answers = [chat.encode(tokenizer, m, sys_, kind, limit) for m, sys_ in turns]
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
+        self.seq = {m: torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in columns[f"{m}_seq"]]))
+                    for m in sequences}  # (N, T, D) each
 
     @classmethod
-    def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE):
+    def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
+                   sequences: tuple = ()):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
-                 [f"{m}_emb" for m in modalities]
+                 [f"{m}_emb" for m in modalities] + [f"{m}_seq" for m in sequences]
         if "text" in modalities:
             wanted.append("has_text")
         wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
-        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind)
+        return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind,
+                   sequences=sequences)
 
     def __len__(self) -> int:
         return self.n
@@ -262,6 +284,8 @@ class GenTable:
         for m in self.modalities:
             out[f"has_{m}"] = self.has[m][t] & (m not in drop)
             out[f"{m}_emb"] = self.emb[m][t]
+            if m in self.seq:
+                out[f"{m}_seq"] = self.seq[m][t]
         return {k: v.to(device) for k, v in out.items()}
 
 
@@ -303,8 +327,17 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         raise UserError(f"nothing to train: --modalities {','.join(modalities)} gives the frozen decoder no prefix "
                         "(image, audio, or text prepared with --sentence-embedding), so no weight would change: "
                         "add --lora-r N or --train-decoder, or a modality")
+    seq_lens = {}
+    if fcfg.media_tokens == "sequence":
+        media = [m for m in prefix_mods if m != "text"]
+        lacking = [m for m in media if f"{m}_seq" not in meta["features"]]
+        if not media or lacking:
+            raise UserError(f"--media-tokens sequence: {fcfg.prepared} has no stored sequence for "
+                            f"{', '.join(lacking) or 'any medium'}; prepare it again with --sequence-features")
+        seq_lens = {m: int(meta["features"][f"{m}_seq"][0]) for m in media}
     decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
+                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens,
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity,
                     precision=resolve_decoder_precision(fcfg.decoder_precision, trainable, dist.device))
@@ -315,8 +348,10 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         except (ValueError, ImportError):
             pass
     cfg.prompt_format = chat.template_kind(tokenizer, fcfg.decoder)
-    train = GenTable.from_split(data["train"], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format)
-    val = GenTable.from_split(data["validation"], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format)
+    train, val = (GenTable.from_split(data[s], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format,
+                                      sequences=tuple(cfg.sequenced())) for s in ("train", "validation"))
+    if seq_lens:
+        log("media tokens: " + ", ".join(f"{m} {n} (its stored sequence)" for m, n in seq_lens.items()))
     answer_defaults(cfg, train)
     log(f"prompts: {'the decoder tokenizer chat template' if cfg.prompt_format == chat.CHAT else cfg.prompt_format}"
         f"; answers end at EOS{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, "
