@@ -9,9 +9,9 @@ Formats (detected per record by `detect`):
   `input_audio` (`{"data": base64, "format": "wav"}`).
 
 `flatten` turns a record into mmllm's keys: `text` (its first user turn, placeholders removed), `image`,
-`audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the turns as JSON
-(`{"system": ..., "messages": [{"role", "content"}]}`), which generation renders with the decoder's chat
-template, the loss over every assistant turn. Each record's problem (a placeholder count that does not match
+`audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the
+turns as JSON (`{"system": ..., "messages": [{"role", "content"}]}`), which generation renders with the decoder's
+chat template, the loss over every assistant turn. Each record's problem (a placeholder count that does not match
 its media, an empty assistant turn, a URL to fetch, a second image) is a ValueError with one line; `column`
 names the key.
 
