@@ -201,11 +201,9 @@ class FinetuneConfig:
                              choices=("none", "auto"), panel="Training")
     decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.", panel="Model")
     prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).", panel="Model")
-    media_tokens: str = opt("pooled", "What the decoder sees of each medium (--task generate): pooled (one vector "
-                                      "projected to --prefix-tokens tokens) or sequence (each stored vector one "
-                                      "token: the image's spatial grid, audio frames, video frames; needs data "
-                                      "prepared with --sequence-features).", choices=("pooled", "sequence"),
-                            panel="Model")
+    media_tokens: str = opt("pooled", "Decoder tokens of each medium (--task generate): pooled vector -> "
+                                      "--prefix-tokens, or one per stored sequence vector (prepare "
+                                      "--sequence-features).", choices=("pooled", "sequence"), panel="Model")
     decoder_precision: str = opt("auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
                                          "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The "
                                          "projector and the loss stay fp32.", choices=("auto", "fp32", "bf16"),
