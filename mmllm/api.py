@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm import config as C
-from mmllm import modalities
+from mmllm import modalities, tasks
 from mmllm.console import as_json, capture, quieted
 from mmllm.errors import UserError
 
@@ -109,7 +109,8 @@ def _sign_all(*_: Any) -> None:
 
 
 _sign_all()
-modalities.on_change(_sign_all)  # a modality registered later adds its options to the signatures too
+modalities.on_change(_sign_all)  # a modality or task registered later adds its options to the signatures too
+tasks.on_change(_sign_all)
 
 
 def load(checkpoint: str | Path, device: str = "auto", max_file_mb: int = 512, quiet: bool = False,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mmllm import modalities
-from mmllm.config import FUSIONS
+from mmllm.tasks.classify import FUSIONS
 from mmllm.errors import UserError, read_json
 from mmllm.model import Classifier, ModelConfig, build_model, classifier, model_fields
 
@@ -273,55 +273,23 @@ def check_modalities(mods: Any, name: str) -> list[str]:
 
 
 def check_config(config: dict, folder: Path) -> list[str]:
-    """Every problem with a checkpoint's config.json: types, ranges, label count, known names, files."""
+    """Every problem with a checkpoint's config.json: types, ranges, label count, known names, files (its task's
+    sections are checked by the task)."""
+    from mmllm import tasks
+
     problems = []
-    version, task = config.get("version"), config.get("task", "classify")
+    version, task = config.get("version"), config.get("task", tasks.DEFAULT)
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
         problems.append(f"version {json.dumps(version)} is not one this mmllm reads (1 to {VERSION})")
-    if task not in ("classify", "generate"):
-        return problems + [f"task '{task}' is not classify or generate"]
+    if not tasks.known(task):
+        return problems + [f"task '{task}' is not {modalities.spelled(tasks.names())}"]
     labels = config.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         problems.append("labels must be a list of label names")
     elif len(set(labels)) != len(labels):
         problems.append("labels lists a label twice")
     problems += check_section(config.get("preprocessing", {}), "preprocessing", preprocessing_rules(), closed=False)
-    if task == "generate":
-        return problems + check_generation(config, folder)
-    model = config.get("model")
-    problems += check_section(model, "model", MODEL_RULES)
-    if problems:
-        return problems
-    mods = model["modalities"]
-    problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
-    if isinstance(labels, list) and model["num_labels"] != len(labels):
-        problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
-    if "text" in mods and model.get("text_dim") is None:
-        problems.append("model.text_dim is missing (the model uses text)")
-    dims = model.get("dims") or {}
-    for m in mods:
-        if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):
-            problems.append(f"{p} (the model uses {m})")
-    if "text" in mods and not (folder / "text_model").is_dir():
-        problems.append("text_model/ (tokenizer and text model config) is missing")
-    return problems + check_encoders(config, [m for m in mods if m != "text"])
-
-
-def check_generation(config: dict, folder: Path) -> list[str]:
-    gen = config.get("generation")
-    problems = check_section(gen, "generation", GENERATION_RULES)
-    if problems:
-        return problems
-    problems += check_modalities(gen["modalities"], "generation.modalities")
-    problems += [f"generation.dims.{m} must be a positive size" for m in gen["modalities"]
-                 if not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
-    model = config.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("modalities"), list):
-        return problems + ["model.modalities must be a list"]
-    problems += check_modalities(model["modalities"], "model.modalities")
-    if not (folder / "decoder").is_dir():
-        problems.append("decoder/ (tokenizer and decoder config) is missing")
-    return problems + (check_encoders(config, model["modalities"]) if not problems else [])
+    return problems + tasks.get(task).check(config, folder)
 
 
 def check_encoders(config: dict, roles: list[str]) -> list[str]:

@@ -16,26 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm import modalities
+from mmllm import modalities, tasks
 from mmllm.errors import UserError, read_json, utf8_text
 
-FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
-AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 MAX_AUGMENT = 100  # augmented variants per training record
 AUGMENT_BASE = ("Augmented copies added per training record (ids ID~augN; validation and test untouched, text "
                 "unchanged).")  # then each modality's augment_help
 MAX_CONFIG_BYTES = 1 << 20
-# the validation metrics each task produces: what --monitor may name
-TASK_METRICS = {"classify": ("val_loss", "val_accuracy", "val_f1"), "generate": ("val_loss", "val_bleu")}
-# finetune options that only one task reads (the other task would silently ignore them)
-TASK_ONLY = {"classify": ("fusion", "share_projections", "modality_dropout", "class_weights", "freeze_text",
-                          "train_text_layers"),
-             "generate": ("decoder", "prefix_tokens", "media_tokens", "train_decoder", "max_new_tokens",
-                          "decoder_precision")}
-# finetune defaults that depend on --task (a field left at None takes its task's value): generation learns short
-# templates from a frozen decoder in far fewer steps than a classifier, and its val_loss keeps creeping towards 0
-TASK_DEFAULTS = {"classify": {"budget_steps": 1500, "min_steps": 300, "min_rel_delta": 0.0},
-                 "generate": {"budget_steps": 80, "min_steps": 40, "min_rel_delta": 0.01}}
 # finetune options a --resume may change: they are applied from the resumed step on; all others are refused
 # prepare options that build a dataset: fixed when each shard was prepared, so --merge refuses them
 # (and each modality's column, model and options: merge_ignores())
@@ -137,38 +124,16 @@ class FinetuneConfig:
     report_to: str = opt("none", "Also log metrics to TensorBoard event files in OUTPUT/tensorboard "
                                  "(needs pip install 'mmllm[tensorboard]').", choices=("none", "tensorboard"),
                          panel="Output")
-    task: str = opt("classify", "classify (label column) or generate (target column).",
-                    choices=("classify", "generate"), panel="Model")
+    task: str = opt(tasks.DEFAULT, "", panel="Model")  # help and choices: from the task registry
     modalities: str = opt(",".join(modalities.roles()), "Comma-separated modalities the model may use (default: all "
                                                            "that were prepared).", panel="Model")
-    fusion: str = opt("auto", "How modalities are fused: concat (joined vectors), gated (learned weight per "
-                               "modality), attention (over modality vectors and stored sequences), transformer "
-                               "(a CLS token over text tokens, image grid and audio frames), bilinear (low-rank "
-                               "products of modality projections; the last two model interactions). auto: "
-                               "trains concat, gated and bilinear side by side and fits linear probes on all "
-                               "modalities and on each one alone, then keeps the candidate with the best "
-                               "validation --monitor (val_loss by default). Image/audio sequences need prepare "
-                               "--sequence-features, else one pooled token each.",
-                       choices=tuple(f for f in FUSIONS if f != "linear") + ("auto",), panel="Model")
     hidden_size: int = opt(256, "Width of the shared projection space and the head.", panel="Model")
     dropout: float = opt(0.1, "Dropout in projections, fusion and head.", panel="Model")
-    freeze_text: bool = opt(None, "Keep the pretrained text model frozen: its pooled token states come from prepare "
-                                  "(computed once), so training never runs it. Default: frozen for --task classify "
-                                  "unless --lora-r adapts it; --no-freeze-text fine-tunes it (on 2 CPU cores over "
-                                  "100x slower per step: 5-10 s vs under 0.04 s on 1000 fortunes).", panel="Model")
     lora_r: int = opt(0, "LoRA rank for the pretrained text model / decoder (0: off).", panel="Model")
-    train_text_layers: int = opt(0, "Train only the top K layers of the text model (with --lora-r: LoRA on them), "
-                                    "the pooling and the head, over the token states of the layers below that "
-                                    "prepare --text-trunk-layers K stored: those layers and the embeddings never run "
-                                    "(0: off; see --freeze-text).", panel="Model")
-    share_projections: bool = opt(False, "One projection shared by media of the same width (e.g. image and video).",
-                                  panel="Model")
-    modality_dropout: float = opt(0.0, "Probability of dropping each modality of a training record.", panel="Training")
     epochs: int = opt(None, "Maximum number of epochs (default: from --budget-steps; 0: save the untrained "
                             "model, e.g. as a baseline).", panel="Training")
-    budget_steps: int = opt(None, "Without --epochs: train for about this many optimizer steps (default: 1500 "
-                                  "for classify, 80 for generate; epochs = "
-                                  "budget / steps per epoch, between 2 and 200).", panel="Training")
+    budget_steps: int = opt(None, "Without --epochs: train for about this many optimizer steps (default: {}; "
+                                  "epochs = budget / steps per epoch, between 2 and 200).", panel="Training")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", panel="Training")
     batch_size: int = opt(32, "Records per batch (per process).", panel="Training")
     grad_accum: int = opt(1, "Gradient accumulation steps.", panel="Training")
@@ -185,33 +150,17 @@ class FinetuneConfig:
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0: off).", panel="Training")
     precision: str = opt("fp32", "Training precision: fp32; bf16 (autocast); fp16 (autocast with a gradient scaler, "
                                "CUDA only).", choices=("fp32", "bf16", "fp16"), panel="Runtime")
-    monitor: str = opt("val_loss", "Early-stopping metric.", choices=("val_loss", "val_accuracy", "val_f1",
-                                                                      "val_bleu"), panel="Early stopping")
+    monitor: str = opt("val_loss", "Early-stopping metric.", panel="Early stopping")  # choices: the tasks' metrics
     patience: int = opt(5, "Stop when this many epochs have passed since the best one (0: never stop early). "
                            "A run never stops before --min-steps and a falling training loss.",
                         panel="Early stopping")
     min_steps: int = opt(None, "Early stopping waits for this many optimizer steps and the warmup, or for 10 "
-                               "epochs when that is sooner (default: 300 for classify, 40 for generate).",
+                               "epochs when that is sooner (default: {}).",
                          panel="Early stopping")
     min_delta: float = opt(0.0, "Smallest change that counts as an improvement.", panel="Early stopping")
     min_rel_delta: float = opt(None, "Smallest change, relative to the best value so far, that counts as an "
-                                     "improvement (0.01: 1%; default: 0 for classify, 0.01 for generate).",
+                                     "improvement (0.01: 1%; default: {}).",
                                panel="Early stopping")
-    class_weights: str = opt("none", "Loss weights per class: none, or auto (inverse class frequency).",
-                             choices=("none", "auto"), panel="Training")
-    decoder: str = opt("smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id.", panel="Model")
-    prefix_tokens: int = opt(4, "Prefix tokens per modality fed to the decoder (--task generate).", panel="Model")
-    media_tokens: str = opt("pooled", "Decoder tokens of each medium (--task generate): pooled vector -> "
-                                      "--prefix-tokens, or one per stored sequence vector (prepare "
-                                      "--sequence-features).", choices=("pooled", "sequence"), panel="Model")
-    decoder_precision: str = opt("auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
-                                         "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The "
-                                         "projector and the loss stay fp32.", choices=("auto", "fp32", "bf16"),
-                                 panel="Model")
-    train_decoder: bool = opt(False, "Fine-tune the whole decoder, not only the projector (--task generate).",
-                              panel="Model")
-    max_new_tokens: int = opt(None, "Longest generated text during validation (--task generate; default: from the "
-                                    "training answers' lengths).", panel="Training")
     resume: bool = opt(False, "Continue from the last resumable checkpoint in --output.", panel="Training")
     seed: int = opt(0, "Random seed.", panel="Runtime")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel="Runtime")
@@ -220,13 +169,8 @@ class FinetuneConfig:
                           "when set).", panel="Runtime")
 
     def __post_init__(self):
-        """Options left at None take their --task's default (TASK_DEFAULTS): the config holds what runs."""
-        for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.freeze_text is None and self.task == "classify":  # LoRA or top layers train: then they run
-            mods = [m.strip() for m in str(self.modalities).split(",")]
-            self.freeze_text = not self.lora_r and not self.train_text_layers and "text" in mods
+        """Options left at None take their --task's default (`Task.fill`): the config holds what runs."""
+        tasks.get(self.task if tasks.known(self.task) else tasks.DEFAULT).fill(self)
 
 
 @dataclass
@@ -608,45 +552,21 @@ def prepare_rules(cfg: PrepareConfig) -> list[str]:
 def finetune_rules(cfg: FinetuneConfig) -> list[str]:
     """Cross-option rules of `finetune`: what the task reads, what it produces, what excludes what."""
     problems = []
-    task = cfg.task if cfg.task in TASK_METRICS else "classify"
-    if cfg.monitor not in TASK_METRICS[task]:
-        problems.append(f"--monitor: --task {task} produces {', '.join(TASK_METRICS[task])} (got {cfg.monitor})")
-    other = "generate" if task == "classify" else "classify"
-    for name in TASK_ONLY[other]:
-        if hasattr(cfg, name) and getattr(cfg, name) != default(FinetuneConfig, name):
-            problems.append(f"{flag(name)}: only used by --task {other} (this is --task {task})")
+    task = tasks.get(cfg.task if tasks.known(cfg.task) else tasks.DEFAULT)
+    if cfg.monitor not in task.metrics:
+        problems.append(f"--monitor: --task {task.name} produces {', '.join(task.metrics)} (got {cfg.monitor})")
+    for other in tasks.all():
+        problems += [f"{flag(o.name)}: only used by --task {other.name} (this is --task {task.name})"
+                     for o in other.options if other is not task and getattr(cfg, o.name) != o.default]
     mods = [m.strip() for m in cfg.modalities.split(",") if m.strip()]
     explicit = cfg.modalities != default(FinetuneConfig, "modalities")
     if len(set(mods)) != len(mods):
         problems.append(f"--modalities: each modality once (got '{cfg.modalities}')")
-    if cfg.lora_r and cfg.freeze_text and task == "classify":
-        problems.append("--lora-r and --freeze-text: LoRA trains adapters on the text model, --freeze-text keeps "
-                        "it fixed; choose one")
-    if cfg.train_text_layers and cfg.freeze_text and task == "classify":
-        problems.append("--train-text-layers and --freeze-text: the first trains the text model's top layers, the "
-                        "second keeps it fixed; choose one")
-    if cfg.train_text_layers < 0:
-        problems.append(f"--train-text-layers: must be >= 0 (got {cfg.train_text_layers})")
-    if cfg.lora_r and cfg.train_decoder and task == "generate":
-        problems.append("--lora-r and --train-decoder: LoRA trains adapters, --train-decoder the whole decoder; "
-                        "choose one")
-    if task == "classify" and explicit and "text" not in mods:
-        problems += [f"{flag(n)}: needs the text modality (--modalities {cfg.modalities})"
-                     for n in ("lora_r", "freeze_text", "train_text_layers") if getattr(cfg, n)]
-    if task == "classify" and explicit and cfg.share_projections and len(set(mods) - {modalities.TEXT}) < 2:
-        problems.append("--share-projections: shares one projection between media of the same width; needs at "
-                        "least two media modalities")
-    if task == "classify" and explicit and cfg.modality_dropout and len(set(mods)) < 2:
-        problems.append("--modality-dropout: needs at least two modalities (one is never dropped)")
+    problems += task.rules(cfg, mods, explicit)
     if cfg.max_steps and cfg.epochs == 0:
         problems.append("--max-steps: with --epochs 0 nothing is trained; give --epochs >= 1")
     if problem := fp16_rule(cfg.precision, cfg.device):
         problems.append(problem)
-    if task == "generate" and cfg.decoder_precision == "bf16" and (cfg.lora_r or cfg.train_decoder):
-        problems.append("--decoder-precision bf16: only for a frozen decoder (not with --lora-r or --train-decoder); "
-                        "use --precision bf16 for autocast")
-    if task == "generate" and cfg.prefix_tokens < 1:
-        problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
     return problems
 
 
@@ -752,9 +672,10 @@ def merge_ignores() -> tuple[str, ...]:
             *(o.name for _, o in modalities.options()))
 
 
-def _reshape(cls: type, added: dict[str, tuple[str, Any]], replaced: dict[str, Any]) -> None:
-    """Re-make dataclass `cls` in place with the fields `added` ({name: (type name, opt(...))}) in place of those
-    added before, and the fields in `replaced` given new opt(...)s: every module holding `cls` sees the new shape."""
+def _reshape(cls: type, added: dict[str, tuple[str, Any]], replaced: dict[str, Any], after: str = "") -> None:
+    """Re-make dataclass `cls` in place with the fields `added` ({name: (type name, opt(...))}, placed after the
+    field `after`, else last) in place of those added before, and the fields in `replaced` given new opt(...)s:
+    every module holding `cls` sees the new shape."""
     current = {f.name: f for f in dataclasses.fields(cls)}
     annotations = cls.__dict__["__annotations__"]
     for name in getattr(cls, "_plugin_fields", ()):
@@ -762,10 +683,15 @@ def _reshape(cls: type, added: dict[str, tuple[str, Any]], replaced: dict[str, A
         annotations.pop(name, None)
         if name in cls.__dict__:
             delattr(cls, name)
+    order = list(annotations)
+    at = order.index(after) + 1 if after in order else len(order)
+    order[at:at] = list(added)
+    kinds = {**annotations, **{name: kind for name, (kind, _) in added.items()}}
+    annotations.clear()
+    annotations.update({name: kinds[name] for name in order})
     for name, f in current.items():
         setattr(cls, name, replaced.get(name, f))
-    for name, (kind, f) in added.items():
-        annotations[name] = kind
+    for name, (_, f) in added.items():
         setattr(cls, name, f)
     for attr in ("__init__", "__repr__", "__eq__", "__match_args__"):
         if attr in cls.__dict__:
@@ -774,21 +700,45 @@ def _reshape(cls: type, added: dict[str, tuple[str, Any]], replaced: dict[str, A
     dataclass(cls)
 
 
-def _modality_options(*_: Any) -> None:
-    """Keep the configs in step with the modality registry (at import, and on every (un)registration): prepare
-    gets `--<m>-column`, `--<m>-model` and each modality's options, --augment's help its sentences, and
-    finetune's --modalities defaults to every input."""
+def _field(o: Any) -> tuple[str, Any]:
+    """A plug-in's Option as a config field."""
+    return o.type_name(), opt(o.default, o.help, choices=o.choices, panel=o.panel)
+
+
+def _per_task(name: str) -> str:
+    """"1500 for classify, 80 for generate": the value each task gives a shared option left at None."""
+    return ", ".join(f"{t.defaults[name]} for {t.name}" for t in tasks.all() if name in t.defaults) or "none"
+
+
+def _plugin_options(*_: Any) -> None:
+    """Keep the configs in step with the registries (at import, and on every (un)registration): prepare gets
+    `--<m>-column`, `--<m>-model` and each modality's options, --augment's help its sentences; finetune gets each
+    task's options, --task its choices, --monitor the tasks' metrics, the options whose default depends on the
+    task their per-task defaults, and --modalities defaults to every input."""
     added: dict[str, tuple[str, Any]] = {}
     for m in modalities.all():
         added[f"{m.name}_column"] = ("str", opt(None, m.column_help(), panel="Data"))
         added[f"{m.name}_model"] = ("str", opt(m.default_model, m.model_help, panel="Model"))
         for o in m.options:
-            added[o.name] = (type(o.default).__name__, opt(o.default, o.help, panel=o.panel))
+            added[o.name] = _field(o)
     augment = " ".join([AUGMENT_BASE, *(m.augment_help for m in modalities.all() if m.augment_help)])
     _reshape(PrepareConfig, added, {"augment": opt(0, augment, panel="Data")})
-    help_ = next(f.metadata["help"] for f in dataclasses.fields(FinetuneConfig) if f.name == "modalities")
-    _reshape(FinetuneConfig, {}, {"modalities": opt(",".join(modalities.roles()), help_, panel="Model")})
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    replaced = {"modalities": opt(",".join(modalities.roles()), fields["modalities"].metadata["help"], panel="Model"),
+                "task": opt(tasks.DEFAULT, " or ".join(t.help for t in tasks.all()) + ".", choices=tasks.names(),
+                            panel="Model"),
+                "monitor": opt("val_loss", fields["monitor"].metadata["help"],
+                               choices=tuple(dict.fromkeys(m for t in tasks.all() for m in t.metrics)),
+                               panel="Early stopping")}
+    for name in ("budget_steps", "min_steps", "min_rel_delta"):
+        f = fields[name]
+        template = FinetuneConfig.__dict__.get("_templates", {}).get(name, f.metadata["help"])
+        replaced[name] = opt(None, template.replace("{}", _per_task(name)), panel=f.metadata["panel"])
+        FinetuneConfig._templates = {**FinetuneConfig.__dict__.get("_templates", {}), name: template}
+    _reshape(FinetuneConfig, {o.name: _field(o) for t in tasks.all() for o in t.options}, replaced,
+             after="modalities")
 
 
-_modality_options()
-modalities.on_change(_modality_options)
+_plugin_options()
+modalities.on_change(_plugin_options)
+tasks.on_change(_plugin_options)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mmllm import outputs
+from mmllm import outputs, tasks
 from mmllm.config import EvalModelConfig, save_resolved
-from mmllm.console import emit, log, show, warn
-from mmllm.errors import UserError
-from mmllm.metrics import classification, error_rates
+from mmllm.console import emit, log, show
 
 
 # ---------------------------------------------------------------- eval model
@@ -25,10 +22,7 @@ def run_model(cfg: EvalModelConfig) -> int:
         check_outputs(cfg)
     device = pick_device(cfg.device)
     config = checkpoint.read_config(cfg.checkpoint)
-    if config.get("task") == "generate":
-        result = eval_generation(cfg, config, device)
-    else:
-        result = eval_classification(cfg, device)
+    result = tasks.of(config).evaluate(cfg, config, device)
     print_table(result)
     if cfg.output:
         write_outputs(result, Path(cfg.output))
@@ -49,150 +43,6 @@ def check_outputs(cfg: EvalModelConfig) -> None:
 
 def confusion_path(out: Path) -> Path:
     return out.with_name(out.stem + "_confusion.png")
-
-
-def eval_classification(cfg: EvalModelConfig, device: Any) -> dict:
-    import torch
-
-    from mmllm import checkpoint
-    from mmllm.batches import FeatureTable
-    from mmllm.tasks.classify import predict_table
-
-    model, config, tokenizer = checkpoint.load(cfg.checkpoint, device)
-    labels = config["labels"]
-    mods = model.cfg.modalities
-    pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
-    columns, source, split = eval_columns(cfg, config, mods, model.cfg.cached_text)
-    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence,
-                         model.cfg.cached_text)
-    unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
-    if unseen:
-        warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "
-             f"({', '.join(unseen[:5])}): counted as errors")
-    with torch.no_grad():
-        probs, _, gates = predict_table(model, table, device, cfg.batch_size)
-    # a label unseen in training can never be predicted: score it as a miss, not as absent
-    names = labels + unseen
-    gold = np.array([names.index(lab) if lab is not None else -100 for lab in table.label_names])
-    if not (gold >= 0).any():
-        raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
-    padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
-    result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
-                              "split": split, **classification(gold, padded.argmax(1), names, padded)}
-    if cfg.reliance is not False:
-        result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
-    return result
-
-
-def eval_generation(cfg: EvalModelConfig, config: dict, device: Any) -> dict:
-    from mmllm.tasks.generate import GenTable, bleu_of, load_checkpoint
-
-    model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
-    mods = model.cfg.modalities
-    columns, source, split = eval_columns(cfg, config, mods, transcripts=model.reads_transcripts)
-    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
-                     sequences=tuple(model.cfg.sequenced()))
-    if not any(table.targets):
-        raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
-    args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)
-    scored = bleu_of(model, table, *args)
-    rates = error_rates(scored["hypotheses"], table.targets)
-    result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,
-                              "split": split, "n": len(table), "bleu": scored["val_bleu"],
-                              "chrf": scored["val_chrf"], "bleu_signature": scored["bleu_signature"],
-                              **{k: v for k, v in rates.items() if k != "n"},
-                              "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
-                                           list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
-    if cfg.reliance is None and mods:
-        log("reliance: not computed for a generation checkpoint unless asked (it generates the split once more "
-            "per modality): --reliance")
-    if cfg.reliance and mods:
-        masked = {"none": {"bleu": result["bleu"], "chrf": result["chrf"]}}
-        for m in mods:
-            b = bleu_of(model, table, *args, drop=frozenset({m}))
-            masked[m] = {"bleu": b["val_bleu"], "chrf": b["val_chrf"], "bleu_drop": result["bleu"] - b["val_bleu"]}
-        result["reliance"] = {"masked": masked}
-    return result
-
-
-def eval_columns(cfg: EvalModelConfig, config: dict, mods: list[str], text_states: bool = False,
-                 transcripts: bool | None = None) -> tuple[dict, str, str]:
-    """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
-    featurized on the fly."""
-    from mmllm.features import META, label_strings, load_prepared
-
-    data = Path(cfg.data)
-    if (data / META).is_file():
-        ds, meta = load_prepared(data)
-        for role in mods:
-            mine, theirs = config["encoders"][role]["identity"], meta["encoders"].get(role, {}).get("identity")
-            if mine != theirs:
-                raise UserError(f"{data} was prepared with other encoders: {role} is {theirs}, the checkpoint "
-                                f"was trained on {mine}; prepare it again with --{role}-model "
-                                f"{config['encoders'][role]['name']}")
-        if cfg.split not in ds:
-            raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
-        part = ds[cfg.split]
-        if "text_trunk" in part.column_names:  # the checkpoint holds the whole text model: it runs on the token ids
-            part = part.remove_columns("text_trunk")
-        columns = part.with_format("numpy")[:]
-        columns["label"] = label_strings(ds[cfg.split])  # names (the prepared column is a ClassLabel of ids)
-        return columns, str(data), cfg.split
-    from mmllm.records import raw_records
-    from mmllm.features import checkpoint_preprocessing, encoders_for_checkpoint, featurize
-
-    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states,
-                                       transcripts=transcripts)
-    records = []
-    for item in raw_records(str(data), config):
-        if isinstance(item, tuple):
-            warn(f"skipped record {item[0]['id']}: {item[1].reason}")
-        else:
-            records.append(item)
-    records, split = raw_split(records, cfg.split, data)
-    rows, bad = featurize(records, encoders, checkpoint_preprocessing(config, cfg.max_file_mb))
-    for e in bad:
-        warn(f"skipped record {e['id']}: {e['reason']}")
-    if not rows:
-        raise UserError(f"{data}: no usable records for split '{split}'")
-    return {k: [r.get(k) for r in rows] for k in rows[0]}, str(data), split
-
-
-def raw_split(records: list[dict], wanted: str, data: Path) -> tuple[list[dict], str]:
-    """The records of split `wanted` of a raw manifest, and the split's name. Without split values every record
-    is used, under the name "all"; a split the manifest does not have is an error."""
-    from mmllm.records import SPLIT_NAMES
-
-    present = sorted({r["split"] for r in records if r.get("split")})
-    if not present:
-        warn(f"{data} has no split column: evaluating all {len(records)} records (reported as split 'all')")
-        return [dict(r, split="all") for r in records], "all"
-    name = SPLIT_NAMES.get(wanted.strip().lower(), wanted.strip().lower())
-    if name not in present:
-        raise UserError(f"--split: {data} has no split '{wanted}' (has: {', '.join(present)})")
-    unsplit = sum(not r.get("split") for r in records)
-    if unsplit:
-        warn(f"{unsplit} records of {data} have no split value: not evaluated")
-    return [r for r in records if r.get("split") == name], name
-
-
-def reliance(model, table, device, batch_size: int, names: list[str], gold: np.ndarray, n_unseen: int,
-             full: dict, gates: np.ndarray | None) -> dict:
-    """Metrics with each modality masked in turn (and mean gate weights for gated fusion)."""
-    from mmllm.tasks.classify import predict_table
-
-    rows = {"none": {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"]}}
-    for m in model.cfg.modalities:
-        probs, _, _ = predict_table(model, table, device, batch_size, drop=frozenset({m}))
-        if n_unseen:
-            probs = np.concatenate([probs, np.zeros((len(probs), n_unseen))], 1)
-        r = classification(gold, probs.argmax(1), names)
-        rows[m] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
-                   "accuracy_drop": full["accuracy"] - r["accuracy"]}
-    out: dict[str, Any] = {"masked": rows}
-    if gates is not None:
-        out["mean_gate"] = {m: float(g) for m, g in zip(model.cfg.modalities, gates.mean(0))}
-    return out
 
 
 def print_table(result: dict) -> None:

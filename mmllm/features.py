@@ -703,3 +703,63 @@ def checkpoint_preprocessing(config: dict, max_file_mb: int) -> Preprocessing:
     this run's file limit and no feature cache; no text trunk states (the checkpoint holds its whole text model)."""
     return Preprocessing.read(config.get("preprocessing") or {}, max_file_mb=max_file_mb, cache=False,
                               text_trunk_layers=0)
+
+
+# ---------------------------------------------------------------- a split to evaluate
+
+def split_columns(cfg: Any, config: dict, mods: list[str], text_states: bool = False,
+                 transcripts: bool | None = None) -> tuple[dict, str, str]:
+    """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
+    featurized on the fly."""
+    data = Path(cfg.data)
+    if (data / META).is_file():
+        ds, meta = load_prepared(data)
+        for role in mods:
+            mine, theirs = config["encoders"][role]["identity"], meta["encoders"].get(role, {}).get("identity")
+            if mine != theirs:
+                raise UserError(f"{data} was prepared with other encoders: {role} is {theirs}, the checkpoint "
+                                f"was trained on {mine}; prepare it again with --{role}-model "
+                                f"{config['encoders'][role]['name']}")
+        if cfg.split not in ds:
+            raise UserError(f"--split: {data} has no split '{cfg.split}' (has: {', '.join(ds)})")
+        part = ds[cfg.split]
+        if "text_trunk" in part.column_names:  # the checkpoint holds the whole text model: it runs on the token ids
+            part = part.remove_columns("text_trunk")
+        columns = part.with_format("numpy")[:]
+        columns["label"] = label_strings(ds[cfg.split])  # names (the prepared column is a ClassLabel of ids)
+        return columns, str(data), cfg.split
+    from mmllm.records import raw_records
+
+    encoders = encoders_for_checkpoint(Path(cfg.checkpoint), config, precision=cfg.precision, text_states=text_states,
+                                       transcripts=transcripts)
+    records = []
+    for item in raw_records(str(data), config):
+        if isinstance(item, tuple):
+            warn(f"skipped record {item[0]['id']}: {item[1].reason}")
+        else:
+            records.append(item)
+    records, split = raw_split(records, cfg.split, data)
+    rows, bad = featurize(records, encoders, checkpoint_preprocessing(config, cfg.max_file_mb))
+    for e in bad:
+        warn(f"skipped record {e['id']}: {e['reason']}")
+    if not rows:
+        raise UserError(f"{data}: no usable records for split '{split}'")
+    return {k: [r.get(k) for r in rows] for k in rows[0]}, str(data), split
+
+
+def raw_split(records: list[dict], wanted: str, data: Path) -> tuple[list[dict], str]:
+    """The records of split `wanted` of a raw manifest, and the split's name. Without split values every record
+    is used, under the name "all"; a split the manifest does not have is an error."""
+    from mmllm.records import SPLIT_NAMES
+
+    present = sorted({r["split"] for r in records if r.get("split")})
+    if not present:
+        warn(f"{data} has no split column: evaluating all {len(records)} records (reported as split 'all')")
+        return [dict(r, split="all") for r in records], "all"
+    name = SPLIT_NAMES.get(wanted.strip().lower(), wanted.strip().lower())
+    if name not in present:
+        raise UserError(f"--split: {data} has no split '{wanted}' (has: {', '.join(present)})")
+    unsplit = sum(not r.get("split") for r in records)
+    if unsplit:
+        warn(f"{unsplit} records of {data} have no split value: not evaluated")
+    return [r for r in records if r.get("split") == name], name

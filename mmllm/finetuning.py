@@ -1,6 +1,6 @@
 """`mmllm finetune`: joint optimization of a task's model over prepared features.
 
-Loads the prepared data, resolves the modalities, builds the `--task`'s Task (mmllm.tasks) and hands it to
+Loads the prepared data, resolves the modalities, builds the `--task`'s Training (mmllm.tasks) and hands it to
 the shared training loop (mmllm.loop).
 """
 
@@ -27,7 +27,7 @@ def run(cfg: FinetuneConfig) -> int:
 
 
 def train(cfg: FinetuneConfig, dist: Dist) -> int:
-    """Load the prepared data, build the --task's Task, run the loop."""
+    """Load the prepared data, build the --task's Training, run the loop."""
     torch.manual_seed(cfg.seed)
     data, meta = load_prepared(cfg.prepared)
     absent = [split for split in ("train", "validation") if split not in data]

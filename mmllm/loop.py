@@ -26,7 +26,7 @@ from mmllm.console import emit, log, progress, warn
 from mmllm.errors import UserError, read_json
 from mmllm.model import penalty
 from mmllm.runtime import Dist
-from mmllm.tasks import Task
+from mmllm.tasks import Training
 
 STATE_DIR = "resume"
 # an mmllm checkpoint folder, finished or interrupted (a run interrupted before markers existed has resume/)
@@ -43,7 +43,7 @@ MIN_EPOCHS = 10
 LOSS_FELL = 0.98  # early stopping waits until the epoch's training loss is below 98% of the first steps' loss
 
 
-def train(task: Task, cfg: FinetuneConfig, dist: Dist) -> int:
+def train(task: Training, cfg: FinetuneConfig, dist: Dist) -> int:
     """The loop: epochs of fit + validate, early stopping, resumable state, final checkpoint (rank 0).
 
     Ctrl-C or SIGTERM: the step in progress finishes, the resumable state is saved, exit 130 / 143. With
@@ -92,7 +92,7 @@ class Run:
     cfg: FinetuneConfig | None = None  # the options resolved by the plan (epochs); the caller's config is untouched
 
 
-def start_run(task: Task, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Path) -> Run:
+def start_run(task: Training, cfg: FinetuneConfig, dist: Dist, out: Path, folder: Path) -> Run:
     """Optimizer, schedule and state (fresh or resumed); the output folder's metrics log and resolved config."""
     model = task.model
     plan = plan_schedule(cfg, len(task.train), dist.world)
@@ -218,7 +218,7 @@ def trim_metrics(path: Path, state: TrainState) -> None:
         tmp.write_text("".join(kept), encoding="utf-8")
 
 
-def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
+def run_epochs(task: Training, run: Run, cfg: FinetuneConfig, dist: Dist, stop: StopFlag, out: Path) -> int:
     """Epochs until the budget, early stopping or Ctrl-C; returns the number of records trained on."""
     state, model = run.state, task.model
     trained_records = 0
@@ -250,7 +250,7 @@ def run_epochs(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, stop: Stop
     return trained_records
 
 
-def finish(task: Task, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, trained_records: int,
+def finish(task: Training, run: Run, cfg: FinetuneConfig, dist: Dist, out: Path, trained_records: int,
            elapsed: float) -> None:
     """Restore the best weights, validate them, write the checkpoint and summary (rank 0)."""
     state, model = run.state, task.model

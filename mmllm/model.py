@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmllm.config import FUSIONS
+from mmllm.tasks.classify import FUSIONS
 from mmllm.modalities import TEXT
 from mmllm.encoders import mean_pool
 

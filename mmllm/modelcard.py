@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from mmllm import hub
+from mmllm import hub, tasks
 from mmllm.metrics import F1_DEFINITION
 
 METRIC_DEFINITIONS = {
@@ -42,36 +42,14 @@ def write(folder: Path, config: dict) -> None:
 
 
 def render(folder: Path, config: dict) -> str:
-    task = config.get("task", "classify")
+    task = tasks.of(config)
     mods = modalities(config)
-    kind = "classifier" if task == "classify" else "text generator"
     parts = [front_matter(config), f"# {folder.name.split('.tmp-')[0].lstrip('.')}\n",
-             f"A {'multimodal ' if len(mods) > 1 else ''}{kind} trained with mmllm (`--task {task}`) on "
+             f"A {'multimodal ' if len(mods) > 1 else ''}{task.kind} trained with mmllm (`--task {task.name}`) on "
              f"{', '.join(mods)}.\n",
              usage(config), labels_section(config), data_section(config), encoders_section(config),
              metrics_section(config, run_summary(folder)), training_section(folder), files_section(config)]
     return "\n".join(p for p in parts if p)
-
-
-def text_training(config: dict) -> str | None:
-    """How a classifier's text model was trained: "lora", "full", "frozen" (also under a linear probe, which
-    reads its stored pooled states), or None without a text model (and for generation)."""
-    model = config.get("model") or {}
-    if config.get("task", "classify") != "classify" or "text" not in model.get("modalities", []):
-        return None
-    if model.get("fusion") == "linear":
-        return "frozen"
-    if model.get("lora_r"):
-        return "lora"
-    return "frozen" if model.get("freeze_text") else "full"
-
-
-def decoder_training(config: dict) -> str | None:
-    """How a generator's decoder was trained: "lora", "full" or "frozen"; None for a classifier."""
-    gen = config.get("generation")
-    if not gen:
-        return None
-    return "lora" if gen.get("lora_r") else "full" if gen.get("train_decoder") else "frozen"
 
 
 def run_summary(folder: Path) -> dict:
@@ -84,9 +62,7 @@ def run_summary(folder: Path) -> dict:
 
 
 def modalities(config: dict) -> list[str]:
-    if config.get("task") == "generate":
-        return list(config["generation"]["modalities"]) or ["text prompts"]
-    return list(config["model"]["modalities"])
+    return tasks.of(config).card_modalities(config)
 
 
 def license_of(name: str) -> str:
@@ -106,27 +82,14 @@ def license_of(name: str) -> str:
 def front_matter(config: dict) -> str:
     tags = ["mmllm", "multimodal", *modalities(config)]
     lines = ["---", "library_name: mmllm", "tags:", *[f"- {t.replace(' ', '-')}" for t in tags]]
-    if config.get("task") == "classify" and "text" in config["model"]["modalities"]:
-        lines.append("pipeline_tag: text-classification")
+    lines += tasks.of(config).card_tags(config)
     return "\n".join(lines + ["---", ""])
 
 
 def usage(config: dict) -> str:
     lines = ["## Use", "", "```bash", "mmllm predict CHECKPOINT records.jsonl   # or a manifest, or a class folder",
              "mmllm eval model CHECKPOINT data", "```"]
-    text = text_training(config)
-    if text:
-        what = {"lora": "The fine-tuned text model alone (LoRA adapters merged into its weights)",
-                "full": "The fine-tuned text model alone",
-                "frozen": "The text model (its pretrained weights, unchanged: it was not trained)"}[text]
-        lines += ["", f"{what} is a Hugging Face folder:", "",
-                  "```python", "from transformers import AutoModel, AutoTokenizer",
-                  'model = AutoModel.from_pretrained("CHECKPOINT/text_model")',
-                  'tokenizer = AutoTokenizer.from_pretrained("CHECKPOINT/text_model")', "```"]
-    elif decoder_training(config) in ("lora", "full"):
-        lines += ["", "`decoder/` is the trained decoder" + (" (LoRA adapters merged)" if decoder_training(config)
-                  == "lora" else "") + ", a Hugging Face folder for `AutoModelForCausalLM`; the image/audio prefix "
-                  "projector stays in model.safetensors."]
+    lines += tasks.of(config).card_usage(config)
     return "\n".join(lines) + "\n"
 
 
@@ -162,10 +125,7 @@ def encoders_section(config: dict) -> str:
         name = str(enc.get("name", ""))
         rows.append(f"| {role} | `{md(name)}` | `{enc.get('identity', '')}` | {md(license_of(name))} | "
                     f"{enc.get('dim', '')} | {enc.get('precision', 'fp32')} |")
-    gen = config.get("generation")
-    if gen:
-        rows.append(f"| decoder | `{md(gen['decoder'])}` | `{gen.get('decoder_identity', '')}` | "
-                    f"{md(license_of(gen['decoder']))} | | |")
+    rows += tasks.of(config).card_encoder_rows(config, license_of, md)
     if not rows:
         return ""
     return "\n".join(["## Encoders", "", "| role | name | identity | license | dim | precision |",
@@ -173,40 +133,18 @@ def encoders_section(config: dict) -> str:
 
 
 def encoder_notes(config: dict) -> list[str]:
-    """One sentence per kind of encoder: trained how, or frozen and identified by its weights' hash."""
-    notes = []
-    text = text_training(config)
-    lora_r = (config.get("model") or {}).get("lora_r")
-    top = (config.get("model") or {}).get("train_text_layers")
-    if text in ("lora", "full") and top:
-        notes.append(f"Only the top {top} layer{'s' if top > 1 else ''} of the text model {'are' if top > 1 else 'is'} "
-                     "fine-tuned"
-                     + (f" (with LoRA rank {lora_r}, merged)" if text == "lora" else "")
-                     + ", trained over the token states of the frozen layers below them that prepare stored "
-                     f"(--text-trunk-layers {top}); text_model/ holds the whole model: the pretrained embeddings and "
-                     "lower layers, the trained top layers.")
-    elif text == "lora":
-        notes.append(f"The text model is fine-tuned with LoRA (rank {lora_r}; only the adapters trained), merged into "
-                     "the weights in text_model/.")
-    elif text == "full":
-        notes.append("The text model is fine-tuned (all its weights; they are in text_model/).")
-    elif text == "frozen":
-        notes.append("The text model is frozen (not trained); text_model/ holds its pretrained weights.")
-    frozen = [r for r in (config.get("encoders") or {}) if r != "text" or text is None]
-    if frozen:
-        verb = "is" if len(frozen) == 1 else "are"
-        notes.append(f"The {' and '.join(frozen)} encoder{'s' if len(frozen) > 1 else ''} {verb} frozen and "
-                     f"identified by a hash of {'its' if len(frozen) == 1 else 'their'} weights.")
-    decoder = decoder_training(config)
-    if decoder == "lora":
-        notes.append(f"The decoder is fine-tuned with LoRA (rank {config['generation']['lora_r']}), merged into the "
-                     "weights in decoder/.")
-    elif decoder == "full":
-        notes.append("The decoder is fine-tuned (all its weights; they are in decoder/).")
-    elif decoder == "frozen":
-        notes.append("The decoder is frozen (not trained) and referenced by identity; decoder/ holds its tokenizer "
-                     "and config.")
-    return notes
+    """One sentence per kind of encoder: trained how (the task says), or frozen and identified by its weights'
+    hash."""
+    return tasks.of(config).card_notes(config, frozen_note)
+
+
+def frozen_note(roles: list[str]) -> list[str]:
+    """The sentence for the frozen encoders `roles` ([] without any)."""
+    if not roles:
+        return []
+    verb = "is" if len(roles) == 1 else "are"
+    return [f"The {' and '.join(roles)} encoder{'s' if len(roles) > 1 else ''} {verb} frozen and identified by a "
+            f"hash of {'its' if len(roles) == 1 else 'their'} weights."]
 
 
 def metrics_section(config: dict, summary: dict | None = None) -> str:
@@ -297,16 +235,7 @@ def command_line(path: Path) -> str | None:
 
 def files_section(config: dict) -> str:
     files = dict(FILES)
-    if config.get("task") == "classify":
-        files["labels.json"] = "label name -> id, a copy of config.json's labels (those are used; the two must agree)"
-    text = text_training(config)
-    if text:
-        files["text_model/"] = ("the fine-tuned" if text != "frozen" else "the pretrained (frozen)") + \
-            " text model and its tokenizer (Hugging Face folder)"
-    decoder = decoder_training(config)
-    if decoder:
-        files["decoder/"] = ("the trained decoder and its tokenizer (Hugging Face folder)" if decoder != "frozen"
-                             else "the decoder's tokenizer and config (the frozen weights are referenced by identity)")
+    files.update(tasks.of(config).card_files(config))
     rows = [f"| [{name}]({name}) | {what} |" for name, what in files.items()]
     return "\n".join(["## Files", "", "| file | content |", "|---|---|", *rows, ""])
 

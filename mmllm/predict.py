@@ -12,10 +12,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mmllm import checkpoint, outputs
+from mmllm import checkpoint, outputs, tasks
 from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
@@ -31,17 +30,12 @@ class Predictor:
 
         self.device = pick_device(device)
         self.config = checkpoint.read_config(folder)
-        self.generation = self.config.get("task") == "generate"
-        if self.generation:
-            from mmllm.tasks.generate import load_checkpoint
-
-            self.model, self.tokenizer = load_checkpoint(Path(folder), self.config, self.device)
-        else:
-            self.model, self.config, self.tokenizer = checkpoint.load(folder, self.device)
+        self.task = tasks.of(self.config)
+        self.generation = self.task.generates  # takes generation options (max_new_tokens, stop, ...)
+        self.model, self.tokenizer = self.task.load(Path(folder), self.config, self.device)
         self.labels = self.config["labels"]
         self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision,
-                                                text_states=getattr(self.model.cfg, "cached_text", False),
-                                                transcripts=getattr(self.model, "reads_transcripts", None))
+                                                **self.task.input_flags(self.model))
         self.prep = checkpoint_preprocessing(self.config, max_file_mb)
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
         # one batch at a time: the tokenizers ("Already borrowed") and the feature memo are not thread-safe
@@ -57,7 +51,6 @@ class Predictor:
     @torch.no_grad()
     def _predict(self, records: list[dict], top_k: int = 1, reliance: bool = False, **generation: Any
                  ) -> list[dict]:
-        from mmllm.batches import FeatureTable
         from mmllm.features import featurize
 
         given = [r.get("given_id", r["id"]) for r in records]
@@ -65,50 +58,8 @@ class Predictor:
         records = [{**r, "id": str(i), "split": r.get("split") or "test"} for i, r in enumerate(records)]
         rows, errors = featurize(records, self.encoders, self.prep, self.store)
         results = {e["id"]: {"error": _one_line(e)} for e in errors}
-        if rows and self.generation:
-            from mmllm.tasks.generate import GenTable
-
-            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-            table = GenTable(columns, self.model.cfg.modalities, self.tokenizer, with_targets=False,
-                             kind=self.model.cfg.prompt_format, sequences=tuple(self.model.cfg.sequenced()))
-
-            def answers(drop: frozenset = frozenset()) -> list[str]:
-                batch = table.batch(range(len(rows)), self.device, with_targets=False, drop=drop)
-                return self.model.generate(batch, self.tokenizer, **generation)
-
-            texts = answers()
-            masked = {m: answers(frozenset({m})) for m in self.model.cfg.modalities} if reliance else {}
-            for n, (row, text) in enumerate(zip(rows, texts)):
-                results[row["id"]] = {"generated": text}
-                if reliance:
-                    results[row["id"]]["reliance"] = {m: {"generated": t[n]} for m, t in masked.items()}
-        elif rows:
-            mods = self.model.cfg.modalities
-            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-            pad = self.tokenizer.pad_token_id or 0 if self.tokenizer is not None else 0
-            table = FeatureTable(columns, mods, None, pad, self.model.cfg.sequence, self.model.cfg.cached_text)
-            batch = table.batch(range(len(rows)), self.device)
-
-            def probabilities(drop: frozenset = frozenset()) -> np.ndarray:  # (B, C)
-                return self.model(batch, drop=drop)["logits"].float().softmax(-1).cpu().numpy()
-
-            probs = probabilities()
-            masked = {m: probabilities(frozenset({m})) for m in mods} if reliance else {}
-            k = min(top_k, len(self.labels))
-            for n, (row, p) in enumerate(zip(rows, probs)):
-                if not np.isfinite(p).all():  # never an answer the model did not give: NaN has no argmax
-                    results[row["id"]] = {"error": "the model's output for this record is not finite (NaN or Inf "
-                                                   "in its features)"}
-                    continue
-                best = np.argsort(-p)[:k]
-                res: dict[str, Any] = {"prediction": self.labels[int(best[0])], "probability": float(p[best[0]])}
-                if top_k > 1:
-                    res["top_k"] = [{"label": self.labels[int(i)], "probability": float(p[i])} for i in best]
-                if reliance:  # per masked modality: its answer, and how much the unmasked answer's probability fell
-                    res["reliance"] = {m: {"prediction": self.labels[int(q[n].argmax())],
-                                           "probability": float(q[n].max()),
-                                           "drop": float(p[best[0]] - q[n][best[0]])} for m, q in masked.items()}
-                results[row["id"]] = res
+        if rows:
+            results.update(self.task.predict(self, rows, top_k, reliance, generation))
         return [{"id": i, **results[r["id"]]} for i, r in zip(given, records)]
 
 

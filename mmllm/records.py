@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from collections.abc import Callable, Iterable, Iterator
 
-from mmllm import modalities
+from mmllm import modalities, tasks
 from mmllm.errors import UserError, utf8_text
 
 # column names auto-detected per canonical key (a modality's come from its plug-in: candidates())
@@ -517,7 +517,7 @@ def folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def checkpoint_inputs(config: dict) -> list[str]:
     """The record keys (canonical) a checkpoint can read: its modalities, and the prompt text of a generator."""
     mods = list(config.get("model", {}).get("modalities", []))
-    if config.get("task") == "generate" and "text" not in mods:
+    if tasks.of(config).reads_prompt and modalities.TEXT not in mods:
         mods.insert(0, "text")
     spoken = modalities.transcribed()
     if (config.get("preprocessing") or {}).get("transcribe") and "text" in mods and spoken not in mods:

@@ -79,7 +79,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     async def info() -> dict:
         c = predictor.config
         transcriber = predictor.encoders.get("transcript")  # the audio is transcribed as prepare did
-        return {"task": c.get("task", "classify"), "labels": c.get("labels", []),
+        return {"task": predictor.task.name, "labels": c.get("labels", []),
                 "modalities": c["model"]["modalities"],
                 "transcribes_audio": transcriber is not None,
                 "transcriber": getattr(transcriber, "name", None),

@@ -44,7 +44,7 @@ def test_auto_trains_every_candidate_and_keeps_the_best_on_validation(prepared, 
 def test_each_kind_of_candidate_is_a_real_checkpoint(prepared, toy_manifest, tmp_path, monkeypatch, kept):
     """Whichever candidate wins, predict and eval (with modality reliance) work on the checkpoint, and predict on
     the raw records agrees with eval on the prepared ones."""
-    from mmllm.tasks import classify
+    from mmllm.tasks.classify import core as classify
 
     monkeypatch.setattr(classify, "choose", lambda results, monitor: kept)
     summary, _ = finetune(prepared, tmp_path / "ck")

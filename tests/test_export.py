@@ -173,7 +173,7 @@ def test_trained_decoder_loads_with_auto_classes(prepared, tiny_decoder, tmp_pat
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mmllm.tasks.generate as gen
+    import mmllm.tasks.generate.core as gen
 
     seen = spy_on_save(monkeypatch, gen, "save_checkpoint")
     out = tmp_path / "gen"

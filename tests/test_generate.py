@@ -196,14 +196,15 @@ def test_decoder_precision_bf16_refused_for_a_trained_decoder(prepared, tiny_dec
 
 
 def test_task_defaults_budget_min_steps_and_relative_delta(prepared, tiny_decoder, tmp_path):
-    from mmllm.config import TASK_DEFAULTS, FinetuneConfig
+    from mmllm import tasks
+    from mmllm.config import FinetuneConfig
 
     gen, cls = FinetuneConfig(task="generate"), FinetuneConfig()
     assert (gen.budget_steps, gen.min_steps, gen.min_rel_delta) == (80, 40, 0.01)
     assert (cls.budget_steps, cls.min_steps, cls.min_rel_delta) == (1500, 300, 0.0)
     given = FinetuneConfig(task="generate", budget_steps=1500, min_steps=0, min_rel_delta=0.0)
     assert (given.budget_steps, given.min_steps, given.min_rel_delta) == (1500, 0, 0.0)  # explicit values win
-    assert set(TASK_DEFAULTS["generate"]) == set(TASK_DEFAULTS["classify"])
+    assert set(tasks.get("generate").defaults) == set(tasks.get("classify").defaults)
     out = tmp_path / "gen"
     r = run_cli("finetune", str(prepared), "--output", str(out), "--task", "generate", "--decoder", str(tiny_decoder),
                 "--batch-size", "8", "--hidden-size", "8", "--prefix-tokens", "1", "--budget-steps", "4")

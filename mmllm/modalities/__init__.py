@@ -22,8 +22,9 @@ TEXT = "text"  # the core's own input
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A prepare option a modality adds (a `PrepareConfig` field, recorded in the data's preprocessing):
-    `low` < value <= `high` is checked by `validate` (None: unchecked)."""
+    """An option a plug-in adds: a modality's to `PrepareConfig` (recorded in the data's preprocessing), a task's
+    to `FinetuneConfig`. `low` < value <= `high` is checked by `validate` (None: unchecked); `kind` is the field's
+    type name when the default (None: resolved later) does not say it; `choices` are its allowed values."""
 
     name: str
     default: Any
@@ -31,6 +32,11 @@ class Option:
     panel: str = "Model"
     low: float | None = None
     high: float | None = None
+    kind: str = ""
+    choices: tuple = ()
+
+    def type_name(self) -> str:
+        return self.kind or type(self.default).__name__
 
 
 class Modality:

@@ -29,7 +29,7 @@ from mmllm.chat import DESCRIBE
 from mmllm.console import log
 from mmllm.errors import UserError
 from mmllm.runtime import Dist, gather, shard
-from mmllm.tasks import Task, missing_column
+from mmllm.tasks import Training, get, missing_column
 
 PROMPT = "Describe the input.{context}\nDescription:"
 
@@ -313,11 +313,11 @@ def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
     return decoder
 
 
-def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
+def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Training:
     from mmllm.encoders import load_decoder
 
     if not meta.get("has_target"):
-        raise UserError(missing_column(fcfg.prepared, meta, "target"))
+        raise UserError(missing_column(fcfg.prepared, meta, get(fcfg.task)))
     prefix_mods = [m for m in modalities if m != "text"]
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
@@ -370,7 +370,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     def save(m: PrefixDecoder, out: Path, metrics: dict) -> None:
         save_checkpoint(m, out, tokenizer, meta, metrics, str(Path(fcfg.prepared).resolve()))
 
-    return Task(model, train, validate, save)
+    return Training(model, train, validate, save)
 
 
 def answer_defaults(cfg: GenConfig, train: GenTable) -> None:
@@ -483,3 +483,83 @@ def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDeco
         raise UserError(f"{folder}: config.json and model.safetensors disagree (missing {missing[:2]}, "
                         f"unexpected {unexpected[:2]})")
     return model.to(device).eval(), tokenizer
+
+
+def check_config(config: dict, folder: Path) -> list[str]:
+    """The problems of a generator checkpoint's generation and model sections and its decoder/ folder."""
+    from mmllm.checkpoint import GENERATION_RULES, MAX_WIDTH, check_encoders, check_modalities, check_section
+
+    gen = config.get("generation")
+    problems = check_section(gen, "generation", GENERATION_RULES)
+    if problems:
+        return problems
+    problems += check_modalities(gen["modalities"], "generation.modalities")
+    problems += [f"generation.dims.{m} must be a positive size" for m in gen["modalities"]
+                 if not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
+    model = config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("modalities"), list):
+        return problems + ["model.modalities must be a list"]
+    problems += check_modalities(model["modalities"], "model.modalities")
+    if not (folder / "decoder").is_dir():
+        problems.append("decoder/ (tokenizer and decoder config) is missing")
+    return problems + (check_encoders(config, model["modalities"]) if not problems else [])
+
+
+# ---------------------------------------------------------------- inference
+
+@torch.no_grad()
+def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: dict) -> dict:
+    """{row id: {"generated": text}} for featurized rows; with `reliance` also the text with each modality
+    masked."""
+    model, tokenizer = predictor.model, predictor.tokenizer
+    columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+    table = GenTable(columns, model.cfg.modalities, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
+                     sequences=tuple(model.cfg.sequenced()))
+
+    def answers(drop: frozenset = frozenset()) -> list[str]:
+        batch = table.batch(range(len(rows)), predictor.device, with_targets=False, drop=drop)
+        return model.generate(batch, tokenizer, **generation)
+
+    texts = answers()
+    masked = {m: answers(frozenset({m})) for m in model.cfg.modalities} if reliance else {}
+    results = {}
+    for n, (row, text) in enumerate(zip(rows, texts)):
+        results[row["id"]] = {"generated": text}
+        if reliance:
+            results[row["id"]]["reliance"] = {m: {"generated": t[n]} for m, t in masked.items()}
+    return results
+
+
+# ---------------------------------------------------------------- eval model
+
+def evaluate(cfg: Any, config: dict, device: Any) -> dict:
+    """`eval model` of a generator: sacreBLEU, chrF, WER/CER and examples (modality reliance when asked)."""
+    from mmllm.features import split_columns
+    from mmllm.metrics import error_rates
+
+    model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
+    mods = model.cfg.modalities
+    columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts)
+    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
+                     sequences=tuple(model.cfg.sequenced()))
+    if not any(table.targets):
+        raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
+    args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)
+    scored = bleu_of(model, table, *args)
+    rates = error_rates(scored["hypotheses"], table.targets)
+    result: dict[str, Any] = {"task": "generate", "checkpoint": str(cfg.checkpoint), "data": source,
+                              "split": split, "n": len(table), "bleu": scored["val_bleu"],
+                              "chrf": scored["val_chrf"], "bleu_signature": scored["bleu_signature"],
+                              **{k: v for k, v in rates.items() if k != "n"},
+                              "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
+                                           list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
+    if cfg.reliance is None and mods:
+        log("reliance: not computed for a generation checkpoint unless asked (it generates the split once more "
+            "per modality): --reliance")
+    if cfg.reliance and mods:
+        masked = {"none": {"bleu": result["bleu"], "chrf": result["chrf"]}}
+        for m in mods:
+            b = bleu_of(model, table, *args, drop=frozenset({m}))
+            masked[m] = {"bleu": b["val_bleu"], "chrf": b["val_chrf"], "bleu_drop": result["bleu"] - b["val_bleu"]}
+        result["reliance"] = {"masked": masked}
+    return result

@@ -11,19 +11,19 @@ import torch
 from mmllm import checkpoint
 from mmllm.batches import FeatureTable
 from mmllm.errors import UserError
-from mmllm.config import AUTO_FUSIONS
+from mmllm.tasks.classify import AUTO_FUSIONS
 from mmllm.console import log, warn
 from mmllm.metrics import classification
 from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
 from mmllm.modelcard import data_summary
 from mmllm.runtime import Dist, gather, shard
-from mmllm.tasks import Task, missing_column
+from mmllm.tasks import Training, get, missing_column
 from mmllm.tasks.candidates import CandidateSet, better, choose, fit_probe
 
 
-def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Task:
+def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Training:
     if not meta["labels"]:
-        raise UserError(missing_column(cfg.prepared, meta, "label"))
+        raise UserError(missing_column(cfg.prepared, meta, get(cfg.task)))
     labels = meta["labels"]
     label_to_id = {n: i for i, n in enumerate(labels)}
     tokenizer = text_config = text_model = None
@@ -84,7 +84,7 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
             for name, r in results.items()}}
 
     def save(model_: torch.nn.Module, out: Path, metrics: dict) -> None:
-        info = {"task": "classify", "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
+        info = {"task": cfg.task, "labels": labels, "encoders": meta["encoders"], "columns": meta["columns"],
                 "preprocessing": meta["preprocessing"], "prepared": str(Path(cfg.prepared).resolve()),
                 "data": data_summary(meta), "metrics": metrics}
         chosen = model_
@@ -104,7 +104,7 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
             whole = compose(text.build_model(), checkpoint.merged_state(checkpoint.unwrap(chosen).text))
         checkpoint.save(chosen, out, info, tokenizer, text_config, whole)
 
-    return Task(model, train_table, run_validation, save)
+    return Training(model, train_table, run_validation, save)
 
 
 def top_layers(cfg: Any, meta: dict, text: Any) -> torch.nn.Module:
@@ -247,3 +247,115 @@ def validate(model, val: FeatureTable, labels: list[str], device, batch_size: in
     loss = float(-(w * logp[np.arange(keep.sum()), gold[keep]]).sum() / max(w.sum(), 1e-12))
     m = classification(gold, probs.argmax(1), labels)
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_f1": m["macro_f1"]}
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def check_config(config: dict, folder: Path) -> list[str]:
+    """The problems of a classifier checkpoint's model section: fields, modalities, widths, text model files."""
+    from mmllm.checkpoint import MAX_WIDTH, MODEL_RULES, Rule, check_encoders, check_modalities, check_section, \
+        check_value
+
+    labels = config.get("labels", [])
+    model = config.get("model")
+    problems = check_section(model, "model", MODEL_RULES)
+    if problems:
+        return problems
+    mods = model["modalities"]
+    problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
+    if isinstance(labels, list) and model["num_labels"] != len(labels):
+        problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
+    if "text" in mods and model.get("text_dim") is None:
+        problems.append("model.text_dim is missing (the model uses text)")
+    dims = model.get("dims") or {}
+    for m in mods:
+        if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):
+            problems.append(f"{p} (the model uses {m})")
+    if "text" in mods and not (folder / "text_model").is_dir():
+        problems.append("text_model/ (tokenizer and text model config) is missing")
+    return problems + check_encoders(config, [m for m in mods if m != "text"])
+
+
+# ---------------------------------------------------------------- inference
+
+@torch.no_grad()
+def predict_rows(predictor: Any, rows: list[dict], top_k: int, reliance: bool) -> dict:
+    """{row id: {"prediction", "probability"[, "top_k"][, "reliance"]}} for featurized rows (an error entry for a
+    record whose output is not finite)."""
+    model, labels, tokenizer = predictor.model, predictor.labels, predictor.tokenizer
+    mods = model.cfg.modalities
+    columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+    pad = tokenizer.pad_token_id or 0 if tokenizer is not None else 0
+    table = FeatureTable(columns, mods, None, pad, model.cfg.sequence, model.cfg.cached_text)
+    batch = table.batch(range(len(rows)), predictor.device)
+
+    def probabilities(drop: frozenset = frozenset()) -> np.ndarray:  # (B, C)
+        return model(batch, drop=drop)["logits"].float().softmax(-1).cpu().numpy()
+
+    probs = probabilities()
+    masked = {m: probabilities(frozenset({m})) for m in mods} if reliance else {}
+    k = min(top_k, len(labels))
+    results: dict[str, dict] = {}
+    for n, (row, p) in enumerate(zip(rows, probs)):
+        if not np.isfinite(p).all():  # never an answer the model did not give: NaN has no argmax
+            results[row["id"]] = {"error": "the model's output for this record is not finite (NaN or Inf in its "
+                                           "features)"}
+            continue
+        best = np.argsort(-p)[:k]
+        res: dict[str, Any] = {"prediction": labels[int(best[0])], "probability": float(p[best[0]])}
+        if top_k > 1:
+            res["top_k"] = [{"label": labels[int(i)], "probability": float(p[i])} for i in best]
+        if reliance:  # per masked modality: its answer, and how much the unmasked answer's probability fell
+            res["reliance"] = {m: {"prediction": labels[int(q[n].argmax())], "probability": float(q[n].max()),
+                                   "drop": float(p[best[0]] - q[n][best[0]])} for m, q in masked.items()}
+        results[row["id"]] = res
+    return results
+
+
+# ---------------------------------------------------------------- eval model
+
+def evaluate(cfg: Any, device: Any) -> dict:
+    """`eval model` of a classifier: accuracy, macro-F1, ECE, the confusion matrix (and modality reliance)."""
+    from mmllm.features import split_columns
+
+    model, config, tokenizer = checkpoint.load(cfg.checkpoint, device)
+    labels = config["labels"]
+    mods = model.cfg.modalities
+    pad = (tokenizer.pad_token_id or 0) if tokenizer is not None else 0
+    columns, source, split = split_columns(cfg, config, mods, model.cfg.cached_text)
+    table = FeatureTable(columns, mods, {n: i for i, n in enumerate(labels)}, pad, model.cfg.sequence,
+                         model.cfg.cached_text)
+    unseen = sorted({lab for lab in table.label_names if lab is not None and lab not in labels})
+    if unseen:
+        warn(f"{sum(lab in unseen for lab in table.label_names)} records have labels unseen in training "
+             f"({', '.join(unseen[:5])}): counted as errors")
+    with torch.no_grad():
+        probs, _, gates = predict_table(model, table, device, cfg.batch_size)
+    # a label unseen in training can never be predicted: score it as a miss, not as absent
+    names = labels + unseen
+    gold = np.array([names.index(lab) if lab is not None else -100 for lab in table.label_names])
+    if not (gold >= 0).any():
+        raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
+    padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
+    result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
+                              "split": split, **classification(gold, padded.argmax(1), names, padded)}
+    if cfg.reliance is not False:
+        result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
+    return result
+
+
+def reliance(model, table, device, batch_size: int, names: list[str], gold: np.ndarray, n_unseen: int,
+             full: dict, gates: np.ndarray | None) -> dict:
+    """Metrics with each modality masked in turn (and mean gate weights for gated fusion)."""
+    rows = {"none": {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"]}}
+    for m in model.cfg.modalities:
+        probs, _, _ = predict_table(model, table, device, batch_size, drop=frozenset({m}))
+        if n_unseen:
+            probs = np.concatenate([probs, np.zeros((len(probs), n_unseen))], 1)
+        r = classification(gold, probs.argmax(1), names)
+        rows[m] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+                   "accuracy_drop": full["accuracy"] - r["accuracy"]}
+    out: dict[str, Any] = {"masked": rows}
+    if gates is not None:
+        out["mean_gate"] = {m: float(g) for m, g in zip(model.cfg.modalities, gates.mean(0))}
+    return out

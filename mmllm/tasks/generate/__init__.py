@@ -1,0 +1,127 @@
+"""`--task generate`: text generation by a pretrained decoder conditioned on the other inputs (the plug-in; its code
+is in `core`).
+
+This module is what the registry, the configs and the model card read, and imports nothing heavy; training,
+checkpoints, prediction and evaluation are in `mmllm.tasks.generate.core`, imported when the task runs (its
+names are also reachable from here: `from mmllm.tasks.generate import GenTable`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from mmllm.modalities import Option
+from mmllm.tasks import Task
+
+
+def _core() -> Any:
+    return importlib.import_module(f"{__name__}.core")
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the training and inference code, imported on first use
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(_core(), name)
+
+
+class Generate(Task):
+    name = "generate"
+    help = "generate (target column)"
+    kind = "text generator"
+    learns = "target"
+    flag = "--target-column"
+    metrics = ("val_loss", "val_bleu")
+    # a frozen decoder learns short answers in far fewer steps than a classifier, and its val_loss keeps creeping
+    # towards 0
+    defaults = {"budget_steps": 80, "min_steps": 40, "min_rel_delta": 0.01}
+    generates = True
+    reads_prompt = True
+    options = (
+        Option("decoder", "smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id."),
+        Option("prefix_tokens", 4, "Prefix tokens per modality fed to the decoder (--task generate)."),
+        Option("media_tokens", "pooled", "Decoder tokens of each medium (--task generate): pooled vector -> "
+               "--prefix-tokens, or one per stored sequence vector (prepare --sequence-features).",
+               choices=("pooled", "sequence")),
+        Option("decoder_precision", "auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
+               "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The projector and the loss stay "
+               "fp32.", choices=("auto", "fp32", "bf16")),
+        Option("train_decoder", False, "Fine-tune the whole decoder, not only the projector (--task generate)."),
+        Option("max_new_tokens", None, "Longest generated text during validation (--task generate; default: from "
+               "the training answers' lengths).", panel="Training", kind="int"),
+    )
+
+    def rules(self, cfg: Any, mods: list[str], explicit: bool) -> list[str]:
+        problems = []
+        if cfg.lora_r and cfg.train_decoder:
+            problems.append("--lora-r and --train-decoder: LoRA trains adapters, --train-decoder the whole decoder; "
+                            "choose one")
+        if cfg.decoder_precision == "bf16" and (cfg.lora_r or cfg.train_decoder):
+            problems.append("--decoder-precision bf16: only for a frozen decoder (not with --lora-r or "
+                            "--train-decoder); use --precision bf16 for autocast")
+        if cfg.prefix_tokens < 1:
+            problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
+        return problems
+
+    def has_column(self, meta: dict) -> bool:
+        return bool(meta.get("has_target"))
+
+    def build(self, cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Any:
+        return _core().build(cfg, data, meta, modalities, dist)
+
+    def check(self, config: dict, folder: Path) -> list[str]:
+        return _core().check_config(config, folder)
+
+    def load(self, folder: Path, config: dict, device: Any) -> tuple[Any, Any]:
+        return _core().load_checkpoint(Path(folder), config, device)
+
+    def input_flags(self, model: Any) -> dict:
+        return {"transcripts": model.reads_transcripts}
+
+    def predict(self, predictor: Any, rows: list[dict], top_k: int, reliance: bool, generation: dict) -> dict:
+        return _core().predict_rows(predictor, rows, reliance, generation)
+
+    def evaluate(self, cfg: Any, config: dict, device: Any) -> dict:
+        return _core().evaluate(cfg, config, device)
+
+    # ------------------------------------------------------------ model card
+
+    def card_modalities(self, config: dict) -> list[str]:
+        return list(config["generation"]["modalities"]) or ["text prompts"]
+
+    def card_training(self, config: dict) -> str | None:
+        """How the decoder was trained: "lora", "full" or "frozen"."""
+        gen = config.get("generation") or {}
+        return "lora" if gen.get("lora_r") else "full" if gen.get("train_decoder") else "frozen"
+
+    def card_usage(self, config: dict) -> list[str]:
+        trained = self.card_training(config)
+        if trained not in ("lora", "full"):
+            return []
+        return ["", "`decoder/` is the trained decoder" + (" (LoRA adapters merged)" if trained == "lora" else "")
+                + ", a Hugging Face folder for `AutoModelForCausalLM`; the image/audio prefix projector stays in "
+                "model.safetensors."]
+
+    def card_encoder_rows(self, config: dict, license_of: Any, md: Any) -> list[str]:
+        gen = config["generation"]
+        return [f"| decoder | `{md(gen['decoder'])}` | `{gen.get('decoder_identity', '')}` | "
+                f"{md(license_of(gen['decoder']))} | | |"]
+
+    def card_notes(self, config: dict, frozen: Any) -> list[str]:
+        notes = frozen(list(config.get("encoders") or {}))
+        trained = self.card_training(config)
+        if trained == "lora":
+            notes.append(f"The decoder is fine-tuned with LoRA (rank {config['generation']['lora_r']}), merged into "
+                         "the weights in decoder/.")
+        elif trained == "full":
+            notes.append("The decoder is fine-tuned (all its weights; they are in decoder/).")
+        else:
+            notes.append("The decoder is frozen (not trained) and referenced by identity; decoder/ holds its "
+                         "tokenizer and config.")
+        return notes
+
+    def card_files(self, config: dict) -> dict[str, str]:
+        trained = self.card_training(config)
+        return {"decoder/": "the trained decoder and its tokenizer (Hugging Face folder)" if trained != "frozen"
+                else "the decoder's tokenizer and config (the frozen weights are referenced by identity)"}
