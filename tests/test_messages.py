@@ -37,7 +37,7 @@ def test_finetune_without_labels_names_the_unused_columns_the_flag_and_generate(
     r = run_cli("finetune", tmp_path / "p", "--output", tmp_path / "ck", "--epochs", "1")
     line = one_line_error(r)
     assert r.exit_code == 2
-    assert "has no labels" in line and "prepare left these columns unused: mood" in line, line
+    assert "has no label column" in line and "prepare left these columns unused: mood" in line, line
     assert f"mmllm prepare {manifest.resolve()} --label-column mood" in line, line
     assert "--task generate" in line, line
     assert not (tmp_path / "ck" / "model.safetensors").exists()
