@@ -185,7 +185,7 @@ def in_memory_media(raw: dict, config: dict, n: int) -> dict:
 
     cols = record_columns(raw, config.get("columns") or {})
     out = raw
-    for role in modalities.names():
+    for role in modalities.inputs():
         key = cols.get(role)
         if key is None or raw[key] is None:
             continue

@@ -668,7 +668,7 @@ def save_resolved(cfg: Any, path: str | Path) -> None:
 def merge_ignores() -> tuple[str, ...]:
     """Prepare options fixed when each shard was prepared (--merge refuses them): MERGE_IGNORES and each
     modality's column, model and options."""
-    return (*MERGE_IGNORES, *(n for m in modalities.all() for n in (f"{m.name}_column", f"{m.name}_model")),
+    return (*MERGE_IGNORES, *(n for m in modalities.inputs() for n in (f"{m}_column", f"{m}_model")),
             *(o.name for _, o in modalities.options()))
 
 
@@ -717,8 +717,9 @@ def _plugin_options(*_: Any) -> None:
     task their per-task defaults, and --modalities defaults to every input."""
     added: dict[str, tuple[str, Any]] = {}
     for m in modalities.all():
-        added[f"{m.name}_column"] = ("str", opt(None, m.column_help(), panel="Data"))
-        added[f"{m.name}_model"] = ("str", opt(m.default_model, m.model_help, panel="Model"))
+        if not m.carried_by:  # a part-only modality has no column, and shares the model of its encoder_of
+            added[f"{m.name}_column"] = ("str", opt(None, m.column_help(), panel="Data"))
+            added[f"{m.name}_model"] = ("str", opt(m.default_model, m.model_help, panel="Model"))
         for o in m.options:
             added[o.name] = _field(o)
     augment = " ".join([AUGMENT_BASE, *(m.augment_help for m in modalities.all() if m.augment_help)])

@@ -95,14 +95,29 @@ def label_strings(ds: Any) -> list[str | None]:
 
 
 def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
-    from mmllm.encoders import load_encoder, precision_note, resolve_precision
+    from mmllm.encoders import precision_note, resolve_precision
 
-    models = {role: getattr(cfg, f"{role}_model") for role in modalities.roles()}
     precision = resolve_precision(cfg.precision)
     log(precision_note(cfg.precision, precision))
-    out = {role: load_encoder(role, models[role], cfg.trust_remote_code, precision) for role in roles}
+    out = shared_encoders({role: getattr(cfg, f"{modalities.encoder_role(role)}_model") for role in roles},
+                          cfg.trust_remote_code, precision)
     if cfg.transcribe and modalities.transcribed() in roles:
         out["transcript"] = load_transcriber(cfg.transcribe_model, cfg.trust_remote_code, precision)
+    return out
+
+
+def shared_encoders(models: dict[str, str], trust_remote_code: bool, precision: str) -> dict[str, Any]:
+    """Each role's encoder, by its model name; roles that share an encoder (a part-only modality and its
+    encoder_of) get the same instance, loaded once."""
+    from mmllm.encoders import load_encoder
+
+    loaded: dict[tuple[str, str], Any] = {}
+    out = {}
+    for role, name in models.items():
+        key = (modalities.encoder_role(role), name)
+        if key not in loaded:
+            loaded[key] = load_encoder(role, name, trust_remote_code, precision)
+        out[role] = loaded[key]
     return out
 
 
@@ -391,11 +406,12 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
         for source in [m for m in item["media"] if modalities.get(m).parts]:
-            for part in modalities.get(source).parts:
-                if part in encoders and not rec.get(part) and part not in item["media"]:
-                    entry = load_part(rec, source, part, encoders, store, pre, item["media"][source]["digest"])
+            for part in modalities.get(source).parts:  # the record's own part first, else the file's
+                into = modalities.spare(source, part) if rec.get(part) else part
+                if into and into in encoders and into not in item["media"]:
+                    entry = load_part(rec, source, part, encoders, store, pre, item["media"][source]["digest"], into)
                     if entry is not None:
-                        item["media"][part] = entry
+                        item["media"][into] = entry
         spoken = modalities.transcribed()
         if "transcript" in encoders and (rec.get(spoken) or spoken in item["media"]):
             item["transcript"] = load_transcript(rec, encoders, store, pre, item["media"].get(spoken))
@@ -407,20 +423,22 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
 
 
 def load_part(rec: dict, source: str, part: str, encoders: dict, store: FeatureStore, pre: Preprocessing,
-              digest: str) -> dict | None:
-    """The `part` medium a `source` file carries (a video's soundtrack is the record's audio when it has none):
-    cached features, or the part decoded by the source's plug-in for the part's encoder; None: the file has none."""
-    content = f"{digest}:{source}"
-    key = feature_key(part, content, encoders[part], pre, rec.get("aug", 0), rec["id"])
+              digest: str, into: str | None = None) -> dict | None:
+    """The `part` medium a `source` file carries, as the input `into` (default `part`: a video's soundtrack is the
+    record's audio when it has none, else its `video_audio`): cached features, or the part decoded by the source's
+    plug-in for `into`'s encoder; None: the file has none."""
+    into = into or part
+    content = f"{digest}:{source}:{json.dumps(modalities.get(source).key_parts(pre), sort_keys=True)}"
+    key = feature_key(into, content, encoders[into], pre, rec.get("aug", 0), rec["id"])
     entry = {"key": key, "digest": content, "source": source}
-    cached = store.get(key, feature_shapes(part, encoders[part], pre))
+    cached = store.get(key, feature_shapes(into, encoders[into], pre))
     if cached is not None:
         return {**entry, "features": cached}
-    decoded = _decode_part(rec, source, part, encoders[part], pre)
+    decoded = _decode_part(rec, source, part, encoders[into], pre)
     if decoded is None:
         return None
     if rec.get("aug"):
-        decoded = modalities.get(part).augment(decoded, _rng(pre.seed, rec["id"], rec["aug"]), encoders[part])
+        decoded = modalities.get(into).augment(decoded, _rng(pre.seed, rec["id"], rec["aug"]), encoders[into])
     return {**entry, "decoded": decoded}
 
 
@@ -669,7 +687,7 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     `text_states`: featurize computes the frozen text model's pooled states (the model reads them, not tokens);
     `transcripts`: the model reads prepare's transcripts (a generator's prompt), so the audio is transcribed as
     prepare did; None: when it has a text model (which read text + transcript)."""
-    from mmllm.encoders import TextEncoder, load_encoder, precision_note, resolve_precision
+    from mmllm.encoders import TextEncoder, precision_note, resolve_precision
 
     requested = precision
     if precision == "checkpoint":
@@ -677,16 +695,17 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     precision = resolve_precision(precision)
     log(precision_note(requested, precision))
     out = {}
-    for role in config["model"]["modalities"]:
-        if role == "text" and (folder / "text_model").is_dir():  # classification: the tokenizer travels with it
-            out[role] = TextEncoder(str(folder / "text_model"), precision=precision)
-            continue
+    roles = list(config["model"]["modalities"])
+    if "text" in roles and (folder / "text_model").is_dir():  # classification: the tokenizer travels with it
+        out["text"] = TextEncoder(str(folder / "text_model"), precision=precision)
+    loaded = shared_encoders({r: config["encoders"][r]["name"] for r in roles if r not in out}, trust_remote_code,
+                             precision)
+    for role, enc in loaded.items():
         recorded = config["encoders"][role]
-        enc = load_encoder(role, recorded["name"], trust_remote_code, precision)
         if enc.identity != recorded["identity"]:
             raise UserError(f"{role} encoder '{recorded['name']}' is now {enc.identity}, but the checkpoint was "
                             f"trained on {recorded['identity']}")
-        out[role] = enc
+    out.update(loaded)
     if "text" in out:
         out["text"].states = text_states
     recorded = config.get("preprocessing", {}).get("transcribe")

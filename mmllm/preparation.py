@@ -62,7 +62,7 @@ def build(cfg: PrepareConfig) -> int:
     """Records -> features -> the prepared dataset at --output."""
     start = time.perf_counter()
     out = Path(cfg.output)
-    records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column") for k in keys()})
+    records, errors, cols = read_records(cfg.input[0], {k: getattr(cfg, f"{k}_column", None) for k in keys()})
     records = check_records(records, errors, has_label=bool(cols["label"]))
     if cfg.transcribe is None:  # auto: the embedded Whisper that encodes the audio also says what it hears
         spoken = modalities.transcribed()
@@ -85,8 +85,10 @@ def build(cfg: PrepareConfig) -> int:
     records = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_index]
     if cfg.shard_index > 0:
         errors = []  # errors found while reading the manifest are reported once, by shard 0
-    roles = [role for role in modalities.roles() if cols[role] and any(r[role] for r in records)]
+    roles = [role for role in modalities.input_roles() if cols[role] and any(r[role] for r in records)]
     carried = {p for m in roles if m != modalities.TEXT for p in modalities.get(m).parts}  # e.g. soundtracks
+    carried |= {s for m in roles if m != modalities.TEXT for p in modalities.get(m).parts  # next to the record's own
+                if (s := modalities.spare(m, p)) and any(r[m] and r[p] for r in records)}
     roles = [role for role in modalities.roles() if role in roles or role in carried]
     spoken = modalities.transcribed()
     if cfg.transcribe and spoken in roles and modalities.TEXT not in roles:
@@ -144,7 +146,7 @@ def check_records(records: list[dict], errors: list[dict], has_label: bool) -> l
         if has_label and (r["label"] is None or r["label"] == "") and r.get("split") != "test":
             errors.append(error_entry(r, RecordError("label", "empty label")))
             continue
-        if not any(r[m] for m in modalities.roles()):
+        if not any(r[m] for m in modalities.input_roles()):
             errors.append(error_entry(r, RecordError(None, f"no {modalities.spelled()}")))
             continue
         kept.append(r)
@@ -207,7 +209,7 @@ def report_columns(cols: dict, records: list[dict], reference: str | None = None
     log("columns: " + ", ".join(f"{key} <- {col}" for key, col in cols.items() if col)
         + (f", transcript reference <- {reference}" if reference else ""))
     if cols.ignored:
-        flags = ", ".join(f"--{k}-column" for k in (*modalities.roles(), "label"))
+        flags = ", ".join(f"--{k}-column" for k in (*modalities.input_roles(), "label"))
         warn(f"columns not used: {', '.join(cols.ignored)} (give one a role with {flags} or --target-column)")
     for role in modalities.roles():
         if cols[role] and records and not any(r[role] for r in records):

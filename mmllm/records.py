@@ -207,9 +207,10 @@ def detect_columns(columns: list[str], given: dict[str, str | None]) -> ColumnMa
             out[key] = next((lower[c] for c in names if c in lower), None)
     if missing:
         raise UserError("; ".join(missing))
-    if not any(out[k] for k in modalities.roles()):
-        raise UserError(f"no {modalities.spelled()} column found (columns: {', '.join(columns)}); name "
-                        f"them with {' / '.join(f'--{k}-column' for k in modalities.roles())}")
+    if not any(out[k] for k in modalities.input_roles()):
+        raise UserError(f"no {modalities.spelled(modalities.input_roles())} column found (columns: "
+                        f"{', '.join(columns)}); name them with "
+                        f"{' / '.join(f'--{k}-column' for k in modalities.input_roles())}")
     used = set(out.values())
     out.ignored = [c for c in columns if c not in used]
     return out
@@ -365,7 +366,7 @@ def _read_class_folder(path: Path) -> tuple[list[dict], list[dict], dict]:
             rec[role] = str(f)
             records.append(rec)
     if not records:
-        raise UserError(f"{path}: no {modalities.spelled(modalities.names())} files in its class subfolders")
+        raise UserError(f"{path}: no {modalities.spelled(modalities.inputs())} files in its class subfolders")
     cols = {k: None for k in keys()}
     cols.update({m: m for m in modalities.names() if any(r[m] for r in records)}, label="label")
     return records, [], cols
@@ -516,7 +517,8 @@ def folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def checkpoint_inputs(config: dict) -> list[str]:
     """The record keys (canonical) a checkpoint can read: its modalities, and the prompt text of a generator."""
-    mods = list(config.get("model", {}).get("modalities", []))
+    mods = list(dict.fromkeys(modalities.carrier(m) if m in modalities.names() else m  # a soundtrack: its video
+                              for m in config.get("model", {}).get("modalities", [])))
     if tasks.of(config).reads_prompt and modalities.TEXT not in mods:
         mods.insert(0, "text")
     spoken = modalities.transcribed()
@@ -554,7 +556,7 @@ class InputCheck:
         if len(self.warned) >= 100:  # enough said; and memory stays bounded on adversarial input
             return
         unknown = [k for k in raw if str(k).lower() not in self.known and k not in self.warned]
-        unused = [cols[m] for m in modalities.roles()
+        unused = [cols[m] for m in modalities.input_roles()
                   if cols[m] and m not in self.inputs and cols[m] not in self.warned]
         for keys, what in ((unknown, "unknown key(s)"), (unused, "key(s) of inputs this checkpoint does not use")):
             if keys:

@@ -125,7 +125,7 @@ def decode_media(obj: dict, config: dict) -> dict:
 
     out = dict(obj)
     cols = record_columns(out, config.get("columns") or {})
-    for m in modalities.names():
+    for m in modalities.inputs():
         key = cols[m] or m
         value = out.pop(f"{m}_base64", None)
         if value is None and isinstance(out.get(key), str) and out[key].startswith("data:"):

@@ -82,19 +82,63 @@ def test_video_column_is_detected_decoded_and_its_soundtrack_is_the_records_audi
     assert np.abs(np.asarray(rows["c1"]["audio_emb"])).sum() == 0  # silent clip: no audio features
 
 
-def test_a_records_own_audio_wins_over_the_soundtrack(tiny_models, clips, tmp_path):
+def test_a_records_own_audio_wins_and_the_soundtrack_becomes_its_video_audio(tiny_models, clips, tmp_path,
+                                                                             monkeypatch):
+    import mmllm
+    import mmllm.encoders
+
     write_wav(tmp_path / "own.wav", freq=220.0)
-    rows = [{**c, "audio": "own.wav"} if c["id"] == "c0" else c for c in clips]
-    out = tmp_path / "p"
-    r = run_cli(*video_args(tiny_models, write_csv(tmp_path / "m.csv", rows), out))
-    assert r.exit_code == 0, r.output
+    rows = [{**c, "audio": "own.wav"} if c["id"] in ("c0", "c1") else c for c in clips]  # c0 has a soundtrack
+    manifest, out = write_csv(tmp_path / "m.csv", rows), tmp_path / "p"
+    loads = []
+    real = mmllm.encoders.AudioEncoder
+    monkeypatch.setattr(mmllm.encoders, "AudioEncoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    mmllm.prepare(manifest, output=out, image_model=str(tiny_models["image"]), video_model=str(tiny_models["image"]),
+                  audio_model=str(tiny_models["audio"]), text_model=str(tiny_models["text"]), quiet=True)
+    assert len(loads) == 1  # audio and video_audio share one encoder, loaded once
+    monkeypatch.undo()
+    plain = tmp_path / "plain"  # the same clips without any audio column: soundtracks are the records' audio
+    assert run_cli(*video_args(tiny_models, write_csv(tmp_path / "c.csv", clips), plain)).exit_code == 0
     solo = tmp_path / "solo"
     r = run_cli(*video_args(tiny_models, write_csv(tmp_path / "s.csv", [{"id": "c0", "audio": "own.wav",
                                                                           "label": "red"}]), solo))
     assert r.exit_code == 0, r.output
-    got = {row["id"]: row for split in load_prepared(out)[0].values() for row in split}["c0"]
+    data, meta = load_prepared(out)
+    got = {row["id"]: row for split in data.values() for row in split}
+    soundtrack = {row["id"]: row for split in load_prepared(plain)[0].values() for row in split}["c0"]
     own = next(row for split in load_prepared(solo)[0].values() for row in split)
-    assert np.allclose(got["audio_emb"], own["audio_emb"], atol=1e-5)
+    assert np.allclose(got["c0"]["audio_emb"], own["audio_emb"], atol=1e-5)  # the record's own audio wins
+    assert got["c0"]["has_video_audio"] and np.allclose(got["c0"]["video_audio_emb"], soundtrack["audio_emb"],
+                                                        atol=1e-5)  # and the soundtrack is its video_audio
+    assert got["c1"]["has_audio"] and not got["c1"]["has_video_audio"]  # a silent clip has no soundtrack
+    assert got["c3"]["has_audio"] and not got["c3"]["has_video_audio"]  # no own audio: the soundtrack is the audio
+    assert meta["encoders"]["video_audio"]["identity"] == meta["encoders"]["audio"]["identity"]
+    ck = tmp_path / "ck"
+    r = run_cli("finetune", str(out), "--output", str(ck), "--fusion", "concat", "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    assert "video_audio" in json.loads((ck / "config.json").read_text())["model"]["modalities"]
+    on_raw = run_cli("eval", "model", str(ck), str(manifest), "--split", "train", "--no-reliance")
+    on_prepared = run_cli("eval", "model", str(ck), str(out), "--split", "train", "--no-reliance")
+    assert on_raw.exit_code == 0 and on_prepared.exit_code == 0, (on_raw.output, on_prepared.output)
+    raw, prepared = json.loads(on_raw.stdout), json.loads(on_prepared.stdout)
+    assert raw["n"] == prepared["n"] == 6 and raw["ece"] == pytest.approx(prepared["ece"], abs=1e-4)
+    r = run_cli("predict", str(ck), "-", input=json.dumps({"id": "x", "video": str(tmp_path / "media" / "c0.mp4"),
+                                                           "audio": str(tmp_path / "own.wav")}) + "\n")
+    assert r.exit_code == 0 and "video_audio" not in r.stderr, r.output
+    by_path = json.loads(r.stdout)
+    by_bytes = mmllm.load(ck, quiet=True).predict({"id": "x", "video": (tmp_path / "media" / "c0.mp4").read_bytes(),
+                                                   "audio": (tmp_path / "own.wav").read_bytes()})
+    assert by_bytes["probability"] == pytest.approx(by_path["probability"], abs=1e-5)
+
+
+def test_video_audio_is_no_column_of_its_own():
+    import dataclasses
+
+    from mmllm.config import FinetuneConfig, PrepareConfig
+
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    assert "video_column" in names and "video_audio_column" not in names and "video_audio_model" not in names
+    assert "video_audio" in FinetuneConfig().modalities.split(",")
 
 
 def test_bad_videos_are_one_line_skips_and_never_hang(tiny_models, tmp_path):

@@ -51,6 +51,11 @@ class Modality:
     augment_help: str = ""  # what --augment does to it (one sentence for --augment's help)
     seq_len: int = 16  # tokens stored per item with --sequence-features
     parts: tuple[str, ...] = ()  # modalities its files also carry (a soundtrack is audio): see decode_part
+    # a part-only modality: it has no column or file of its own; its input is the `encoder_of` part that the
+    # files of `carried_by` hold when the record already has that input (a video's soundtrack next to an audio
+    # column); it shares that modality's encoder (and --<that>-model), loaded once
+    carried_by: str = ""
+    encoder_of: str = ""
     transcribable: bool = False  # --transcribe turns it into text (speech)
     fid: bool = False  # eval fid compares files of this modality
     fixed: dict = {}  # its preprocessing that no option changes, as recorded in prepared data (e.g. RGB)
@@ -144,6 +149,31 @@ def roles() -> tuple[str, ...]:
     return (TEXT, *_REGISTRY)
 
 
+def inputs() -> tuple[str, ...]:
+    """The modalities a record holds itself (a column, a file): all but the part-only ones."""
+    return tuple(m.name for m in _REGISTRY.values() if not m.carried_by)
+
+
+def input_roles() -> tuple[str, ...]:
+    """Every input a record can hold: text, then `inputs()`."""
+    return (TEXT, *inputs())
+
+
+def encoder_role(name: str) -> str:
+    """The role whose encoder (and --<role>-model) `name` runs: its own, or the one a part-only modality shares."""
+    return name if name == TEXT else _REGISTRY[name].encoder_of or name
+
+
+def carrier(name: str) -> str:
+    """The input a record must hold for `name`: itself, or the modality whose files carry it."""
+    return name if name == TEXT else _REGISTRY[name].carried_by or name
+
+
+def spare(source: str, part: str) -> str | None:
+    """The part-only modality that takes the `part` of a `source` file when the record has its own `part`."""
+    return next((m.name for m in _REGISTRY.values() if m.carried_by == source and m.encoder_of == part), None)
+
+
 def all() -> list[Modality]:  # noqa: A001 - the registry's own word
     return list(_REGISTRY.values())
 
@@ -163,7 +193,7 @@ def by_extension(ext: str) -> str | None:
 
 def spelled(words: tuple[str, ...] | None = None, conjunction: str = "or") -> str:
     """"text, image or audio": the inputs (or `words`) as a phrase."""
-    words = tuple(roles() if words is None else words)
+    words = tuple(input_roles() if words is None else words)
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
 
 
@@ -175,9 +205,9 @@ def transcribed() -> str | None:
 def _builtins() -> None:
     from mmllm.modalities.audio import Audio
     from mmllm.modalities.image import Image
-    from mmllm.modalities.video import Video
+    from mmllm.modalities.video import Video, VideoAudio
 
-    for cls in (Image, Audio, Video):
+    for cls in (Image, Audio, Video, VideoAudio):
         register(cls())
 
 

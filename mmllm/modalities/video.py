@@ -1,5 +1,6 @@
 """The video modality: K frames sampled uniformly over the clip, each encoded by the image encoder; the soundtrack
-is the record's audio when it has none (the audio encoder, and --transcribe, read it).
+is the record's audio when it has none (the audio encoder, and --transcribe, read it), else its own part-only
+input `video_audio` (the same audio encoder, loaded once; not transcribed).
 
 Decoded with PyAV (`av` from PyPI bundles its own FFmpeg libraries). A file is opened with the demuxer its first
 bytes name (MP4/MOV, Matroska/WebM, AVI, GIF), never one FFmpeg guesses, so a playlist or a concat script posing
@@ -14,6 +15,7 @@ import io
 from typing import Any
 
 from mmllm.modalities import Modality, Option
+from mmllm.modalities.audio import Audio
 
 EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})  # animated GIF: given in a video column
 MAX_SECONDS = 600.0
@@ -245,3 +247,27 @@ class Video(Modality):
     def key_parts(self, pre: Any) -> dict:
         return {"frames": int(pre.option("video_frames")), "max_seconds": float(pre.option("max_video_seconds")),
                 "sampling": "uniform centres"}
+
+
+class VideoAudio(Audio):
+    """A video's soundtrack when the record has audio of its own: a model input beside `audio`, encoded by the audio
+    encoder (`--audio-model`), trimmed to --max-video-seconds like the frames. No column, file or flag of its own."""
+
+    name = "video_audio"
+    columns = ()
+    extensions = frozenset()
+    options = ()
+    augment_help = ""  # --augment treats it as audio (the audio sentence says how)
+    transcribable = False
+    fixed = {}
+    carried_by = "video"
+    encoder_of = "audio"
+
+    def column_help(self) -> str:
+        return "The soundtrack of the video column when the record has its own audio (no column of its own)."
+
+    def key_parts(self, pre: Any) -> dict:
+        return {"max_seconds": float(pre.option("max_video_seconds"))}
+
+    def sample(self) -> Any:
+        return None
