@@ -43,8 +43,22 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + list(messages)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def _ids(tokenizer: Any, text: str, slots: dict[str, int] | None = None) -> list[int]:
+    """Token ids of `text`; each `slots` placeholder in it (e.g. "<image>") becomes its one (negative) id: the
+    position the generator puts that medium's tokens in."""
+    if not text:
+        return []
+    if not slots:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    import re
+
+    out: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, slots)) + ")", text):
+        if piece in slots:
+            out.append(slots[piece])
+        elif piece:
+            out += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return out
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
@@ -66,9 +80,10 @@ def _turn_end(answer: str, content: str, specials: list[str]) -> int:
     return best[1] if best else len(answer)
 
 
-def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, max_tokens: int = 1024
-           ) -> tuple[list[int], list[bool]]:
-    """(token ids, loss mask) of a whole conversation; the mask is True on every assistant turn's tokens."""
+def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, max_tokens: int = 1024,
+           slots: dict[str, int] | None = None) -> tuple[list[int], list[bool]]:
+    """(token ids, loss mask) of a whole conversation; the mask is True on every assistant turn's tokens. The
+    `slots` placeholders of the other turns are one negative id each (see `_ids`)."""
     ids: list[int] = []
     mask: list[bool] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -80,19 +95,19 @@ def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, 
     if kind == DESCRIBE:  # one turn: the record's prompt, then " target" + EOS
         user = next((m["content"] for m in messages if m["role"] == "user"), "")
         answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
-        add(_ids(tokenizer, user)[:256], False)
+        add(_ids(tokenizer, user, slots)[:256], False)
         add(_ids(tokenizer, " " + answer)[:256] + eos, True)
         return ids, mask
     if kind == PLAIN:
         if system:
-            add(_ids(tokenizer, f"System: {system}\n\n"), False)
+            add(_ids(tokenizer, f"System: {system}\n\n", slots), False)
         for n, m in enumerate(messages):
             sep = "\n" if n else ""
             if m["role"] == "assistant":
                 add(_ids(tokenizer, f"{sep}Assistant:"), False)
                 add(_ids(tokenizer, " " + m["content"]) + eos, True)
             else:
-                add(_ids(tokenizer, f"{sep}User: {m['content']}"), False)
+                add(_ids(tokenizer, f"{sep}User: {m['content']}", slots), False)
         return ids[:max_tokens], mask[:max_tokens]
     full = _with_system(messages, system)
     specials = _special_strings(tokenizer)
@@ -105,7 +120,7 @@ def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, 
         if not before.startswith(done) or not after.startswith(before):
             raise ValueError("the decoder's chat template does not render turns in order: cannot mark assistant "
                              "turns")
-        add(_ids(tokenizer, before[len(done):]), False)
+        add(_ids(tokenizer, before[len(done):], slots), False)
         answer = after[len(before):]
         end = _turn_end(answer, m["content"], specials)
         add(_ids(tokenizer, answer[:end]) + ([] if end < len(answer) or any(answer.endswith(s) for s in specials)
@@ -115,20 +130,20 @@ def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, 
     return ids[:max_tokens], mask[:max_tokens]
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict], system: str | None, kind: str, max_tokens: int = 1024
-               ) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict], system: str | None, kind: str, max_tokens: int = 1024,
+               slots: dict[str, int] | None = None) -> list[int]:
     """Token ids of a conversation up to the start of the next assistant answer (its last assistant turn, if it
-    ends with one, left out)."""
+    ends with one, left out); `slots` as in `encode`."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if kind == DESCRIBE:
         user = next((m["content"] for m in messages if m["role"] == "user"), "")
-        return _ids(tokenizer, user)[:256]
+        return _ids(tokenizer, user, slots)[:256]
     if kind == PLAIN:
-        ids, _ = encode(tokenizer, messages, system, PLAIN, 1 << 30)
+        ids, _ = encode(tokenizer, messages, system, PLAIN, 1 << 30, slots)
         ids += _ids(tokenizer, "\nAssistant:" if messages else "Assistant:")
     else:
-        ids = _ids(tokenizer, _render(tokenizer, _with_system(messages, system), True))
+        ids = _ids(tokenizer, _render(tokenizer, _with_system(messages, system), True), slots)
     return ids[-max_tokens:]  # the end of a long conversation is what the answer follows
 
 

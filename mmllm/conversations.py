@@ -11,11 +11,12 @@ Formats (detected per record by `detect`):
 `flatten` turns a record into mmllm's keys: `text` (its first user turn, placeholders removed), `image`,
 `audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the
 turns as JSON (`{"system": ..., "messages": [{"role", "content"}]}`), which generation renders with the decoder's
-chat template, the loss over every assistant turn. Each record's problem (a placeholder count that does not match
-its media, an empty assistant turn, a URL to fetch, a second image) is a ValueError with one line; `column`
-names the key.
+chat template, the loss over every assistant turn. The placeholders stay in the questions of `conversation` (an
+OpenAI image_url / input_audio part becomes one where it stands): generation puts each medium's tokens there.
+Each record's problem (a placeholder count that does not match its media, an empty assistant turn, a URL to
+fetch, a second image) is a ValueError with one line; `column` names the key.
 
-The modality prefix (tasks/generate.py) carries one image, one audio and one video per record, so a record with
+The generator (tasks/generate/) carries one image, one audio and one video per record, so a record with
 more is refused.
 """
 
@@ -91,9 +92,9 @@ def flatten(raw: dict, fmt: str) -> dict:
         if len(media[m]) > 1:
             raise FormatError(LISTS[m], f"{len(media[m])} {m}s: a record carries at most one {m} (the modality "
                                         "prefix holds one)")
-    for t in messages:
+    for t in messages:  # placeholders stay where they stand in the questions (the media go there), not in answers
         for tag in PLACEHOLDERS.values():
-            t["content"] = t["content"].replace(tag, " ")
+            t["content"] = t["content"].replace(tag, " " if t["role"] == "assistant" else f" {tag} ")
         t["content"] = " ".join(t["content"].split()) if t["role"] != "assistant" else t["content"].strip()
     for n, t in enumerate(messages, start=1):
         if t["role"] == "assistant" and not t["content"]:
@@ -101,11 +102,19 @@ def flatten(raw: dict, fmt: str) -> dict:
     if not messages:
         raise FormatError(None, "no turns")
     flat = {k: raw[k] for k in ("id", "split") if k in raw}
-    flat["text"] = next((t["content"] for t in messages if t["role"] == "user"), None)
+    question = next((t["content"] for t in messages if t["role"] == "user"), None)
+    flat["text"] = without_placeholders(question) if question is not None else None
     flat.update({m: items[0] if items else None for m, items in media.items() if items or m != "video"})
     flat["target"] = next((t["content"] for t in reversed(messages) if t["role"] == "assistant"), None)
     flat["conversation"] = json.dumps({"system": system, "messages": messages}, ensure_ascii=False)
     return flat
+
+
+def without_placeholders(text: str) -> str:
+    """`text` with its media placeholders taken out (whitespace collapsed): what a text model reads."""
+    for tag in PLACEHOLDERS.values():
+        text = text.replace(tag, " ")
+    return " ".join(text.split())
 
 
 def _turns(turns: list, key: str, media: dict | None) -> tuple[list[dict], str | None]:
@@ -145,8 +154,10 @@ def _parts(parts: list, n: int, media: dict) -> str:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             media["image"].append(_image_url(url, n))
+            texts.append(PLACEHOLDERS["image"])  # where the part stands
         elif kind == "input_audio":
             media["audio"].append(_input_audio(part.get("input_audio"), n))
+            texts.append(PLACEHOLDERS["audio"])
         else:
             raise FormatError("messages", f"turn {n}: content part of type {str(kind)[:40]!r}: expected text, "
                                           "image_url or input_audio")

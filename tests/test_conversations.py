@@ -99,7 +99,10 @@ def test_each_format_is_read_and_trained_on(write, tiny_models, chat_decoder, tm
     assert len(train) == 8 and all(train["has_image"])
     talk = json.loads(train["conversation"][0])
     assert sum(m["role"] == "assistant" for m in talk["messages"]) == turns
-    assert "<image>" not in json.dumps(talk) and "<audio>" not in json.dumps(talk)
+    first = " ".join(m["content"] for m in talk["messages"] if m["role"] == "user")  # where they stood
+    assert "<image>" in first and ("<audio>" in first) == (fmt in ("sharegpt", "openai"))
+    assert not any("<image>" in m["content"] for m in talk["messages"] if m["role"] == "assistant")
+    assert "<image>" not in train["text"][0]  # the text model reads the question without them
     assert train["target"][0] == talk["messages"][-1]["content"]
     if fmt in ("sharegpt", "openai"):
         assert talk["system"] == "answer briefly" and all(train["has_audio"])
@@ -108,6 +111,8 @@ def test_each_format_is_read_and_trained_on(write, tiny_models, chat_decoder, tm
                 "2", "--lr", "5e-3", "--patience", "0")
     assert r.exit_code == 0, r.output
     assert "prompts: the decoder tokenizer chat template" in r.stderr
+    assert "media placeholders: 8 of 8 training records put their media where their placeholder stands" in r.stderr
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["generation"]["media_at"] == "placeholder"
     losses = [json.loads(x)["val_loss"] for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
               if "val_loss" in x]
     assert losses[-1] < losses[0]
@@ -219,3 +224,54 @@ def test_sharegpt_videos_list_fills_the_video_input(tiny_models, chat_decoder, t
                 "2", "--max-new-tokens", "4")
     assert r.exit_code == 0, r.output
     assert "video" in json.loads((tmp_path / "g" / "config.json").read_text())["generation"]["modalities"]
+
+
+def test_each_medium_stands_where_its_placeholder_stands(chat_decoder):
+    """A placeholder is one marked position in the rendered template; embed puts that medium's projected tokens
+    there (the record's other media before the prompt), never in the loss; the loss equals the decoder's own
+    loss over the same embeddings; a record without placeholders keeps the prefix layout."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from mmllm.encoders import load_decoder
+    from mmllm.tasks.generate import GenConfig, GenTable, PrefixDecoder, prepare_decoder
+
+    decoder, tok, _ = load_decoder(str(chat_decoder))
+    cfg = GenConfig(modalities=["image", "audio"], dims={"image": 6, "audio": 5}, prefix_tokens=2, hidden_size=8,
+                    decoder=str(chat_decoder), prompt_format="chat", media_at="placeholder")
+    assert cfg.slots() == {"<image>": -1, "<audio>": -2}
+    torch.manual_seed(0)
+    model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).eval()
+    talks = [json.dumps({"system": None, "messages": [{"role": "user", "content": "look <image> what is it?"},
+                                                       {"role": "assistant", "content": "a red thing"}]}), None]
+    cols = {"id": ["a", "b"], "text": ["look what is it?", "plain question"], "target": ["a red thing", "blue"],
+            "conversation": talks, "has_image": [True, True], "has_audio": [True, False],
+            "image_emb": np.random.randn(2, 6).astype(np.float32),
+            "audio_emb": np.random.randn(2, 5).astype(np.float32)}
+    table = GenTable(cols, ["image", "audio"], tok, with_targets=True, kind="chat", slots=cfg.slots())
+    ids = table.answers[0][0]
+    assert ids.count(-1) == 1 and -2 not in ids and all(i >= 0 for i in table.answers[1][0])
+    k = ids.index(-1)
+    tokenizer = AutoTokenizer.from_pretrained(chat_decoder)
+    rendered = tokenizer.apply_chat_template(json.loads(talks[0])["messages"], tokenize=False)
+    before, after = rendered.split("<image>")  # the template's text on either side of the placeholder
+    assert ids[:k] == tokenizer(before, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[k + 1:]) == tokenizer.decode(tokenizer(after, add_special_tokens=False)["input_ids"])
+    batch = table.batch(range(2))
+    with torch.no_grad():
+        inputs, mask, labels = model.embed(batch)
+        image, audio = model.media(batch)  # (B, 2, d) each
+        words = model.decoder.get_input_embeddings()(batch["input_ids"].clamp(min=0))
+        # record a: audio (no placeholder) first, then the tokens with the image where <image> stood
+        assert torch.equal(inputs[0, :2], audio[0]) and torch.equal(inputs[0, 2:2 + k], words[0, :k])
+        assert torch.equal(inputs[0, 2 + k:4 + k], image[0])
+        assert torch.equal(inputs[0, 4 + k:3 + len(ids)], words[0, k + 1:len(ids)])
+        assert (labels[0, :4 + k] == -100).all() and int(mask[0].sum()) == len(ids) - 1 + 4
+        # record b: both media before its tokens, as before placeholders
+        assert torch.equal(inputs[1, :2], image[1]) and torch.equal(inputs[1, 4:4 + len(table.answers[1][0])],
+                                                                    words[1, :len(table.answers[1][0])])
+        reference = model.decoder(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+        assert float(model(batch)["loss"]) == pytest.approx(float(reference), rel=1e-5)
+        got = model.generate(table.batch(range(2), with_targets=False), tokenizer, max_new_tokens=3)
+    assert len(got) == 2 and all(isinstance(g, str) for g in got)

@@ -132,9 +132,9 @@ def test_loss_over_target_positions_equals_the_decoders_own_loss(tiny_decoder):
 
     model, batch = tiny_prefix_model(tiny_decoder)
     assert model.keeps_logits  # GPT-2 takes logits_to_keep: the sliced path is the one under test
-    inputs, mask = model.embed(batch)
+    inputs, mask, full = model.embed(batch)
     labels = batch["labels"]
-    full = torch.cat([labels.new_full((3, inputs.shape[1] - labels.shape[1]), -100), labels], 1)
+    assert torch.equal(full, torch.cat([labels.new_full((3, inputs.shape[1] - labels.shape[1]), -100), labels], 1))
     with torch.no_grad():
         reference = model.decoder(inputs_embeds=inputs, attention_mask=mask, labels=full).loss
         ours = model(batch)["loss"]

@@ -1,8 +1,10 @@
 """`--task generate`: text generation by a pretrained decoder conditioned on image, audio (and text).
 
-LLaVA-style prefix conditioning: each modality's precomputed embedding is projected into `--prefix-tokens`
-vectors in the decoder's embedding space; they are followed by the prompt (the record's text, tokenized by
-the decoder's tokenizer) and the target. The loss covers only the target tokens. Trainable: the projector
+LLaVA-style conditioning: each modality's precomputed embedding is projected into `--prefix-tokens` vectors
+in the decoder's embedding space (or each stored sequence vector into one, `--media-tokens sequence`); they
+stand where the medium's placeholder (`<image>`, `<audio>`, `<video>`) stands in a conversation's turns, else
+before the prompt (the record's text rendered with the decoder's chat template), which the target follows. The
+loss covers only the target tokens. Trainable: the projector
 (default), plus LoRA adapters (`--lora-r`) or the whole decoder (`--train-decoder`).
 
 Speed (a frozen decoder is most of the compute): its weights are bf16 where the hardware runs bf16 natively
@@ -51,10 +53,21 @@ class GenConfig:
     stop: list = field(default_factory=list)  # strings that end an answer by default (learned from the targets)
     media_tokens: str = "pooled"  # pooled: P tokens from each pooled vector; sequence: one token per stored vector
     seq_lens: dict = field(default_factory=dict)  # modality -> stored sequence length (media_tokens sequence)
+    # placeholder: a medium's tokens stand where its placeholder (<image>, ...) stands in the conversation, else
+    # before the prompt; prefix: always before the prompt, placeholders dropped (checkpoints before placeholders)
+    media_at: str = "prefix"
 
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
         return [m for m in self.modalities if m in self.seq_lens] if self.media_tokens == "sequence" else []
+
+    def slots(self) -> dict[str, int]:
+        """Placeholder -> the negative token id that marks it: -(1 + the modality's index in `modalities`)."""
+        from mmllm.conversations import PLACEHOLDERS
+
+        if self.media_at != "placeholder":
+            return {}
+        return {PLACEHOLDERS[m]: -1 - i for i, m in enumerate(self.modalities) if m in PLACEHOLDERS}
 
 
 def prompt_text(text: str | None, transcript: str | None = None) -> str:
@@ -68,12 +81,17 @@ def _context(text: str | None, transcript: str | None) -> str:
 
 
 def record_turns(text: str | None, transcript: str | None, target: str | None, conversation: str | None,
-                 kind: str) -> tuple[list[dict], str | None]:
+                 kind: str, placeholders: bool = True) -> tuple[list[dict], str | None]:
     """(messages, system) of a record: its `conversation` (JSON written by mmllm.conversations), else one user turn
-    (the record's text and transcript) answered by its target. The transcript joins the first user turn."""
+    (the record's text and transcript) answered by its target. The transcript joins the first user turn; without
+    `placeholders` the media placeholders are taken out of the turns."""
     if conversation:
+        from mmllm.conversations import without_placeholders
+
         talk = json.loads(conversation)
         messages = [dict(m) for m in talk["messages"]]
+        if not placeholders:
+            messages = [{**m, "content": without_placeholders(m["content"])} for m in messages]
         first = next((m for m in messages if m["role"] == "user"), None)
         if transcript and first is not None:
             first["content"] = (first["content"] + f" Speech: {transcript}").strip()
@@ -119,8 +137,9 @@ class PrefixDecoder(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.decoder.parameters() if p.requires_grad]
 
-    def prefix(self, batch: dict) -> torch.Tensor:
-        """(B, M * P, d) prefix embeddings."""
+    def media(self, batch: dict) -> list[torch.Tensor]:
+        """Each modality's tokens, (B, P, d) from its pooled vector or (B, T, d) from its stored sequence; a
+        learned stand-in where a record lacks it."""
         parts = []
         p = self.cfg.prefix_tokens
         seq = self.cfg.sequenced()
@@ -134,26 +153,74 @@ class PrefixDecoder(nn.Module):
             feat = batch[f"{m}_emb"]  # (B, D_m)
             v = self.proj[m](feat).view(len(feat), p, -1)  # (B, P, d)
             parts.append(torch.where(here, v, self.placeholder[pooled.index(m)].expand_as(v)))
+        return parts
+
+    def prefix(self, batch: dict) -> torch.Tensor:
+        """(B, M * P, d) prefix embeddings."""
+        parts = self.media(batch)
         return torch.cat(parts, 1) if parts else batch["input_ids"].new_zeros((len(batch["input_ids"]), 0, 0)).float()
 
-    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix + token embeddings and the matching attention mask."""
-        tokens = self.decoder.get_input_embeddings()(batch["input_ids"])  # (B, T, d)
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(embeddings, attention mask, labels) of the decoder's input: each medium's tokens where its placeholder
+        id (GenConfig.slots) stands in a record's tokens, the others before them; the labels (when the batch has
+        them) -100 on every medium token."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
+        tokens = self.decoder.get_input_embeddings()(ids.clamp(min=0))  # (B, T, d)
         if not self.cfg.modalities:
-            return tokens, batch["attention_mask"]
-        pre = self.prefix(batch).to(tokens.dtype)
-        mask = torch.cat([batch["attention_mask"].new_ones(pre.shape[:2]), batch["attention_mask"]], 1)
-        return torch.cat([pre, tokens], 1), mask
+            return tokens, mask, labels
+        if not bool((ids < 0).any()):
+            pre = self.prefix(batch).to(tokens.dtype)
+            if labels is not None:
+                labels = torch.cat([labels.new_full(pre.shape[:2], -100), labels], 1)
+            return torch.cat([pre, tokens], 1), torch.cat([mask.new_ones(pre.shape[:2]), mask], 1), labels
+        return self._in_place([m.to(tokens.dtype) for m in self.media(batch)], tokens, ids, mask, labels)
+
+    @staticmethod
+    def _in_place(media: list[torch.Tensor], tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows, row_labels = [], []
+        for b in range(len(ids)):
+            n = int(mask[b].sum())  # right-padded: the record's tokens come first
+            row = ids[b, :n].tolist()
+            holes = [k for k, i in enumerate(row) if i < 0]
+            first: dict[int, int] = {}  # modality index -> its placeholder's position (a second one is dropped)
+            for k in holes:
+                if -row[k] - 1 < len(media):
+                    first.setdefault(-row[k] - 1, k)
+            pieces = [media[m][b] for m in range(len(media)) if m not in first]  # no placeholder: before it all
+            lab = [labels.new_full((len(x),), -100) for x in pieces] if labels is not None else []
+            start = 0
+            for k in holes + [n]:
+                pieces.append(tokens[b, start:k])
+                if labels is not None:
+                    lab.append(labels[b, start:k])
+                if k < n:
+                    m = -row[k] - 1
+                    if first.get(m) == k:
+                        pieces.append(media[m][b])
+                        if labels is not None:
+                            lab.append(labels.new_full((len(media[m][b]),), -100))
+                start = k + 1
+            rows.append(torch.cat(pieces))
+            if labels is not None:
+                row_labels.append(torch.cat(lab))
+        width = max(len(r) for r in rows)
+        out = tokens.new_zeros((len(rows), width, tokens.shape[-1]))
+        packed = mask.new_zeros((len(rows), width))
+        new_labels = labels.new_full((len(rows), width), -100) if labels is not None else None
+        for b, r in enumerate(rows):
+            out[b, :len(r)] = r
+            packed[b, :len(r)] = 1
+            if new_labels is not None:
+                new_labels[b, :len(r)] = row_labels[b]
+        return out, packed, new_labels
 
     def forward(self, batch: dict) -> dict[str, Any]:
         """{"loss": mean cross-entropy over the target tokens} (the decoder's own causal-LM loss, computed from
         the logits of the last `keep` positions only: the LM head is the widest matmul, the prompt needs none)."""
-        inputs, mask = self.embed(batch)
-        labels = batch.get("labels")
-        if labels is None:
+        if batch.get("labels") is None:
             return {}
-        n_pre = inputs.shape[1] - labels.shape[1]
-        labels = torch.cat([labels.new_full((len(labels), n_pre), -100), labels], 1)  # (B, T): targets only
+        inputs, mask, labels = self.embed(batch)  # labels: -100 but on the target tokens
         width = labels.shape[1]
         targets = (labels != -100).any(0).nonzero()
         first = int(targets[0]) if len(targets) and self.keeps_logits else 0
@@ -173,7 +240,7 @@ class PrefixDecoder(nn.Module):
         """Every record of the batch at once: prefix + prompt embeddings left-aligned (padding first, masked), then
         the decoder's own generate with a KV cache; it returns the new tokens only, each answer ended at the first
         stop token (EOS, end of turn: chat.stop_ids) or stop string (`stop`, plus the checkpoint's `cfg.stop`)."""
-        inputs, mask = left_align(*self.embed({k: v for k, v in batch.items() if k != "labels"}))
+        inputs, mask = left_align(*self.embed({k: v for k, v in batch.items() if k != "labels"})[:2])
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         ends = self.stop_ids or [tokenizer.eos_token_id]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
@@ -208,7 +275,7 @@ class GenTable:
     and transcript, then its target) unless it carries a `conversation` (JSON: messages, system)."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
-                 max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = ()):
+                 max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = (), slots: dict | None = None):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -218,13 +285,13 @@ class GenTable:
         texts = list(columns["text"]) if "text" in columns else none
         said = list(columns["transcript"]) if columns.get("transcript") is not None else none
         talks = list(columns["conversation"]) if columns.get("conversation") is not None else none
-        turns = [record_turns(t, s, g, c, kind) for t, s, g, c in zip(texts, said, targets, talks)]
+        turns = [record_turns(t, s, g, c, kind, bool(slots)) for t, s, g, c in zip(texts, said, targets, talks)]
         self.targets = [answer_of(m) for m, _ in turns]
         limit = 4 * max_tokens  # a whole conversation
-        self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, limit) for m, sys_ in turns]
+        self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, limit, slots) for m, sys_ in turns]
         self.answers = None  # (ids, loss mask) of each whole conversation
         if with_targets:
-            self.answers = [chat.encode(tokenizer, m, sys_, kind, limit) for m, sys_ in turns]
+            self.answers = [chat.encode(tokenizer, m, sys_, kind, limit, slots) for m, sys_ in turns]
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
         self.seq = {m: torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in columns[f"{m}_seq"]]))
@@ -232,14 +299,14 @@ class GenTable:
 
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
-                   sequences: tuple = ()):
+                   sequences: tuple = (), slots: dict | None = None):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
                  [f"{m}_emb" for m in modalities] + [f"{m}_seq" for m in sequences]
         if "text" in modalities:
             wanted.append("has_text")
         wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
         return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind,
-                   sequences=sequences)
+                   sequences=sequences, slots=slots)
 
     def __len__(self) -> int:
         return self.n
@@ -337,7 +404,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         seq_lens = {m: int(meta["features"][f"{m}_seq"][0]) for m in media}
     decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
-                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens,
+                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens, media_at="placeholder",
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity,
                     precision=resolve_decoder_precision(fcfg.decoder_precision, trainable, dist.device))
@@ -349,7 +416,12 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             pass
     cfg.prompt_format = chat.template_kind(tokenizer, fcfg.decoder)
     train, val = (GenTable.from_split(data[s], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format,
-                                      sequences=tuple(cfg.sequenced())) for s in ("train", "validation"))
+                                      sequences=tuple(cfg.sequenced()), slots=cfg.slots())
+                  for s in ("train", "validation"))
+    placed = sum(any(i < 0 for i in ids) for ids, _ in train.answers)
+    if placed:
+        log(f"media placeholders: {placed} of {len(train)} training records put their media where their "
+            "placeholder stands; the others before the prompt")
     if seq_lens:
         log("media tokens: " + ", ".join(f"{m} {n} (its stored sequence)" for m, n in seq_lens.items()))
     answer_defaults(cfg, train)
@@ -514,7 +586,7 @@ def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: d
     model, tokenizer = predictor.model, predictor.tokenizer
     columns = {k: [r.get(k) for r in rows] for k in rows[0]}
     table = GenTable(columns, model.cfg.modalities, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
-                     sequences=tuple(model.cfg.sequenced()))
+                     sequences=tuple(model.cfg.sequenced()), slots=model.cfg.slots())
 
     def answers(drop: frozenset = frozenset()) -> list[str]:
         batch = table.batch(range(len(rows)), predictor.device, with_targets=False, drop=drop)
@@ -541,7 +613,7 @@ def evaluate(cfg: Any, config: dict, device: Any) -> dict:
     mods = model.cfg.modalities
     columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts)
     table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
-                     sequences=tuple(model.cfg.sequenced()))
+                     sequences=tuple(model.cfg.sequenced()), slots=model.cfg.slots())
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
     args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)
