@@ -203,3 +203,29 @@ def test_video_bench_counts_every_sampled_frame_and_reports_one_row(bench_run, t
     assert r["ratio"] == pytest.approx(r["image_encoder_s"] / r["prepare_s"])  # frames/s of prepare / of encoder
     rows, lines = bench_run.REPORTS["video"].report(r)
     assert len(rows) == 1 and rows[0].count("|") == 7 and f"{r['ratio']:.2f}" in rows[0] and len(lines) == 1
+
+
+def test_retrieval_baseline_returns_the_nearest_training_target(tiny_models, tmp_path, monkeypatch):
+    """bench/quality.py's captioning baseline: a test image identical to a training image gets that image's
+    training target (BLEU 100 when every test image has a twin); shuffled targets score lower."""
+    from conftest import run_cli, tiny_prepare_args, write_csv, write_image
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality
+
+    colors = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30), "grey": (120, 120, 120)}
+    rows = []
+    for n, (name, rgb) in enumerate(colors.items()):
+        write_image(tmp_path / f"{name}.png", rgb)
+        for split in ("train", "validation", "test"):
+            rows.append({"id": f"{name}-{split}", "image": f"{name}.png", "target": f"a {name} square here",
+                         "split": split})
+    out = tmp_path / "p"
+    assert run_cli(*tiny_prepare_args(tiny_models, write_csv(tmp_path / "m.csv", rows), out)).exit_code == 0
+    got = quality.retrieval_baseline(out)
+    assert got["n"] == 4 and got["bleu"] == pytest.approx(100.0) and "image" in got["features"]
+    mixed = [dict(r, target=f"a {list(colors)[(i + 1) % 4]} square here") if r["split"] == "train" else r
+             for i, r in enumerate(rows)]
+    out2 = tmp_path / "p2"
+    assert run_cli(*tiny_prepare_args(tiny_models, write_csv(tmp_path / "m2.csv", mixed), out2)).exit_code == 0
+    assert quality.retrieval_baseline(out2)["bleu"] < 100.0
