@@ -215,7 +215,7 @@ def test_retrieval_baseline_returns_the_nearest_training_target(tiny_models, tmp
 
     colors = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30), "grey": (120, 120, 120)}
     rows = []
-    for n, (name, rgb) in enumerate(colors.items()):
+    for name, rgb in colors.items():
         write_image(tmp_path / f"{name}.png", rgb)
         for split in ("train", "validation", "test"):
             rows.append({"id": f"{name}-{split}", "image": f"{name}.png", "target": f"a {name} square here",
