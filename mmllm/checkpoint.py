@@ -223,7 +223,7 @@ GENERATION_RULES = {
     "decoder_identity": Rule("str"), "precision": Rule("str", choices=("fp32", "bf16")),
     "prompt_format": Rule("str", choices=("chat", "plain", "describe")), "max_new_tokens": Rule("int", 1, 1 << 16),
     "stop": Rule("list"), "media_tokens": Rule("str", choices=("pooled", "sequence")), "seq_lens": Rule("dict"),
-    "media_at": Rule("str", choices=("prefix", "placeholder")),
+    "media_at": Rule("str", choices=("prefix", "placeholder")), "pool": Rule("dict"),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),

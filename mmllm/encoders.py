@@ -531,9 +531,15 @@ def whisper_states(enc: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return enc.layer_norm(x)
 
 
-def pool_sequence(seq: np.ndarray, n: int) -> np.ndarray:
-    """(T, D) -> (n, D) by averaging n equal time spans (repeats rows when T < n)."""
+def pool_sequence(seq: np.ndarray, n: int, grid: bool = False) -> np.ndarray:
+    """(T, D) -> (n, D) by averaging n equal time spans (repeats rows when T < n); with `grid`, when T and n are
+    both squares, the T vectors are a square spatial map row by row, averaged over a sqrt(n) x sqrt(n) grid of
+    equal cells (row by row)."""
     t = torch.from_numpy(np.ascontiguousarray(seq)).T[None]  # (1, D, T)
+    side, out = math.isqrt(t.shape[-1]), math.isqrt(n)
+    if grid and side * side == t.shape[-1] and out * out == n:
+        square = t.reshape(1, -1, side, side)  # (1, D, s, s)
+        return torch.nn.functional.adaptive_avg_pool2d(square, out).flatten(2)[0].T.numpy()
     return torch.nn.functional.adaptive_avg_pool1d(t, n)[0].T.numpy()
 
 

@@ -504,7 +504,8 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Pre
             for j, k in enumerate(batch):
                 value = {"pooled": pooled[j].astype(np.float32)}
                 if pre.sequence_features:
-                    value["seq"] = pool_sequence(np.asarray(seqs[j]), modalities.get(role).sequence_length(pre))
+                    value["seq"] = pool_sequence(np.asarray(seqs[j]), modalities.get(role).sequence_length(pre),
+                                                 modalities.get(role).grid)
                 store.put(k, value)
         for it in good:
             m = it["media"].get(role)

@@ -373,3 +373,44 @@ def test_media_tokens_sequence_feeds_each_stored_vector_as_a_decoder_token(tiny_
     r = run_cli("predict", str(out), str(toy_manifest))
     assert r.exit_code == 0, r.output
     assert all(isinstance(x["generated"], str) for x in load_json_lines(r.stdout))
+
+
+def test_image_tokens_pools_the_stored_grid(tiny_models, toy_manifest, tiny_decoder, tmp_path):
+    """--image-tokens N: the image's stored grid average-pooled to N decoder tokens (2-D for square sizes: each
+    token is the mean of its grid cells); recorded and used on load; refused without --media-tokens sequence or
+    above the stored length."""
+    import torch
+
+    from conftest import tiny_prepare_args
+    from mmllm.tasks.generate import load_checkpoint, pool_tokens
+
+    grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row by row
+    assert pool_tokens(grid, 4).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # each 2x2 block's mean
+    assert pool_tokens(torch.arange(6.0).view(1, 6, 1), 2).flatten().tolist() == [1.0, 4.0]  # 1-D
+    assert torch.equal(pool_tokens(grid, 16), grid)
+    import numpy as np
+
+    from mmllm.encoders import pool_sequence
+
+    fmap = np.arange(49, dtype=np.float32).reshape(49, 1)  # prepare stores a 7x7 map as 4x4 cells of it
+    cells = pool_sequence(fmap, 16, grid=True)
+    assert cells.shape == (16, 1) and cells[0, 0] == pytest.approx(np.mean([0, 1, 7, 8]))
+    assert cells[15, 0] == pytest.approx(np.mean([40, 41, 47, 48]))
+    seq = tmp_path / "seq"
+    assert run_cli(*tiny_prepare_args(tiny_models, toy_manifest, seq), "--sequence-features").exit_code == 0
+    stored = json.loads((seq / "mmllm-prepared.json").read_text())["features"]["image_seq"][0]
+    r = run_cli("finetune", str(seq), "--output", str(tmp_path / "x"), "--task", "generate", "--decoder",
+                str(tiny_decoder), "--image-tokens", "1")
+    assert r.exit_code == 2 and "--image-tokens" in r.output and "--media-tokens sequence" in r.output
+    r = run_cli("finetune", str(seq), "--output", str(tmp_path / "y"), "--task", "generate", "--decoder",
+                str(tiny_decoder), "--media-tokens", "sequence", "--image-tokens", str(stored + 1))
+    assert r.exit_code == 2 and f"grid has only {stored} vectors" in r.output
+    out = tmp_path / "gen"
+    gen_finetune(seq, tiny_decoder, out, "--media-tokens", "sequence", "--image-tokens", "1", "--epochs", "2")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["generation"]["pool"] == {"image": 1}
+    model, _ = load_checkpoint(out, cfg, "cpu")
+    assert model.positions["image"].shape[0] == 1 and model.positions["audio"].shape[0] == cfg["generation"][
+        "seq_lens"]["audio"]
+    r = run_cli("predict", str(out), str(toy_manifest))
+    assert r.exit_code == 0, r.output

@@ -50,6 +50,7 @@ class Modality:
     options: tuple[Option, ...] = ()
     augment_help: str = ""  # what --augment does to it (one sentence for --augment's help)
     seq_len: int = 16  # tokens stored per item with --sequence-features
+    grid: bool = False  # its encoder's sequence is a square spatial map, row by row: stored pooled in 2-D
     parts: tuple[str, ...] = ()  # modalities its files also carry (a soundtrack is audio): see decode_part
     # a part-only modality: it has no column or file of its own; its input is the `encoder_of` part that the
     # files of `carried_by` hold when the record already has that input (a video's soundtrack next to an audio

@@ -76,6 +76,10 @@ class Image(Modality):
                     "area and resized back, brightness and contrast each scaled by a random factor within "
                     "+-{jitter:.0%}.").format(**AUGMENT)
     fid = True
+    grid = True  # a convolutional feature map (7x7 for efficientnet-lite0) is stored as a 4x4 grid of cell means
+
+    def key_parts(self, pre: Any) -> dict:
+        return {"sequence": "2-D grid cells"} if pre.sequence_features else {}
 
     def load_encoder(self, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
         from mmllm.encoders import ImageEncoder

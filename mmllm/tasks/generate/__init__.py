@@ -44,6 +44,9 @@ class Generate(Task):
         Option("media_tokens", "pooled", "Decoder tokens of each medium (--task generate): pooled vector -> "
                "--prefix-tokens, or one per stored sequence vector (prepare --sequence-features).",
                choices=("pooled", "sequence")),
+        Option("image_tokens", 0, "With --media-tokens sequence: the image's stored grid average-pooled to N "
+               "decoder tokens (a square N pools the square grid in 2-D: 4 = 2x2, 16 = 4x4; 0: every stored "
+               "vector)."),
         Option("decoder_precision", "auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
                "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The projector and the loss stay "
                "fp32.", choices=("auto", "fp32", "bf16")),
@@ -62,6 +65,11 @@ class Generate(Task):
                             "--train-decoder); use --precision bf16 for autocast")
         if cfg.prefix_tokens < 1:
             problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
+        if cfg.image_tokens < 0:
+            problems.append(f"--image-tokens: must be >= 0 (got {cfg.image_tokens})")
+        elif cfg.image_tokens and cfg.media_tokens != "sequence":
+            problems.append("--image-tokens pools the image's stored grid: it needs --media-tokens sequence (the "
+                            "pooled vector is --prefix-tokens tokens)")
         return problems
 
     def has_column(self, meta: dict) -> bool:

@@ -53,6 +53,7 @@ class GenConfig:
     stop: list = field(default_factory=list)  # strings that end an answer by default (learned from the targets)
     media_tokens: str = "pooled"  # pooled: P tokens from each pooled vector; sequence: one token per stored vector
     seq_lens: dict = field(default_factory=dict)  # modality -> stored sequence length (media_tokens sequence)
+    pool: dict = field(default_factory=dict)  # modality -> decoder tokens its stored sequence is pooled to
     # placeholder: a medium's tokens stand where its placeholder (<image>, ...) stands in the conversation, else
     # before the prompt; prefix: always before the prompt, placeholders dropped (checkpoints before placeholders)
     media_at: str = "prefix"
@@ -60,6 +61,10 @@ class GenConfig:
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
         return [m for m in self.modalities if m in self.seq_lens] if self.media_tokens == "sequence" else []
+
+    def tokens(self, m: str) -> int:
+        """Decoder tokens of a sequenced modality: its stored length, or what it is pooled to."""
+        return int(self.pool.get(m) or self.seq_lens[m])
 
     def slots(self) -> dict[str, int]:
         """Placeholder -> the negative token id that marks it: -(1 + the modality's index in `modalities`)."""
@@ -127,8 +132,8 @@ class PrefixDecoder(nn.Module):
         pooled = [m for m in cfg.modalities if m not in seq]
         self.placeholder = nn.Parameter(torch.zeros(len(pooled), p, d))  # for a missing (pooled) modality
         # a sequence's tokens: a learned position each (where in the grid / in time), and a stand-in when missing
-        self.positions = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.seq_lens[m], d)) for m in seq})
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.seq_lens[m], d)) for m in seq})
+        self.positions = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.tokens(m), d)) for m in seq})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.tokens(m), d)) for m in seq})
         self.class_weights = None
         self.stop_ids: list[int] = []  # token ids that end an answer (chat.stop_ids), set with the tokenizer
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
@@ -147,7 +152,8 @@ class PrefixDecoder(nn.Module):
         for m in self.cfg.modalities:
             here = batch[f"has_{m}"].bool().view(-1, 1, 1)
             if m in seq:
-                v = self.proj[m](batch[f"{m}_seq"]) + self.positions[m]  # (B, T, d): one token per vector
+                stored = pool_tokens(batch[f"{m}_seq"], self.cfg.tokens(m))
+                v = self.proj[m](stored) + self.positions[m]  # (B, T, d): one token per vector
                 parts.append(torch.where(here, v, self.missing[m].expand_as(v)))
                 continue
             feat = batch[f"{m}_emb"]  # (B, D_m)
@@ -251,6 +257,19 @@ class PrefixDecoder(nn.Module):
                                     max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, num_beams=num_beams,
                                     pad_token_id=pad, eos_token_id=ends, **kwargs)
         return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
+
+
+def pool_tokens(seq: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, D) -> (B, n, D) by average pooling: in 2-D when T and n are both squares (an image's grid, row by
+    row), else in 1-D over the sequence; unchanged when n == T."""
+    t = seq.shape[1]
+    if n == t:
+        return seq
+    side, out = math.isqrt(t), math.isqrt(n)
+    if side * side == t and out * out == n:
+        grid = seq.transpose(1, 2).reshape(len(seq), -1, side, side)  # (B, D, s, s)
+        return F.adaptive_avg_pool2d(grid, out).flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool1d(seq.transpose(1, 2), n).transpose(1, 2)
 
 
 def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,9 +421,22 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             raise UserError(f"--media-tokens sequence: {fcfg.prepared} has no stored sequence for "
                             f"{', '.join(lacking) or 'any medium'}; prepare it again with --sequence-features")
         seq_lens = {m: int(meta["features"][f"{m}_seq"][0]) for m in media}
+    pool = {}
+    if fcfg.image_tokens:  # every modality whose stored sequence is a spatial grid (images)
+        from mmllm import modalities as registry
+
+        grids = [m for m in seq_lens if registry.get(m).grid]
+        if not grids:
+            raise UserError("--image-tokens: the model has no stored image grid (prepare --sequence-features, and "
+                            "--modalities with the images)")
+        for m in grids:
+            if fcfg.image_tokens > seq_lens[m]:
+                raise UserError(f"--image-tokens {fcfg.image_tokens}: the stored {m} grid has only {seq_lens[m]} "
+                                "vectors")
+            pool[m] = fcfg.image_tokens
     decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
-                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens, media_at="placeholder",
+                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens, pool=pool, media_at="placeholder",
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity,
                     precision=resolve_decoder_precision(fcfg.decoder_precision, trainable, dist.device))
@@ -423,7 +455,8 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         log(f"media placeholders: {placed} of {len(train)} training records put their media where their "
             "placeholder stands; the others before the prompt")
     if seq_lens:
-        log("media tokens: " + ", ".join(f"{m} {n} (its stored sequence)" for m, n in seq_lens.items()))
+        log("media tokens: " + ", ".join(f"{m} {cfg.tokens(m)} (its stored sequence of {n}"
+                                         f"{', average-pooled' if m in pool else ''})" for m, n in seq_lens.items()))
     answer_defaults(cfg, train)
     log(f"prompts: {'the decoder tokenizer chat template' if cfg.prompt_format == chat.CHAT else cfg.prompt_format}"
         f"; answers end at EOS{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, "
@@ -568,6 +601,11 @@ def check_config(config: dict, folder: Path) -> list[str]:
     problems += check_modalities(gen["modalities"], "generation.modalities")
     problems += [f"generation.dims.{m} must be a positive size" for m in gen["modalities"]
                  if not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
+    lens = gen.get("seq_lens") or {}
+    problems += [f"generation.pool.{m} must be a whole number from 1 to its stored length" for m, n in
+                 (gen.get("pool") or {}).items()
+                 if not (isinstance(n, int) and not isinstance(n, bool) and isinstance(lens.get(m), int)
+                         and 0 < n <= lens[m])]
     model = config.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("modalities"), list):
         return problems + ["model.modalities must be a list"]
