@@ -231,8 +231,14 @@ PREPROCESSING_RULES = {
 
 
 def preprocessing_rules() -> dict[str, Rule]:
-    return {**PREPROCESSING_RULES, **{o.name: Rule("number", o.low if o.low is None else max(o.low, 0.001), o.high)
-                                      for _, o in modalities.options()}}
+    return {**PREPROCESSING_RULES, **{o.name: _option_rule(o) for _, o in modalities.options()}}
+
+
+def _option_rule(o: Any) -> Rule:
+    """A modality option's rule (low < value <= high): a whole number when its default is one."""
+    if isinstance(o.default, int) and not isinstance(o.default, bool):
+        return Rule("int", None if o.low is None else int(o.low) + 1, o.high)
+    return Rule("number", o.low if o.low is None else max(o.low, 0.001), o.high)
 
 
 def check_value(name: str, value: Any, rule: Rule) -> str | None:

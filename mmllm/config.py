@@ -460,13 +460,14 @@ def _shown(value: Any) -> str:
 def validate(cfg: Any) -> list[str]:
     """Every problem with a config, each naming its flag."""
     problems = []
+    ranged = {o.name for _, o in modalities.options() if o.low is not None}  # their rule says the whole range
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.metadata.get("choices") and v not in f.metadata["choices"]:
             problems.append(f"{flag(f.name)}: '{v}' is not one of {', '.join(f.metadata['choices'])}")
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(f"{flag(f.name)}: must be a finite number (got {v})")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and f.name not in ranged:
             problems.append(f"{flag(f.name)}: must be >= 0 (got {v})")
     for name in ("val_fraction", "test_fraction", "modality_dropout", "dropout", "warmup_ratio"):
         v = getattr(cfg, name, None)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import threading
 import zlib
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from mmllm import hub, modalities
 from mmllm.config import PrepareConfig, default
 from mmllm.console import log, warn
 from mmllm.errors import UserError, read_json
-from mmllm.media import MediaError, check_bytes, check_file, normalize_text
+from mmllm.media import MediaError, check_bytes, check_file, normalize_text, shown
 from mmllm.records import RecordError, error_entry
 
 SCHEMA_VERSION = 1
@@ -402,7 +403,7 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
             except MediaError as e:
                 raise RecordError(column, str(e), _file(rec[role])) from None
             except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-                raise RecordError(column, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) \
+                raise RecordError(column, f"cannot decode ({decode_reason(e)})", _file(rec[role])) \
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
         for source in [m for m in item["media"] if modalities.get(m).parts]:
@@ -418,7 +419,7 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
     except RecordError as e:
         item["error"] = error_entry(rec, e)
     except Exception as e:  # noqa: BLE001 - one record's failure is that record's error, never the run's
-        item["error"] = error_entry(rec, RecordError(None, f"{type(e).__name__}: {str(e)[:120]}"))
+        item["error"] = error_entry(rec, RecordError(None, decode_reason(e)))
     return item
 
 
@@ -448,7 +449,7 @@ def _decode_part(rec: dict, source: str, part: str, encoder: Any, pre: Preproces
     except MediaError as e:
         raise RecordError(source, f"{part}: {e}", _file(rec[source])) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-        raise RecordError(source, f"{part}: cannot decode ({type(e).__name__}: {str(e)[:120]})",
+        raise RecordError(source, f"{part}: cannot decode ({decode_reason(e)})",
                           _file(rec[source])) from None
 
 
@@ -476,11 +477,18 @@ def load_transcript(rec: dict, encoders: dict, store: FeatureStore, pre: Preproc
     except MediaError as e:
         raise RecordError(role, str(e), _file(rec[role])) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-        raise RecordError(role, f"cannot decode ({type(e).__name__}: {str(e)[:120]})", _file(rec[role])) from None
+        raise RecordError(role, f"cannot decode ({decode_reason(e)})", _file(rec[role])) from None
 
 
 def _file(media: Any) -> str | None:
-    return media if isinstance(media, str) else None
+    return shown(media) if isinstance(media, str) else None
+
+
+def decode_reason(e: Exception) -> str:
+    """A decoder's exception as an error line quotes it: its type and message, no object addresses (an in-memory
+    file is `<bytes>`), at most 120 characters."""
+    text = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "<bytes>", str(e))
+    return f"{type(e).__name__}: {text[:120]}"
 
 
 def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 import stat
 import unicodedata
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ _KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISSOCK, "a socket"))
 
 
+SHOWN = 200  # characters of a path an error line quotes
+
+
+def shown(path: Any) -> str:
+    """A path as error lines quote it: at most SHOWN characters (a data: URI or a pasted blob is not echoed)."""
+    text = str(path)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
+
+
 def check_file(path: str | Path, max_mb: float | None = None) -> int:
     """Size in bytes of a media path that is safe to open: a regular, non-empty file (after following
     symlinks) of at most `max_mb` MB. Checked with stat only, so a named pipe or a device never blocks."""
@@ -36,18 +46,19 @@ def check_file(path: str | Path, max_mb: float | None = None) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise MediaError(f"file not found: {path}" + (" (broken symlink)" if path.is_symlink() else "")) from None
+        raise MediaError(f"file not found: {shown(path)}" + (" (broken symlink)" if path.is_symlink() else "")) \
+            from None
     except (OSError, ValueError) as e:  # permission, name too long, embedded NUL byte, symlink loop ...
-        raise MediaError(f"cannot open ({getattr(e, 'strerror', None) or e}): {path}") from None
+        raise MediaError(f"cannot open ({getattr(e, 'strerror', None) or e}): {shown(path)}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise MediaError(f"{path} is a folder, not a file")
+        raise MediaError(f"{shown(path)} is a folder, not a file")
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
-        raise MediaError(f"not a regular file ({kind}): {path}")
+        raise MediaError(f"not a regular file ({kind}): {shown(path)}")
     if max_mb is not None and st.st_size > max_mb * MB:
-        raise MediaError(f"file too large ({st.st_size / MB:.1f} MB > --max-file-mb {max_mb:g}): {path}")
+        raise MediaError(f"file too large ({st.st_size / MB:.1f} MB > --max-file-mb {max_mb:g}): {shown(path)}")
     if st.st_size == 0:
-        raise MediaError(f"empty file: {path}")
+        raise MediaError(f"empty file: {shown(path)}")
     return st.st_size
 
 

@@ -232,6 +232,8 @@ def _media(value: Any, base: Path, media_path: MediaPath = local_path) -> Any:
     if isinstance(value, dict):  # datasets Image/Audio-like {"bytes": ..., "path": ...}; text in either is a path
         return _media(value.get("bytes") or value.get("path"), base, media_path)
     if isinstance(value, (bytes, bytearray)):
+        if not value:  # an empty upload, b"" or an empty base64 string: no input, not a missing one
+            raise RecordError(None, "empty file (0 bytes)")
         return bytes(value)
     if hasattr(value, "save"):  # a PIL image from a datasets folder
         buf = io.BytesIO()

@@ -303,3 +303,77 @@ def test_video_conditions_generation(tiny_models, tiny_decoder, clips, tmp_path)
     assert r.exit_code == 0, r.output
     line = json.loads(r.stdout)
     assert line["id"] == "x" and isinstance(line["generated"], str)
+
+
+def test_times_count_from_the_streams_first_timestamp(tmp_path):
+    """A clip whose timestamps start at 100 s (a cut from a longer recording) is sampled over its own 4 s, in MP4
+    and Matroska, not as K copies of one frame."""
+    from mmllm.modalities.video import read_frames
+
+    for fmt, ext in (("mp4", "mp4"), ("matroska", "mkv")):
+        path = tmp_path / f"late.{ext}"
+        with av.open(str(path), "w", format=fmt) as out:
+            s = out.add_stream("mpeg4", rate=4)
+            s.width = s.height = 32
+            s.pix_fmt = "yuv420p"
+            s.codec_context.time_base = Fraction(1, 4)
+            for i in range(16):  # brightness rises over 4 s
+                frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 15, np.uint8), format="rgb24")
+                frame.pts, frame.time_base = 400 + i, Fraction(1, 4)
+                for packet in s.encode(frame):
+                    out.mux(packet)
+            for packet in s.encode():
+                out.mux(packet)
+        means = [float(np.asarray(f).mean()) for f in read_frames(str(path), 4, 30.0, 32)]
+        assert means == sorted(means) and means[-1] - means[0] > 100, (ext, means)
+
+
+def test_a_decoding_bomb_is_refused_in_bounded_time(tmp_path, monkeypatch):
+    """Thousands of tiny skip-frames at a large size (a small file that costs minutes to decode) stop at the
+    decoded-pixel limit with one line; the limit is lowered here so the test stays small (same code path)."""
+    from mmllm.media import MediaError
+    from mmllm.modalities import video
+
+    first = tmp_path / "three.mp4"
+    with av.open(str(first), "w", format="mp4") as out:
+        s = out.add_stream("libx264", rate=100, options={"preset": "ultrafast", "tune": "zerolatency", "bframes": "0"})
+        s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.full((720, 1280, 3), 100, np.uint8), format="rgb24")
+        for _ in range(3):
+            for packet in s.encode(frame):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    bomb = tmp_path / "bomb.mp4"
+    with av.open(str(first)) as src, av.open(str(bomb), "w", format="mp4") as out:
+        stream = src.streams.video[0]
+        packets = [p for p in src.demux(stream) if p.size]
+        o = out.add_stream_from_template(stream)
+        step = int(round(1 / (100 * stream.time_base)))
+        for i in range(3000):  # 30 s at 100 fps, every frame after the first the same tiny skip-frame
+            p = packets[0] if i == 0 else packets[-1]
+            p.stream, p.pts, p.dts, p.time_base = o, i * step, i * step, stream.time_base
+            out.mux(p)
+    assert bomb.stat().st_size < 200_000
+    monkeypatch.setattr(video, "MAX_DECODED_PIXELS", 300 * 1280 * 720)
+    start = time.perf_counter()
+    with pytest.raises(MediaError, match="too much to decode: 301 frames of 1280x720"):
+        video.read_frames(str(bomb), 8, 30.0, 224)
+    assert time.perf_counter() - start < 30
+
+
+def test_empty_media_is_the_records_error_not_a_missing_input(tiny_models, clips, tmp_path):
+    """An empty upload, b"" or an empty base64 string is an empty file (the record's one-line error), never a
+    prediction from no input; a long data: URI given as a path is not echoed whole."""
+    import mmllm
+
+    out, ck = tmp_path / "p", tmp_path / "ck"
+    assert run_cli(*video_args(tiny_models, write_csv(tmp_path / "m.csv", clips), out)).exit_code == 0
+    assert run_cli("finetune", str(out), "--output", str(ck), "--epochs", "1", "--fusion", "concat").exit_code == 0
+    model = mmllm.load(ck, quiet=True)
+    got = model.predict({"id": "x", "video": b""})
+    assert "empty file" in got.get("error", "") and "prediction" not in got, got
+    uri = "data:video/mp4;base64," + "A" * 20_000
+    r = run_cli("predict", str(ck), "-", input=json.dumps({"id": "y", "video": uri}) + "\n")
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if "y" in x and "error" in x.lower()]
+    assert lines and all(len(x) < 1000 for x in lines), (r.stdout + r.stderr)[:2000]

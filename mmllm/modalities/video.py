@@ -5,8 +5,9 @@ input `video_audio` (the same audio encoder, loaded once; not transcribed).
 Decoded with PyAV (`av` from PyPI bundles its own FFmpeg libraries). A file is opened with the demuxer its first
 bytes name (MP4/MOV, Matroska/WebM, AVI, GIF), never one FFmpeg guesses, so a playlist or a concat script posing
 as a video can never make FFmpeg open another file or a URL. Stated limits: the first --max-video-seconds are read
-(a 10-hour file costs what its first seconds cost), at most MAX_PIXELS per frame, MAX_DECODED frames decoded, and
---max-file-mb as for every file.
+(a 10-hour file costs what its first seconds cost), at most MAX_PIXELS per frame, MAX_DECODED frames and
+MAX_DECODED_PIXELS pixels decoded, and --max-file-mb as for every file. Times count from the stream's first
+timestamp.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MAX_SECONDS = 600.0
 MAX_FRAMES = 64  # --video-frames
 MAX_PIXELS = 8192 * 4320  # 8K: larger frames are refused before any is decoded
 MAX_DECODED = 20_000  # frames decoded per file, whatever its frame rate claims
+# pixels decoded per file before its last sampled time: 30 s of 4K at 30 fps; ~4 s of decoding on one core (tiny
+# skip-frames at 8K cost ~0.5 ns per pixel), so no file holds a decoder (or serve's worker) longer than that
+MAX_DECODED_PIXELS = 8_000_000_000
 FRAME_BATCH = 32  # frames per image-encoder forward
 TYPES = "a path or the bytes of a video file"
 
@@ -90,15 +94,23 @@ def read_frames(media: str | bytes, k: int, max_seconds: float, min_side: int | 
         length = _seconds(container, stream)
         span = min(length, max_seconds) if length else max_seconds
         times = [(i + 0.5) * span / k for i in range(k)]
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base \
+            else 0.0  # times count from the stream's first timestamp, which need not be 0
         picked: list = [None] * k  # per target time: the last frame at or before it (else the first after it)
-        decoded = 0
+        decoded = pixels = 0
         try:
             for frame in container.decode(stream):
                 decoded += 1
+                pixels += frame.width * frame.height
                 if frame.width * frame.height > MAX_PIXELS:
                     raise MediaError(f"video frames too large ({frame.width}x{frame.height} > {MAX_PIXELS} "
                                      f"pixels): {name}")
-                t = float(frame.time) if frame.time is not None else decoded / float(stream.average_rate or 25)
+                if pixels > MAX_DECODED_PIXELS:
+                    raise MediaError(f"too much to decode: {decoded} frames of {frame.width}x{frame.height} reach "
+                                     f"the limit of {MAX_DECODED_PIXELS:.0e} decoded pixels before the sampled "
+                                     f"times (lower --max-video-seconds): {name}")
+                t = float(frame.time) - start if frame.time is not None else \
+                    decoded / float(stream.average_rate or 25)
                 if (t > times[-1] and picked[-1] is not None) or decoded > MAX_DECODED:
                     break
                 for i, target in enumerate(times):
@@ -120,8 +132,9 @@ def _seconds(container: Any, stream: Any) -> float:
     """The clip's length in seconds from the container or the stream (0: unknown)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / 1_000_000
+    if container.duration:  # Matroska's segment duration runs to the last timestamp: from the first one on
+        start = container.start_time or 0
+        return (container.duration - start if 0 < start < container.duration else container.duration) / 1_000_000
     return 0.0
 
 
