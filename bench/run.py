@@ -5,8 +5,8 @@
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
     python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e, levers,
-                                    text_layers, video are not part of a full run) and merges them into
-                                    results.json (with their own date), then BENCHMARKS.md
+                                    text_layers, video are not part of a full run; prepare, generate are) and
+                                    merges them into results.json (with their own date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
 scaling), each with run(...) -> dict and report(dict) -> (table rows, other figures); common.py holds the shared
@@ -55,7 +55,9 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
            "e2e": e2e, "levers": levers, "text_layers": text_layers, "video": video_speed}  # results key -> module
 ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
         "levers": levers.run, "limits": limits.run, "text_layers": text_layers.run, "video": video_speed.run,
-        "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p")}
+        "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p"),
+        "generate": lambda tmp, quick: generate_speed.run(tmp, quick, prepared_sample(
+            tmp, (QUICK if quick else FULL).sample_records))}
 
 
 @dataclasses.dataclass(frozen=True)
