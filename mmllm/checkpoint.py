@@ -164,7 +164,8 @@ def read_config(folder: str | Path) -> dict:
         config["model"] = model_fields(config["model"])
     problems = check_config(config, folder)
     if problems:
-        raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged; fine-tune again)")
+        raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged, or it was trained with a "
+                        "plug-in not loaded now: MMLLM_PLUGINS=module; else fine-tune again)")
     check_label_map(config, folder)
     return config
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -221,6 +222,22 @@ def guarded(call: Callable[[], Any]) -> int:
         return 1
 
 
+def load_plugins(names: str) -> None:
+    """Import the comma-separated modules of MMLLM_PLUGINS (each registers its modalities / tasks), before the
+    commands are built from the configs, so their flags exist; a module that cannot be imported is one line."""
+    import importlib
+
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a user's module: any failure is this one line
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+            print(f"error: MMLLM_PLUGINS: cannot import {name!r} ({reason})", file=sys.stderr)
+            sys.exit(2)
+
+
+if os.environ.get("MMLLM_PLUGINS"):
+    load_plugins(os.environ["MMLLM_PLUGINS"])
 command(app, "prepare", C.PrepareConfig, "mmllm.preparation:run")
 command(app, "finetune", C.FinetuneConfig, "mmllm.finetuning:run")
 command(app, "predict", C.PredictConfig, "mmllm.predict:run")

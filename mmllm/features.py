@@ -406,11 +406,12 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
                 raise RecordError(column, f"cannot decode ({decode_reason(e)})", _file(rec[role])) \
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
-        for source in [m for m in item["media"] if modalities.get(m).parts]:
+        for source in [m for m in modalities.names() if modalities.get(m).parts and rec.get(m)]:
             for part in modalities.get(source).parts:  # the record's own part first, else the file's
                 into = modalities.spare(source, part) if rec.get(part) else part
                 if into and into in encoders and into not in item["media"]:
-                    entry = load_part(rec, source, part, encoders, store, pre, item["media"][source]["digest"], into)
+                    digest = item["media"][source]["digest"] if source in item["media"] else _digest(rec, source, pre)
+                    entry = load_part(rec, source, part, encoders, store, pre, digest, into)
                     if entry is not None:
                         item["media"][into] = entry
         spoken = modalities.transcribed()

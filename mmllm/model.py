@@ -249,7 +249,8 @@ class MultimodalClassifier(Classifier):
         self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, cfg.num_labels))
 
     def modality_vectors(self, batch: dict, drop: set[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask."""
+        """(B, M, H) projected vectors with placeholders where absent, and the (B, M) presence mask (after --drop
+        and modality dropout; `attended` makes the mask the fusions attend with)."""
         vecs, present = [], []
         for i, m in enumerate(self.cfg.modalities):
             v = self.proj[self.owner[m]](modality_feature(batch, m))
@@ -264,28 +265,32 @@ class MultimodalClassifier(Classifier):
             keep[keep.sum(1) == 0, 0] = True  # never drop everything
             x = torch.where(keep.unsqueeze(-1), x, self.placeholder.unsqueeze(0).expand_as(x))
             present_t = present_t & keep
-        # a record with nothing present still attends to its placeholders
-        present_t = present_t | (present_t.sum(1, keepdim=True) == 0)
         return x, present_t
 
-    def sequence_tokens(self, batch: dict, x: torch.Tensor, present: torch.Tensor
+    @staticmethod
+    def attended(present: torch.Tensor) -> torch.Tensor:
+        """The mask the fusions attend with: a record with nothing present attends to its placeholders."""
+        return present | (present.sum(1, keepdim=True) == 0)
+
+    def sequence_tokens(self, batch: dict, x: torch.Tensor, present: torch.Tensor, real: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each modality's vector followed by its projected token sequence (B, S, H) when there is one:
         tokens (B, T, H), presence (B, T), modality index (T,).
 
         Image/audio sequences are the stored ones (prepare --sequence-features); the transformer fusion also
-        reads the text model's token states, padding excluded. A token of an absent modality is masked."""
+        reads the text model's token states, padding excluded. A token of an absent modality is masked (`present`,
+        the attended mask) and, when the record has nothing present, a placeholder (`real`: what it has)."""
         tokens, here, index = [], [], []
         for i, m in enumerate(self.cfg.modalities):
             parts, masks = [x[:, i:i + 1]], [present[:, i:i + 1]]  # (B, 1, H), (B, 1)
             if m == "text" and self.cfg.fusion == "transformer":
                 parts.append(self.proj["text"](batch["text_seq"]))  # (B, S, H)
-                masks.append(batch["attention_mask"].bool() & present[:, i:i + 1])
+                masks.append(batch["attention_mask"].bool() & real[:, i:i + 1])  # its vector stands in when absent
             elif m != "text" and self.cfg.sequence and f"{m}_seq" in batch:
                 seq = self.proj[self.owner[m]](batch[f"{m}_seq"])  # (B, S, H)
                 if self.cfg.positions:
                     seq = seq + self.position[:seq.shape[1]]
-                parts.append(torch.where(present[:, i, None, None], seq, self.placeholder[i].expand_as(seq)))
+                parts.append(torch.where(real[:, i, None, None], seq, self.placeholder[i].expand_as(seq)))
                 masks.append(present[:, i:i + 1].expand(-1, seq.shape[1]))
             tokens += parts
             here += masks
@@ -295,9 +300,10 @@ class MultimodalClassifier(Classifier):
     def forward(self, batch: dict, drop: frozenset = frozenset()) -> dict[str, Any]:
         """batch: token ids, embeddings, presence flags and optional `labels` (B,) -> logits (B, C) [+ loss]."""
         batch = self.with_text_states(batch)
-        x, present = self.modality_vectors(batch, drop)
+        x, real = self.modality_vectors(batch, drop)
+        present = self.attended(real)
         if self.cfg.fusion in TOKEN_FUSIONS:
-            fused, gates = self.fusion(*self.sequence_tokens(batch, x, present))  # (B, H)
+            fused, gates = self.fusion(*self.sequence_tokens(batch, x, present, real))  # (B, H)
         else:
             fused, gates = self.fusion(x, present)  # (B, H)
         return self.output(self.head(fused), batch, gates)  # logits (B, C)

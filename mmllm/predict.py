@@ -58,9 +58,18 @@ class Predictor:
         records = [{**r, "id": str(i), "split": r.get("split") or "test"} for i, r in enumerate(records)]
         rows, errors = featurize(records, self.encoders, self.prep, self.store)
         results = {e["id"]: {"error": _one_line(e)} for e in errors}
+        mods = self.config["model"]["modalities"]
+        for r in [r for r in rows if not self._reads(r, mods)]:  # e.g. a silent video for a soundtrack model
+            results[r["id"]] = {"error": f"nothing this checkpoint reads ({', '.join(mods)}) is in the record"}
+        rows = [r for r in rows if r["id"] not in results]
         if rows:
             results.update(self.task.predict(self, rows, top_k, reliance, generation))
         return [{"id": i, **results[r["id"]]} for i, r in zip(given, records)]
+
+    def _reads(self, row: dict, mods: list[str]) -> bool:
+        """Whether a featurized row holds anything the model reads (a generator always reads its prompt)."""
+        return any(row.get(f"has_{m}") for m in mods) or (self.task.reads_prompt and bool(
+            row.get("text") or row.get("conversation") or row.get("transcript")))
 
 
 def _one_line(entry: dict) -> str:

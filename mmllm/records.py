@@ -519,8 +519,13 @@ def folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def checkpoint_inputs(config: dict) -> list[str]:
     """The record keys (canonical) a checkpoint can read: its modalities, and the prompt text of a generator."""
-    mods = list(dict.fromkeys(modalities.carrier(m) if m in modalities.names() else m  # a soundtrack: its video
-                              for m in config.get("model", {}).get("modalities", [])))
+    mods = []
+    for m in config.get("model", {}).get("modalities", []):
+        if m in modalities.names() and modalities.get(m).carried_by:  # a video's soundtrack beside the record's
+            mods += [modalities.carrier(m), modalities.get(m).encoder_of]  # own audio: both are read
+        else:
+            mods.append(m)
+    mods = list(dict.fromkeys(mods))
     if tasks.of(config).reads_prompt and modalities.TEXT not in mods:
         mods.insert(0, "text")
     spoken = modalities.transcribed()
@@ -546,11 +551,17 @@ class InputCheck:
     def __init__(self, config: dict):
         self.trained = config.get("columns") or {}
         self.inputs = checkpoint_inputs(config)
+        used = config.get("model", {}).get("modalities", [])
+        # read only to route a carried part (a soundtrack is video_audio when the record has its own audio): a
+        # record with nothing else has no input of this checkpoint
+        self.auxiliary = {modalities.get(m).encoder_of for m in used if m in modalities.names()
+                          and modalities.get(m).carried_by} - set(used)
         self.known = {c.lower() for names in candidates().values() for c in names}
         self.known |= {str(c).lower() for c in self.trained.values() if c}
         self.known |= {"conversation", FLAT}  # what flat_record adds to a conversation record
         self.warned: set[str] = set()
-        names = [n for m in self.inputs for n in dict.fromkeys([self.trained.get(m) or m, m])]
+        names = [n for m in self.inputs if m not in self.auxiliary
+                 for n in dict.fromkeys([self.trained.get(m) or m, m])]
         self.expected = " or ".join(f'"{n}"' for n in names) or "none (the checkpoint has no inputs)"
 
     def warn_unknown(self, raw: dict, cols: dict[str, str | None]) -> None:
@@ -572,7 +583,8 @@ class InputCheck:
     def missing(self, rec: dict, raw: dict) -> RecordError | None:
         from mmllm.media import normalize_text
 
-        if any(normalize_text(rec[m]) if m == "text" else rec[m] is not None for m in self.inputs):
+        if any(normalize_text(rec[m]) if m == "text" else rec[m] is not None for m in self.inputs
+               if m not in self.auxiliary):
             return None
         got = ", ".join(str(k)[:40] for k in list(raw)[:8]) or "none"
         return RecordError(None, f"no input: expected {self.expected} (got keys: {got})")

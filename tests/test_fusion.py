@@ -166,3 +166,28 @@ def test_transformer_without_stored_sequences_uses_pooled_tokens(prepared, tmp_p
     r = run_cli("eval", "model", str(ck), str(prepared))
     assert r.exit_code == 0, r.output
     assert 0 <= json.loads(r.stdout)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("fusion", ["attention", "transformer"])
+def test_masking_a_records_only_input_hides_its_sequence(fusion):
+    """Reliance masks a modality: with every input of a record masked, a token fusion sees placeholders only, never
+    the stored sequence or the text tokens (the answer does not depend on them)."""
+    import torch
+
+    from mmllm.model import ModelConfig, build_model
+
+    cfg = ModelConfig(modalities=["video"], num_labels=2, dims={"video": 6}, hidden_size=8, fusion=fusion,
+                      sequence=True, positions=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, None).eval()
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"has_video": torch.ones(3, dtype=torch.bool), "video_emb": torch.randn(3, 6, generator=g),
+                "video_seq": torch.randn(3, 4, 6, generator=g)}
+
+    with torch.no_grad():
+        a = model(batch(1), drop=frozenset({"video"}))["logits"]
+        b = model(batch(2), drop=frozenset({"video"}))["logits"]
+        c = model(batch(2))["logits"]
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(b, c, atol=1e-4)

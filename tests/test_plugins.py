@@ -356,3 +356,26 @@ def test_a_task_leaves_with_its_options(centroid):
         "choices"]
     assert C.FinetuneConfig().fusion == "auto" and C.FinetuneConfig(task="generate").decoder  # the others stay
     tasks.register(centroid)
+
+
+def test_mmllm_plugins_loads_a_users_module_before_the_flags_are_built(tmp_path):
+    """MMLLM_PLUGINS=module: the CLI imports it first, so its modality's flags are in `prepare --help`; a module
+    that cannot be imported is one line and exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_plugin.py").write_text(
+        "from mmllm import modalities\nfrom mmllm.modalities import Modality, Option\n\n\n"
+        "class Bands(Modality):\n    name = 'bands'\n    columns = ('bands',)\n"
+        "    options = (Option('band_count', 8, 'Bands kept.', low=0, high=64),)\n\n\n"
+        "modalities.register(Bands())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(PACKAGE.parent)]),
+           "MMLLM_PLUGINS": "my_plugin", "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "mmllm"]
+    r = subprocess.run([*cli, "prepare", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--band-count" in r.stdout and "--bands-column" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*cli, "--help"], env={**env, "MMLLM_PLUGINS": "my_plugin,not_there"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: MMLLM_PLUGINS: cannot import 'not_there' (ModuleNotFoundError: No module named 'not_there')"]

@@ -129,6 +129,22 @@ def test_a_records_own_audio_wins_and_the_soundtrack_becomes_its_video_audio(tin
     by_bytes = mmllm.load(ck, quiet=True).predict({"id": "x", "video": (tmp_path / "media" / "c0.mp4").read_bytes(),
                                                    "audio": (tmp_path / "own.wav").read_bytes()})
     assert by_bytes["probability"] == pytest.approx(by_path["probability"], abs=1e-5)
+    only = tmp_path / "only"  # a model of the soundtracks alone reads them from raw records as prepare did
+    r = run_cli("finetune", str(out), "--output", str(only), "--fusion", "concat", "--epochs", "2", "--modalities",
+                "video_audio")
+    assert r.exit_code == 0, r.output
+    on_raw = run_cli("eval", "model", str(only), str(manifest), "--split", "train", "--no-reliance")
+    on_prepared = run_cli("eval", "model", str(only), str(out), "--split", "train", "--no-reliance")
+    raw, prepared = json.loads(on_raw.stdout), json.loads(on_prepared.stdout)
+    assert raw["ece"] == pytest.approx(prepared["ece"], abs=1e-4), (raw, prepared)
+    clip, own = str(tmp_path / "media" / "c0.mp4"), str(tmp_path / "own.wav")
+    lines = [json.dumps({"id": "both", "video": clip, "audio": own}), json.dumps({"id": "clip", "video": clip}),
+             json.dumps({"id": "voice", "audio": own})]
+    r = run_cli("predict", str(only), "-", input="\n".join(lines) + "\n")
+    got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert "prediction" in got["both"], got  # its soundtrack, beside its own audio: what the model reads
+    assert "nothing this checkpoint reads" in got["clip"]["error"]  # the soundtrack is this record's audio
+    assert "no input" in got["voice"]["error"]  # its own audio alone is not read by this model
 
 
 def test_video_audio_is_no_column_of_its_own():
