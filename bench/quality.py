@@ -46,9 +46,10 @@ from common import ROOT, mmllm_exe, publish, versions  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads collapse when the other core is busy (shared machine)
 JSON_OUT, MD_OUT = ROOT / "bench" / "quality.json", ROOT / "bench" / "QUALITY.md"
 NOTES = ROOT / "bench" / "QUALITY_NOTES.md"  # hand-written reading of the results, appended to QUALITY.md
-TASKS = {"digits_match": "classify", "digits_noise": "classify", "prompts": "generate", "fortunes": "classify"}
+TASKS = {"digits_match": "classify", "digits_noise": "classify", "prompts": "generate", "fortunes": "classify",
+         "emoji": "generate"}
 MODALITIES = {"digits_match": ["image", "audio"], "digits_noise": ["image", "audio"], "fortunes": ["text"],
-              "prompts": ["audio"]}
+              "prompts": ["audio"], "emoji": ["image"]}
 # the defaults' alternatives, run on the same data in the same run so each default is chosen from measurements:
 # name -> (finetune flags, prepare flags); a variant with prepare flags prepares its own copy (media from the cache)
 ALTERNATIVES = {"digits_match": {"fusion bilinear": (["--fusion", "bilinear"], []),

@@ -15,6 +15,10 @@ unpacked with `dpkg-deb -x` into quality_data/debs, shared by every OUT: nothing
   audio and its transcript are real recordings that carry nothing for the label.
 - prompts (audio -> text, generation): the English Asterisk prompts read by a human (Allison Smith) and their
   transcripts (asterisk-core-sounds-en's core-sounds-en.txt); targets are real sentences, not templates.
+- emoji (image -> text, generation): the drawings of Google's Noto Color Emoji font (Debian's
+  fonts-noto-color-emoji, rendered with Pillow at the font's 109 px size) described by their Unicode character
+  names, lower-cased ("grinning face with smiling eyes", "cherry blossom"): descriptions that people wrote for
+  those pictures, phrases rather than sentences; each test picture is one no training record shows.
 
 Each dataset becomes OUT/NAME/manifest.csv with media under OUT/NAME/ and a split column (seeded). Data is never
 committed: OUT is git-ignored.
@@ -168,7 +172,46 @@ def prompts(out: Path, debs: Path, n_train: int, n_eval: int, seed: int = 0) -> 
     return write_manifest(out / "manifest.csv", rows)
 
 
-BUILDERS = {"digits_match": digits_match, "digits_noise": digits_noise, "fortunes": fortunes, "prompts": prompts}
+EMOJI_RANGES = ((0x2600, 0x27C0), (0x1F300, 0x1FB00))  # Miscellaneous Symbols, Dingbats, the emoji planes
+
+
+def emoji(out: Path, debs: Path, n_train: int, n_eval: int, seed: int = 0) -> Path:
+    """Noto Color Emoji drawings -> their Unicode names (generation); code points the font draws in colour."""
+    import unicodedata
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(next(debian_package("fonts-noto-color-emoji", debs).rglob("NotoColorEmoji.ttf"))),
+                              109)  # its bitmaps' one size
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for start, stop in EMOJI_RANGES:
+        for cp in range(start, stop):
+            try:
+                name = unicodedata.name(chr(cp)).lower()
+            except ValueError:
+                continue
+            img = Image.new("RGB", (136, 128), "white")
+            ImageDraw.Draw(img).text((0, 0), chr(cp), font=font, embedded_color=True)
+            pixels = np.asarray(img).astype(int)
+            if ((pixels.max(2) - pixels.min(2)) > 40).mean() < 0.02:  # not in the font: no colour drawn
+                continue
+            path = images / f"u{cp:05x}.png"
+            img.save(path)
+            pairs.append((f"u{cp:05x}", path, name))
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    pairs = pairs[:n_train + 2 * n_eval]
+    n_val = min(n_eval, max(1, len(pairs) // 8))
+    rows = [{"id": key, "image": str(path), "target": name, "split": split_of(i, len(pairs) - 2 * n_val, n_val)}
+            for i, (key, path, name) in enumerate(pairs)]
+    return write_manifest(out / "manifest.csv", rows)
+
+
+BUILDERS = {"digits_match": digits_match, "digits_noise": digits_noise, "fortunes": fortunes, "prompts": prompts,
+            "emoji": emoji}
 
 
 def build(name: str, out: Path, n_train: int, n_eval: int) -> Path:
