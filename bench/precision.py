@@ -2,7 +2,9 @@
 
 For each modality alone (images, audio clips, texts with --sentence-embedding), on sample_data:
 prepare items/s (in-process, no cache, weights loading included) and the bare encoder's items/s on the already
-decoded inputs, for fp32 and for auto (bf16 autocast + channels_last where the CPU has native bf16).
+decoded inputs, for fp32 and for auto (bf16 autocast + channels_last where the CPU has native bf16). fp32 is
+PyTorch's (MMLLM_IMAGE_RUNTIME=torch): the baseline before OpenVINO; auto is the default, which for the image
+encoder is OpenVINO's fp32 when `openvino` is installed (its features equal PyTorch's fp32, tests/test_precision).
 Every timing is the best of `repeat` runs, fp32 and auto alternating, so both see the same machine load
 (the load average before and after is reported: other processes share these cores).
 
@@ -11,10 +13,12 @@ Run alone: `python bench/precision.py [--quick]` prints the results JSON; run.py
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import ROOT, quiet_stdout, sample_records
@@ -47,6 +51,21 @@ def distinct_inputs(role: str, records: list[dict]) -> list:
     return [load_image(p) if role == "image" else load_audio(p, 16000) for p in files]
 
 
+@contextlib.contextmanager
+def runtime_for(precision: str) -> Iterator[None]:
+    """fp32: PyTorch's (the baseline); auto: the default runtime (OpenVINO for the image encoder when installed)."""
+    before = os.environ.get("MMLLM_IMAGE_RUNTIME")
+    if precision == "fp32":
+        os.environ["MMLLM_IMAGE_RUNTIME"] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MMLLM_IMAGE_RUNTIME", None)
+        else:
+            os.environ["MMLLM_IMAGE_RUNTIME"] = before
+
+
 def prepare_seconds(role: str, path: Path, out: Path, precision: str) -> float:
     from mmllm.config import PrepareConfig
     from mmllm.preparation import run as prepare_run
@@ -55,7 +74,7 @@ def prepare_seconds(role: str, path: Path, out: Path, precision: str) -> float:
     cfg = PrepareConfig(input=[str(path)], output=str(out), cache=False, batch_size=32, precision=precision,
                         overwrite=True, **{option: alias}, **extra)
     t = time.perf_counter()
-    with quiet_stdout():
+    with quiet_stdout(), runtime_for(precision):
         prepare_run(cfg)
     return time.perf_counter() - t
 
@@ -64,7 +83,8 @@ def encoder_seconds(role: str, inputs: list, precision: str) -> float:
     """The bare forward over the decoded inputs in batches of 32 (weights loaded before timing)."""
     from mmllm.encoders import load_encoder
 
-    enc = load_encoder(role, ROLES[role][2], precision=precision)
+    with runtime_for(precision):
+        enc = load_encoder(role, ROLES[role][2], precision=precision)
     step = (lambda b: enc.embed(b, 128)) if role == "text" else enc.encode
     step(inputs[:2])  # weights and kernels ready, as prepare has them after its first batch
     t = time.perf_counter()
@@ -102,7 +122,10 @@ def run(quick: bool) -> dict:
     console.set_quiet(True)
     sizes = {"image": 8, "audio": 8, "text": 16} if quick else {"image": 128, "audio": 96, "text": 256}
     repeat = 1 if quick else 2
+    from mmllm.encoders import load_encoder
+
     result = {"auto_is": resolve_precision("auto"), "threads": __import__("torch").get_num_threads(),
+              "image_runtime": load_encoder("image", ROLES["image"][2], precision="auto").runtime,
               "load_before": os.getloadavg(), "repeat": repeat}
     with tempfile.TemporaryDirectory() as tmp:
         for role, n in sizes.items():
@@ -115,7 +138,10 @@ def run(quick: bool) -> dict:
 def report(r: dict) -> tuple[list[str], list[str]]:
     """(table rows, other figures) for BENCHMARKS.md."""
     unit = {"image": "images", "audio": "clips", "text": "texts"}
-    rows = [f"| prepare {unit[role]}/s, --precision auto ({r['auto_is']}) vs fp32 | "
+    how = {role: r["auto_is"] for role in ROLES}
+    if r.get("image_runtime", "torch") != "torch":
+        how["image"] = f"{r['image_runtime']} fp32"
+    rows = [f"| prepare {unit[role]}/s, --precision auto ({how[role]}) vs PyTorch fp32 | "
             f"{r[role]['auto']['prepare_per_s']:.1f} | {r[role]['fp32']['prepare_per_s']:.1f} | "
             f"{r[role]['prepare_speedup']:.2f} | {TARGET if role == 'image' else 'measured'} | "
             f"{r['met'] if role == 'image' else ''} |" for role in ROLES]

@@ -5,7 +5,8 @@
                                     new temporary folder (printed on stderr), never the tracked files
     python bench/run.py [--quick] --out DIR     writes DIR/results.json and DIR/BENCHMARKS.md
     python bench/run.py --only transcribe,busy   runs only the benchmarks of ONLY (transcribe, busy, e2e, levers,
-                                    text_layers, video are not part of a full run; prepare, generate are) and
+                                    text_layers, video are not part of a full run; prepare, precision,
+                                    generate are) and
                                     merges them into results.json (with their own date), then BENCHMARKS.md
 
 One module per benchmark (startup, prepare_speed, epochs, trainer_compare, predict_memory, prepare_memory,
@@ -56,6 +57,7 @@ REPORTS = {"startup": startup, "prepare": prepare_speed, "cached_epoch": epochs,
 ONLY = {"transcribe": transcribe_speed.run, "busy": busy_finetune.run, "e2e": e2e.run,  # --only: run(tmp, quick)
         "levers": levers.run, "limits": limits.run, "text_layers": text_layers.run, "video": video_speed.run,
         "prepare": lambda tmp, quick: prepare_speed.run((QUICK if quick else FULL).prepare_records, tmp / "p"),
+        "precision": lambda tmp, quick: precision.run(quick),
         "generate": lambda tmp, quick: generate_speed.run(tmp, quick, prepared_sample(
             tmp, (QUICK if quick else FULL).sample_records))}
 

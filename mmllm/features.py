@@ -355,6 +355,8 @@ def feature_key(role: str, digest: str, encoder: Any, pre: Preprocessing, aug: i
     if encoder.precision != "fp32":  # fp32 keys stay as before: features cached earlier were computed in fp32
         parts["precision"] = encoder.precision
         parts["code"] = ENCODER_CODE  # bf16 paths changed (e.g. folded BatchNorm): never reuse older bf16 features
+    if getattr(encoder, "runtime", "torch") != "torch":
+        parts["runtime"] = encoder.runtime  # OpenVINO's features are not PyTorch's to the last bit
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -152,9 +152,10 @@ REAL = [("image", "efficientnet-lite0", lambda: photos(8)), ("image", "efficient
 
 @pytest.mark.slow
 @pytest.mark.parametrize("role,name,media", REAL, ids=["photos", "sample_data", "whisper", "minilm"])
-def test_bf16_matches_fp32_real_weights(role, name, media):
+def test_bf16_matches_fp32_real_weights(role, name, media, monkeypatch):
     if not (REAL_HOME / "models" / name).is_dir():
         pytest.skip(f"{name} is not pulled (mmllm models pull {name})")
+    monkeypatch.setenv("MMLLM_IMAGE_RUNTIME", "torch")  # PyTorch's bf16 path (OpenVINO runs fp32: tested below)
     items = media()
     fp32, bf16 = pooled(role, name, "fp32", items), pooled(role, name, "bf16", items)
     assert cosine(fp32, bf16).min() >= 0.999
@@ -172,3 +173,28 @@ def test_predict_uses_the_checkpoint_precision_unless_given(trained_checkpoint):
     assert forced.exit_code == 0, forced.output
     assert "frozen encoders: fp32\n" in forced.stderr  # given: no reason added
     assert json.loads(forced.stdout)["prediction"] == json.loads(as_recorded.stdout)["prediction"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("media", [lambda: photos(8), sample_images], ids=["photos", "sample_data"])
+def test_openvino_image_runtime_gives_pytorchs_fp32_features(media, monkeypatch):
+    """With `openvino` installed, EfficientNet-Lite runs in OpenVINO's fp32 whatever --precision says (faster than
+    PyTorch's bf16 on it): the same features as PyTorch's fp32, recorded as runtime openvino, precision fp32, and a
+    feature-cache key of their own."""
+    pytest.importorskip("openvino")
+    if not (REAL_HOME / "models" / "efficientnet-lite0").is_dir():
+        pytest.skip("efficientnet-lite0 is not pulled (mmllm models pull efficientnet-lite0)")
+    from mmllm.encoders import load_encoder
+    from mmllm.features import Preprocessing, feature_key
+
+    items = media()
+    monkeypatch.setenv("MMLLM_IMAGE_RUNTIME", "torch")
+    torch_enc = load_encoder("image", "efficientnet-lite0", precision="fp32")
+    reference, ref_seq = torch_enc.encode(items)
+    monkeypatch.delenv("MMLLM_IMAGE_RUNTIME")
+    enc = load_encoder("image", "efficientnet-lite0", precision="bf16")
+    assert enc.runtime == "openvino" and enc.precision == "fp32" and enc.describe()["runtime"] == "openvino"
+    got, seq = enc.encode(items)
+    assert cosine(reference, got).min() >= 0.9999 and seq.shape == ref_seq.shape
+    pre = Preprocessing.read({})
+    assert feature_key("image", "d", enc, pre, 0, "x") != feature_key("image", "d", torch_enc, pre, 0, "x")

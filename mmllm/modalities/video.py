@@ -195,6 +195,10 @@ class VideoEncoder:
         frames = np.concatenate(vectors).reshape(len(clips), -1, self.dim)
         return frames.mean(1), list(frames)
 
+    @property
+    def runtime(self) -> str:
+        return self.image.runtime
+
     def describe(self) -> dict:
         inner = {k: v for k, v in self.image.describe().items() if k != "seq_len"}
         return {**inner, "preprocessing": {**inner["preprocessing"], "frames": "each frame as an image, uniform in "
