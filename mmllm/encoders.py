@@ -235,6 +235,21 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- images
 
+def import_openvino() -> Any:
+    """openvino, imported. Its import creates absl-py's logging handler on the sys.stderr of that moment; any later
+    `logging.config.dictConfig` (uvicorn's, in serve) closes every live handler, and absl's close() closes its
+    stream unless it is a std stream: pointed at sys.__stderr__, it is never closed under a redirected stderr (a
+    notebook, a test runner)."""
+    import sys
+
+    import openvino
+
+    absl = sys.modules.get("absl.logging")
+    if absl is not None:
+        absl.get_absl_handler().python_handler.stream = sys.__stderr__
+    return openvino
+
+
 class ImageEncoder:
     """Frozen image encoder with its own preprocessing. `encode(list[PIL]) -> pooled (B, D), sequence (B, T, D)`."""
 
@@ -328,19 +343,17 @@ class ImageEncoder:
         OpenVINO's own bf16 gave a cosine of only 0.993 on real images."""
         if self.kind != "efficientnet-lite" or os.environ.get("MMLLM_IMAGE_RUNTIME", "").lower() == "torch":
             return "torch"
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "openvino"
+        import importlib.util
+
+        return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
 
     @functools.cached_property
     def compiled(self) -> Any:
         """The feature extractor compiled by OpenVINO in fp32 (converted from the PyTorch model once, cached on disk
         under MMLLM_HOME/openvino by identity), on torch's thread count."""
-        import openvino as ov
-
         from mmllm import hub
+
+        ov = import_openvino()
 
         folder = hub.home() / "openvino"
         xml = folder / f"{self.identity.replace('@', '-')}-fp32.xml"

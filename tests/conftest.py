@@ -30,6 +30,8 @@ def isolated_home(tmp_path, monkeypatch):
     home.mkdir()
     if (REAL_HOME / "models").is_dir():
         (home / "models").symlink_to(REAL_HOME / "models")
+    if (REAL_HOME / "openvino").is_dir():  # image encoders converted for OpenVINO once (a model, not a feature)
+        (home / "openvino").symlink_to(REAL_HOME / "openvino")
     monkeypatch.setenv("MMLLM_HOME", str(home))
     return home
 

@@ -198,3 +198,19 @@ def test_openvino_image_runtime_gives_pytorchs_fp32_features(media, monkeypatch)
     assert cosine(reference, got).min() >= 0.9999 and seq.shape == ref_seq.shape
     pre = Preprocessing.read({})
     assert feature_key("image", "d", enc, pre, 0, "x") != feature_key("image", "d", torch_enc, pre, 0, "x")
+
+
+def test_importing_openvino_leaves_no_handler_that_closes_a_redirected_stderr():
+    """openvino's import creates absl-py's logging handler on the current sys.stderr, and uvicorn's dictConfig (in
+    serve) closes every live handler: absl's close() would close a redirected stderr (a notebook's, a test
+    runner's). mmllm points that handler at sys.__stderr__, which it never closes."""
+    pytest.importorskip("openvino")
+    import sys
+
+    from mmllm.encoders import import_openvino
+
+    import_openvino()
+    absl = sys.modules.get("absl.logging")
+    if absl is None:
+        pytest.skip("this openvino does not import absl-py")
+    assert absl.get_absl_handler().python_handler.stream is sys.__stderr__
