@@ -361,7 +361,7 @@ def _read_class_folder(path: Path) -> tuple[list[dict], list[dict], dict]:
         for f in sorted(cls.rglob("*")):
             ext = f.suffix.lower()
             role = modalities.by_extension(ext)
-            if not f.is_file() or role is None:
+            if role is None or f.is_dir():  # a pipe, a device or a broken link named as media: its own skip line
                 continue
             rec = {k: None for k in keys()}
             rec.update(id=f.relative_to(path).as_posix(), row=len(records) + 1, label=cls.name)

@@ -401,3 +401,24 @@ def test_attention_fusion_over_sequence_features(tiny_models, toy_manifest, tmp_
     assert r.exit_code == 0, r.output
     r = run_cli("predict", str(ck), str(toy_manifest))
     assert r.exit_code == 0 and len(load_json_lines(r.stdout)) == 48
+
+
+def test_a_pipe_or_a_broken_link_in_a_class_folder_is_its_own_skip_line(tiny_models, tmp_path):
+    """Entries named as media that are not regular files (a named pipe, a link to a device, a broken link) are
+    reported as skipped records with their reason, never opened (a pipe would block) and never silently left out."""
+    import os
+
+    for cls, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(4):
+            write_image(tmp_path / "folder" / cls / f"{i}.png", tuple(max(0, c - 10 * i) for c in color))
+    os.mkfifo(tmp_path / "folder" / "red" / "pipe.png")
+    (tmp_path / "folder" / "blue" / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "folder" / "blue" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    r = run_cli("prepare", str(tmp_path / "folder"), "--output", str(tmp_path / "p"), "--image-model",
+                str(tiny_models["image"]), "--val-fraction", "0.25", "--test-fraction", "0.25")
+    assert r.exit_code == 0, r.output
+    skipped = {s["id"]: s["reason"] for s in json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text())[
+        "skipped"]}
+    assert "named pipe" in skipped["red/pipe.png"] and "character device" in skipped["blue/zero.png"]
+    assert "broken symlink" in skipped["blue/gone.png"], skipped

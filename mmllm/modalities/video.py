@@ -84,7 +84,9 @@ def read_frames(media: str | bytes, k: int, max_seconds: float, min_side: int | 
     name = media if isinstance(media, str) else "<bytes>"
     with open_video(media) as container:
         if not container.streams.video:
-            raise MediaError(f"no video stream (give an audio-only file as audio): {name}")
+            if container.streams.audio:
+                raise MediaError(f"no video stream (give an audio-only file as audio): {name}")
+            raise MediaError(f"not a readable video (no stream found in it): {name}")
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise MediaError(f"unsupported video codec (no decoder for it in PyAV's FFmpeg): {name}")
