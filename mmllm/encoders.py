@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmllm import hub
-from mmllm.console import quiet_transformers
+from mmllm.console import log, quiet_transformers
 from mmllm.errors import UserError, read_json
 from mmllm.media import MAX_ASPECT
 
@@ -378,6 +378,8 @@ class ImageEncoder:
             ov.save_model(converted, str(tmp), compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
             tmp.replace(xml)  # the .xml last: a cached .xml always has its weights
+        log(f"image encoder {self.name}: OpenVINO, fp32 whatever --precision says (faster than PyTorch's bf16 on it; "
+            "MMLLM_IMAGE_RUNTIME=torch for PyTorch)")
         return core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
