@@ -21,12 +21,13 @@ import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mmllm import modalities
-from mmllm.tasks.classify import FUSIONS
+from mmllm.fusions import FUSIONS
 from mmllm.errors import UserError, read_json
 from mmllm.model import Classifier, ModelConfig, build_model, classifier, model_fields
 
@@ -55,12 +56,11 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def save(model: Classifier, folder: Path, info: dict, tokenizer: Any, text_config: Any,
-         text_model: torch.nn.Module | None = None) -> None:
+         text_model: torch.nn.Module | None = None) -> dict:
     """Write weights + self-description into `folder` (which the caller renames into place): the text model
-    as a Hugging Face folder in text_model/, every other weight in model.safetensors, and the model card.
-    `text_model`: the whole text model to write when the model holds only a part of it (its trained top layers)."""
-    from mmllm import modelcard
-
+    as a Hugging Face folder in text_model/, every other weight in model.safetensors; returns the config.json
+    written (the task writes the model card from it). `text_model`: the whole text model to write when the model
+    holds only a part of it (its trained top layers)."""
     write_marker(folder)
     net = unwrap(model)
     state = net.state_dict()
@@ -76,7 +76,7 @@ def save(model: Classifier, folder: Path, info: dict, tokenizer: Any, text_confi
         tokenizer.save_pretrained(folder / "text_model")
         if net.text is None:
             text_config.save_pretrained(folder / "text_model")
-    modelcard.write(folder, config)
+    return config
 
 
 def save_hf_model(model: torch.nn.Module, folder: Path) -> None:
@@ -152,7 +152,9 @@ def unwrap(model: torch.nn.Module) -> Any:
     return getattr(model, "module", model)
 
 
-def read_config(folder: str | Path) -> dict:
+def read_config(folder: str | Path, check: Callable[[dict, Path], list[str]] | None = None) -> dict:
+    """A checkpoint's config.json checked by `check` (default: a classifier's, `check_classifier`;
+    `tasks.read_config` checks by its task), or a UserError that names every problem."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
@@ -162,7 +164,7 @@ def read_config(folder: str | Path) -> dict:
         raise UserError(f"{folder} is not an mmllm checkpoint (config.json has no format '{FORMAT}')")
     if isinstance(config.get("model"), dict):
         config["model"] = model_fields(config["model"])
-    problems = check_config(config, folder)
+    problems = (check or check_classifier)(config, folder)
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)} (the file was edited or damaged, or it was trained with a "
                         "plug-in not loaded now: MMLLM_PLUGINS=module; else fine-tune again)")
@@ -280,24 +282,47 @@ def check_modalities(mods: Any, name: str) -> list[str]:
     return [f"{name} lists a modality twice"] if len(set(mods)) != len(mods) else []
 
 
-def check_config(config: dict, folder: Path) -> list[str]:
-    """Every problem with a checkpoint's config.json: types, ranges, label count, known names, files (its task's
-    sections are checked by the task)."""
-    from mmllm import tasks
-
+def check_config(config: dict) -> list[str]:
+    """The problems with the sections of a checkpoint's config.json that every task has: version, labels,
+    preprocessing (the task's own sections are checked by the task: `tasks.read_config`)."""
     problems = []
-    version, task = config.get("version"), config.get("task", tasks.DEFAULT)
+    version = config.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
         problems.append(f"version {json.dumps(version)} is not one this mmllm reads (1 to {VERSION})")
-    if not tasks.known(task):
-        return problems + [f"task '{task}' is not {modalities.spelled(tasks.names())}"]
     labels = config.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         problems.append("labels must be a list of label names")
     elif len(set(labels)) != len(labels):
         problems.append("labels lists a label twice")
-    problems += check_section(config.get("preprocessing", {}), "preprocessing", preprocessing_rules(), closed=False)
-    return problems + tasks.get(task).check(config, folder)
+    return problems + check_section(config.get("preprocessing", {}), "preprocessing", preprocessing_rules(),
+                                    closed=False)
+
+
+def check_classifier(config: dict, folder: Path) -> list[str]:
+    """Every problem with a classifier checkpoint's config.json: the common sections and its model."""
+    return check_config(config) + check_model(config, folder)
+
+
+def check_model(config: dict, folder: Path) -> list[str]:
+    """The problems of a classifier checkpoint's model section: fields, modalities, widths, text model files."""
+    labels = config.get("labels", [])
+    model = config.get("model")
+    problems = check_section(model, "model", MODEL_RULES)
+    if problems:
+        return problems
+    mods = model["modalities"]
+    problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
+    if isinstance(labels, list) and model["num_labels"] != len(labels):
+        problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
+    if "text" in mods and model.get("text_dim") is None:
+        problems.append("model.text_dim is missing (the model uses text)")
+    dims = model.get("dims") or {}
+    for m in mods:
+        if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):
+            problems.append(f"{p} (the model uses {m})")
+    if "text" in mods and not (folder / "text_model").is_dir():
+        problems.append("text_model/ (tokenizer and text model config) is missing")
+    return problems + check_encoders(config, [m for m in mods if m != "text"])
 
 
 def check_encoders(config: dict, roles: list[str]) -> list[str]:

@@ -15,13 +15,12 @@ from mmllm.console import emit, log, show
 # ---------------------------------------------------------------- eval model
 
 def run_model(cfg: EvalModelConfig) -> int:
-    from mmllm import checkpoint
     from mmllm.runtime import pick_device
 
     if cfg.output:
         check_outputs(cfg)
     device = pick_device(cfg.device)
-    config = checkpoint.read_config(cfg.checkpoint)
+    config = tasks.read_config(cfg.checkpoint)
     result = tasks.of(config).evaluate(cfg, config, device)
     print_table(result)
     if cfg.output:

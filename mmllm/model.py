@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmllm.tasks.classify import FUSIONS
+from mmllm.fusions import FUSIONS, TOKEN_FUSIONS
 from mmllm.modalities import TEXT
 from mmllm.encoders import mean_pool
 
@@ -61,7 +61,6 @@ def projection(dim: int, hidden: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout))
 
 
-TOKEN_FUSIONS = ("attention", "transformer")  # fusions that read token sequences, not one vector per modality
 BILINEAR_RANK = 8  # rank R of the low-rank bilinear fusion
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mmllm import checkpoint, outputs, tasks
+from mmllm import outputs, tasks
 from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
 from mmllm.errors import UserError
@@ -29,7 +29,7 @@ class Predictor:
         from mmllm.features import FeatureStore, checkpoint_preprocessing, encoders_for_checkpoint
 
         self.device = pick_device(device)
-        self.config = checkpoint.read_config(folder)
+        self.config = tasks.read_config(folder)
         self.task = tasks.of(self.config)
         self.generation = self.task.generates  # takes generation options (max_new_tokens, stop, ...)
         self.model, self.tokenizer = self.task.load(Path(folder), self.config, self.device)

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from conftest import one_line_error, run_cli
-from mmllm import checkpoint
+from mmllm import checkpoint, tasks
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_hand_edited_labels_json_is_refused_not_ignored(ck):
 
 def test_untouched_checkpoint_passes_the_schema(trained_checkpoint):
     config = json.loads((trained_checkpoint / "config.json").read_text())
-    assert checkpoint.check_config(config, trained_checkpoint) == []
+    assert tasks.check_config(config, trained_checkpoint) == []
 
 
 def generation_config() -> dict:
@@ -172,7 +172,7 @@ def test_generation_checkpoint_schema(tmp_path, change, expected):
     (tmp_path / "decoder").mkdir()
     config = generation_config()
     change(config)
-    problems = checkpoint.check_config(config, tmp_path)
+    problems = tasks.check_config(config, tmp_path)
     assert (problems == []) if expected is None else any(expected in p for p in problems), problems
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, tiny_prepare_args
 
 from mmllm import checkpoint
-from mmllm.tasks.classify import FUSIONS
+from mmllm.fusions import FUSIONS
 from mmllm.errors import UserError
 from mmllm.model import ModelConfig, build_model
 

@@ -15,6 +15,7 @@ user's plug-in registers itself the same way, before its options are used).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,42 @@ class Task:
     def card_training(self, config: dict) -> str | None:
         """How its pretrained part was trained ("lora", "full", "frozen"), or None."""
         return None
+
+
+def check_config(config: dict, folder: Path) -> list[str]:
+    """Every problem with a checkpoint's config.json: the sections every task has (checkpoint.check_config), then
+    its task's (`Task.check`); of an unknown task, that alone."""
+    from mmllm import checkpoint
+
+    problems = checkpoint.check_config(config)
+    task = config.get("task", DEFAULT)
+    if not known(task):
+        from mmllm.modalities import spelled
+
+        return problems + [f"task '{task}' is not {spelled(names())}"]
+    return problems + get(task).check(config, folder)
+
+
+def read_config(folder: str | Path) -> dict:
+    """A checkpoint's config.json with every section checked (`check_config`), or a UserError naming them."""
+    from mmllm import checkpoint
+
+    return checkpoint.read_config(folder, check_config)
+
+
+def core_of(package: str) -> tuple[Callable[[], Any], Callable[[str], Any]]:
+    """(core, __getattr__) for a task package that keeps its heavy code in `<package>.core`: `core()` imports it on
+    first use, and the module-level `__getattr__` (PEP 562) forwards the package's other names to it."""
+
+    def core() -> Any:
+        return importlib.import_module(f"{package}.core")
+
+    def forward(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(core(), name)
+
+    return core, forward
 
 
 def missing_column(prepared: str, meta: dict, task: Task) -> str:

@@ -7,25 +7,17 @@ names are also reachable from here: `from mmllm.tasks.classify import predict_ta
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
+from mmllm.fusions import FUSIONS  # noqa: F401 - the --fusion choices, also reachable from here
 from mmllm.modalities import TEXT, Option
-from mmllm.tasks import Task
+from mmllm.tasks import Task, core_of
 
-FUSIONS = ("concat", "gated", "attention", "transformer", "bilinear", "linear")  # checked in every checkpoint
 AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 
 
-def _core() -> Any:
-    return importlib.import_module(f"{__name__}.core")
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the training and inference code, imported on first use
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(_core(), name)
+_core, __getattr__ = core_of(__name__)  # PEP 562: the training and inference code, imported on first use
 
 
 class Classify(Task):

@@ -15,6 +15,7 @@ from mmllm.tasks.classify import AUTO_FUSIONS
 from mmllm.console import log, warn
 from mmllm.metrics import classification
 from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
+from mmllm import modelcard
 from mmllm.modelcard import data_summary
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Training, get, missing_column
@@ -102,7 +103,7 @@ def build(cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> 
             from mmllm.text_layers import compose
 
             whole = compose(text.build_model(), checkpoint.merged_state(checkpoint.unwrap(chosen).text))
-        checkpoint.save(chosen, out, info, tokenizer, text_config, whole)
+        modelcard.write(out, checkpoint.save(chosen, out, info, tokenizer, text_config, whole))
 
     return Training(model, train_table, run_validation, save)
 
@@ -252,28 +253,8 @@ def validate(model, val: FeatureTable, labels: list[str], device, batch_size: in
 # ---------------------------------------------------------------- checkpoint
 
 def check_config(config: dict, folder: Path) -> list[str]:
-    """The problems of a classifier checkpoint's model section: fields, modalities, widths, text model files."""
-    from mmllm.checkpoint import MAX_WIDTH, MODEL_RULES, Rule, check_encoders, check_modalities, check_section, \
-        check_value
-
-    labels = config.get("labels", [])
-    model = config.get("model")
-    problems = check_section(model, "model", MODEL_RULES)
-    if problems:
-        return problems
-    mods = model["modalities"]
-    problems += check_modalities(mods, "model.modalities") or ([] if mods else ["model.modalities is empty"])
-    if isinstance(labels, list) and model["num_labels"] != len(labels):
-        problems.append(f"model.num_labels is {model['num_labels']} but labels has {len(labels)} names")
-    if "text" in mods and model.get("text_dim") is None:
-        problems.append("model.text_dim is missing (the model uses text)")
-    dims = model.get("dims") or {}
-    for m in mods:
-        if m != "text" and (p := check_value(f"model.dims.{m}", dims.get(m), Rule("int", 1, MAX_WIDTH, required=True))):
-            problems.append(f"{p} (the model uses {m})")
-    if "text" in mods and not (folder / "text_model").is_dir():
-        problems.append("text_model/ (tokenizer and text model config) is missing")
-    return problems + check_encoders(config, [m for m in mods if m != "text"])
+    """The problems of a classifier checkpoint's model section (checkpoint.check_model)."""
+    return checkpoint.check_model(config, folder)
 
 
 # ---------------------------------------------------------------- inference

@@ -8,22 +8,14 @@ names are also reachable from here: `from mmllm.tasks.generate import GenTable`)
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from mmllm.modalities import Option
-from mmllm.tasks import Task
+from mmllm.tasks import Task, core_of
 
 
-def _core() -> Any:
-    return importlib.import_module(f"{__name__}.core")
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the training and inference code, imported on first use
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(_core(), name)
+_core, __getattr__ = core_of(__name__)  # PEP 562: the training and inference code, imported on first use
 
 
 class Generate(Task):
