@@ -17,6 +17,8 @@ import dataclasses
 import os
 from typing import Any
 
+from mmllm.registry import Registry
+
 TEXT = "text"  # the core's own input
 
 
@@ -112,28 +114,8 @@ def passes(value: Any) -> bool:
             or (isinstance(value, dict) and ("bytes" in value or "path" in value)))
 
 
-_REGISTRY: dict[str, Modality] = {}
-_HOOKS: list = []  # called with (modality, added) on every (un)registration: config adds or drops its options
-
-
-def register(modality: Modality) -> Modality:
-    """Add a modality (its options become prepare options at once)."""
-    if not modality.name or modality.name == TEXT or modality.name in _REGISTRY:
-        raise ValueError(f"cannot register a modality named {modality.name!r}")
-    _REGISTRY[modality.name] = modality
-    for hook in _HOOKS:
-        hook(modality, True)
-    return modality
-
-
-def unregister(name: str) -> None:
-    modality = _REGISTRY.pop(name)
-    for hook in _HOOKS:
-        hook(modality, False)
-
-
-def on_change(hook) -> None:
-    _HOOKS.append(hook)
+_REGISTRY: Registry = Registry("modality", reserved=(TEXT,))  # its hooks: config adds or drops their options
+register, unregister, on_change = _REGISTRY.register, _REGISTRY.unregister, _REGISTRY.on_change
 
 
 def get(name: str) -> Modality:

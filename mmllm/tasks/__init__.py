@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.modalities import Option
+from mmllm.registry import Registry
 
 DEFAULT = "classify"  # the task of --task's default and of checkpoints written before tasks were recorded
 
@@ -173,28 +174,8 @@ def missing_column(prepared: str, meta: dict, task: Task) -> str:
     return message
 
 
-_REGISTRY: dict[str, Task] = {}
-_HOOKS: list = []  # called with (task, added) on every (un)registration: config adds or drops its options
-
-
-def register(task: Task) -> Task:
-    """Add a task (its options become finetune options at once)."""
-    if not task.name or task.name in _REGISTRY:
-        raise ValueError(f"cannot register a task named {task.name!r}")
-    _REGISTRY[task.name] = task
-    for hook in _HOOKS:
-        hook(task, True)
-    return task
-
-
-def unregister(name: str) -> None:
-    task = _REGISTRY.pop(name)
-    for hook in _HOOKS:
-        hook(task, False)
-
-
-def on_change(hook) -> None:
-    _HOOKS.append(hook)
+_REGISTRY: Registry = Registry("task")  # its hooks: config adds or drops the tasks' options
+register, unregister, on_change = _REGISTRY.register, _REGISTRY.unregister, _REGISTRY.on_change
 
 
 def get(name: Any) -> Task:
