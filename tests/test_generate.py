@@ -382,12 +382,13 @@ def test_image_tokens_pools_the_stored_grid(tiny_models, toy_manifest, tiny_deco
     import torch
 
     from conftest import tiny_prepare_args
-    from mmllm.tasks.generate import load_checkpoint, pool_tokens
+    from mmllm.encoders import pool_tokens
+    from mmllm.tasks.generate import load_checkpoint
 
     grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row by row
-    assert pool_tokens(grid, 4).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # each 2x2 block's mean
+    assert pool_tokens(grid, 4, grid=True).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # each 2x2 block's mean
     assert pool_tokens(torch.arange(6.0).view(1, 6, 1), 2).flatten().tolist() == [1.0, 4.0]  # 1-D
-    assert torch.equal(pool_tokens(grid, 16), grid)
+    assert torch.equal(pool_tokens(grid, 16, grid=True), grid)
     import numpy as np
 
     from mmllm.encoders import pool_sequence

@@ -29,6 +29,7 @@ from torch import nn
 from mmllm import chat
 from mmllm.chat import DESCRIBE
 from mmllm.console import log
+from mmllm.encoders import pool_tokens
 from mmllm.errors import UserError
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Training, get, missing_column
@@ -152,7 +153,7 @@ class PrefixDecoder(nn.Module):
         for m in self.cfg.modalities:
             here = batch[f"has_{m}"].bool().view(-1, 1, 1)
             if m in seq:
-                stored = pool_tokens(batch[f"{m}_seq"], self.cfg.tokens(m))
+                stored = pool_tokens(batch[f"{m}_seq"], self.cfg.tokens(m), grid=m in self.cfg.pool)  # pooled: a grid
                 v = self.proj[m](stored) + self.positions[m]  # (B, T, d): one token per vector
                 parts.append(torch.where(here, v, self.missing[m].expand_as(v)))
                 continue
@@ -257,19 +258,6 @@ class PrefixDecoder(nn.Module):
                                     max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, num_beams=num_beams,
                                     pad_token_id=pad, eos_token_id=ends, **kwargs)
         return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
-
-
-def pool_tokens(seq: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, T, D) -> (B, n, D) by average pooling: in 2-D when T and n are both squares (an image's grid, row by
-    row), else in 1-D over the sequence; unchanged when n == T."""
-    t = seq.shape[1]
-    if n == t:
-        return seq
-    side, out = math.isqrt(t), math.isqrt(n)
-    if side * side == t and out * out == n:
-        grid = seq.transpose(1, 2).reshape(len(seq), -1, side, side)  # (B, D, s, s)
-        return F.adaptive_avg_pool2d(grid, out).flatten(2).transpose(1, 2)
-    return F.adaptive_avg_pool1d(seq.transpose(1, 2), n).transpose(1, 2)
 
 
 def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
