@@ -147,9 +147,10 @@ def prompt_ids(tokenizer: Any, messages: list[dict], system: str | None, kind: s
     return ids[-max_tokens:]  # the end of a long conversation is what the answer follows
 
 
-def stop_ids(tokenizer: Any, decoder: Any, kind: str) -> list[int]:
+def stop_ids(tokenizer: Any, decoder: Any, kind: str, processor: Any = None) -> list[int]:
     """Token ids that end an answer: the tokenizer's EOS, the decoder's generation-config EOS ids, and the chat
-    template's end-of-turn token (the first token after an assistant turn's content, when it is special)."""
+    template's end-of-turn token (the first token after an assistant turn's content, when it is special). With a
+    `processor` (a vision-language model's), its template renders the turns, their contents as lists of parts."""
     out: list[int] = []
 
     def add(v: Any) -> None:
@@ -162,7 +163,10 @@ def stop_ids(tokenizer: Any, decoder: Any, kind: str) -> list[int]:
     add(getattr(gen, "eos_token_id", None))
     if kind == CHAT:
         try:
-            text = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False)
+            turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+            if processor is not None:
+                turns = [{**t, "content": [{"type": "text", "text": t["content"]}]} for t in turns]
+            text = _render(processor or tokenizer, turns, False)
         except Exception:  # noqa: BLE001 - a template that cannot render this is caught when it is used
             return out
         tail = text[text.rfind("y") + 1:]
@@ -182,10 +186,10 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-def stop_criteria(tokenizer: Any, stops: list[str]) -> Any:
+def stop_criteria(tokenizer: Any, stops: list[str], start: int = 0) -> Any:
     """A transformers StoppingCriteria that ends each row once its new text holds a stop string (the tail of each
     row is decoded every step: any tokenizer works, unlike transformers' `stop_strings` that some vocabularies
-    break)."""
+    break). `start`: the prompt's length when the rows hold their prompts (only the new tokens are read)."""
     import torch
     from transformers import StoppingCriteria
 
@@ -193,7 +197,8 @@ def stop_criteria(tokenizer: Any, stops: list[str]) -> Any:
 
     class StopOnText(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            tails = tokenizer.batch_decode(input_ids[:, -window:], skip_special_tokens=True)
+            tails = tokenizer.batch_decode(input_ids[:, max(start, input_ids.shape[1] - window):],
+                                           skip_special_tokens=True)
             return torch.tensor([any(s in t for s in stops) for t in tails], device=input_ids.device)
 
     return StopOnText()

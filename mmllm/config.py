@@ -72,6 +72,9 @@ class PrepareConfig:
     sequence_features: bool = opt(False, "Also store the media's token sequences (for attention fusion).",
                                   panel="Model")
     sentence_embedding: bool = opt(False, "Also store a frozen sentence embedding of the text.", panel="Model")
+    keep_media: bool = opt(False, "Also store each medium's file bytes (image_bytes, ...): a vision-language "
+                                  "--decoder reads the images with its own processor and encodes them itself.",
+                           panel="Model")
     text_trunk_layers: int = opt(0, "Also store the text model's token states after layer L-K (its real tokens; "
                                     "bf16 when the encoders run bf16), so that finetune --train-text-layers K trains "
                                     "its top K layers without running the rest (0: off).", panel="Model")

@@ -31,6 +31,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "bot": "assistant", "system": "system", "observation": "user", "function": "user", "tool": "user"}
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 LISTS = {"image": "images", "audio": "audios", "video": "videos"}
+PART_TYPES = {"image": "image", "audio": "audio", "video": "video"}  # a medium's content part in a Hugging Face
+# processor's chat template: {"type": "image"}
 NAMES = {"llava": "LLaVA JSON", "sharegpt": "ShareGPT / LLaMA-Factory messages", "alpaca": "alpaca",
          "openai": "OpenAI chat messages"}
 

@@ -824,6 +824,34 @@ def load_decoder(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, 
     return model, tokenizer, identity
 
 
+def is_vision_language(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether a decoder name is a vision-language model (its config has a vision tower): --task generate then
+    trains it through its own processor (mmllm.tasks.generate.vlm)."""
+    folder, _ = resolve(name, trust_remote_code)
+    if folder is None or not (folder / "config.json").is_file():
+        return False
+    config = read_json(folder / "config.json")
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+
+
+def load_vision_language(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """(image-text-to-text model in fp32, its processor, identity)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    quiet_transformers()
+    folder, identity = resolve(name, trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                            dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the vision-language decoder '{name}': {str(e).splitlines()[0]}") from None
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, processor, identity
+
+
 def load_encoder(role: str, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
     """The encoder of a role (text, or a modality's plug-in); `precision` (auto, fp32, bf16) is how its frozen
     forward runs."""

@@ -275,6 +275,7 @@ class Preprocessing:
     precision: str  # what the frozen encoders ran in (resolved: fp32 or bf16)
     sequence_features: bool
     sentence_embedding: bool
+    keep_media: bool  # each medium's file bytes are stored too ({role}_bytes), for a vision-language decoder
     augment: int
     seed: int
     transcribe: dict | None  # the transcriber's describe(); None: prepare did not transcribe
@@ -408,6 +409,9 @@ def load_record(rec: dict, encoders: dict, store: FeatureStore, pre: Preprocessi
                 raise RecordError(column, f"cannot decode ({decode_reason(e)})", _file(rec[role])) \
                     from None
             item["media"][role] = {"key": key, "digest": digest, "decoded": decoded}
+        if pre.keep_media:  # checked above: a regular file (or bytes) within --max-file-mb that decodes
+            item["bytes"] = {role: media_bytes(rec[role]) for role in item["media"] if role in modalities.names()
+                             and rec.get(role) is not None}
         for source in [m for m in modalities.names() if modalities.get(m).parts and rec.get(m)]:
             for part in modalities.get(source).parts:  # the record's own part first, else the file's
                 into = modalities.spare(source, part) if rec.get(part) else part
@@ -481,6 +485,11 @@ def load_transcript(rec: dict, encoders: dict, store: FeatureStore, pre: Preproc
         raise RecordError(role, str(e), _file(rec[role])) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
         raise RecordError(role, f"cannot decode ({decode_reason(e)})", _file(rec[role])) from None
+
+
+def media_bytes(media: Any) -> bytes:
+    """A medium's file content (a path is read; bytes are as given)."""
+    return media if isinstance(media, bytes) else Path(media).read_bytes()
 
 
 def _file(media: Any) -> str | None:
@@ -580,6 +589,8 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, pre: P
                 n = modalities.get(role).sequence_length(pre)
                 seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
                 row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
+            if pre.keep_media:
+                row[f"{role}_bytes"] = it.get("bytes", {}).get(role)
         rows.append(row)
     return rows, errors
 
@@ -675,6 +686,8 @@ def arrow_schema(encoders: dict, pre: Preprocessing):
             if pre.sequence_features:
                 n = modalities.get(role).sequence_length(pre)
                 fields.append(pa.field(f"{role}_seq", pa.list_(pa.list_(pa.float32(), dim), n)))
+            if pre.keep_media:
+                fields.append(pa.field(f"{role}_bytes", pa.binary()))
     return pa.schema(fields)
 
 

@@ -118,6 +118,11 @@ def build(cfg: PrepareConfig) -> int:
             log(f"text trunk states: {meta['text_trunk']['bytes_per_record']:,} bytes per record "
                 f"({meta['text_trunk']['dtype']}, after layer {meta['text_trunk']['after_layer']} of "
                 f"{meta['text_trunk']['layers']})")
+        if cfg.keep_media:
+            kept = [r for r in encoders if f"{r}_bytes" in meta["features"]]
+            log(f"media kept: {', '.join(f'{r}_bytes' for r in kept)} hold each file as read: a vision-language "
+                "--decoder encodes those media itself with its own processor (the frozen encoders' features are "
+                "stored too, for the other models)")
         if "transcript" in encoders:
             meta["transcripts"] = transcript_report(encoders["transcript"], tmp, references)
         _finish(tmp, out, meta, cfg)
@@ -128,6 +133,8 @@ def build(cfg: PrepareConfig) -> int:
                "seconds": round(time.perf_counter() - start, 2)}
     if cfg.text_trunk_layers:
         summary["text_trunk_bytes_per_record"] = meta["text_trunk"]["bytes_per_record"]
+    if cfg.keep_media:
+        summary["media_kept"] = [r for r in encoders if f"{r}_bytes" in meta["features"]]
     if meta.get("transcripts"):
         summary["transcripts"] = {k: v for k, v in meta["transcripts"].items() if not k.endswith("_definition")}
     emit(summary)
@@ -401,6 +408,8 @@ def build_meta(cfg: PrepareConfig, cols: dict, encoders: dict, counts: dict, lab
             features[f"{role}_emb"] = [enc.dim]
             if cfg.sequence_features:
                 features[f"{role}_seq"] = [modalities.get(role).sequence_length(Preprocessing.of(cfg)), enc.dim]
+            if cfg.keep_media:
+                features[f"{role}_bytes"] = ["bytes"]  # the file as read, for a vision-language decoder
     trunk = None
     if cfg.text_trunk_layers:
         from mmllm.features import trunk_dtype

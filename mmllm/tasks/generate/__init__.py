@@ -99,9 +99,12 @@ class Generate(Task):
         trained = self.card_training(config)
         if trained not in ("lora", "full"):
             return []
-        return ["", "`decoder/` is the trained decoder" + (" (LoRA adapters merged)" if trained == "lora" else "")
-                + ", a Hugging Face folder for `AutoModelForCausalLM`; the image/audio prefix projector stays in "
-                "model.safetensors."]
+        merged = " (LoRA adapters merged)" if trained == "lora" else ""
+        if _vision_language(config):
+            return ["", f"`decoder/` is the trained vision-language model{merged} with its processor, a Hugging Face "
+                    "folder for `AutoModelForImageTextToText` and `AutoProcessor`."]
+        return ["", f"`decoder/` is the trained decoder{merged}, a Hugging Face folder for `AutoModelForCausalLM`; the "
+                "image/audio prefix projector stays in model.safetensors."]
 
     def card_encoder_rows(self, config: dict, license_of: Any, md: Any) -> list[str]:
         gen = config["generation"]
@@ -109,8 +112,15 @@ class Generate(Task):
                 f"{md(license_of(gen['decoder']))} | | |"]
 
     def card_notes(self, config: dict, frozen: Any) -> list[str]:
-        notes = frozen(list(config.get("encoders") or {}))
         trained = self.card_training(config)
+        if _vision_language(config):
+            seen = ", ".join(config["generation"]["modalities"])
+            return [f"The decoder is a vision-language model: it encodes the {seen}s itself with its processor (from "
+                    "the files' bytes, prepare --keep-media), not with mmllm's frozen encoders' features.",
+                    "Fine-tuned with LoRA (rank {}) on its language model, merged into the weights in decoder/; the "
+                    "vision tower and connector are unchanged.".format(config["generation"]["lora_r"])
+                    if trained == "lora" else "Fine-tuned (all its weights; they are in decoder/)."]
+        notes = frozen(list(config.get("encoders") or {}))
         if trained == "lora":
             notes.append(f"The decoder is fine-tuned with LoRA (rank {config['generation']['lora_r']}), merged into "
                          "the weights in decoder/.")
@@ -122,6 +132,12 @@ class Generate(Task):
         return notes
 
     def card_files(self, config: dict) -> dict[str, str]:
+        if _vision_language(config):
+            return {"decoder/": "the trained vision-language model and its processor (Hugging Face folder)"}
         trained = self.card_training(config)
         return {"decoder/": "the trained decoder and its tokenizer (Hugging Face folder)" if trained != "frozen"
                 else "the decoder's tokenizer and config (the frozen weights are referenced by identity)"}
+
+
+def _vision_language(config: dict) -> bool:
+    return (config.get("generation") or {}).get("decoder_kind") == "vision-language"

@@ -58,6 +58,9 @@ class GenConfig:
     # placeholder: a medium's tokens stand where its placeholder (<image>, ...) stands in the conversation, else
     # before the prompt; prefix: always before the prompt, placeholders dropped (checkpoints before placeholders)
     media_at: str = "prefix"
+    # causal-lm: mmllm's projector feeds stored features to a causal LM (PrefixDecoder); vision-language: a Hugging
+    # Face image-text-to-text backbone reads the pictures itself with its processor (vlm.VisionLanguageDecoder)
+    decoder_kind: str = "causal-lm"
 
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
@@ -142,6 +145,22 @@ class PrefixDecoder(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.decoder.parameters() if p.requires_grad]
+
+    def table(self, columns: dict[str, Any], tokenizer: Any, with_targets: bool) -> GenTable:
+        """Featurized rows (or a prepared split's columns) as this model reads them."""
+        return GenTable(columns, self.cfg.modalities, tokenizer, with_targets=with_targets,
+                        kind=self.cfg.prompt_format, sequences=tuple(self.cfg.sequenced()), slots=self.cfg.slots())
+
+    def save_decoder(self, folder: Path, tokenizer: Any) -> None:
+        """decoder/: the trained decoder (LoRA merged) or, frozen, only its config; and its tokenizer."""
+        from mmllm.checkpoint import save_hf_model
+
+        if self.cfg.lora_r or self.cfg.train_decoder:
+            save_hf_model(self.decoder, folder)
+        else:
+            decoder = self.decoder.get_base_model() if hasattr(self.decoder, "get_base_model") else self.decoder
+            decoder.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
     def media(self, batch: dict) -> list[torch.Tensor]:
         """Each modality's tokens, (B, P, d) from its pooled vector or (B, T, d) from its stored sequence; a
@@ -388,10 +407,14 @@ def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
 
 
 def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Training:
-    from mmllm.encoders import load_decoder
+    from mmllm.encoders import is_vision_language, load_decoder
 
     if not meta.get("has_target"):
         raise UserError(missing_column(fcfg.prepared, meta, get(fcfg.task)))
+    if is_vision_language(fcfg.decoder):
+        from mmllm.tasks.generate import vlm
+
+        return vlm.build(fcfg, data, meta, modalities, dist)
     prefix_mods = [m for m in modalities if m != "text"]
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
@@ -517,18 +540,13 @@ def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict,
     decoder was trained (LoRA adapters, merged, or --train-decoder) its weights: a Hugging Face folder that
     `AutoModelForCausalLM` loads. A frozen decoder is referenced by identity, never copied."""
     from mmllm import modelcard
-    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, save_hf_model, save_weights, unwrap, write_marker
+    from mmllm.checkpoint import FORMAT, VERSION, file_tensors, save_weights, unwrap, write_marker
 
     model = unwrap(model)
     write_marker(out)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
-    save_weights(file_tensors(state), out / "model.safetensors")
-    if model.cfg.lora_r or model.cfg.train_decoder:
-        save_hf_model(model.decoder, out / "decoder")
-    else:
-        decoder = model.decoder.get_base_model() if hasattr(model.decoder, "get_base_model") else model.decoder
-        decoder.config.save_pretrained(out / "decoder")
-    tokenizer.save_pretrained(out / "decoder")
+    save_weights(file_tensors(state), out / "model.safetensors")  # a vision-language model's: none (empty file)
+    model.save_decoder(out / "decoder", tokenizer)
     config = {"format": FORMAT, "version": VERSION, "task": "generate", "generation": asdict(model.cfg),
               "model": {"modalities": model.cfg.modalities}, "encoders": meta["encoders"],
               "columns": meta["columns"], "preprocessing": meta["preprocessing"], "labels": [],
@@ -547,6 +565,10 @@ def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDeco
     from mmllm.encoders import load_decoder
 
     cfg = GenConfig(**config["generation"])
+    if cfg.decoder_kind != "causal-lm":
+        from mmllm.tasks.generate import vlm
+
+        return vlm.load(folder, cfg, device)
     # decoding is one token at a time: on a CPU, bf16 matrix-vector products are slower than fp32 ones (measured:
     # 6.0 s vs 4.4 s for two records), so a decoder trained in bf16 decodes in fp32 there; on a GPU as trained
     on_gpu = str(device).startswith("cuda")
@@ -587,8 +609,9 @@ def check_config(config: dict, folder: Path) -> list[str]:
     if problems:
         return problems
     problems += check_modalities(gen["modalities"], "generation.modalities")
+    fed = gen.get("decoder_kind", "causal-lm") == "causal-lm"  # a vision-language backbone reads media itself
     problems += [f"generation.dims.{m} must be a positive size" for m in gen["modalities"]
-                 if not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
+                 if fed and not (isinstance(gen["dims"].get(m), int) and 0 < gen["dims"][m] <= MAX_WIDTH)]
     lens = gen.get("seq_lens") or {}
     problems += [f"generation.pool.{m} must be a whole number from 1 to its stored length" for m, n in
                  (gen.get("pool") or {}).items()
@@ -611,8 +634,7 @@ def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: d
     masked."""
     model, tokenizer = predictor.model, predictor.tokenizer
     columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-    table = GenTable(columns, model.cfg.modalities, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
-                     sequences=tuple(model.cfg.sequenced()), slots=model.cfg.slots())
+    table = model.table(columns, tokenizer, with_targets=False)
 
     def answers(drop: frozenset = frozenset()) -> list[str]:
         batch = table.batch(range(len(rows)), predictor.device, with_targets=False, drop=drop)
@@ -638,8 +660,7 @@ def evaluate(cfg: Any, config: dict, device: Any) -> dict:
     model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
     mods = model.cfg.modalities
     columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts)
-    table = GenTable(columns, mods, tokenizer, with_targets=False, kind=model.cfg.prompt_format,
-                     sequences=tuple(model.cfg.sequenced()), slots=model.cfg.slots())
+    table = model.table(columns, tokenizer, with_targets=False)
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")
     args = (tokenizer, cfg.batch_size, device, cfg.max_new_tokens, cfg.num_beams, cfg.bleu_tokenize, cfg.stop)

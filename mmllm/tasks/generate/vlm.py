@@ -1,0 +1,344 @@
+"""`--decoder` a vision-language model: a Hugging Face image-text-to-text backbone (SmolVLM / Idefics3, LLaVA,
+Qwen2-VL, ...) fine-tuned through its own processor and chat template.
+
+Such a backbone reads the pictures itself: its vision tower and connector encode each record's image from the
+file's bytes that `prepare --keep-media` stored (the frozen encoders' features are not used). The picture stands
+where the record's `<image>` placeholder stands in its turns (else before the first question), rendered with the
+processor's chat template; the loss covers every assistant turn and nothing else. Trained with LoRA on the
+language model's linear layers (the default, rank 8: the vision tower and the connector stay frozen, as in
+LLaMA-Factory's defaults) or fully (`--train-decoder`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmllm import chat, modalities
+from mmllm.console import log
+from mmllm.errors import UserError
+from mmllm.tasks import Training
+
+KIND = "vision-language"
+DEFAULT_LORA_R = 8
+
+
+def pictured() -> str:
+    """The medium a vision-language backbone reads: the registered modality whose features are a spatial grid."""
+    return next(m for m in modalities.names() if modalities.get(m).grid)
+
+
+def _part() -> str:
+    from mmllm.conversations import PART_TYPES
+
+    return PART_TYPES[pictured()]
+
+
+def _parts(content: str, tag: str, picture: bool, first: bool) -> tuple[list[dict], bool]:
+    """A turn's text as content parts: the picture at its placeholder `tag` (once, when `picture`), or before the
+    text when `first` asks for it; other placeholders are taken out. Returns (parts, picture placed)."""
+    from mmllm.conversations import without_placeholders
+
+    pieces = content.split(tag) if picture else [content]
+    parts: list[dict] = []
+    placed = False
+    for k, piece in enumerate(pieces):
+        if k and not placed:
+            parts.append({"type": _part()})
+            placed = True
+        text = " ".join(without_placeholders(piece.replace(tag, " ")).split())
+        if text:
+            parts.append({"type": "text", "text": text})
+    if first and not placed:
+        parts.insert(0, {"type": _part()})
+        placed = True
+    return parts, placed
+
+
+def vision_messages(messages: list[dict], system: str | None, picture: bool) -> list[dict]:
+    """A record's turns as the processor's chat template takes them (content as a list of parts)."""
+    from mmllm.conversations import PLACEHOLDERS
+
+    tag = PLACEHOLDERS[pictured()]
+    out = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    anywhere = picture and any(tag in m["content"] for m in messages if m["role"] != "assistant")
+    placed = False
+    for m in messages:
+        if m["role"] == "assistant":
+            out.append({"role": "assistant", "content": [{"type": "text", "text": m["content"]}]})
+            continue
+        first = picture and not anywhere and not placed and m["role"] == "user"
+        parts, here = _parts(m["content"], tag, picture and not placed, first)
+        placed = placed or here
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def _picture(data: Any) -> Any:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(data))) as im:  # checked by the image modality when it was read
+        return im.convert("RGB")
+
+
+class VisionTable:
+    """Records for a vision-language backbone: each record's turns, its picture's bytes, and (with targets) the
+    token spans of its assistant turns as the processor tokenizes them (found once, from the rendered prefixes)."""
+
+    def __init__(self, columns: dict[str, Any], processor: Any, with_targets: bool):
+        from mmllm.tasks.generate.core import answer_of, record_turns
+
+        m = pictured()
+        self.processor = processor
+        self.ids = list(columns["id"])
+        self.n = len(self.ids)
+        none = [None] * self.n
+        pick = {k: list(columns[k]) if columns.get(k) is not None else none
+                for k in ("target", "text", "transcript", "conversation", f"{m}_bytes", f"has_{m}")}
+        turns = [record_turns(t, s, g, c, chat.CHAT) for t, s, g, c in
+                 zip(pick["text"], pick["transcript"], pick["target"], pick["conversation"])]
+        self.targets = [answer_of(msgs) for msgs, _ in turns]
+        self.turns = turns
+        self.pictures = [b if (h is None or bool(h)) and b is not None and len(b) else None
+                         for b, h in zip(pick[f"{m}_bytes"], pick[f"has_{m}"])]
+        self.spans = None
+        if with_targets:
+            self.spans = [self._answer_spans(i) for i in range(self.n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool) -> str:
+        return self.processor.apply_chat_template(vision_messages(messages, system, picture), tokenize=False,
+                                                  add_generation_prompt=prompt)
+
+    def _ids(self, text: str, picture: Any) -> list[int]:
+        tag_in = picture is not None and self._has_image_token(text)
+        enc = self.processor(text=[text], images=[[_picture(picture)]] if tag_in else None, return_tensors="pt")
+        return enc["input_ids"][0].tolist()
+
+    def _has_image_token(self, text: str) -> bool:
+        token = getattr(self.processor, "image_token", None) or "<image>"
+        return token in text
+
+    def _answer_spans(self, i: int) -> tuple[int, list[tuple[int, int]]]:
+        """(tokens of the whole conversation, [(start, end) of each assistant turn, its end of turn included])."""
+        messages, system = self.turns[i]
+        picture = self.pictures[i]
+        full = self._render(messages, system, picture is not None, False)
+        ids = self._ids(full, picture)
+
+        def shared(text: str) -> int:  # tokens `text` has in common with the whole conversation, from its start (a
+            # tokenizer's end marker, e.g. [SEP], or a merge across the cut is where they part)
+            part = self._ids(text, picture)
+            n = 0
+            while n < min(len(part), len(ids)) and part[n] == ids[n]:
+                n += 1
+            return n
+
+        spans = []
+        for k, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(messages[:k], system, picture is not None, True)
+            after = self._render(messages[:k + 1], system, picture is not None, False)
+            if not (full.startswith(before) and full.startswith(after) and after.startswith(before)):
+                raise UserError(f"record {self.ids[i]}: the processor's chat template does not render the earlier "
+                                "turns of a conversation as the start of it, so its answer tokens cannot be found")
+            spans.append((shared(before), shared(after)))
+        return len(ids), spans
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per record (training batches group similar lengths); without targets, the prompt's characters."""
+        if self.spans is None:
+            return [len(json.dumps(t[0])) for t in self.turns]
+        return [n for n, _ in self.spans]
+
+    def prompt_messages(self, i: int) -> list[dict]:
+        """The record's turns before its last assistant turn (what generation answers)."""
+        messages = self.turns[i][0]
+        last = max((k for k, msg in enumerate(messages) if msg["role"] == "assistant"), default=len(messages))
+        return messages[:last]
+
+    def batch(self, idx: Any, device: Any = "cpu", with_targets: bool | None = None,
+              drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+        idx = list(map(int, idx))
+        use_targets = self.spans is not None if with_targets is None else with_targets
+        seen = [self.pictures[i] if pictured() not in drop else None for i in idx]
+        texts = [self._render(self.turns[i][0] if use_targets else self.prompt_messages(i), self.turns[i][1],
+                              p is not None, not use_targets) for i, p in zip(idx, seen)]
+        images = [[_picture(p)] if p is not None else [] for p in seen]
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "right" if use_targets else "left"  # generation appends after every row's end
+        enc = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+        out = dict(enc)
+        if use_targets:
+            labels = torch.full_like(enc["input_ids"], -100)
+            for j, i in enumerate(idx):
+                n, spans = self.spans[i]
+                if int(enc["attention_mask"][j].sum()) != n:
+                    raise RuntimeError(f"record {self.ids[i]}: {int(enc['attention_mask'][j].sum())} tokens in a "
+                                       f"batch, {n} alone")
+                for a, b in spans:
+                    labels[j, a:b] = enc["input_ids"][j, a:b]
+            out["labels"] = labels
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+class VisionLanguageDecoder(nn.Module):
+    """A Hugging Face image-text-to-text model and its processor, with the same contract as PrefixDecoder."""
+
+    reads_transcripts = True  # the prompt says what was said (a record's audio is heard as prepare transcribed it)
+
+    def __init__(self, cfg: Any, decoder: nn.Module, processor: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = decoder
+        self.processor = processor
+        self.class_weights = None
+        self.stop_ids: list[int] = []
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.decoder.parameters() if p.requires_grad]
+
+    def table(self, columns: dict[str, Any], tokenizer: Any, with_targets: bool) -> VisionTable:
+        return VisionTable(columns, self.processor, with_targets)
+
+    def forward(self, batch: dict) -> dict[str, Any]:
+        """{"loss": the backbone's own causal-LM loss over the assistant tokens}."""
+        if batch.get("labels") is None:
+            return {}
+        return {"loss": self.decoder(**batch).loss}
+
+    @torch.no_grad()
+    def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int | None = None, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop: list[str] | None = None) -> list[str]:
+        """Every record of the batch at once (left-padded prompts, the backbone's generate with a KV cache); the new
+        tokens only, each answer ended at the first stop token or stop string."""
+        tok = self.processor.tokenizer
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        start = int(inputs["input_ids"].shape[1])
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        ends = self.stop_ids or [tok.eos_token_id]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else ends[0]
+        stops = [s for s in dict.fromkeys([*self.cfg.stop, *(stop or [])]) if s]
+        if stops:
+            kwargs.update(stopping_criteria=[chat.stop_criteria(tok, stops, start=start)])
+        ids = self.decoder.generate(**inputs, max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                                    num_beams=num_beams, pad_token_id=pad, eos_token_id=ends, **kwargs)
+        return [chat.cut_at_stop(tok.decode(row[start:], skip_special_tokens=True), stops).strip() for row in ids]
+
+    def save_decoder(self, folder: Path, tokenizer: Any) -> None:
+        """decoder/: the trained backbone (LoRA merged) and its processor, a folder AutoModelForImageTextToText and
+        AutoProcessor load."""
+        from mmllm.checkpoint import save_hf_model
+
+        save_hf_model(self.decoder, folder)
+        self.processor.save_pretrained(folder)
+
+
+def language_linears(model: nn.Module) -> list[str]:
+    """Names of the linear layers of the backbone's language model (LoRA's targets: not the vision tower, not the
+    connector, not the LM head)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inside = {id(m) for m in decoder.modules()} if decoder is not None else set()
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+
+
+def prepare_backbone(model: nn.Module, cfg: Any) -> nn.Module:
+    """LoRA adapters on the language model's linear layers (cfg.lora_r), or the whole backbone trainable."""
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = language_linears(model)
+        if not targets:
+            raise UserError(f"{cfg.decoder}: no linear layer found in its language model for LoRA; use "
+                            "--train-decoder")
+        model.requires_grad_(False)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated name (is_gradient_checkpointing)
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                                                    target_modules=targets))
+    return model.requires_grad_(True)
+
+
+def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Training:
+    from mmllm.encoders import load_vision_language
+    from mmllm.tasks.generate.core import GenConfig, answer_defaults, bleu_of, validation_loss
+
+    m = pictured()
+    if f"{m}_bytes" not in meta["features"]:
+        raise UserError(f"--decoder {fcfg.decoder} is a vision-language model: it reads the {m}s' files itself, "
+                        f"and {fcfg.prepared} does not hold them; prepare it again with --keep-media")
+    unread = [x for x in mods if x not in (m, "text")]
+    if unread:
+        log(f"--decoder {fcfg.decoder} reads {m}s and text: {', '.join(unread)} not used (a vision-language "
+            "backbone has no input for them)")
+    if fcfg.media_tokens != "pooled" or fcfg.image_tokens:
+        raise UserError(f"--media-tokens / --image-tokens set how mmllm's projector feeds stored features to a "
+                        f"language model; the vision-language --decoder {fcfg.decoder} encodes the {m}s itself")
+    model, processor, identity = load_vision_language(fcfg.decoder)
+    lora_r = fcfg.lora_r or (0 if fcfg.train_decoder else DEFAULT_LORA_R)
+    cfg = GenConfig(modalities=[m], dims={}, lora_r=lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
+                    decoder_identity=identity, prompt_format=chat.CHAT, media_at="placeholder", decoder_kind=KIND)
+    log(f"decoder: {fcfg.decoder} is a vision-language model ({type(model).__name__}): it encodes the {m}s itself "
+        f"with its processor ({type(processor).__name__}), not with the frozen {m} features; "
+        + (f"LoRA rank {lora_r} on its language model" + (" (the default)" if not fcfg.lora_r else "")
+           if lora_r else "all its weights trained"))
+    train, val = (VisionTable(_columns(data[s], m), processor, with_targets=True) for s in ("train", "validation"))
+    answer_defaults(cfg, _AnswerLengths(train))
+    model = VisionLanguageDecoder(cfg, prepare_backbone(model, cfg), processor).to(dist.device)
+    model.stop_ids = chat.stop_ids(processor.tokenizer, model.decoder, chat.CHAT, processor)
+    log(f"prompts: the processor's chat template; answers end at EOS"
+        f"{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, at most {cfg.max_new_tokens} new tokens "
+        "by default")
+
+    def validate(net: VisionLanguageDecoder) -> dict:
+        out = {"val_loss": validation_loss(net, val, fcfg.batch_size, dist.device, dist)}
+        if fcfg.monitor == "val_bleu":
+            b = bleu_of(net, val, processor, fcfg.batch_size, dist.device, fcfg.max_new_tokens or cfg.max_new_tokens,
+                        dist=dist)
+            out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
+        return out
+
+    def save(net: VisionLanguageDecoder, out: Path, metrics: dict) -> None:
+        from mmllm.tasks.generate.core import save_checkpoint
+
+        save_checkpoint(net, out, processor, meta, metrics, str(Path(fcfg.prepared).resolve()))
+
+    return Training(model, train, validate, save)
+
+
+def _columns(split: Any, m: str) -> dict:
+    wanted = [c for c in ("id", "text", "target", "transcript", "conversation", f"has_{m}", f"{m}_bytes")
+              if c in split.column_names]
+    return split.select_columns(wanted)[:]
+
+
+class _AnswerLengths:
+    """What answer_defaults reads of a table: its targets and its longest assistant turn in tokens."""
+
+    def __init__(self, table: VisionTable):
+        self.targets = table.targets
+        self._longest = max((b - a for _, spans in table.spans or [] for a, b in spans), default=0)
+
+    def longest_answer(self) -> int:
+        return self._longest
+
+
+def load(folder: Path, cfg: Any, device: Any) -> tuple[VisionLanguageDecoder, Any]:
+    """(model in eval mode, processor) of a vision-language checkpoint: decoder/ holds the trained backbone."""
+    from mmllm.encoders import load_vision_language
+
+    model, processor, _ = load_vision_language(str(folder / "decoder"))
+    net = VisionLanguageDecoder(cfg, model.requires_grad_(False), processor)
+    net.stop_ids = chat.stop_ids(processor.tokenizer, model, chat.CHAT, processor)
+    return net.to(device).eval(), processor

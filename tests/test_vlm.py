@@ -1,0 +1,232 @@
+"""--decoder a vision-language backbone (issue 23 §3): tiny random Idefics3 (SmolVLM's family) and LLaVA models
+with their processors, built here, trained through prepare --keep-media / finetune / eval / predict / the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import load_json_lines, make_tokenizer, run_cli, tiny_prepare_args, write_csv, write_image
+
+# the SmolVLM / Idefics3 template: "User:<image>text<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+# LLaVA-1.5's: "USER: <image>\ntext ASSISTANT: answer</s>"
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }} "
+    "{% elif message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['role'] != 'system' %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% if message['role'] == 'assistant' %}[SEP]{% else %} "
+    "{% endif %}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _tokenizer(specials: list[str]):
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+def build_idefics3(folder: Path) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                  max_image_size={"longest_edge": 32}),
+        tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_llava(folder: Path) -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = _tokenizer(["<image>"])
+    processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(size={"shortest_edge": 28},
+                                                                      crop_size={"height": 28, "width": 28}),
+                               tokenizer=tok, chat_template=LLAVA_TEMPLATE, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+FAMILIES = {"idefics3": build_idefics3, "llava": build_llava}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def backbone(request, tmp_path_factory) -> Path:
+    return FAMILIES[request.param](tmp_path_factory.mktemp("vlm") / request.param)
+
+
+@pytest.fixture(scope="module")
+def vlm_data(tmp_path_factory, tiny_models) -> Path:
+    """40 pictures (red square / blue circle) described by their target; prepared with --keep-media."""
+    root = tmp_path_factory.mktemp("vlmdata")
+    rows = []
+    for i in range(40):
+        red = i % 2 == 0
+        write_image(root / f"p{i}.png", (220, 20, 20) if red else (20, 20, 220), size=36 + i % 5)
+        rows.append({"id": f"r{i}", "image": f"p{i}.png", "text": "what is it?",
+                     "target": "a big red thing" if red else "a small blue thing",
+                     "split": "train" if i < 28 else "validation" if i < 34 else "test"})
+    write_csv(root / "m.csv", rows)
+    out = root / "prepared"
+    r = run_cli(*tiny_prepare_args(tiny_models, root / "m.csv", out), "--keep-media", "--no-transcribe")
+    assert r.exit_code == 0, r.output
+    assert "media kept: image_bytes" in r.output
+    return out
+
+
+def _tables(backbone: Path, vlm_data: Path):
+    from mmllm.encoders import load_vision_language
+    from mmllm.features import load_prepared
+    from mmllm.tasks.generate import vlm
+
+    ds, _ = load_prepared(vlm_data)
+    model, processor, _ = load_vision_language(str(backbone))
+    return ds, model, processor, vlm
+
+
+def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(backbone, vlm_data):
+    ds, model, processor, vlm = _tables(backbone, vlm_data)
+    talk = {"messages": [{"role": "user", "content": "the big one <image> is it?"},
+                         {"role": "assistant", "content": "a big red thing"},
+                         {"role": "user", "content": "and its colour?"},
+                         {"role": "assistant", "content": "red"}], "system": None}
+    columns = {"id": ["c0"], "text": [""], "target": ["red"], "conversation": [json.dumps(talk)],
+               "has_image": [True], "image_bytes": [ds["train"][0]["image_bytes"]]}
+    table = vlm.VisionTable(columns, processor, with_targets=True)
+    batch = table.batch([0])
+    tok = processor.tokenizer
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    runs, run = [], []
+    for i, lab in zip(ids.tolist(), labels.tolist()):
+        if lab != -100:
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    answers = [tok.decode(r, skip_special_tokens=True).strip() for r in runs]
+    assert answers == ["a big red thing", "red"]  # every assistant turn, nothing else
+    image_id = tok.convert_tokens_to_ids("<image>")
+    text = tok.decode(ids)
+    assert text.index("big one") < text.index("<image>") < text.index("is it")  # where the placeholder stood
+    assert int((ids == image_id).sum()) >= 4 and bool((labels[ids == image_id] == -100).all())
+    assert "pixel_values" in batch
+
+
+def test_a_step_lowers_the_loss_and_save_load_generate_gives_the_same_tokens(backbone, vlm_data, tmp_path):
+    from mmllm.tasks.generate import core
+
+    ds, model, processor, vlm = _tables(backbone, vlm_data)
+    cfg = core.GenConfig(modalities=["image"], dims={}, lora_r=4, decoder=str(backbone), decoder_identity="x",
+                         prompt_format="chat", media_at="placeholder", decoder_kind=vlm.KIND, max_new_tokens=6)
+    net = vlm.VisionLanguageDecoder(cfg, vlm.prepare_backbone(model, cfg), processor)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("vision" in n for n in trainable)  # the vision tower stays frozen
+    table = vlm.VisionTable(vlm._columns(ds["train"], "image"), processor, with_targets=True)
+    batch = table.batch(range(8))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(net(batch)["loss"])
+
+    before = loss()
+    for _ in range(5):
+        opt.zero_grad()
+        net(batch)["loss"].backward()
+        opt.step()
+    after = loss()
+    assert after < before - 0.1, (before, after)
+    net.eval()
+    prompts = vlm.VisionTable(vlm._columns(ds["test"], "image"), processor, with_targets=False)
+
+    def tokens(model, proc) -> torch.Tensor:  # six new tokens each, EOS or not: the same tokens, not just the text
+        batch = model.table(vlm._columns(ds["test"], "image"), proc, False).batch(range(len(prompts)))
+        with torch.no_grad():
+            return model.decoder.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                          pad_token_id=proc.tokenizer.pad_token_id)
+
+    said = tokens(net, processor)
+    text = net.generate(prompts.batch(range(len(prompts))), processor, max_new_tokens=6)
+    from mmllm.features import load_prepared
+
+    core.save_checkpoint(net, tmp_path / "ck", processor, load_prepared(vlm_data)[1], {})
+    loaded, proc2 = core.load_checkpoint(tmp_path / "ck", json.loads((tmp_path / "ck" / "config.json").read_text()),
+                                         "cpu")
+    assert torch.equal(tokens(loaded, proc2), said)
+    assert loaded.generate(loaded.table(vlm._columns(ds["test"], "image"), proc2, False).batch(range(len(prompts))),
+                           proc2, max_new_tokens=6) == text
+
+
+def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_decoder(backbone, vlm_data, tmp_path):
+    import mmllm
+
+    ck = tmp_path / "ck"
+    r = run_cli("finetune", vlm_data, "--output", ck, "--task", "generate", "--decoder", backbone, "--max-steps", "6",
+                "--batch-size", "8", "--lr", "1e-2")
+    assert r.exit_code == 0, r.output
+    assert "is a vision-language model" in r.output and "LoRA rank 8 on its language model (the default)" in r.output
+    config = json.loads((ck / "config.json").read_text())
+    assert config["generation"]["decoder_kind"] == "vision-language" and config["generation"]["lora_r"] == 8
+    assert (ck / "decoder" / "processor_config.json").is_file()
+    card = (ck / "README.md").read_text()
+    assert "encodes the images itself with its processor" in card
+    r = run_cli("eval", "model", ck, vlm_data, "--split", "test")
+    assert r.exit_code == 0, r.output
+    result = load_json_lines(r.stdout)[-1]
+    assert result["n"] == 6 and 0 <= result["chrf"] <= 100
+    picture = vlm_data.parent / "p30.png"
+    record = {"id": "q", "image": str(picture), "text": "what is it?"}
+    r = run_cli("predict", ck, input=json.dumps(record) + "\n")
+    assert r.exit_code == 0, r.output
+    line = load_json_lines(r.stdout)[0]
+    model = mmllm.load(ck, quiet=True)
+    by_bytes = model.predict({"id": "q", "image": picture.read_bytes(), "text": "what is it?"})
+    assert "generated" in line and by_bytes["generated"] == line["generated"]
+
+
+def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, tmp_path):
+    rows = [{"id": f"r{i}", "image": f"p{i}.png", "target": "red", "split": "train" if i < 6 else "validation"}
+            for i in range(8)]
+    for i in range(8):
+        write_image(tmp_path / f"p{i}.png")
+    write_csv(tmp_path / "m.csv", rows)
+    prepared = run_cli(*tiny_prepare_args(tiny_models, tmp_path / "m.csv", tmp_path / "p"), "--no-transcribe")
+    assert prepared.exit_code == 0, prepared.output
+    r = run_cli("finetune", tmp_path / "p", "--output", tmp_path / "ck", "--task", "generate", "--decoder", backbone)
+    assert r.exit_code != 0
+    assert "prepare it again with --keep-media" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "ck").exists()
