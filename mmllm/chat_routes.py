@@ -139,7 +139,8 @@ def add(app: Any, predictor: Any, cfg: Any, media: Any) -> None:
         if "error" in result:
             return refuse(result["error"])
         text = result["generated"]
-        made = len(predictor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        tokenizer = getattr(predictor.tokenizer, "tokenizer", predictor.tokenizer)  # a processor's, or itself
+        made = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
         finish = "length" if made >= generation["max_new_tokens"] else "stop"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         headers = {"X-MMLLM-Batch-Records": str(answer[1])}

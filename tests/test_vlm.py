@@ -230,3 +230,34 @@ def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, t
     assert r.exit_code != 0
     assert "prepare it again with --keep-media" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "ck").exists()
+
+
+def test_serve_answers_the_openai_client_as_predict_does(backbone, vlm_data, tmp_path, isolated_home):
+    import base64
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("requests")
+    from tests.test_serve import start_serve
+
+    ck = tmp_path / "ck"
+    r = run_cli("finetune", vlm_data, "--output", ck, "--task", "generate", "--decoder", backbone, "--max-steps", "4",
+                "--batch-size", "8", "--lr", "1e-2")
+    assert r.exit_code == 0, r.output
+    picture = base64.b64encode((vlm_data.parent / "p31.png").read_bytes()).decode()
+    talk = [{"role": "user", "content": [{"type": "text", "text": "is it red?"},
+                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}}]}]
+    (tmp_path / "talk.jsonl").write_text(json.dumps({"id": "t", "messages": talk}) + "\n")
+    r = run_cli("predict", ck, tmp_path / "talk.jsonl", "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    want = load_json_lines(r.stdout)[0]["generated"]
+    assert want  # the comparison below is not of empty answers
+    proc, url = start_serve(ck, home=isolated_home)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(model=ck.name, messages=talk, max_tokens=5, temperature=0)
+        assert reply.choices[0].message.content == want
+        stream = client.chat.completions.create(model=ck.name, messages=talk, max_tokens=5, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
