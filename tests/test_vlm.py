@@ -244,8 +244,9 @@ def test_serve_answers_the_openai_client_as_predict_does(backbone, vlm_data, tmp
                 "--batch-size", "8", "--lr", "1e-2")
     assert r.exit_code == 0, r.output
     picture = base64.b64encode((vlm_data.parent / "p31.png").read_bytes()).decode()
+    uri = f"data:image/png;base64,{picture}"
     talk = [{"role": "user", "content": [{"type": "text", "text": "is it red?"},
-                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}}]}]
+                                         {"type": "image_url", "image_url": {"url": uri}}]}]
     (tmp_path / "talk.jsonl").write_text(json.dumps({"id": "t", "messages": talk}) + "\n")
     r = run_cli("predict", ck, tmp_path / "talk.jsonl", "--max-new-tokens", "5")
     assert r.exit_code == 0, r.output
