@@ -227,7 +227,7 @@ GENERATION_RULES = {
     "prompt_format": Rule("str", choices=("chat", "plain", "describe")), "max_new_tokens": Rule("int", 1, 1 << 16),
     "stop": Rule("list"), "media_tokens": Rule("str", choices=("pooled", "sequence")), "seq_lens": Rule("dict"),
     "media_at": Rule("str", choices=("prefix", "placeholder")), "pool": Rule("dict"),
-    "decoder_kind": Rule("str", choices=("causal-lm", "vision-language")),
+    "decoder_kind": Rule("str", choices=("causal-lm", "vision-language")), "ragged": Rule("list"),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),

@@ -505,8 +505,6 @@ def decode_reason(e: Exception) -> str:
 
 def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:
     """Encode each distinct medium still missing (batched) into the store; attach the features to the items."""
-    from mmllm.encoders import pool_sequence
-
     for role in modalities.names():
         todo: dict[str, Any] = {}
         for it in good:
@@ -524,8 +522,7 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Pre
             for j, k in enumerate(batch):
                 value = {"pooled": pooled[j].astype(np.float32)}
                 if pre.sequence_features:
-                    value["seq"] = pool_sequence(np.asarray(seqs[j]), modalities.get(role).sequence_length(pre),
-                                                 modalities.get(role).grid)
+                    value["seq"] = modalities.get(role).stored_sequence(np.asarray(seqs[j]), todo[k], enc, pre)
                 store.put(k, value)
         for it in good:
             m = it["media"].get(role)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import load_json_lines, run_cli
+from conftest import load_json_lines, run_cli, write_csv, write_wav
 
 
 def gen_finetune(prepared, decoder, out, *extra):
@@ -415,3 +415,49 @@ def test_image_tokens_pools_the_stored_grid(tiny_models, toy_manifest, tiny_deco
         "seq_lens"]["audio"]
     r = run_cli("predict", str(out), str(toy_manifest))
     assert r.exit_code == 0, r.output
+
+
+def test_audio_tokens_per_second_feeds_as_many_tokens_as_the_clip_lasts(tiny_models, tiny_decoder, tmp_path):
+    """prepare --audio-tokens-per-second N stores ceil(N x seconds) vectors per clip (zero rows after its end, up to
+    N x --max-audio-seconds); generation's --media-tokens sequence feeds only those: a 1.5 s clip gives 4 more
+    decoder tokens than a 0.5 s one at 4 a second. A different rate never reuses cached features."""
+    import numpy as np
+
+    from conftest import tiny_prepare_args
+    from mmllm.features import load_prepared
+    from mmllm.tasks.generate import GenTable, load_checkpoint
+
+    rows = []
+    for i in range(24):
+        seconds = 0.5 if i % 2 else 1.5
+        write_wav(tmp_path / f"a{i}.wav", freq=300 + 50 * (i % 3), seconds=seconds)
+        rows.append({"id": f"r{i}", "audio": f"a{i}.wav", "text": "it is",
+                     "target": "a short one" if i % 2 else "a long one"})
+    write_csv(tmp_path / "m.csv", rows)
+    out = tmp_path / "p"
+    args = [*tiny_prepare_args(tiny_models, tmp_path / "m.csv", out), "--sequence-features", "--no-transcribe",
+            "--max-audio-seconds", "2"]
+    assert run_cli(*args, "--audio-tokens-per-second", "4").exit_code == 0
+    ds, meta = load_prepared(out)
+    assert meta["features"]["audio_seq"][0] == 8 and meta["preprocessing"]["audio_tokens_per_second"] == 4
+    split = ds["train"].with_format("numpy")
+    for row in split:
+        real = int((np.abs(row["audio_seq"]).sum(-1) > 0).sum())
+        assert real == (6 if int(row["id"][1:]) % 2 == 0 else 2)
+        assert not np.abs(row["audio_seq"][real:]).any()
+    assert run_cli(*args, "--output", str(tmp_path / "q")).exit_code == 0  # rate 0: 16 per clip, not the cached 8
+    assert load_prepared(tmp_path / "q")[1]["features"]["audio_seq"][0] == 16
+    ck = tmp_path / "gen"
+    gen_finetune(out, tiny_decoder, ck, "--media-tokens", "sequence", "--epochs", "2")
+    config = json.loads((ck / "config.json").read_text())
+    assert config["generation"]["ragged"] == ["audio"]
+    model, tok = load_checkpoint(ck, config, "cpu")
+    table = GenTable.from_split(ds["train"], model.cfg.modalities, tok, with_targets=False,
+                                kind=model.cfg.prompt_format, sequences=tuple(model.cfg.sequenced()),
+                                slots=model.cfg.slots())
+    long_, short = (next(i for i, x in enumerate(table.ids) if int(x[1:]) % 2 == k) for k in (0, 1))
+    lengths = [int(model.embed(table.batch([i]))[1].sum()) - len(table.prompts[i]) for i in (long_, short)]
+    assert lengths == [6, 2]
+    r = run_cli("predict", str(ck), str(tmp_path / "m.csv"))
+    assert r.exit_code == 0, r.output
+    assert len(load_json_lines(r.stdout)) == 24

@@ -84,6 +84,18 @@ class Modality:
         """Tokens stored per item with --sequence-features (may depend on its options)."""
         return self.seq_len
 
+    def stored_sequence(self, seq: Any, decoded: Any, encoder: Any, pre: Any) -> Any:
+        """What --sequence-features stores of the encoder's sequence (T', D) of one decoded item: pooled to
+        sequence_length(pre) (in 2-D for a grid)."""
+        from mmllm.encoders import pool_sequence
+
+        return pool_sequence(seq, self.sequence_length(pre), self.grid)
+
+    def ragged(self, pre: Any) -> bool:
+        """Whether its stored sequences hold a varying number of vectors, the rest zero rows (generation feeds only
+        the leading non-zero ones)."""
+        return False
+
     def augment(self, decoded: Any, rng: Any, encoder: Any) -> Any:
         return decoded
 

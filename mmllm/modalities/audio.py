@@ -3,6 +3,7 @@ by default, or librosa log-mel / MFCC statistics); --transcribe turns its speech
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -10,6 +11,7 @@ from mmllm.modalities import Modality, Option, is_array, passes
 
 EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif"})
 MAX_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)
+MAX_TOKENS_PER_SECOND = 50  # --audio-tokens-per-second: the encoders' own frame rate (whisper: 50 a second)
 # what --augment does to a clip (gain, white noise, circular shift)
 AUGMENT = {"gain_db": 6.0, "snr_db": 30.0, "shift_s": 0.1}
 TYPES = "a path, bytes, (array, sampling_rate) or {\"array\": ..., \"sampling_rate\": ...}"
@@ -77,7 +79,11 @@ class Audio(Modality):
     fixed = {"audio": "mono float32"}
     default_model = "whisper-tiny.en"
     model_help = "Audio encoder: alias (also logmel, mfcc), local folder or hub id."
-    options = (Option("max_audio_seconds", 30.0, "Trim audio to this many seconds.", low=0, high=MAX_SECONDS),)
+    options = (Option("max_audio_seconds", 30.0, "Trim audio to this many seconds.", low=0, high=MAX_SECONDS),
+               Option("audio_tokens_per_second", 0, "With --sequence-features: store the audio as N vectors per "
+                      "second of the clip (its encoder frames average-pooled in time; up to N x --max-audio-seconds, "
+                      "zero rows after the clip's end), which generation's --media-tokens sequence feeds as decoder "
+                      "tokens. 0: 16 vectors per clip whatever its length.", low=-1, high=MAX_TOKENS_PER_SECOND))
     augment_help = ("Audio: gain within +-{gain_db:g} dB, white noise at {snr_db:g} dB SNR, shifted circularly by up "
                     "to +-{shift_s:g} s.").format(**AUGMENT)
     transcribable = True
@@ -96,7 +102,40 @@ class Audio(Modality):
         return augment_audio(decoded, rng, encoder.sample_rate)
 
     def key_parts(self, pre: Any) -> dict:
-        return {"max_seconds": pre.option("max_audio_seconds")}
+        parts = {"max_seconds": pre.option("max_audio_seconds")}
+        return self.with_rate(parts, pre)
+
+    def with_rate(self, parts: dict, pre: Any) -> dict:
+        if pre.option("audio_tokens_per_second"):
+            parts["tokens_per_second"] = pre.option("audio_tokens_per_second")
+        return parts
+
+    def sequence_length(self, pre: Any) -> int:
+        rate = pre.option("audio_tokens_per_second")
+        return math.ceil(rate * self.longest(pre)) if rate else self.seq_len
+
+    def longest(self, pre: Any) -> float:
+        """Seconds of a clip that are read."""
+        return float(pre.option("max_audio_seconds"))
+
+    def ragged(self, pre: Any) -> bool:
+        return bool(pre.option("audio_tokens_per_second"))
+
+    def stored_sequence(self, seq: Any, decoded: Any, encoder: Any, pre: Any) -> Any:
+        """--audio-tokens-per-second N: ceil(N x the clip's seconds) vectors (its frames pooled in time), then zero
+        rows up to N x --max-audio-seconds."""
+        import numpy as np
+
+        from mmllm.encoders import pool_sequence
+
+        rate = pre.option("audio_tokens_per_second")
+        if not rate:
+            return super().stored_sequence(seq, decoded, encoder, pre)
+        slots = self.sequence_length(pre)
+        n = min(slots, max(1, math.ceil(rate * len(decoded) / encoder.sample_rate)))
+        out = np.zeros((slots, seq.shape[-1]), np.float32)
+        out[:n] = pool_sequence(seq, n)
+        return out
 
     def sample(self) -> Any:
         import numpy as np

@@ -286,7 +286,10 @@ class VideoAudio(Audio):
         return "The soundtrack of the video column when the record has its own audio (no column of its own)."
 
     def key_parts(self, pre: Any) -> dict:
-        return {"max_seconds": float(pre.option("max_video_seconds"))}
+        return self.with_rate({"max_seconds": float(pre.option("max_video_seconds"))}, pre)
+
+    def longest(self, pre: Any) -> float:
+        return float(pre.option("max_video_seconds"))
 
     def sample(self) -> Any:
         return None

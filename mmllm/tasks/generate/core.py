@@ -61,6 +61,9 @@ class GenConfig:
     # causal-lm: mmllm's projector feeds stored features to a causal LM (PrefixDecoder); vision-language: a Hugging
     # Face image-text-to-text backbone reads the pictures itself with its processor (vlm.VisionLanguageDecoder)
     decoder_kind: str = "causal-lm"
+    # sequenced modalities whose stored sequences vary in length (zero rows after the end: prepare
+    # --audio-tokens-per-second): each record feeds only its leading non-zero vectors
+    ragged: list = field(default_factory=list)
 
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
@@ -181,6 +184,18 @@ class PrefixDecoder(nn.Module):
             parts.append(torch.where(here, v, self.placeholder[pooled.index(m)].expand_as(v)))
         return parts
 
+    def lengths(self, batch: dict) -> list[torch.Tensor | None]:
+        """Per modality (in `media`'s order): each record's number of tokens when they vary (a ragged stored
+        sequence: its leading non-zero vectors; one stand-in token where the record lacks it), else None."""
+        out: list[torch.Tensor | None] = []
+        for m in self.cfg.modalities:
+            if m not in self.cfg.ragged or m not in self.cfg.sequenced():
+                out.append(None)
+                continue
+            real = (batch[f"{m}_seq"].abs().sum(-1) > 0).sum(1).clamp(min=1)
+            out.append(torch.where(batch[f"has_{m}"].bool(), real, torch.ones_like(real)))
+        return out
+
     def prefix(self, batch: dict) -> torch.Tensor:
         """(B, M * P, d) prefix embeddings."""
         parts = self.media(batch)
@@ -194,18 +209,22 @@ class PrefixDecoder(nn.Module):
         tokens = self.decoder.get_input_embeddings()(ids.clamp(min=0))  # (B, T, d)
         if not self.cfg.modalities:
             return tokens, mask, labels
-        if not bool((ids < 0).any()):
+        counts = self.lengths(batch)
+        if not bool((ids < 0).any()) and all(c is None for c in counts):
             pre = self.prefix(batch).to(tokens.dtype)
             if labels is not None:
                 labels = torch.cat([labels.new_full(pre.shape[:2], -100), labels], 1)
             return torch.cat([pre, tokens], 1), torch.cat([mask.new_ones(pre.shape[:2]), mask], 1), labels
-        return self._in_place([m.to(tokens.dtype) for m in self.media(batch)], tokens, ids, mask, labels)
+        return self._in_place([m.to(tokens.dtype) for m in self.media(batch)], tokens, ids, mask, labels, counts)
 
     @staticmethod
     def _in_place(media: list[torch.Tensor], tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                  labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  labels: torch.Tensor | None, counts: list[torch.Tensor | None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        counts = counts or [None] * len(media)
         rows, row_labels = [], []
         for b in range(len(ids)):
+            cut = [x[b] if c is None else x[b, :int(c[b])] for x, c in zip(media, counts)]  # each record's tokens
             n = int(mask[b].sum())  # right-padded: the record's tokens come first
             row = ids[b, :n].tolist()
             holes = [k for k, i in enumerate(row) if i < 0]
@@ -213,7 +232,7 @@ class PrefixDecoder(nn.Module):
             for k in holes:
                 if -row[k] - 1 < len(media):
                     first.setdefault(-row[k] - 1, k)
-            pieces = [media[m][b] for m in range(len(media)) if m not in first]  # no placeholder: before it all
+            pieces = [cut[m] for m in range(len(media)) if m not in first]  # no placeholder: before it all
             lab = [labels.new_full((len(x),), -100) for x in pieces] if labels is not None else []
             start = 0
             for k in holes + [n]:
@@ -223,9 +242,9 @@ class PrefixDecoder(nn.Module):
                 if k < n:
                     m = -row[k] - 1
                     if first.get(m) == k:
-                        pieces.append(media[m][b])
+                        pieces.append(cut[m])
                         if labels is not None:
-                            lab.append(labels.new_full((len(media[m][b]),), -100))
+                            lab.append(labels.new_full((len(cut[m]),), -100))
                 start = k + 1
             rows.append(torch.cat(pieces))
             if labels is not None:
@@ -407,7 +426,9 @@ def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
 
 
 def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Training:
+    from mmllm import modalities as registry
     from mmllm.encoders import is_vision_language, load_decoder
+    from mmllm.features import Preprocessing
 
     if not meta.get("has_target"):
         raise UserError(missing_column(fcfg.prepared, meta, get(fcfg.task)))
@@ -432,10 +453,10 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             raise UserError(f"--media-tokens sequence: {fcfg.prepared} has no stored sequence for "
                             f"{', '.join(lacking) or 'any medium'}; prepare it again with --sequence-features")
         seq_lens = {m: int(meta["features"][f"{m}_seq"][0]) for m in media}
+    recorded = Preprocessing.read(meta.get("preprocessing") or {})
+    ragged = [m for m in seq_lens if registry.get(m).ragged(recorded)]
     pool = {}
     if fcfg.image_tokens:  # every modality whose stored sequence is a spatial grid (images)
-        from mmllm import modalities as registry
-
         grids = [m for m in seq_lens if registry.get(m).grid]
         if not grids:
             raise UserError("--image-tokens: the model has no stored image grid (prepare --sequence-features, and "
@@ -447,7 +468,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             pool[m] = fcfg.image_tokens
     decoder, tokenizer, identity = load_decoder(fcfg.decoder)
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
-                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens, pool=pool, media_at="placeholder",
+                    media_tokens=fcfg.media_tokens, seq_lens=seq_lens, pool=pool, media_at="placeholder", ragged=ragged,
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity,
                     precision=resolve_decoder_precision(fcfg.decoder_precision, trainable, dist.device))
@@ -467,7 +488,9 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
             "placeholder stands; the others before the prompt")
     if seq_lens:
         log("media tokens: " + ", ".join(f"{m} {cfg.tokens(m)} (its stored sequence of {n}"
-                                         f"{', average-pooled' if m in pool else ''})" for m, n in seq_lens.items()))
+                                         f"{', average-pooled' if m in pool else ''})" if m not in ragged else
+                                         f"{m} up to {n} (as many as its clip's stored vectors)"
+                                         for m, n in seq_lens.items()))
     answer_defaults(cfg, train)
     log(f"prompts: {'the decoder tokenizer chat template' if cfg.prompt_format == chat.CHAT else cfg.prompt_format}"
         f"; answers end at EOS{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, "
