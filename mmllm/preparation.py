@@ -482,6 +482,8 @@ def transcript_report(transcriber: Any, tmp: Path, references: tuple[str, dict[i
     log(f"transcripts: {len(written)} records ({report['empty']} empty); {transcriber.clips} clips transcribed, "
         "the others from the cache or identical files")
     report["rejected"] = dict(transcriber.rejected)  # why the clips transcribed now were left empty -> clips
+    report["rejected_definition"] = ("clips transcribed in this run (not those read from the feature cache) whose "
+                                     "transcript was left empty, by reason; 'empty' counts every empty transcript")
     if transcriber.report():
         warn(transcriber.report())
     if references:
