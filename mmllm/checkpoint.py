@@ -228,6 +228,7 @@ GENERATION_RULES = {
     "stop": Rule("list"), "media_tokens": Rule("str", choices=("pooled", "sequence")), "seq_lens": Rule("dict"),
     "media_at": Rule("str", choices=("prefix", "placeholder")), "pool": Rule("dict"),
     "decoder_kind": Rule("str", choices=("causal-lm", "vision-language")), "ragged": Rule("list"),
+    "system": Rule("str"),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),

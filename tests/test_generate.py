@@ -461,3 +461,35 @@ def test_audio_tokens_per_second_feeds_as_many_tokens_as_the_clip_lasts(tiny_mod
     r = run_cli("predict", str(ck), str(tmp_path / "m.csv"))
     assert r.exit_code == 0, r.output
     assert len(load_json_lines(r.stdout)) == 24
+
+
+def test_an_empty_system_turn_replaces_a_templates_long_default_system_prompt(tiny_decoder):
+    """chat.lean_system: a template that injects a default system prompt (as SmolLM2's does) renders an empty system
+    turn in fewer tokens, which training and generation then use; a template without one, or one that refuses a
+    system turn, is left as it is. A record's own system text is kept."""
+    from transformers import AutoTokenizer
+
+    from mmllm import chat
+    from mmllm.tasks.generate.core import GenTable
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    base = ("{% for m in messages %}[CLS] {{ m['role'] }} {{ m['content'] }} [SEP]{% endfor %}"
+            "{% if add_generation_prompt %}[CLS] assistant{% endif %}")
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}[CLS] system it is a big red thing it is a small "
+                         "blue thing [SEP]{% endif %}" + base)
+    system, saved = chat.lean_system(tok, chat.CHAT)
+    assert system == "" and saved > 5
+    columns = {"id": ["a", "b"], "text": ["it is big", "it is small"], "target": ["red", "blue"],
+               "conversation": [None, json.dumps({"messages": [{"role": "user", "content": "it is"},
+                                                               {"role": "assistant", "content": "red"}],
+                                                  "system": "it is one"})]}
+    lean = GenTable(columns, [], tok, with_targets=True, kind=chat.CHAT, system=system)
+    full = GenTable(columns, [], tok, with_targets=True, kind=chat.CHAT)
+    assert len(full.answers[0][0]) - len(lean.answers[0][0]) == saved
+    assert lean.answers[1][0] == full.answers[1][0]  # its own system text either way
+    assert tok.decode(lean.prompts[1]).count("one") == 1
+    tok.chat_template = base  # no default system prompt: nothing to save
+    assert chat.lean_system(tok, chat.CHAT) == (None, 0)
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}" + base
+    assert chat.lean_system(tok, chat.CHAT) == (None, 0)
+    assert chat.lean_system(tok, chat.PLAIN) == (None, 0)

@@ -64,6 +64,9 @@ class GenConfig:
     # sequenced modalities whose stored sequences vary in length (zero rows after the end: prepare
     # --audio-tokens-per-second): each record feeds only its leading non-zero vectors
     ragged: list = field(default_factory=list)
+    # the system text of a record that has none: "" an empty system turn (chat.lean_system: shorter than the
+    # template's default system prompt), None the template's default (and checkpoints before this)
+    system: str | None = None
 
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
@@ -93,10 +96,11 @@ def _context(text: str | None, transcript: str | None) -> str:
 
 
 def record_turns(text: str | None, transcript: str | None, target: str | None, conversation: str | None,
-                 kind: str, placeholders: bool = True) -> tuple[list[dict], str | None]:
+                 kind: str, placeholders: bool = True, system: str | None = None) -> tuple[list[dict], str | None]:
     """(messages, system) of a record: its `conversation` (JSON written by mmllm.conversations), else one user turn
     (the record's text and transcript) answered by its target. The transcript joins the first user turn; without
-    `placeholders` the media placeholders are taken out of the turns."""
+    `placeholders` the media placeholders are taken out of the turns; `system`: the system text of a record that
+    has none."""
     if conversation:
         from mmllm.conversations import without_placeholders
 
@@ -107,12 +111,12 @@ def record_turns(text: str | None, transcript: str | None, target: str | None, c
         first = next((m for m in messages if m["role"] == "user"), None)
         if transcript and first is not None:
             first["content"] = (first["content"] + f" Speech: {transcript}").strip()
-        return messages, talk.get("system")
+        return messages, talk.get("system") or system
     user = prompt_text(text, transcript) if kind == DESCRIBE else "Describe the input." + _context(text, transcript)
     messages = [{"role": "user", "content": user}]
     if target is not None:
         messages.append({"role": "assistant", "content": target})
-    return messages, None
+    return messages, system
 
 
 def answer_of(messages: list[dict]) -> str:
@@ -152,7 +156,8 @@ class PrefixDecoder(nn.Module):
     def table(self, columns: dict[str, Any], tokenizer: Any, with_targets: bool) -> GenTable:
         """Featurized rows (or a prepared split's columns) as this model reads them."""
         return GenTable(columns, self.cfg.modalities, tokenizer, with_targets=with_targets,
-                        kind=self.cfg.prompt_format, sequences=tuple(self.cfg.sequenced()), slots=self.cfg.slots())
+                        kind=self.cfg.prompt_format, sequences=tuple(self.cfg.sequenced()), slots=self.cfg.slots(),
+                        system=self.cfg.system)
 
     def save_decoder(self, folder: Path, tokenizer: Any) -> None:
         """decoder/: the trained decoder (LoRA merged) or, frozen, only its config; and its tokenizer."""
@@ -320,7 +325,8 @@ class GenTable:
     and transcript, then its target) unless it carries a `conversation` (JSON: messages, system)."""
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
-                 max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = (), slots: dict | None = None):
+                 max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = (), slots: dict | None = None,
+                 system: str | None = None):
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -330,7 +336,7 @@ class GenTable:
         texts = list(columns["text"]) if "text" in columns else none
         said = list(columns["transcript"]) if columns.get("transcript") is not None else none
         talks = list(columns["conversation"]) if columns.get("conversation") is not None else none
-        turns = [record_turns(t, s, g, c, kind, bool(slots)) for t, s, g, c in zip(texts, said, targets, talks)]
+        turns = [record_turns(t, s, g, c, kind, bool(slots), system) for t, s, g, c in zip(texts, said, targets, talks)]
         self.targets = [answer_of(m) for m, _ in turns]
         limit = 4 * max_tokens  # a whole conversation
         self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, limit, slots) for m, sys_ in turns]
@@ -344,14 +350,14 @@ class GenTable:
 
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
-                   sequences: tuple = (), slots: dict | None = None):
+                   sequences: tuple = (), slots: dict | None = None, system: str | None = None):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
                  [f"{m}_emb" for m in modalities] + [f"{m}_seq" for m in sequences]
         if "text" in modalities:
             wanted.append("has_text")
         wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
         return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind,
-                   sequences=sequences, slots=slots)
+                   sequences=sequences, slots=slots, system=system)
 
     def __len__(self) -> int:
         return self.n
@@ -479,8 +485,12 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         except (ValueError, ImportError):
             pass
     cfg.prompt_format = chat.template_kind(tokenizer, fcfg.decoder)
+    cfg.system, saved = chat.lean_system(tokenizer, cfg.prompt_format)
+    if saved:
+        log(f"prompts: an empty system turn stands for the template's default system prompt ({saved} tokens fewer "
+            "per record, in training and in every answer; a record's own system text is kept)")
     train, val = (GenTable.from_split(data[s], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format,
-                                      sequences=tuple(cfg.sequenced()), slots=cfg.slots())
+                                      sequences=tuple(cfg.sequenced()), slots=cfg.slots(), system=cfg.system)
                   for s in ("train", "validation"))
     placed = sum(any(i < 0 for i in ids) for ids, _ in train.answers)
     if placed:
