@@ -119,7 +119,7 @@ def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(ba
     ds, model, processor, vlm = _tables(backbone, vlm_data)
     talk = {"messages": [{"role": "user", "content": "the big one <image> is it?"},
                          {"role": "assistant", "content": "a big red thing"},
-                         {"role": "user", "content": "and its colour?"},
+                         {"role": "user", "content": "is it one thing?"},
                          {"role": "assistant", "content": "red"}], "system": None}
     columns = {"id": ["c0"], "text": [""], "target": ["red"], "conversation": [json.dumps(talk)],
                "has_image": [True], "image_bytes": [ds["train"][0]["image_bytes"]]}
@@ -143,6 +143,13 @@ def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(ba
     assert text.index("big one") < text.index("<image>") < text.index("is it")  # where the placeholder stood
     assert int((ids == image_id).sum()) >= 4 and bool((labels[ids == image_id] == -100).all())
     assert "pixel_values" in batch
+    follow_up = {"messages": talk["messages"][:3], "system": None}  # ends with a question: every turn is kept
+    asked = vlm.VisionTable({**columns, "conversation": [json.dumps(follow_up)]}, processor, with_targets=False)
+    prompt = tok.decode(asked.batch([0])["input_ids"][0])
+    assert "big red thing" in prompt and prompt.index("big red thing") < prompt.index("one thing")
+    answered = vlm.VisionTable(columns, processor, with_targets=False)  # ends with its answer: that one left out
+    prompt = tok.decode(answered.batch([0])["input_ids"][0])
+    assert "one thing" in prompt and prompt.rindex("red") < prompt.index("one thing")
 
 
 def test_a_step_lowers_the_loss_and_save_load_generate_gives_the_same_tokens(backbone, vlm_data, tmp_path):

@@ -31,7 +31,8 @@ class Generate(Task):
     generates = True
     reads_prompt = True
     options = (
-        Option("decoder", "smollm2-135m", "Causal LM for --task generate: alias, local folder or hub id."),
+        Option("decoder", "smollm2-135m", "Decoder for --task generate: a causal LM or a vision-language model "
+               "(LoRA rank 8 unless --lora-r / --train-decoder); alias, local folder or hub id."),
         Option("prefix_tokens", 4, "Prefix tokens per modality fed to the decoder (--task generate)."),
         Option("media_tokens", "pooled", "Decoder tokens of each medium (--task generate): pooled vector -> "
                "--prefix-tokens, or one per stored sequence vector (prepare --sequence-features).",

@@ -162,10 +162,9 @@ class VisionTable:
         return [n for n, _ in self.spans]
 
     def prompt_messages(self, i: int) -> list[dict]:
-        """The record's turns before its last assistant turn (what generation answers)."""
+        """What generation answers: the record's turns, a final assistant turn (its reference answer) left out."""
         messages = self.turns[i][0]
-        last = max((k for k, msg in enumerate(messages) if msg["role"] == "assistant"), default=len(messages))
-        return messages[:last]
+        return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
     def batch(self, idx: Any, device: Any = "cpu", with_targets: bool | None = None,
               drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
@@ -280,8 +279,9 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
                         f"and {fcfg.prepared} does not hold them; prepare it again with --keep-media")
     unread = [x for x in mods if x not in (m, "text")]
     if unread:
-        log(f"--decoder {fcfg.decoder} reads {m}s and text: {', '.join(unread)} not used (a vision-language "
-            "backbone has no input for them)")
+        log(f"--decoder {fcfg.decoder} reads {m}s and text: {', '.join(unread)} not given to it as media (a "
+            "vision-language backbone has no input for them); speech reaches it only as prepare's transcript in "
+            "the prompt, when the data was transcribed")
     if fcfg.media_tokens != "pooled" or fcfg.image_tokens:
         raise UserError(f"--media-tokens / --image-tokens set how mmllm's projector feeds stored features to a "
                         f"language model; the vision-language --decoder {fcfg.decoder} encodes the {m}s itself")
