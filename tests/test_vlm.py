@@ -143,6 +143,13 @@ def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(ba
     assert text.index("big one") < text.index("<image>") < text.index("is it")  # where the placeholder stood
     assert int((ids == image_id).sum()) >= 4 and bool((labels[ids == image_id] == -100).all())
     assert "pixel_values" in batch
+    later = {"messages": [{"role": "user", "content": "it is"}, {"role": "assistant", "content": "red"},
+                          {"role": "user", "content": "<image> is it one thing?"},
+                          {"role": "assistant", "content": "a big red thing"}], "system": "the <image> is"}
+    spans = vlm.VisionTable({**columns, "conversation": [json.dumps(later)]}, processor, with_targets=True)
+    batch2 = spans.batch([0])  # the picture in a later turn: every prefix puts it there, as the whole does
+    text2 = tok.decode(batch2["input_ids"][0])
+    assert text2.index("red") < text2.index("<image>") < text2.index("one thing")
     follow_up = {"messages": talk["messages"][:3], "system": None}  # ends with a question: every turn is kept
     asked = vlm.VisionTable({**columns, "conversation": [json.dumps(follow_up)]}, processor, with_targets=False)
     prompt = tok.decode(asked.batch([0])["input_ids"][0])
@@ -269,3 +276,11 @@ def test_serve_answers_the_openai_client_as_predict_does(backbone, vlm_data, tmp
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_records_without_the_kept_files_are_refused_not_answered_from_text(backbone, vlm_data):
+    from mmllm.errors import UserError
+
+    _, _, processor, vlm = _tables(backbone, vlm_data)
+    with pytest.raises(UserError, match="--keep-media"):
+        vlm.VisionTable({"id": ["a"], "text": ["it is"], "has_image": [True]}, processor, with_targets=False)

@@ -11,7 +11,6 @@ LLaMA-Factory's defaults) or fully (`--train-decoder`).
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
@@ -61,19 +60,32 @@ def _parts(content: str, tag: str, picture: bool, first: bool) -> tuple[list[dic
     return parts, placed
 
 
-def vision_messages(messages: list[dict], system: str | None, picture: bool) -> list[dict]:
-    """A record's turns as the processor's chat template takes them (content as a list of parts)."""
+def placed_at(messages: list[dict]) -> bool:
+    """Whether the picture's placeholder stands in a question turn of the whole conversation (else the picture goes
+    before the first question): decided once, so every prefix of the turns puts it where the whole does."""
     from mmllm.conversations import PLACEHOLDERS
 
+    return any(PLACEHOLDERS[pictured()] in m["content"] for m in messages if m["role"] == "user")
+
+
+def vision_messages(messages: list[dict], system: str | None, picture: bool, anywhere: bool) -> list[dict]:
+    """A record's turns as the processor's chat template takes them (content as a list of parts); `anywhere`:
+    placed_at of the whole conversation. Placeholders in the system text and in answers are taken out."""
+    from mmllm.conversations import PLACEHOLDERS, without_placeholders
+
     tag = PLACEHOLDERS[pictured()]
-    out = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    anywhere = picture and any(tag in m["content"] for m in messages if m["role"] != "assistant")
+    bare = lambda text: " ".join(without_placeholders(text.replace(tag, " ")).split())  # noqa: E731
+    out = [{"role": "system", "content": [{"type": "text", "text": bare(system)}]}] if system else []
+    anywhere = picture and anywhere
     placed = False
     for m in messages:
         if m["role"] == "assistant":
-            out.append({"role": "assistant", "content": [{"type": "text", "text": m["content"]}]})
+            out.append({"role": "assistant", "content": [{"type": "text", "text": bare(m["content"])}]})
             continue
         first = picture and not anywhere and not placed and m["role"] == "user"
+        if m["role"] != "user":
+            out.append({"role": m["role"], "content": [{"type": "text", "text": bare(m["content"])}]})
+            continue
         parts, here = _parts(m["content"], tag, picture and not placed, first)
         placed = placed or here
         out.append({"role": m["role"], "content": parts})
@@ -81,10 +93,10 @@ def vision_messages(messages: list[dict], system: str | None, picture: bool) -> 
 
 
 def _picture(data: Any) -> Any:
-    from PIL import Image
+    """The kept file as mmllm reads every image (EXIF orientation, 16-bit scaled, alpha on white), full size."""
+    from mmllm.media import load_image
 
-    with Image.open(io.BytesIO(bytes(data))) as im:  # checked by the image modality when it was read
-        return im.convert("RGB")
+    return load_image(bytes(data))
 
 
 class VisionTable:
@@ -95,6 +107,9 @@ class VisionTable:
         from mmllm.tasks.generate.core import answer_of, record_turns
 
         m = pictured()
+        if f"{m}_bytes" not in columns:
+            raise UserError(f"a vision-language decoder reads the {m}s' files, and these records do not hold them: "
+                            "prepare the data again with --keep-media (or give a raw manifest)")
         self.processor = processor
         self.ids = list(columns["id"])
         self.n = len(self.ids)
@@ -114,9 +129,11 @@ class VisionTable:
     def __len__(self) -> int:
         return self.n
 
-    def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool) -> str:
-        return self.processor.apply_chat_template(vision_messages(messages, system, picture), tokenize=False,
-                                                  add_generation_prompt=prompt)
+    def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool,
+                whole: list[dict] | None = None) -> str:
+        return self.processor.apply_chat_template(
+            vision_messages(messages, system, picture, placed_at(whole if whole is not None else messages)),
+            tokenize=False, add_generation_prompt=prompt)
 
     def _ids(self, text: str, picture: Any) -> list[int]:
         tag_in = picture is not None and self._has_image_token(text)
@@ -146,8 +163,8 @@ class VisionTable:
         for k, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            before = self._render(messages[:k], system, picture is not None, True)
-            after = self._render(messages[:k + 1], system, picture is not None, False)
+            before = self._render(messages[:k], system, picture is not None, True, messages)
+            after = self._render(messages[:k + 1], system, picture is not None, False, messages)
             if not (full.startswith(before) and full.startswith(after) and after.startswith(before)):
                 raise UserError(f"record {self.ids[i]}: the processor's chat template does not render the earlier "
                                 "turns of a conversation as the start of it, so its answer tokens cannot be found")
@@ -172,7 +189,7 @@ class VisionTable:
         use_targets = self.spans is not None if with_targets is None else with_targets
         seen = [self.pictures[i] if pictured() not in drop else None for i in idx]
         texts = [self._render(self.turns[i][0] if use_targets else self.prompt_messages(i), self.turns[i][1],
-                              p is not None, not use_targets) for i, p in zip(idx, seen)]
+                              p is not None, not use_targets, self.turns[i][0]) for i, p in zip(idx, seen)]
         images = [[_picture(p)] if p is not None else [] for p in seen]
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "right" if use_targets else "left"  # generation appends after every row's end
