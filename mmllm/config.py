@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm import modalities, tasks
+from mmllm.modalities import flag  # an option name as its flag (config.flag to the CLI and the model card)
 from mmllm.errors import UserError, read_json, utf8_text
 
 MAX_AUGMENT = 100  # augmented variants per training record
@@ -44,10 +45,6 @@ def opt(default: Any = None, help: str = "", argument: bool = False, choices: tu
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass

@@ -382,7 +382,7 @@ def test_image_tokens_pools_the_stored_grid(tiny_models, toy_manifest, tiny_deco
     import torch
 
     from conftest import tiny_prepare_args
-    from mmllm.encoders import pool_tokens
+    from mmllm.pooling import pool_tokens
     from mmllm.tasks.generate import load_checkpoint
 
     grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row by row
@@ -391,7 +391,7 @@ def test_image_tokens_pools_the_stored_grid(tiny_models, toy_manifest, tiny_deco
     assert torch.equal(pool_tokens(grid, 16, grid=True), grid)
     import numpy as np
 
-    from mmllm.encoders import pool_sequence
+    from mmllm.pooling import pool_sequence
 
     fmap = np.arange(49, dtype=np.float32).reshape(49, 1)  # prepare stores a 7x7 map as 4x4 cells of it
     cells = pool_sequence(fmap, 16, grid=True)

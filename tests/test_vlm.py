@@ -198,7 +198,9 @@ def test_a_step_lowers_the_loss_and_save_load_generate_gives_the_same_tokens(bac
     from mmllm.features import load_prepared
 
     core.save_checkpoint(net, tmp_path / "ck", processor, load_prepared(vlm_data)[1], {})
-    loaded, proc2 = core.load_checkpoint(tmp_path / "ck", json.loads((tmp_path / "ck" / "config.json").read_text()),
+    from mmllm.tasks import get
+
+    loaded, proc2 = get("generate").load(tmp_path / "ck", json.loads((tmp_path / "ck" / "config.json").read_text()),
                                          "cpu")
     assert torch.equal(tokens(loaded, proc2), said)
     assert loaded.generate(loaded.table(vlm._columns(ds["test"], "image"), proc2, False).batch(range(len(prompts))),

@@ -41,6 +41,11 @@ class Option:
         return self.kind or type(self.default).__name__
 
 
+def flag(name: str) -> str:
+    """The command-line flag of an option's name: max_audio_seconds -> --max-audio-seconds."""
+    return "--" + name.replace("_", "-")
+
+
 class Modality:
     """One kind of input. Subclasses set the class attributes and implement `load_encoder` and `decode`."""
 
@@ -87,7 +92,7 @@ class Modality:
     def stored_sequence(self, seq: Any, decoded: Any, encoder: Any, pre: Any) -> Any:
         """What --sequence-features stores of the encoder's sequence (T', D) of one decoded item: pooled to
         sequence_length(pre) (in 2-D for a grid)."""
-        from mmllm.encoders import pool_sequence
+        from mmllm.pooling import pool_sequence
 
         return pool_sequence(seq, self.sequence_length(pre), self.grid)
 

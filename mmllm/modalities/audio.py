@@ -126,7 +126,7 @@ class Audio(Modality):
         rows up to N x --max-audio-seconds."""
         import numpy as np
 
-        from mmllm.encoders import pool_sequence
+        from mmllm.pooling import pool_sequence
 
         rate = pre.option("audio_tokens_per_second")
         if not rate:

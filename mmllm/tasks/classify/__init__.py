@@ -59,7 +59,7 @@ class Classify(Task):
             cfg.freeze_text = not cfg.lora_r and not cfg.train_text_layers and TEXT in mods
 
     def rules(self, cfg: Any, mods: list[str], explicit: bool) -> list[str]:
-        from mmllm.config import flag
+        from mmllm.modalities import flag
 
         problems = []
         if cfg.lora_r and cfg.freeze_text:

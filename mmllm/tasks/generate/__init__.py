@@ -69,12 +69,22 @@ class Generate(Task):
         return bool(meta.get("has_target"))
 
     def build(self, cfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Any:
+        from mmllm.encoders import is_vision_language
+
+        if is_vision_language(cfg.decoder):  # a backbone that reads the images itself (vlm, above core)
+            from mmllm.tasks.generate import vlm
+
+            return vlm.build(cfg, data, meta, modalities, dist)
         return _core().build(cfg, data, meta, modalities, dist)
 
     def check(self, config: dict, folder: Path) -> list[str]:
         return _core().check_config(config, folder)
 
     def load(self, folder: Path, config: dict, device: Any) -> tuple[Any, Any]:
+        if _vision_language(config):
+            from mmllm.tasks.generate import vlm
+
+            return vlm.load(Path(folder), _core().GenConfig(**config["generation"]), device)
         return _core().load_checkpoint(Path(folder), config, device)
 
     def input_flags(self, model: Any) -> dict:
@@ -84,7 +94,7 @@ class Generate(Task):
         return _core().predict_rows(predictor, rows, reliance, generation)
 
     def evaluate(self, cfg: Any, config: dict, device: Any) -> dict:
-        return _core().evaluate(cfg, config, device)
+        return _core().evaluate(cfg, config, device, self.load(Path(cfg.checkpoint), config, device))
 
     # ------------------------------------------------------------ model card
 

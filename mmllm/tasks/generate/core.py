@@ -29,7 +29,7 @@ from torch import nn
 from mmllm import chat
 from mmllm.chat import DESCRIBE
 from mmllm.console import log
-from mmllm.encoders import pool_tokens
+from mmllm.pooling import pool_tokens
 from mmllm.errors import UserError
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Training, get, missing_column
@@ -433,15 +433,11 @@ def prepare_decoder(decoder: nn.Module, cfg: GenConfig) -> nn.Module:
 
 def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) -> Training:
     from mmllm import modalities as registry
-    from mmllm.encoders import is_vision_language, load_decoder
+    from mmllm.encoders import load_decoder
     from mmllm.features import Preprocessing
 
     if not meta.get("has_target"):
         raise UserError(missing_column(fcfg.prepared, meta, get(fcfg.task)))
-    if is_vision_language(fcfg.decoder):
-        from mmllm.tasks.generate import vlm
-
-        return vlm.build(fcfg, data, meta, modalities, dist)
     prefix_mods = [m for m in modalities if m != "text"]
     if "text" in modalities and "text_emb" in meta["features"]:
         prefix_mods.append("text")  # a frozen sentence embedding of the context text, when prepared
@@ -508,15 +504,21 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).to(dist.device)
     model.stop_ids = chat.stop_ids(tokenizer, decoder, cfg.prompt_format)
 
-    def validate(m: PrefixDecoder) -> dict:
+    return training(model, train, val, tokenizer, fcfg, meta, dist)
+
+
+def training(model: Any, train: Any, val: Any, tokenizer: Any, fcfg: Any, meta: dict, dist: Any) -> Training:
+    """The generic loop's view of a generator (a PrefixDecoder or a vision-language one): validation loss, plus
+    BLEU and chrF when --monitor val_bleu, and its checkpoint."""
+    def validate(m: Any) -> dict:
         out = {"val_loss": validation_loss(m, val, fcfg.batch_size, dist.device, dist)}
         if fcfg.monitor == "val_bleu":
-            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device, fcfg.max_new_tokens or cfg.max_new_tokens,
-                        dist=dist)
+            b = bleu_of(m, val, tokenizer, fcfg.batch_size, dist.device,
+                        fcfg.max_new_tokens or model.cfg.max_new_tokens, dist=dist)
             out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
         return out
 
-    def save(m: PrefixDecoder, out: Path, metrics: dict) -> None:
+    def save(m: Any, out: Path, metrics: dict) -> None:
         save_checkpoint(m, out, tokenizer, meta, metrics, str(Path(fcfg.prepared).resolve()))
 
     return Training(model, train, validate, save)
@@ -598,10 +600,6 @@ def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDeco
     from mmllm.encoders import load_decoder
 
     cfg = GenConfig(**config["generation"])
-    if cfg.decoder_kind != "causal-lm":
-        from mmllm.tasks.generate import vlm
-
-        return vlm.load(folder, cfg, device)
     # decoding is one token at a time: on a CPU, bf16 matrix-vector products are slower than fp32 ones (measured:
     # 6.0 s vs 4.4 s for two records), so a decoder trained in bf16 decodes in fp32 there; on a GPU as trained
     on_gpu = str(device).startswith("cuda")
@@ -685,12 +683,12 @@ def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: d
 
 # ---------------------------------------------------------------- eval model
 
-def evaluate(cfg: Any, config: dict, device: Any) -> dict:
+def evaluate(cfg: Any, config: dict, device: Any, loaded: tuple | None = None) -> dict:
     """`eval model` of a generator: sacreBLEU, chrF, WER/CER and examples (modality reliance when asked)."""
     from mmllm.features import split_columns
     from mmllm.metrics import error_rates
 
-    model, tokenizer = load_checkpoint(Path(cfg.checkpoint), config, device)
+    model, tokenizer = loaded or load_checkpoint(Path(cfg.checkpoint), config, device)  # the task's load
     mods = model.cfg.modalities
     columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts)
     table = model.table(columns, tokenizer, with_targets=False)

@@ -288,7 +288,7 @@ def prepare_backbone(model: nn.Module, cfg: Any) -> nn.Module:
 
 def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Training:
     from mmllm.encoders import load_vision_language
-    from mmllm.tasks.generate.core import GenConfig, answer_defaults, bleu_of, validation_loss
+    from mmllm.tasks.generate.core import GenConfig, answer_defaults, training
 
     m = pictured()
     if f"{m}_bytes" not in meta["features"]:
@@ -318,20 +318,7 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
         f"{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, at most {cfg.max_new_tokens} new tokens "
         "by default")
 
-    def validate(net: VisionLanguageDecoder) -> dict:
-        out = {"val_loss": validation_loss(net, val, fcfg.batch_size, dist.device, dist)}
-        if fcfg.monitor == "val_bleu":
-            b = bleu_of(net, val, processor, fcfg.batch_size, dist.device, fcfg.max_new_tokens or cfg.max_new_tokens,
-                        dist=dist)
-            out.update(val_bleu=b["val_bleu"], val_chrf=b["val_chrf"])
-        return out
-
-    def save(net: VisionLanguageDecoder, out: Path, metrics: dict) -> None:
-        from mmllm.tasks.generate.core import save_checkpoint
-
-        save_checkpoint(net, out, processor, meta, metrics, str(Path(fcfg.prepared).resolve()))
-
-    return Training(model, train, validate, save)
+    return training(model, train, val, processor, fcfg, meta, dist)
 
 
 def _columns(split: Any, m: str) -> dict:
