@@ -135,9 +135,10 @@ class VisionTable:
             vision_messages(messages, system, picture, placed_at(whole if whole is not None else messages)),
             tokenize=False, add_generation_prompt=prompt)
 
-    def _ids(self, text: str, picture: Any) -> list[int]:
-        tag_in = picture is not None and self._has_image_token(text)
-        enc = self.processor(text=[text], images=[[_picture(picture)]] if tag_in else None, return_tensors="pt")
+    def _ids(self, text: str, image: Any) -> list[int]:
+        """Token ids of a rendered text, `image` (decoded) given when the text holds its token."""
+        tag_in = image is not None and self._has_image_token(text)
+        enc = self.processor(text=[text], images=[[image]] if tag_in else None, return_tensors="pt")
         return enc["input_ids"][0].tolist()
 
     def _has_image_token(self, text: str) -> bool:
@@ -149,11 +150,12 @@ class VisionTable:
         messages, system = self.turns[i]
         picture = self.pictures[i]
         full = self._render(messages, system, picture is not None, False)
-        ids = self._ids(full, picture)
+        image = _picture(picture) if picture is not None else None  # decoded once for every prefix
+        ids = self._ids(full, image)
 
         def shared(text: str) -> int:  # tokens `text` has in common with the whole conversation, from its start (a
             # tokenizer's end marker, e.g. [SEP], or a merge across the cut is where they part)
-            part = self._ids(text, picture)
+            part = self._ids(text, image)
             n = 0
             while n < min(len(part), len(ids)) and part[n] == ids[n]:
                 n += 1
