@@ -221,7 +221,7 @@ class VisionLanguageDecoder(nn.Module):
         self.decoder = decoder
         self.processor = processor
         self.class_weights = None
-        self.stop_ids: list[int] = []
+        self.stop_ids: list[int] = chat.stop_ids(processor.tokenizer, decoder, chat.CHAT, processor)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.decoder.parameters() if p.requires_grad]
@@ -315,7 +315,6 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
     train, val = (VisionTable(_columns(data[s], m), processor, with_targets=True) for s in ("train", "validation"))
     answer_defaults(cfg, _AnswerLengths(train))
     model = VisionLanguageDecoder(cfg, prepare_backbone(model, cfg), processor).to(dist.device)
-    model.stop_ids = chat.stop_ids(processor.tokenizer, model.decoder, chat.CHAT, processor)
     log(f"prompts: the processor's chat template; answers end at EOS"
         f"{' or ' + ', '.join(map(repr, cfg.stop)) if cfg.stop else ''}, at most {cfg.max_new_tokens} new tokens "
         "by default")
@@ -346,5 +345,4 @@ def load(folder: Path, cfg: Any, device: Any) -> tuple[VisionLanguageDecoder, An
 
     model, processor, _ = load_vision_language(str(folder / "decoder"))
     net = VisionLanguageDecoder(cfg, model.requires_grad_(False), processor)
-    net.stop_ids = chat.stop_ids(processor.tokenizer, model, chat.CHAT, processor)
     return net.to(device).eval(), processor
