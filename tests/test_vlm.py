@@ -248,6 +248,16 @@ def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, t
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("option", [("--prefix-tokens", "8"), ("--hidden-size", "64"), ("--dropout", "0.3"),
+                                    ("--decoder-precision", "fp32"), ("--media-tokens", "sequence")])
+def test_options_a_vision_language_decoder_would_ignore_are_refused(backbone, vlm_data, tmp_path, option):
+    r = run_cli("finetune", vlm_data, "--output", tmp_path / "ck", "--task", "generate", "--decoder", backbone,
+                *option, "--max-steps", "1")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert f"{option[0]} {option[1]}" in r.output and "does not use" in r.output
+    assert not (tmp_path / "ck").exists()
+
+
 def test_serve_answers_the_openai_client_as_predict_does(backbone, vlm_data, tmp_path, isolated_home):
     import base64
 

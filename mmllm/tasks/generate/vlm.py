@@ -11,6 +11,7 @@ LLaMA-Factory's defaults) or fully (`--train-decoder`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -301,9 +302,10 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
         log(f"--decoder {fcfg.decoder} reads {m}s and text: {', '.join(unread)} not given to it as media (a "
             "vision-language backbone has no input for them); speech reaches it only as prepare's transcript in "
             "the prompt, when the data was transcribed")
-    if fcfg.media_tokens != "pooled" or fcfg.image_tokens:
-        raise UserError(f"--media-tokens / --image-tokens set how mmllm's projector feeds stored features to a "
-                        f"language model; the vision-language --decoder {fcfg.decoder} encodes the {m}s itself")
+    if unused := _unused_options(fcfg):
+        raise UserError(f"{', '.join(unused)}: set{'s' if len(unused) == 1 else ''} mmllm's projector and frozen "
+                        f"decoder, which the vision-language --decoder {fcfg.decoder} does not use (it encodes the "
+                        f"{m}s itself and trains LoRA adapters, or all its weights with --train-decoder)")
     model, processor, identity = load_vision_language(fcfg.decoder)
     lora_r = fcfg.lora_r or (0 if fcfg.train_decoder else DEFAULT_LORA_R)
     cfg = GenConfig(modalities=[m], dims={}, lora_r=lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
@@ -320,6 +322,17 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
         "by default")
 
     return training(model, train, val, processor, fcfg, meta, dist)
+
+
+# options of mmllm's own projector and frozen decoder, which a vision-language backbone has no use for
+_PROJECTOR_OPTIONS = ("media_tokens", "image_tokens", "prefix_tokens", "hidden_size", "dropout", "decoder_precision")
+
+
+def _unused_options(fcfg: Any) -> list[str]:
+    """The flags of _PROJECTOR_OPTIONS given a value other than their default (refused: they would do nothing)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(fcfg)}
+    return [f"{modalities.flag(n)} {getattr(fcfg, n)}" for n in _PROJECTOR_OPTIONS
+            if n in defaults and getattr(fcfg, n) != defaults[n]]
 
 
 def _columns(split: Any, m: str) -> dict:
