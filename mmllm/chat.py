@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmllm.console import warn
+from mmllm.errors import UserError
 
 CHAT = "chat"  # the tokenizer's chat template
 PLAIN = "plain"  # `User: ...\nAssistant: ...` turns, for a decoder without a template
@@ -35,8 +36,17 @@ def template_kind(tokenizer: Any, name: str = "") -> str:
     return PLAIN
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    """The conversation as the template writes it; a template that fails (its syntax, or a rule it raises on, such
+    as roles that must alternate) is a UserError that says so, not a bare jinja error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:
+        where = getattr(getattr(tokenizer, "tokenizer", tokenizer), "name_or_path", "") or "the decoder"
+        raise UserError(f"the chat template of {where} cannot render this conversation ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
 
 
 def _with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -53,8 +63,8 @@ def lean_system(tokenizer: Any, kind: str) -> tuple[str | None, int]:
         return None, 0
     turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
-        plain = len(_ids(tokenizer, _render(tokenizer, turns, False)))
-        lean = len(_ids(tokenizer, _render(tokenizer, _with_system(turns, ""), False)))
+        plain = len(_ids(tokenizer, render(tokenizer, turns, False)))
+        lean = len(_ids(tokenizer, render(tokenizer, _with_system(turns, ""), False)))
     except Exception:  # noqa: BLE001 - a template that refuses a system turn keeps its own form
         return None, 0
     return ("", plain - lean) if lean < plain else (None, 0)
@@ -132,8 +142,8 @@ def encode(tokenizer: Any, messages: list[dict], system: str | None, kind: str, 
     for k, m in enumerate(full):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, full[:k], True)
-        after = _render(tokenizer, full[:k + 1], False)
+        before = render(tokenizer, full[:k], True)
+        after = render(tokenizer, full[:k + 1], False)
         if not before.startswith(done) or not after.startswith(before):
             raise ValueError("the decoder's chat template does not render turns in order: cannot mark assistant "
                              "turns")
@@ -160,7 +170,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict], system: str | None, kind: s
         ids, _ = encode(tokenizer, messages, system, PLAIN, 1 << 30, slots)
         ids += _ids(tokenizer, "\nAssistant:" if messages else "Assistant:")
     else:
-        ids = _ids(tokenizer, _render(tokenizer, _with_system(messages, system), True), slots)
+        ids = _ids(tokenizer, render(tokenizer, _with_system(messages, system), True), slots)
     return ids[-max_tokens:]  # the end of a long conversation is what the answer follows
 
 
@@ -183,7 +193,7 @@ def stop_ids(tokenizer: Any, decoder: Any, kind: str, processor: Any = None) -> 
             turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
             if processor is not None:
                 turns = [{**t, "content": [{"type": "text", "text": t["content"]}]} for t in turns]
-            text = _render(processor or tokenizer, turns, False)
+            text = render(processor or tokenizer, turns, False)
         except Exception:  # noqa: BLE001 - a template that cannot render this is caught when it is used
             return out
         tail = text[text.rfind("y") + 1:]

@@ -825,8 +825,10 @@ def load_vision_language(name: str, trust_remote_code: bool = False) -> tuple[An
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                             dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the vision-language decoder '{name}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read a user's folder (a truncated safetensors file, a
+        # broken JSON, a missing piece) is one line that names the folder
+        reason = str(e).splitlines()[0] if str(e) else "no message"
+        raise UserError(f"cannot load the vision-language decoder '{name}': {type(e).__name__}: {reason}") from None
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

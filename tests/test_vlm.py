@@ -4,6 +4,7 @@ with their processors, built here, trained through prepare --keep-media / finetu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,25 @@ def test_options_a_vision_language_decoder_would_ignore_are_refused(backbone, vl
                 *option, "--max-steps", "1")
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert f"{option[0]} {option[1]}" in r.output and "does not use" in r.output
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("broken", ["template", "weights"])
+def test_a_broken_backbone_folder_is_one_line_that_names_it(backbone, vlm_data, tmp_path, broken):
+    folder = tmp_path / "bb"
+    shutil.copytree(backbone, folder)
+    if broken == "template":
+        template = next(folder.glob("*.jinja"), None) or folder / "chat_template.jinja"
+        template.write_text("{% for m in messages %}{{ m.content ")
+    else:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])  # a download cut short
+    r = run_cli("finetune", vlm_data, "--output", tmp_path / "ck", "--task", "generate", "--decoder", folder,
+                "--max-steps", "1")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(folder) in last
+    assert ("chat template" if broken == "template" else "cannot load the vision-language decoder") in r.output
     assert not (tmp_path / "ck").exists()
 
 

@@ -132,9 +132,8 @@ class VisionTable:
 
     def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool,
                 whole: list[dict] | None = None) -> str:
-        return self.processor.apply_chat_template(
-            vision_messages(messages, system, picture, placed_at(whole if whole is not None else messages)),
-            tokenize=False, add_generation_prompt=prompt)
+        return chat.render(self.processor, vision_messages(messages, system, picture,
+                                                           placed_at(whole if whole is not None else messages)), prompt)
 
     def _ids(self, text: str, image: Any) -> list[int]:
         """Token ids of a rendered text, `image` (decoded) given when the text holds its token."""
