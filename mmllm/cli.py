@@ -23,7 +23,7 @@ from rich.text import Text
 from mmllm import __version__, config as C
 from mmllm.api import run_step
 from mmllm.console import err, set_quiet
-from mmllm.errors import UserError
+from mmllm.errors import RecordError, UserError
 
 
 
@@ -204,11 +204,12 @@ def guarded(call: Callable[[], Any]) -> int:
     try:
         result = call()
         return result if isinstance(result, int) else 0
-    except UserError as e:
+    except (UserError, RecordError) as e:
         if STATE["debug"]:
             raise
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        return e.exit_code
+        said = e.line() if isinstance(e, RecordError) else str(e)
+        err.print(f"[red]error:[/red] {escape(said)}", markup=True, highlight=False, soft_wrap=True)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

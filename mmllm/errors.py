@@ -12,6 +12,19 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RecordError(ValueError):
+    """What is wrong with one record's content when it is answered (a prompt longer than the model reads): predict
+    and serve report it as that record's error and answer the others; a command that stops on it prints one line
+    that names the record (`record`, the id the table knows it by)."""
+
+    def __init__(self, message: str, record: Any = None):
+        super().__init__(message)
+        self.record = record
+
+    def line(self) -> str:
+        return f"record {self.record}: {self}" if self.record is not None else str(self)
+
+
 def utf8_text(raw: bytes, name: str) -> str:
     """`raw` decoded as UTF-8 (a byte order mark dropped), or a UserError naming `name` and the first bad byte."""
     try:

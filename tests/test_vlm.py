@@ -233,6 +233,12 @@ def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_dec
     model = mmllm.load(ck, quiet=True)
     by_bytes = model.predict({"id": "q", "image": picture.read_bytes(), "text": "what is it?"})
     assert "generated" in line and by_bytes["generated"] == line["generated"]
+    too_long = {**record, "id": "long", "text": "what is it? " * 1500}  # more tokens than the backbone reads
+    r = run_cli("predict", ck, input="".join(json.dumps(x) + "\n" for x in (too_long, record)))
+    assert r.exit_code == 1, r.output  # a record failed: said in the exit status, the others answered
+    refused, answered = load_json_lines(r.stdout)
+    assert refused["id"] == "long" and refused["error"].startswith("its prompt") and "reads at most 2048" in refused["error"] and "generated" not in refused
+    assert answered["generated"] == line["generated"]  # the other record is answered as alone
 
 
 def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, tmp_path):
@@ -316,3 +322,21 @@ def test_records_without_the_kept_files_are_refused_not_answered_from_text(backb
     _, _, processor, vlm = _tables(backbone, vlm_data)
     with pytest.raises(UserError, match="--keep-media"):
         vlm.VisionTable({"id": ["a"], "text": ["it is"], "has_image": [True]}, processor, with_targets=False)
+
+
+def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, vlm_data):
+    from mmllm.errors import RecordError, UserError
+
+    ds, _, processor, vlm = _tables(backbone, vlm_data)
+    columns = vlm._columns(ds["train"].select(range(2)), "image")
+    columns["text"] = ["what is it? " * 20, "what?"]
+    fits = vlm.VisionTable(columns, processor, with_targets=True, context=10_000)
+    longest = max(n for n, _ in fits.spans)
+    with pytest.raises(UserError, match=f"record {columns['id'][0]}: its conversation is {longest} tokens"):
+        vlm.VisionTable(columns, processor, with_targets=True, context=longest - 1)
+    asked = int(vlm.VisionTable(columns, processor, with_targets=False).batch([0])["attention_mask"].sum())
+    prompts = vlm.VisionTable(columns, processor, with_targets=False, context=asked)  # no room for an answer
+    prompts.batch([1])  # the short one is answered
+    with pytest.raises(RecordError, match=f"is {asked + 1} tokens .* reads at most {asked}") as refused:
+        prompts.batch([0, 1])
+    assert refused.value.record == columns["id"][0]

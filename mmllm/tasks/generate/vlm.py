@@ -22,7 +22,7 @@ from torch import nn
 
 from mmllm import chat, modalities
 from mmllm.console import log
-from mmllm.errors import UserError
+from mmllm.errors import RecordError, UserError
 from mmllm.tasks import Training
 
 KIND = "vision-language"
@@ -104,7 +104,9 @@ class VisionTable:
     """Records for a vision-language backbone: each record's turns, its picture's bytes, and (with targets) the
     token spans of its assistant turns as the processor tokenizes them (found once, from the rendered prefixes)."""
 
-    def __init__(self, columns: dict[str, Any], processor: Any, with_targets: bool):
+    def __init__(self, columns: dict[str, Any], processor: Any, with_targets: bool, context: int | None = None):
+        """`context`: the backbone's longest sequence; a record longer than that is refused by its id (a model reads
+        no further, and an answer to the part it read is not an answer to the record)."""
         from mmllm.tasks.generate.core import answer_of, record_turns
 
         m = pictured()
@@ -112,6 +114,7 @@ class VisionTable:
             raise UserError(f"a vision-language decoder reads the {m}s' files, and these records do not hold them: "
                             "prepare the data again with --keep-media (or give a raw manifest)")
         self.processor = processor
+        self.context = context
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         none = [None] * self.n
@@ -126,6 +129,14 @@ class VisionTable:
         self.spans = None
         if with_targets:
             self.spans = [self._answer_spans(i) for i in range(self.n)]
+            for i, (n, _) in enumerate(self.spans):
+                self._fits(i, n, "conversation", UserError)
+
+    def _fits(self, i: int, n: int, what: str, error: type = RecordError) -> None:
+        if self.context and n > self.context:
+            said = (f"its {what} is {n} tokens with the picture's, and the vision-language decoder reads at most "
+                    f"{self.context}; shorten it")
+            raise UserError(f"record {self.ids[i]}: {said}") if error is UserError else RecordError(said, self.ids[i])
 
     def __len__(self) -> int:
         return self.n
@@ -197,6 +208,9 @@ class VisionTable:
         tokenizer.padding_side = "right" if use_targets else "left"  # generation appends after every row's end
         enc = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
         out = dict(enc)
+        if not use_targets:  # room for at least one new token
+            for j, i in enumerate(idx):
+                self._fits(i, int(enc["attention_mask"][j].sum()) + 1, "prompt (and one answer token)")
         if use_targets:
             labels = torch.full_like(enc["input_ids"], -100)
             for j, i in enumerate(idx):
@@ -227,7 +241,7 @@ class VisionLanguageDecoder(nn.Module):
         return [p for p in self.decoder.parameters() if p.requires_grad]
 
     def table(self, columns: dict[str, Any], tokenizer: Any, with_targets: bool) -> VisionTable:
-        return VisionTable(columns, self.processor, with_targets)
+        return VisionTable(columns, self.processor, with_targets, context_length(self.decoder))
 
     def forward(self, batch: dict) -> dict[str, Any]:
         """{"loss": the backbone's own causal-LM loss over the assistant tokens}."""
@@ -250,7 +264,9 @@ class VisionLanguageDecoder(nn.Module):
         stops = [s for s in dict.fromkeys([*self.cfg.stop, *(stop or [])]) if s]
         if stops:
             kwargs.update(stopping_criteria=[chat.stop_criteria(tok, stops, start=start)])
-        ids = self.decoder.generate(**inputs, max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+        room = (context_length(self.decoder) or 1 << 30) - start  # an answer ends at the context, as at the limit
+        longest = max(1, min(room, max_new_tokens or self.cfg.max_new_tokens))
+        ids = self.decoder.generate(**inputs, max_new_tokens=longest,
                                     num_beams=num_beams, pad_token_id=pad, eos_token_id=ends, **kwargs)
         return [chat.cut_at_stop(tok.decode(row[start:], skip_special_tokens=True), stops).strip() for row in ids]
 
@@ -261,6 +277,14 @@ class VisionLanguageDecoder(nn.Module):
 
         save_hf_model(self.decoder, folder)
         self.processor.save_pretrained(folder)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the backbone's language model reads (its max_position_embeddings), if it says."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def language_linears(model: nn.Module) -> list[str]:
@@ -313,7 +337,8 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
         f"with its processor ({type(processor).__name__}), not with the frozen {m} features; "
         + (f"LoRA rank {lora_r} on its language model" + (" (the default)" if not fcfg.lora_r else "")
            if lora_r else "all its weights trained"))
-    train, val = (VisionTable(_columns(data[s], m), processor, with_targets=True) for s in ("train", "validation"))
+    train, val = (VisionTable(_columns(data[s], m), processor, with_targets=True, context=context_length(model))
+                  for s in ("train", "validation"))
     answer_defaults(cfg, _AnswerLengths(train))
     model = VisionLanguageDecoder(cfg, prepare_backbone(model, cfg), processor).to(dist.device)
     log(f"prompts: the processor's chat template; answers end at EOS"
