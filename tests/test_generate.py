@@ -57,6 +57,15 @@ def test_generation_eval_and_predict(prepared, tiny_decoder, toy_manifest, tmp_p
     lines = load_json_lines(r.stdout)
     assert len(lines) == 48 and all(isinstance(x["generated"], str) for x in lines)
     assert [x["id"] for x in lines] == [f"r{i}" for i in range(48)]
+    short = {"id": "short", "text": "red"}
+    too_long = {"id": "long", "text": "red cat " * 800}  # more prompt than the decoder is given: refused, not cut
+    r = run_cli("predict", str(out), "--max-new-tokens", "5", input="".join(json.dumps(x) + "\n"
+                                                                               for x in (too_long, short)))
+    assert r.exit_code == 1, r.output  # a record failed, the other is answered
+    refused, answered = load_json_lines(r.stdout)
+    assert refused["id"] == "long" and "generated" not in refused, refused
+    assert refused["error"].startswith("its prompt is") and "at most 1024" in refused["error"]
+    assert isinstance(answered["generated"], str)
 
 
 def test_sampling_options(prepared, tiny_decoder, toy_manifest, tmp_path):
@@ -493,3 +502,21 @@ def test_an_empty_system_turn_replaces_a_templates_long_default_system_prompt(ti
     tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}" + base
     assert chat.lean_system(tok, chat.CHAT) == (None, 0)
     assert chat.lean_system(tok, chat.PLAIN) == (None, 0)
+
+
+def test_training_conversations_longer_than_the_limit_are_cut_and_said(tiny_decoder, capsys):
+    from transformers import AutoTokenizer
+
+    from mmllm import chat
+    from mmllm.errors import RecordError
+    from mmllm.tasks.generate.core import GenTable
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    columns = {"id": ["a", "b"], "text": ["red cat " * 40, "red"], "target": ["cat", "red"]}
+    table = GenTable(columns, [], tok, with_targets=True, max_tokens=8, kind=chat.PLAIN)  # limit 4 x 8 = 32
+    assert "1 record(s) longer than 32 tokens (a)" in capsys.readouterr().err
+    assert len(table.answers[0][0]) == 32 and len(table.prompts[0]) == 32
+    assert len(table.answers[1][0]) < 32  # the short one untouched
+    with pytest.raises(RecordError, match="at most 32") as refused:
+        GenTable(columns, [], tok, with_targets=False, max_tokens=8, kind=chat.PLAIN)
+    assert refused.value.record == "a"

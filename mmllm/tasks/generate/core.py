@@ -28,9 +28,9 @@ from torch import nn
 
 from mmllm import chat
 from mmllm.chat import DESCRIBE
-from mmllm.console import log
+from mmllm.console import log, warn
 from mmllm.pooling import pool_tokens
-from mmllm.errors import UserError
+from mmllm.errors import RecordError, UserError
 from mmllm.runtime import Dist, gather, shard
 from mmllm.tasks import Training, get, missing_column
 
@@ -339,14 +339,31 @@ class GenTable:
         turns = [record_turns(t, s, g, c, kind, bool(slots), system) for t, s, g, c in zip(texts, said, targets, talks)]
         self.targets = [answer_of(m) for m, _ in turns]
         limit = 4 * max_tokens  # a whole conversation
-        self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, limit, slots) for m, sys_ in turns]
+        whole = 1 << 30
+        self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, whole, slots) for m, sys_ in turns]
         self.answers = None  # (ids, loss mask) of each whole conversation
         if with_targets:
-            self.answers = [chat.encode(tokenizer, m, sys_, kind, limit, slots) for m, sys_ in turns]
+            self.answers = [chat.encode(tokenizer, m, sys_, kind, whole, slots) for m, sys_ in turns]
+        self._bound(limit)
         self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
         self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
         self.seq = {m: torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in columns[f"{m}_seq"]]))
                     for m in sequences}  # (N, T, D) each
+
+    def _bound(self, limit: int) -> None:
+        """Records longer than `limit` tokens: a prompt to answer is refused (RecordError: predict and serve answer
+        the others), never answered from its end alone; training conversations are cut there, said once."""
+        long = [i for i, p in enumerate(self.prompts) if len(p) > limit]
+        if self.answers is None and long:
+            raise RecordError(f"its prompt is {len(self.prompts[long[0]])} tokens; the decoder is given prompts "
+                              f"of at most {limit}: shorten it", self.ids[long[0]])
+        cut = sorted(set(long) | {i for i, (ids, _) in enumerate(self.answers or []) if len(ids) > limit})
+        if cut:
+            named = ", ".join(str(self.ids[i]) for i in cut[:3]) + (", ..." if len(cut) > 3 else "")
+            warn(f"{len(cut)} record(s) longer than {limit} tokens ({named}): their conversations train on their "
+                 f"first {limit} tokens and their prompts keep the last {limit}")
+            self.prompts = [p[-limit:] for p in self.prompts]
+            self.answers = [(ids[:limit], mask[:limit]) for ids, mask in self.answers or []] or None
 
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
