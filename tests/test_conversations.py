@@ -172,6 +172,8 @@ BAD = {
     "url": {"messages": [{"role": "user", "content": [{"type": "image_url",
                                                        "image_url": {"url": "https://example.com/a.png"}}]},
                          {"role": "assistant", "content": "red"}]},
+    "picture in an answer": {"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "m/i0.png"}}]}]},
 }
 
 
@@ -183,11 +185,12 @@ def test_each_bad_record_is_its_own_one_line_error(tiny_models, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "p" / "mmllm-prepared.json").read_text())
     reasons = {e["row"]: e for e in meta["skipped"]}
-    assert sorted(reasons) == [13, 14, 15, 16]
+    assert sorted(reasons) == [13, 14, 15, 16, 17]
     assert "2 <image> placeholder(s) in the turns but 1 image item(s) in 'images'" in reasons[13]["reason"]
     assert reasons[14]["column"] == "image" and "nope.png" in json.dumps(reasons[14])
     assert reasons[15]["reason"] == "turn 2: empty assistant turn"
     assert "https URLs are not fetched" in reasons[16]["reason"]
+    assert reasons[17]["reason"].startswith("turn 2: an assistant turn is text only")
     assert all("\n" not in e["reason"] for e in meta["skipped"])
 
 
