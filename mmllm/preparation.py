@@ -523,6 +523,23 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
 
 # ---------------------------------------------------------------- merge shards
 
+def _shard_difference(meta: dict, first: dict, mine: dict, theirs: dict, trunk: list) -> str:
+    """What a shard's metadata has otherwise than the first shard's ("" when they merge): encoders by role, the
+    stored columns (e.g. image_bytes of --keep-media), their shapes, the text trunk."""
+    said = [f"{r} encoder {mine.get(r) or 'none'} vs {theirs.get(r) or 'none'}"
+            for r in sorted(set(mine) | set(theirs)) if mine.get(r) != theirs.get(r)]
+    cols, first_cols = meta["features"], first["features"]
+    if only := sorted(set(cols) - set(first_cols)):
+        said.append(f"columns only here: {', '.join(only)}")
+    if only := sorted(set(first_cols) - set(cols)):
+        said.append(f"columns only in the first: {', '.join(only)}")
+    said += [f"{c} shape {cols[c]} vs {first_cols[c]}" for c in sorted(set(cols) & set(first_cols))
+             if cols[c] != first_cols[c]]
+    if trunk[0] != trunk[1]:
+        said.append(f"text trunk {trunk[0] or 'none'} vs {trunk[1] or 'none'}")
+    return "; ".join(said)
+
+
 def merge(cfg: PrepareConfig) -> int:
     import datasets
 
@@ -534,8 +551,9 @@ def merge(cfg: PrepareConfig) -> int:
         theirs = {r: e["identity"] for r, e in first["encoders"].items()}
         trunk = [{k: v for k, v in (m.get("text_trunk") or {}).items() if k != "bytes_per_record"}
                  for m in (meta, first)]
-        if mine != theirs or meta["features"] != first["features"] or trunk[0] != trunk[1]:
-            raise UserError(f"--merge: {path} was prepared with other encoders or features ({mine} vs {theirs})")
+        if differs := _shard_difference(meta, first, mine, theirs, trunk):
+            raise UserError(f"--merge: {path} was prepared otherwise than {cfg.input[0]}: {differs}; prepare the "
+                            "shards with the same options")
     out = Path(cfg.output)
     tmp = outputs.beside(out, folder=True)
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import load_json_lines, make_tokenizer, run_cli, tiny_prepare_args, write_csv, write_image
+from tests.conftest import (load_json_lines, make_tokenizer, one_line_error, run_cli, tiny_prepare_args, write_csv,
+                            write_image)
 
 # the SmolVLM / Idefics3 template: "User:<image>text<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"
 IDEFICS3_TEMPLATE = (
@@ -242,7 +243,7 @@ def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_dec
     assert answered["generated"] == line["generated"]  # the other record is answered as alone
 
 
-def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, tmp_path):
+def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, vlm_data, tmp_path):
     rows = [{"id": f"r{i}", "image": f"p{i}.png", "target": "red", "split": "train" if i < 6 else "validation"}
             for i in range(8)]
     for i in range(8):
@@ -254,6 +255,8 @@ def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, t
     assert r.exit_code != 0
     assert "prepare it again with --keep-media" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "ck").exists()
+    r = run_cli("prepare", vlm_data, tmp_path / "p", "--merge", "--output", tmp_path / "merged")
+    assert "columns only in the first: image_bytes" in one_line_error(r)  # said, not two identical dicts
 
 
 @pytest.mark.parametrize("option", [("--prefix-tokens", "8"), ("--hidden-size", "64"), ("--dropout", "0.3"),
