@@ -204,12 +204,11 @@ def guarded(call: Callable[[], Any]) -> int:
     try:
         result = call()
         return result if isinstance(result, int) else 0
-    except (UserError, RecordError) as e:
+    except UserError as e:
         if STATE["debug"]:
             raise
-        said = e.line() if isinstance(e, RecordError) else str(e)
-        err.print(f"[red]error:[/red] {escape(said)}", markup=True, highlight=False, soft_wrap=True)
-        return getattr(e, "exit_code", 2)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+        return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -218,6 +217,10 @@ def guarded(call: Callable[[], Any]) -> int:
     except Exception as e:  # noqa: BLE001 - a bug, not a user mistake: still one line unless --debug
         if STATE["debug"]:
             raise
+        if isinstance(e, RecordError):  # a record the command cannot answer (eval stops on it): its id and why
+            where = f"record {e.record_id}: " if e.record_id is not None else ""
+            err.print(f"[red]error:[/red] {escape(where + e.reason)}", markup=True, highlight=False, soft_wrap=True)
+            return 2
         err.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   markup=True, highlight=False, soft_wrap=True)
         return 1

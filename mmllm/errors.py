@@ -13,16 +13,14 @@ class UserError(Exception):
 
 
 class RecordError(ValueError):
-    """What is wrong with one record's content when it is answered (a prompt longer than the model reads): predict
-    and serve report it as that record's error and answer the others; a command that stops on it prints one line
-    that names the record (`record`, the id the table knows it by)."""
+    """A record that cannot be used: which column, which file, why. Read with the others, it is that record's skip
+    line; answered with the others (a prompt longer than the model reads), predict and serve give it as that
+    record's error and answer the rest."""
 
-    def __init__(self, message: str, record: Any = None):
-        super().__init__(message)
-        self.record = record
-
-    def line(self) -> str:
-        return f"record {self.record}: {self}" if self.record is not None else str(self)
+    def __init__(self, column: str | None, reason: str, file: str | None = None, record_id: Any = None):
+        super().__init__(reason)
+        self.column, self.reason, self.file = column, reason, file
+        self.record_id = record_id  # the id the bad record gives itself, when it was read (else rowN is used)
 
 
 def utf8_text(raw: bytes, name: str) -> str:

@@ -17,8 +17,8 @@ import torch
 from mmllm import outputs, tasks
 from mmllm.config import PredictConfig, save_resolved
 from mmllm.console import emit, warn
-from mmllm.errors import RecordError, UserError
-from mmllm.records import error_entry, raw_records
+from mmllm.errors import UserError
+from mmllm.records import RecordError, error_entry, raw_records
 from mmllm.runtime import pick_device
 
 
@@ -158,6 +158,6 @@ def predict_each(predictor: Predictor, batch: list[dict], top_k: int, generation
         raise
     except Exception as e:  # noqa: BLE001 - isolated below
         if len(batch) == 1:
-            said = str(e) if isinstance(e, RecordError) else f"{type(e).__name__}: {str(e)[:120]}"
+            said = e.reason if isinstance(e, RecordError) else f"{type(e).__name__}: {str(e)[:120]}"
             return [{"id": batch[0].get("given_id", batch[0]["id"]), "error": said}]
     return [res for r in batch for res in predict_each(predictor, [r], top_k, generation)]

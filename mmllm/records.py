@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from collections.abc import Callable, Iterable, Iterator
 
 from mmllm import modalities, tasks
-from mmllm.errors import UserError, utf8_text
+from mmllm.errors import RecordError, UserError, utf8_text
 
 # column names auto-detected per canonical key (a modality's come from its plug-in: candidates())
 CANDIDATES = {
@@ -51,15 +51,6 @@ def candidates() -> dict[str, list[str]]:
 def keys() -> tuple[str, ...]:
     """The canonical keys of a record."""
     return tuple(candidates())
-
-
-class RecordError(ValueError):
-    """A record that cannot be used: which column, which file, why."""
-
-    def __init__(self, column: str | None, reason: str, file: str | None = None, record_id: Any = None):
-        super().__init__(reason)
-        self.column, self.reason, self.file = column, reason, file
-        self.record_id = record_id  # the id the bad record gives itself, when it was read (else rowN is used)
 
 
 def read_table(path: Path, max_line_mb: float = MAX_LINE_MB) -> tuple[list[str], Iterator[tuple[int, Any]]]:

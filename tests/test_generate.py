@@ -508,7 +508,7 @@ def test_training_conversations_longer_than_the_limit_are_cut_and_said(tiny_deco
     from transformers import AutoTokenizer
 
     from mmllm import chat
-    from mmllm.errors import RecordError
+    from mmllm.records import RecordError
     from mmllm.tasks.generate.core import GenTable
 
     tok = AutoTokenizer.from_pretrained(tiny_decoder)
@@ -519,4 +519,4 @@ def test_training_conversations_longer_than_the_limit_are_cut_and_said(tiny_deco
     assert len(table.answers[1][0]) < 32  # the short one untouched
     with pytest.raises(RecordError, match="at most 32") as refused:
         GenTable(columns, [], tok, with_targets=False, max_tokens=8, kind=chat.PLAIN)
-    assert refused.value.record == "a"
+    assert refused.value.record_id == "a"

@@ -329,7 +329,8 @@ def test_records_without_the_kept_files_are_refused_not_answered_from_text(backb
 
 
 def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, vlm_data):
-    from mmllm.errors import RecordError, UserError
+    from mmllm.errors import UserError
+    from mmllm.records import RecordError
 
     ds, _, processor, vlm = _tables(backbone, vlm_data)
     columns = vlm._columns(ds["train"].select(range(2)), "image")
@@ -343,4 +344,4 @@ def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, 
     prompts.batch([1])  # the short one is answered
     with pytest.raises(RecordError, match=f"is {asked + 1} tokens .* reads at most {asked}") as refused:
         prompts.batch([0, 1])
-    assert refused.value.record == columns["id"][0]
+    assert refused.value.record_id == columns["id"][0]

@@ -355,8 +355,8 @@ class GenTable:
         the others), never answered from its end alone; training conversations are cut there, said once."""
         long = [i for i, p in enumerate(self.prompts) if len(p) > limit]
         if self.answers is None and long:
-            raise RecordError(f"its prompt is {len(self.prompts[long[0]])} tokens; the decoder is given prompts "
-                              f"of at most {limit}: shorten it", self.ids[long[0]])
+            raise RecordError("text", f"its prompt is {len(self.prompts[long[0]])} tokens; the decoder is given "
+                              f"prompts of at most {limit}: shorten it", record_id=self.ids[long[0]])
         cut = sorted(set(long) | {i for i, (ids, _) in enumerate(self.answers or []) if len(ids) > limit})
         if cut:
             named = ", ".join(str(self.ids[i]) for i in cut[:3]) + (", ..." if len(cut) > 3 else "")

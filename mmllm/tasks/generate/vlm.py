@@ -136,7 +136,9 @@ class VisionTable:
         if self.context and n > self.context:
             said = (f"its {what} is {n} tokens with the picture's, and the vision-language decoder reads at most "
                     f"{self.context}; shorten it")
-            raise UserError(f"record {self.ids[i]}: {said}") if error is UserError else RecordError(said, self.ids[i])
+            if error is UserError:
+                raise UserError(f"record {self.ids[i]}: {said}")
+            raise RecordError("text", said, record_id=self.ids[i])
 
     def __len__(self) -> int:
         return self.n
