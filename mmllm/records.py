@@ -286,7 +286,20 @@ def to_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,
         rec["id"] = f"row{row}"
     if isinstance(raw.get("conversation"), str) and raw.get(FLAT):  # conversations.flatten's turns
         rec["conversation"] = raw["conversation"]
+    elif isinstance(rec.get("text"), str):
+        _one_placeholder_each(rec["text"], cols.get("text"))
     return rec
+
+
+def _one_placeholder_each(text: str, column: str | None) -> None:
+    """A flat record has at most one item of each medium, so at most one of its placeholders (`<image>`) says where
+    it stands; more are a RecordError (conversation formats list several items, one placeholder each)."""
+    from mmllm.conversations import LISTS, PLACEHOLDERS
+
+    for m, tag in PLACEHOLDERS.items():
+        if (n := text.count(tag)) > 1:
+            raise RecordError(column, f"{n} {tag} placeholders in the text, and a record of this form has one {m}: "
+                                      f"give several {m}s as a conversation (ShareGPT's '{LISTS[m]}' list)")
 
 
 def checked_record(raw: dict, row: int, cols: dict[str, str | None], base: Path,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli, tiny_prepare_args, write_image, write_wav
+from conftest import run_cli, tiny_prepare_args, write_csv, write_image, write_wav
 
 TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }} {{ m['content'] }} [SEP]{% endfor %}"
             "{% if add_generation_prompt %}[CLS] assistant{% endif %}")
@@ -278,3 +278,17 @@ def test_each_medium_stands_where_its_placeholder_stands(chat_decoder):
         assert float(model(batch)["loss"]) == pytest.approx(float(reference), rel=1e-5)
         got = model.generate(table.batch(range(2), with_targets=False), tokenizer, max_new_tokens=3)
     assert len(got) == 2 and all(isinstance(g, str) for g in got)
+
+
+def test_a_flat_record_with_two_placeholders_of_its_one_medium_is_its_own_error(tmp_path):
+    from mmllm.records import read_records
+
+    write_image(tmp_path / "a.png")
+    path = write_csv(tmp_path / "m.csv", [{"id": "two", "image": "a.png", "text": "<image> this or <image>?",
+                                           "target": "red"},
+                                          {"id": "one", "image": "a.png", "text": "<image> this?", "target": "red"}])
+    records, errors, _ = read_records(str(path), {})
+    assert [r["id"] for r in records] == ["one"]
+    assert errors[0]["id"] == "two" and errors[0]["column"] == "text"
+    reason = errors[0]["reason"]
+    assert reason.startswith("2 <image> placeholders in the text") and "'images' list" in reason
