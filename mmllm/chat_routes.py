@@ -73,8 +73,9 @@ def chunks(text: str, model: str, finish: str, cid: str, created: int) -> list[s
             event({}, finish), "data: [DONE]\n\n"]
 
 
-def add(app: Any, predictor: Any, cfg: Any, media: Any) -> None:
-    """Mount the routes on `app` (build_app's FastAPI application) with their own batcher."""
+def add(app: Any, predictor: Any, cfg: Any, media: Any) -> Any:
+    """Mount the routes on `app` (build_app's FastAPI application) with their own batcher, which is returned (its
+    counts are part of /health and of serve's last line)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.requests import ClientDisconnect
@@ -153,3 +154,5 @@ def add(app: Any, predictor: Any, cfg: Any, media: Any) -> None:
 
             return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
         return JSONResponse(completion(text, model_id, finish, cid, created), headers=headers)
+
+    return batcher

@@ -39,6 +39,14 @@ from mmllm.serve_io import Batcher, MediaRoot, RequestRefused, read_body, to_rec
 
 
 
+def served(batchers: dict) -> dict:
+    """Records predicted and model calls, in all and by route when there is more than one."""
+    out = {"batches": sum(b.batches for b in batchers.values()), "records": sum(b.records for b in batchers.values())}
+    if len(batchers) > 1:
+        out["routes"] = {name: {"batches": b.batches, "records": b.records} for name, b in batchers.items()}
+    return out
+
+
 def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     """The FastAPI application, behind `guard` (separate from `run` so tests can mount it)."""
     from fastapi import FastAPI, Request
@@ -53,6 +61,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
                                                         **({"stop": cfg.stop} if predictor.generation else {})})
 
     batcher = Batcher(predict, cfg.max_batch, cfg.batch_wait_ms / 1000)
+    batchers = {"predict": batcher}  # each route's own batcher (chat completions add theirs)
     media = MediaRoot(cfg.media_root)
 
     @contextlib.asynccontextmanager
@@ -73,7 +82,7 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "batches": batcher.batches, "records": batcher.records}
+        return {"status": "ok", **served(batchers)}
 
     @app.get("/info")
     async def info() -> dict:
@@ -136,9 +145,9 @@ def build_app(predictor: Any, cfg: ServeConfig) -> Any:
     if predictor.generation:  # POST /v1/chat/completions, GET /v1/models (OpenAI-compatible)
         from mmllm import chat_routes
 
-        chat_routes.add(app, predictor, cfg, media)
+        batchers["chat_completions"] = chat_routes.add(app, predictor, cfg, media)
     guarded = guard(app, cfg, media)
-    guarded.batcher = batcher  # type: ignore[attr-defined]  # its counts: /health, and serve's last line
+    guarded.batchers = batchers  # type: ignore[attr-defined]  # their counts: /health, and serve's last line
     return guarded
 
 
@@ -400,7 +409,8 @@ def run(cfg: ServeConfig) -> int:
         sys.stderr = saved
         for s, handler in previous.items():
             signal.signal(s, handler)
-    n, calls = app.batcher.records, app.batcher.batches
+    counts = served(app.batchers)
+    n, calls = counts["records"], counts["batches"]
     log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {n} record{'s' * (n != 1)} predicted in "
         f"{calls} model call{'s' * (calls != 1)}")
     return code

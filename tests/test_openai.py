@@ -49,6 +49,7 @@ def test_the_openai_client_gets_what_predict_gives(chat_server, tmp_path):
     expected = [json.loads(x)["generated"] for x in r.stdout.splitlines()]
     assert any(expected), expected  # something was generated: the comparison below is not of empty strings
 
+    before = requests.get(url + "/health").json()
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     [model] = client.models.list().data
     assert model.id == ckpt.name
@@ -59,6 +60,10 @@ def test_the_openai_client_gets_what_predict_gives(chat_server, tmp_path):
         stream = client.chat.completions.create(model=model.id, messages=talk, max_tokens=6, stream=True)
         parts = [c.choices[0].delta.content or "" for c in stream]
         assert "".join(parts) == want
+    after = requests.get(url + "/health").json()  # the chat route's records are counted, in all and by route
+    chat = [after["routes"]["chat_completions"]["records"] - before["routes"]["chat_completions"]["records"]]
+    assert chat == [2 * len(talks)] and after["records"] - before["records"] == 2 * len(talks)
+    assert after["routes"]["predict"] == before["routes"]["predict"]
 
     # a stop string cuts the answer as predict's --stop does
     word = next(w for w in " ".join(expected).split())
