@@ -345,3 +345,12 @@ def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, 
     with pytest.raises(RecordError, match=f"is {asked + 1} tokens .* reads at most {asked}") as refused:
         prompts.batch([0, 1])
     assert refused.value.record_id == columns["id"][0]
+
+
+def test_kept_files_are_read_from_the_prepared_split_a_batch_at_a_time(backbone, vlm_data):
+    ds, _, processor, vlm = _tables(backbone, vlm_data)
+    columns = vlm._columns(ds["train"], "image")
+    assert not isinstance(columns["image_bytes"], list)  # not every file in memory at once
+    table = vlm.VisionTable(columns, processor, with_targets=True)
+    assert all(table.picture(i) == ds["train"][i]["image_bytes"] for i in range(len(table)))
+    assert table.batch([0, 1])["pixel_values"].shape[0] >= 2

@@ -119,13 +119,13 @@ class VisionTable:
         self.n = len(self.ids)
         none = [None] * self.n
         pick = {k: list(columns[k]) if columns.get(k) is not None else none
-                for k in ("target", "text", "transcript", "conversation", f"{m}_bytes", f"has_{m}")}
+                for k in ("target", "text", "transcript", "conversation", f"has_{m}")}
         turns = [record_turns(t, s, g, c, chat.CHAT) for t, s, g, c in
                  zip(pick["text"], pick["transcript"], pick["target"], pick["conversation"])]
         self.targets = [answer_of(msgs) for msgs, _ in turns]
         self.turns = turns
-        self.pictures = [b if (h is None or bool(h)) and b is not None and len(b) else None
-                         for b, h in zip(pick[f"{m}_bytes"], pick[f"has_{m}"])]
+        self._files = columns[f"{m}_bytes"]  # a list, or a prepared split's column read row by row (_Rows)
+        self._has = pick[f"has_{m}"]
         self.spans = None
         if with_targets:
             self.spans = [self._answer_spans(i) for i in range(self.n)]
@@ -142,6 +142,12 @@ class VisionTable:
 
     def __len__(self) -> int:
         return self.n
+
+    def picture(self, i: int) -> Any:
+        """Record i's kept file (bytes), or None when it has no picture."""
+        h = self._has[i]
+        b = self._files[i] if h is None or bool(h) else None
+        return b if b is not None and len(b) else None
 
     def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool,
                 whole: list[dict] | None = None) -> str:
@@ -161,7 +167,7 @@ class VisionTable:
     def _answer_spans(self, i: int) -> tuple[int, list[tuple[int, int]]]:
         """(tokens of the whole conversation, [(start, end) of each assistant turn, its end of turn included])."""
         messages, system = self.turns[i]
-        picture = self.pictures[i]
+        picture = self.picture(i)
         full = self._render(messages, system, picture is not None, False)
         image = _picture(picture) if picture is not None else None  # decoded once for every prefix
         ids = self._ids(full, image)
@@ -202,7 +208,7 @@ class VisionTable:
               drop: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         idx = list(map(int, idx))
         use_targets = self.spans is not None if with_targets is None else with_targets
-        seen = [self.pictures[i] if pictured() not in drop else None for i in idx]
+        seen = [self.picture(i) if pictured() not in drop else None for i in idx]
         texts = [self._render(self.turns[i][0] if use_targets else self.prompt_messages(i), self.turns[i][1],
                               p is not None, not use_targets, self.turns[i][0]) for i, p in zip(idx, seen)]
         images = [[_picture(p)] if p is not None else [] for p in seen]
@@ -361,10 +367,27 @@ def _unused_options(fcfg: Any) -> list[str]:
             if n in defaults and getattr(fcfg, n) != defaults[n]]
 
 
+class _Rows:
+    """One column of a prepared split, read a row at a time: the kept files stay in the Arrow file (memory-mapped)
+    until a batch needs them, where reading the column whole held every file in memory at once."""
+
+    def __init__(self, split: Any, column: str):
+        self.split, self.column = split.select_columns([column]), column
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.split[int(i)][self.column]
+
+
 def _columns(split: Any, m: str) -> dict:
-    wanted = [c for c in ("id", "text", "target", "transcript", "conversation", f"has_{m}", f"{m}_bytes")
+    wanted = [c for c in ("id", "text", "target", "transcript", "conversation", f"has_{m}")
               if c in split.column_names]
-    return split.select_columns(wanted)[:]
+    out = split.select_columns(wanted)[:]
+    if f"{m}_bytes" in split.column_names:
+        out[f"{m}_bytes"] = _Rows(split, f"{m}_bytes")
+    return out
 
 
 class _AnswerLengths:
