@@ -133,7 +133,8 @@ def _turns(turns: list, key: str, media: dict | None) -> tuple[list[dict], str |
         if isinstance(content, list):
             if media is None:
                 raise FormatError(key, f"turn {n}: content parts are OpenAI's form: give every turn as text")
-            if role == "assistant" and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+            if role == "assistant" and any(isinstance(p, dict) and p.get("type") in ("image_url", "input_audio")
+                                           for p in content):
                 raise FormatError(key, f"turn {n}: an assistant turn is text only (image_url and input_audio parts "
                                        "belong in a user turn)")
             content = _parts(content, n, media)

@@ -58,13 +58,14 @@ def test_generation_eval_and_predict(prepared, tiny_decoder, toy_manifest, tmp_p
     assert len(lines) == 48 and all(isinstance(x["generated"], str) for x in lines)
     assert [x["id"] for x in lines] == [f"r{i}" for i in range(48)]
     short = {"id": "short", "text": "red"}
-    too_long = {"id": "long", "text": "red cat " * 800}  # more prompt than the decoder is given: refused, not cut
+    too_long = {"id": "long", "text": "red cat " * 70}  # more than the decoder's 128 positions: refused, not cut
     r = run_cli("predict", str(out), "--max-new-tokens", "5", input="".join(json.dumps(x) + "\n"
                                                                                for x in (too_long, short)))
     assert r.exit_code == 1, r.output  # a record failed, the other is answered
     refused, answered = load_json_lines(r.stdout)
     assert refused["id"] == "long" and "generated" not in refused, refused
-    assert refused["error"].startswith("its prompt is") and "at most 1024" in refused["error"]
+    room = 128 - 2 * 2 - 1  # the tiny GPT-2's positions less two media of 2 prefix tokens and one answer token
+    assert refused["error"].startswith("its prompt is") and f"at most {room}:" in refused["error"], refused
     assert isinstance(answered["generated"], str)
 
 
@@ -504,7 +505,7 @@ def test_an_empty_system_turn_replaces_a_templates_long_default_system_prompt(ti
     assert chat.lean_system(tok, chat.PLAIN) == (None, 0)
 
 
-def test_training_conversations_longer_than_the_limit_are_cut_and_said(tiny_decoder, capsys):
+def test_training_conversations_longer_than_the_decoder_is_given_are_left_out_and_said(tiny_decoder, capsys):
     from transformers import AutoTokenizer
 
     from mmllm import chat
@@ -514,9 +515,13 @@ def test_training_conversations_longer_than_the_limit_are_cut_and_said(tiny_deco
     tok = AutoTokenizer.from_pretrained(tiny_decoder)
     columns = {"id": ["a", "b"], "text": ["red cat " * 40, "red"], "target": ["cat", "red"]}
     table = GenTable(columns, [], tok, with_targets=True, max_tokens=8, kind=chat.PLAIN)  # limit 4 x 8 = 32
-    assert "1 record(s) longer than 32 tokens (a)" in capsys.readouterr().err
-    assert len(table.answers[0][0]) == 32 and len(table.prompts[0]) == 32
-    assert len(table.answers[1][0]) < 32  # the short one untouched
+    assert "1 record(s) longer than the 32 tokens the decoder is given (a) are left out" in capsys.readouterr().err
+    assert table.ids == ["b"] and len(table) == 1 and table.targets == ["red"]  # never a part with no answer
+    assert len(table.answers) == len(table.prompts) == 1 and len(table.answers[0][0]) < 32
     with pytest.raises(RecordError, match="at most 32") as refused:
         GenTable(columns, [], tok, with_targets=False, max_tokens=8, kind=chat.PLAIN)
-    assert refused.value.record_id == "a"
+    assert refused.value.record_id == "a" and refused.value.column == "text"
+    said = {**columns, "text": ["red", "red"], "transcript": ["red cat " * 10, ""]}  # the transcript is the long part
+    with pytest.raises(RecordError, match="its transcript is the longest part.*at most 20") as refused:
+        GenTable(said, [], tok, with_targets=False, max_tokens=8, kind=chat.PLAIN, room=20)  # the decoder's room
+    assert refused.value.column == "transcript"

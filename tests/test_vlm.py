@@ -328,8 +328,7 @@ def test_records_without_the_kept_files_are_refused_not_answered_from_text(backb
         vlm.VisionTable({"id": ["a"], "text": ["it is"], "has_image": [True]}, processor, with_targets=False)
 
 
-def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, vlm_data):
-    from mmllm.errors import UserError
+def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, vlm_data, capsys):
     from mmllm.records import RecordError
 
     ds, _, processor, vlm = _tables(backbone, vlm_data)
@@ -337,8 +336,11 @@ def test_a_record_longer_than_the_backbone_reads_is_refused_by_its_id(backbone, 
     columns["text"] = ["what is it? " * 20, "what?"]
     fits = vlm.VisionTable(columns, processor, with_targets=True, context=10_000)
     longest = max(n for n, _ in fits.spans)
-    with pytest.raises(UserError, match=f"record {columns['id'][0]}: its conversation is {longest} tokens"):
-        vlm.VisionTable(columns, processor, with_targets=True, context=longest - 1)
+    short = vlm.VisionTable(columns, processor, with_targets=True, context=longest - 1)  # the long one left out
+    assert f"1 record(s) longer than the {longest - 1} tokens" in capsys.readouterr().err
+    assert short.ids == [columns["id"][1]] and short.spans == fits.spans[1:]
+    assert short.picture(0) == columns["image_bytes"][1]  # its own picture, not the left-out record's
+    assert short.batch([0])["labels"].ne(-100).any()
     asked = int(vlm.VisionTable(columns, processor, with_targets=False).batch([0])["attention_mask"].sum())
     prompts = vlm.VisionTable(columns, processor, with_targets=False, context=asked)  # no room for an answer
     prompts.batch([1])  # the short one is answered

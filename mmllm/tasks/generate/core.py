@@ -157,7 +157,7 @@ class PrefixDecoder(nn.Module):
         """Featurized rows (or a prepared split's columns) as this model reads them."""
         return GenTable(columns, self.cfg.modalities, tokenizer, with_targets=with_targets,
                         kind=self.cfg.prompt_format, sequences=tuple(self.cfg.sequenced()), slots=self.cfg.slots(),
-                        system=self.cfg.system)
+                        system=self.cfg.system, room=text_room(self.cfg, self.decoder))
 
     def save_decoder(self, folder: Path, tokenizer: Any) -> None:
         """decoder/: the trained decoder (LoRA merged) or, frozen, only its config; and its tokenizer."""
@@ -297,8 +297,10 @@ class PrefixDecoder(nn.Module):
         stops = [s for s in dict.fromkeys([*self.cfg.stop, *(stop or [])]) if s]
         if stops:  # the decoder stops each row at a stop string; the string itself is cut off below
             kwargs.update(stopping_criteria=[chat.stop_criteria(tokenizer, stops)])
+        room = (context_length(self.decoder) or 1 << 30) - inputs.shape[1]  # answers end at the context too
         ids = self.decoder.generate(inputs_embeds=inputs, attention_mask=mask,
-                                    max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, num_beams=num_beams,
+                                    max_new_tokens=max(1, min(room, max_new_tokens or self.cfg.max_new_tokens)),
+                                    num_beams=num_beams,
                                     pad_token_id=pad, eos_token_id=ends, **kwargs)
         return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
 
@@ -319,6 +321,31 @@ def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return out, packed
 
 
+def _longest_part(text: Any, transcript: Any, conversation: Any) -> str:
+    """Which of a record's prompt columns is the longest (the one to name when the prompt is too long)."""
+    parts = {"conversation": conversation, "transcript": transcript, "text": text}
+    return max(parts, key=lambda k: len(parts[k]) if isinstance(parts[k], str) else -1)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence a (vision-)language model reads (its max_position_embeddings: n_positions for GPT-2),
+    if it says."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def text_room(cfg: Any, decoder: nn.Module) -> int | None:
+    """Tokens of text a record may have: the decoder's context less its media tokens (each pooled modality's
+    --prefix-tokens, each sequence's tokens) and one answer token; None when the decoder does not say."""
+    n = context_length(decoder)
+    if n is None:
+        return None
+    media = sum(cfg.tokens(m) if m in cfg.sequenced() else cfg.prefix_tokens for m in cfg.modalities)
+    return max(1, n - media - 1)
+
+
 class GenTable:
     """Each record's conversation as token ids (chat.encode: the loss covers its assistant turns) and its prompt
     up to the answer (chat.prompt_ids), with the precomputed modality embeddings. A record is one turn (its text
@@ -326,7 +353,8 @@ class GenTable:
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
                  max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = (), slots: dict | None = None,
-                 system: str | None = None):
+                 system: str | None = None, room: int | None = None):
+        """`room`: the decoder's context less its media tokens and one answer token (text_room), when known."""
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -338,43 +366,52 @@ class GenTable:
         talks = list(columns["conversation"]) if columns.get("conversation") is not None else none
         turns = [record_turns(t, s, g, c, kind, bool(slots), system) for t, s, g, c in zip(texts, said, targets, talks)]
         self.targets = [answer_of(m) for m, _ in turns]
-        limit = 4 * max_tokens  # a whole conversation
+        limit = min(4 * max_tokens, room) if room else 4 * max_tokens  # a whole conversation
         whole = 1 << 30
         self.prompts = [chat.prompt_ids(tokenizer, m, sys_, kind, whole, slots) for m, sys_ in turns]
         self.answers = None  # (ids, loss mask) of each whole conversation
         if with_targets:
             self.answers = [chat.encode(tokenizer, m, sys_, kind, whole, slots) for m, sys_ in turns]
-        self._bound(limit)
-        self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)) for m in modalities}
-        self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)) for m in modalities}
-        self.seq = {m: torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in columns[f"{m}_seq"]]))
-                    for m in sequences}  # (N, T, D) each
+        kept = self._bound(limit, [_longest_part(t, s, c) for t, s, c in zip(texts, said, talks)])
+        self.has = {m: torch.as_tensor(np.asarray(columns[f"has_{m}"], dtype=bool)[kept]) for m in modalities}
+        self.emb = {m: torch.as_tensor(np.asarray(columns[f"{m}_emb"], dtype=np.float32)[kept]) for m in modalities}
+        self.seq = {m: torch.as_tensor(np.stack([np.asarray(columns[f"{m}_seq"][i], dtype=np.float32) for i in kept])
+                                       if kept else np.zeros((0, 1, 1), np.float32)) for m in sequences}  # (N, T, D)
 
-    def _bound(self, limit: int) -> None:
-        """Records longer than `limit` tokens: a prompt to answer is refused (RecordError: predict and serve answer
-        the others), never answered from its end alone; training conversations are cut there, said once."""
+    def _bound(self, limit: int, columns: list[str]) -> list[int]:
+        """The records kept (indices): none longer than `limit` tokens is ever read in part. A prompt to answer
+        that is longer is refused (RecordError naming `columns[i]`, its longest part: predict and serve answer the
+        others); a training conversation that is longer is left out of the table, said once with the ids."""
         long = [i for i, p in enumerate(self.prompts) if len(p) > limit]
         if self.answers is None and long:
-            raise RecordError("text", f"its prompt is {len(self.prompts[long[0]])} tokens; the decoder is given "
-                              f"prompts of at most {limit}: shorten it", record_id=self.ids[long[0]])
-        cut = sorted(set(long) | {i for i, (ids, _) in enumerate(self.answers or []) if len(ids) > limit})
-        if cut:
-            named = ", ".join(str(self.ids[i]) for i in cut[:3]) + (", ..." if len(cut) > 3 else "")
-            warn(f"{len(cut)} record(s) longer than {limit} tokens ({named}): their conversations train on their "
-                 f"first {limit} tokens and their prompts keep the last {limit}")
-            self.prompts = [p[-limit:] for p in self.prompts]
-            self.answers = [(ids[:limit], mask[:limit]) for ids, mask in self.answers or []] or None
+            i = long[0]
+            raise RecordError(columns[i], f"its prompt is {len(self.prompts[i])} tokens (its {columns[i]} is the "
+                              f"longest part); the decoder is given prompts of at most {limit}: shorten it",
+                              record_id=self.ids[i])
+        out = set(long) | {i for i, (ids, _) in enumerate(self.answers or []) if len(ids) > limit}
+        if out:
+            named = ", ".join(str(self.ids[i]) for i in sorted(out)[:3]) + (", ..." if len(out) > 3 else "")
+            warn(f"{len(out)} record(s) longer than the {limit} tokens the decoder is given ({named}) are left out "
+                 "of training and validation: a part of a conversation could hold none of its answer")
+        kept = [i for i in range(self.n) if i not in out]
+        self.ids = [self.ids[i] for i in kept]
+        self.targets = [self.targets[i] for i in kept]
+        self.prompts = [self.prompts[i] for i in kept]
+        self.answers = [self.answers[i] for i in kept] if self.answers is not None else None
+        self.n = len(kept)
+        return kept
 
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
-                   sequences: tuple = (), slots: dict | None = None, system: str | None = None):
+                   sequences: tuple = (), slots: dict | None = None, system: str | None = None,
+                   room: int | None = None):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
                  [f"{m}_emb" for m in modalities] + [f"{m}_seq" for m in sequences]
         if "text" in modalities:
             wanted.append("has_text")
         wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
         return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind,
-                   sequences=sequences, slots=slots, system=system)
+                   sequences=sequences, slots=slots, system=system, room=room)
 
     def __len__(self) -> int:
         return self.n
@@ -503,7 +540,8 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         log(f"prompts: an empty system turn stands for the template's default system prompt ({saved} tokens fewer "
             "per record, in training and in every answer; a record's own system text is kept)")
     train, val = (GenTable.from_split(data[s], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format,
-                                      sequences=tuple(cfg.sequenced()), slots=cfg.slots(), system=cfg.system)
+                                      sequences=tuple(cfg.sequenced()), slots=cfg.slots(), system=cfg.system,
+                                      room=text_room(cfg, decoder))
                   for s in ("train", "validation"))
     placed = sum(any(i < 0 for i in ids) for ids, _ in train.answers)
     if placed:

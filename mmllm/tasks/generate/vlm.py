@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from mmllm import chat, modalities
-from mmllm.console import log
+from mmllm.console import log, warn
 from mmllm.errors import RecordError, UserError
 from mmllm.tasks import Training
+from mmllm.tasks.generate.core import context_length
 
 KIND = "vision-language"
 DEFAULT_LORA_R = 8
@@ -126,18 +127,29 @@ class VisionTable:
         self.turns = turns
         self._files = columns[f"{m}_bytes"]  # a list, or a prepared split's column read row by row (_Rows)
         self._has = pick[f"has_{m}"]
+        self._rows = list(range(self.n))  # table index -> row of the columns (records left out are skipped)
         self.spans = None
         if with_targets:
             self.spans = [self._answer_spans(i) for i in range(self.n)]
-            for i, (n, _) in enumerate(self.spans):
-                self._fits(i, n, "conversation", UserError)
+            self._leave_out([i for i, (n, _) in enumerate(self.spans) if context and n > context])
 
-    def _fits(self, i: int, n: int, what: str, error: type = RecordError) -> None:
+    def _leave_out(self, out: list[int]) -> None:
+        """Training conversations longer than the backbone reads are left out (as the core generator's GenTable
+        does), said once with their ids: a part of one could hold none of its answer."""
+        if not out:
+            return
+        named = ", ".join(str(self.ids[i]) for i in out[:3]) + (", ..." if len(out) > 3 else "")
+        warn(f"{len(out)} record(s) longer than the {self.context} tokens the vision-language decoder reads "
+             f"({named}) are left out of training and validation")
+        kept = [i for i in range(self.n) if i not in set(out)]
+        self.ids, self.turns, self.targets, self.spans, self._rows = (
+            [xs[i] for i in kept] for xs in (self.ids, self.turns, self.targets, self.spans, self._rows))
+        self.n = len(kept)
+
+    def _fits(self, i: int, n: int, what: str) -> None:
         if self.context and n > self.context:
-            said = (f"its {what} is {n} tokens with the picture's, and the vision-language decoder reads at most "
-                    f"{self.context}; shorten it")
-            if error is UserError:
-                raise UserError(f"record {self.ids[i]}: {said}")
+            said = (f"its {what} is {n} tokens{' with the picture' if self.picture(i) is not None else ''}, and "
+                    f"the vision-language decoder reads at most {self.context}; shorten it")
             raise RecordError("text", said, record_id=self.ids[i])
 
     def __len__(self) -> int:
@@ -145,8 +157,9 @@ class VisionTable:
 
     def picture(self, i: int) -> Any:
         """Record i's kept file (bytes), or None when it has no picture."""
-        h = self._has[i]
-        b = self._files[i] if h is None or bool(h) else None
+        row = self._rows[i]
+        h = self._has[row]
+        b = self._files[row] if h is None or bool(h) else None
         return b if b is not None and len(b) else None
 
     def _render(self, messages: list[dict], system: str | None, picture: bool, prompt: bool,
@@ -285,14 +298,6 @@ class VisionLanguageDecoder(nn.Module):
 
         save_hf_model(self.decoder, folder)
         self.processor.save_pretrained(folder)
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the backbone's language model reads (its max_position_embeddings), if it says."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    n = getattr(text, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def language_linears(model: nn.Module) -> list[str]:
