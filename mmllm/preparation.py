@@ -537,6 +537,10 @@ def _shard_difference(meta: dict, first: dict, mine: dict, theirs: dict, trunk: 
              if cols[c] != first_cols[c]]
     if trunk[0] != trunk[1]:
         said.append(f"text trunk {trunk[0] or 'none'} vs {trunk[1] or 'none'}")
+    if bool(meta.get("has_target")) != bool(first.get("has_target")):
+        said.append(f"targets {'here' if meta.get('has_target') else 'only in the first'}")
+    if bool(meta.get("labels")) != bool(first.get("labels")):  # other label names merge; labels and none do not
+        said.append(f"labels {'here' if meta.get('labels') else 'only in the first'}")
     return "; ".join(said)
 
 

@@ -422,3 +422,23 @@ def test_a_pipe_or_a_broken_link_in_a_class_folder_is_its_own_skip_line(tiny_mod
         "skipped"]}
     assert "named pipe" in skipped["red/pipe.png"] and "character device" in skipped["blue/zero.png"]
     assert "broken symlink" in skipped["blue/gone.png"], skipped
+
+
+def test_merge_refuses_shards_with_targets_or_labels_only_in_one(tiny_models, toy_manifest, tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(toy_manifest.open()))
+    for name, drop in (("no_target", "target"), ("no_label", "label")):
+        with (toy_manifest.parent / f"{name}.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, [k for k in rows[0] if k != drop])
+            w.writeheader()
+            w.writerows({k: v for k, v in r.items() if k != drop} for r in rows[:12])
+    out = {}
+    for name in ("manifest", "no_target", "no_label"):
+        out[name] = tmp_path / name
+        r = run_cli(*tiny_prepare_args(tiny_models, toy_manifest.parent / f"{name}.csv", out[name]))
+        assert r.exit_code == 0, r.output
+    for other, said in (("no_target", "targets only in the first"), ("no_label", "labels only in the first")):
+        r = run_cli("prepare", str(out["manifest"]), str(out[other]), "--merge", "--output", str(tmp_path / "m"))
+        assert r.exit_code == 2 and said in r.stderr, r.output
+        assert not (tmp_path / "m").exists()
