@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -502,6 +503,12 @@ def transcript_report(transcriber: Any, tmp: Path, references: tuple[str, dict[i
     return report
 
 
+def reason_kind(reason: str) -> str:
+    """The part of a skip reason that records share, for the summary table: before its first ':' (the file's own
+    detail after it), a conversation's "turn N: " taken off first (the turn differs, the problem does not)."""
+    return re.sub(r"^turn \d+: ", "", reason).split(":")[0]
+
+
 def _report(errors: list[dict], cfg: PrepareConfig) -> None:
     if not errors:
         return
@@ -515,7 +522,7 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
     table.add_column("column")
     table.add_column("reason")
     table.add_column("records", justify="right")
-    reasons = Counter((e["column"] or "-", e["reason"].split(":")[0]) for e in errors)
+    reasons = Counter((e["column"] or "-", reason_kind(e["reason"])) for e in errors)
     for (col, reason), n in reasons.most_common():
         table.add_row(col, reason, str(n))
     show(table)

@@ -292,3 +292,12 @@ def test_a_flat_record_with_two_placeholders_of_its_one_medium_is_its_own_error(
     assert errors[0]["id"] == "two" and errors[0]["column"] == "text"
     reason = errors[0]["reason"]
     assert reason.startswith("2 <image> placeholders in the text") and "'images' list" in reason
+
+
+def test_the_skip_table_groups_a_conversations_problem_not_its_turn():
+    from mmllm.preparation import reason_kind
+
+    assert reason_kind("turn 2: an assistant turn is text only (image_url ...)") == \
+        "an assistant turn is text only (image_url ...)"
+    assert reason_kind("turn 4: empty assistant turn") == reason_kind("turn 2: empty assistant turn")
+    assert reason_kind("cannot decode (truncated): a.png") == "cannot decode (truncated)"
