@@ -40,10 +40,13 @@ from mmllm.serve_io import Batcher, MediaRoot, RequestRefused, read_body, to_rec
 
 
 def served(batchers: dict) -> dict:
-    """Records predicted and model calls, in all and by route when there is more than one."""
-    out = {"batches": sum(b.batches for b in batchers.values()), "records": sum(b.records for b in batchers.values())}
+    """Records answered, records answered with an error (`failed`) and model calls, in all and by route when there is
+    more than one."""
+    out = {"batches": sum(b.batches for b in batchers.values()), "records": sum(b.records for b in batchers.values()),
+           "failed": sum(b.failed for b in batchers.values())}
     if len(batchers) > 1:
-        out["routes"] = {name: {"batches": b.batches, "records": b.records} for name, b in batchers.items()}
+        out["routes"] = {name: {"batches": b.batches, "records": b.records, "failed": b.failed}
+                         for name, b in batchers.items()}
     return out
 
 
@@ -410,7 +413,7 @@ def run(cfg: ServeConfig) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     counts = served(app.batchers)
-    n, calls = counts["records"], counts["batches"]
+    n, calls, failed = counts["records"], counts["batches"], counts["failed"]
     log(f"serve stopped: {reason}, after {time.monotonic() - started:.0f} s; {n} record{'s' * (n != 1)} predicted in "
-        f"{calls} model call{'s' * (calls != 1)}")
+        f"{calls} model call{'s' * (calls != 1)}" + (f", {failed} answered with an error" if failed else ""))
     return code

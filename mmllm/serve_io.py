@@ -63,7 +63,8 @@ class Batcher:
         self.queue: asyncio.Queue | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="mmllm-model")
         self.batches = 0  # model calls
-        self.records = 0  # records predicted
+        self.records = 0  # records answered
+        self.failed = 0  # records whose answer is an error (nothing readable, too long, ...)
 
     async def submit(self, records: list[dict], key: Any) -> tuple[list[dict], int]:
         """Results for `records` (in order) and the size of the largest model call that served them. Records are
@@ -109,7 +110,9 @@ class Batcher:
                         items[n][2].set_exception(e)
                 continue
             self.batches += 1
-            self.records += len(chunk)
+            bad = sum(1 for res in out if isinstance(res, dict) and "error" in res)
+            self.records += len(chunk) - bad
+            self.failed += bad
             for (n, _), res in zip(chunk, out):
                 results[n].append(res)
                 largest[n] = max(largest[n], len(chunk))

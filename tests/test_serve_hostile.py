@@ -216,14 +216,24 @@ def test_host_and_origin_must_name_the_server(plain, rooted):
                         timeout=10).status_code == 200
 
 
-def test_lists_go_to_the_model_in_max_batch_calls_and_are_capped_at_max_records(rooted):
+def test_lists_go_to_the_model_in_max_batch_calls_and_are_capped_at_max_records(rooted, site):
     url, _, _ = rooted
+    (site["root"] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a picture" * 10)
     before = requests.get(url + "/health", timeout=10).json()
     r = requests.post(url + "/predict", json=[{"id": f"l{i}", "text": "it is big"} for i in range(7)], timeout=30)
     assert r.status_code == 200 and [x["id"] for x in r.json()] == [f"l{i}" for i in range(7)], r.text
     assert int(r.headers["X-MMLLM-Batch-Records"]) <= 4  # --max-batch 4
     after = requests.get(url + "/health", timeout=10).json()
     assert (after["batches"] - before["batches"], after["records"] - before["records"]) == (2, 7)
+    r = requests.post(url + "/predict", json=[{"id": "ok", "text": "it is big"}, {"id": "empty"}], timeout=30)
+    assert r.status_code == 200 and "error" in r.json()[1], r.text  # nothing the model reads: refused before it
+    counted = requests.get(url + "/health", timeout=10).json()  # the refused record is not counted as answered
+    assert (counted["records"] - after["records"], counted["failed"] - after["failed"]) == (1, 0)
+    r = requests.post(url + "/predict", json=[{"id": "ok", "text": "it is big"},
+                                              {"id": "bad", "text": "it is", "image": "broken.png"}], timeout=30)
+    assert r.status_code == 200 and "error" in r.json()[1] and "error" not in r.json()[0], r.text
+    after = requests.get(url + "/health", timeout=10).json()  # the model was asked for it: answered with an error
+    assert (after["records"] - counted["records"], after["failed"] - counted["failed"]) == (1, 1)
     r = requests.post(url + "/predict", json=[{"id": f"l{i}", "text": "it is big"} for i in range(9)], timeout=30)
     assert r.status_code == 413 and "--max-records" in r.json()["error"], r.text
 
