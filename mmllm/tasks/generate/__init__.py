@@ -8,6 +8,7 @@ names are also reachable from here: `from mmllm.tasks.generate import GenTable`)
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,11 @@ from mmllm.tasks import Task, core_of
 
 
 _core, __getattr__ = core_of(__name__)  # PEP 562: the training and inference code, imported on first use
+
+
+def _vlm() -> Any:
+    """The vision-language backbone's code (above core), imported when such a decoder runs, as core is."""
+    return importlib.import_module(f"{__name__}.vlm")
 
 
 class Generate(Task):
@@ -72,9 +78,7 @@ class Generate(Task):
         from mmllm.encoders import is_vision_language
 
         if is_vision_language(cfg.decoder):  # a backbone that reads the images itself (vlm, above core)
-            from mmllm.tasks.generate import vlm
-
-            return vlm.build(cfg, data, meta, modalities, dist)
+            return _vlm().build(cfg, data, meta, modalities, dist)
         return _core().build(cfg, data, meta, modalities, dist)
 
     def check(self, config: dict, folder: Path) -> list[str]:
@@ -82,9 +86,7 @@ class Generate(Task):
 
     def load(self, folder: Path, config: dict, device: Any) -> tuple[Any, Any]:
         if _vision_language(config):
-            from mmllm.tasks.generate import vlm
-
-            return vlm.load(Path(folder), _core().GenConfig(**config["generation"]), device)
+            return _vlm().load(Path(folder), _core().GenConfig(**config["generation"]), device)
         return _core().load_checkpoint(Path(folder), config, device)
 
     def input_flags(self, model: Any) -> dict:
