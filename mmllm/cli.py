@@ -209,6 +209,12 @@ def guarded(call: Callable[[], Any]) -> int:
             raise
         err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         return e.exit_code
+    except RecordError as e:  # a record the command cannot answer (eval stops on it): its id and why
+        if STATE["debug"]:
+            raise
+        where = f"record {e.record_id}: " if e.record_id is not None else ""
+        err.print(f"[red]error:[/red] {escape(where + e.reason)}", markup=True, highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -217,10 +223,6 @@ def guarded(call: Callable[[], Any]) -> int:
     except Exception as e:  # noqa: BLE001 - a bug, not a user mistake: still one line unless --debug
         if STATE["debug"]:
             raise
-        if isinstance(e, RecordError):  # a record the command cannot answer (eval stops on it): its id and why
-            where = f"record {e.record_id}: " if e.record_id is not None else ""
-            err.print(f"[red]error:[/red] {escape(where + e.reason)}", markup=True, highlight=False, soft_wrap=True)
-            return 2
         err.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   markup=True, highlight=False, soft_wrap=True)
         return 1

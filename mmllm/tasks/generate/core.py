@@ -327,6 +327,14 @@ def _longest_part(text: Any, transcript: Any, conversation: Any) -> str:
     return max(parts, key=lambda k: len(parts[k]) if isinstance(parts[k], str) else -1)
 
 
+def say_left_out(ids: list, limit: int, reader: str) -> None:
+    """The one warning for training records longer than `limit` tokens, left out (GenTable, vlm.VisionTable)."""
+    if ids:
+        named = ", ".join(map(str, ids[:3])) + (", ..." if len(ids) > 3 else "")
+        warn(f"{len(ids)} record(s) longer than the {limit} tokens {reader} ({named}) are left out of training and "
+             "validation: a part of a conversation could hold none of its answer")
+
+
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence a (vision-)language model reads (its max_position_embeddings: n_positions for GPT-2),
     if it says."""
@@ -389,10 +397,7 @@ class GenTable:
                               f"longest part); the decoder is given prompts of at most {limit}: shorten it",
                               record_id=self.ids[i])
         out = set(long) | {i for i, (ids, _) in enumerate(self.answers or []) if len(ids) > limit}
-        if out:
-            named = ", ".join(str(self.ids[i]) for i in sorted(out)[:3]) + (", ..." if len(out) > 3 else "")
-            warn(f"{len(out)} record(s) longer than the {limit} tokens the decoder is given ({named}) are left out "
-                 "of training and validation: a part of a conversation could hold none of its answer")
+        say_left_out([self.ids[i] for i in sorted(out)], limit, "the decoder is given")
         kept = [i for i in range(self.n) if i not in out]
         self.ids = [self.ids[i] for i in kept]
         self.targets = [self.targets[i] for i in kept]

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from mmllm import chat, modalities
-from mmllm.console import log, warn
+from mmllm.console import log
 from mmllm.errors import RecordError, UserError
 from mmllm.tasks import Training
-from mmllm.tasks.generate.core import context_length
+from mmllm.tasks.generate.core import context_length, say_left_out
 
 KIND = "vision-language"
 DEFAULT_LORA_R = 8
@@ -106,8 +106,8 @@ class VisionTable:
     token spans of its assistant turns as the processor tokenizes them (found once, from the rendered prefixes)."""
 
     def __init__(self, columns: dict[str, Any], processor: Any, with_targets: bool, context: int | None = None):
-        """`context`: the backbone's longest sequence; a record longer than that is refused by its id (a model reads
-        no further, and an answer to the part it read is not an answer to the record)."""
+        """`context`: the backbone's longest sequence; a record longer than that is never read in part: a training
+        conversation is left out (named once), a prompt is that record's RecordError when its batch is made."""
         from mmllm.tasks.generate.core import answer_of, record_turns
 
         m = pictured()
@@ -138,9 +138,7 @@ class VisionTable:
         does), said once with their ids: a part of one could hold none of its answer."""
         if not out:
             return
-        named = ", ".join(str(self.ids[i]) for i in out[:3]) + (", ..." if len(out) > 3 else "")
-        warn(f"{len(out)} record(s) longer than the {self.context} tokens the vision-language decoder reads "
-             f"({named}) are left out of training and validation")
+        say_left_out([self.ids[i] for i in out], self.context, "the vision-language decoder reads")
         kept = [i for i in range(self.n) if i not in set(out)]
         self.ids, self.turns, self.targets, self.spans, self._rows = (
             [xs[i] for i in kept] for xs in (self.ids, self.turns, self.targets, self.spans, self._rows))
