@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -115,6 +116,21 @@ def encoder(role: str, precision: str = "fp32"):
     from mmllm.encoders import load_encoder
 
     return load_encoder(role, ENCODERS[role], precision=precision)
+
+
+@contextlib.contextmanager
+def torch_image_runtime():
+    """Image encoders loaded inside run in PyTorch, not OpenVINO (MMLLM_IMAGE_RUNTIME=torch): FlopCounterMode sees
+    only PyTorch ops, so the FLOPs of an OpenVINO forward are counted on the same network run in PyTorch."""
+    keep = os.environ.get("MMLLM_IMAGE_RUNTIME")
+    os.environ["MMLLM_IMAGE_RUNTIME"] = "torch"
+    try:
+        yield
+    finally:
+        if keep is None:
+            del os.environ["MMLLM_IMAGE_RUNTIME"]
+        else:
+            os.environ["MMLLM_IMAGE_RUNTIME"] = keep
 
 
 def sample_records(n: int) -> list[dict]:

@@ -7,8 +7,9 @@ features to fp32. Levers that won are what prepare runs now ("prepare now"); "be
 - audio (whisper-tiny.en encoder on the sample_data clips, each on its whole-second window): one clip per call
   (before) vs the clips of one window batched (prepare now: same shapes, no padding beyond the window);
   autocast vs bf16 weights; sdpa vs eager.
-- image (EfficientNet-Lite0 on the sample_data images): an F.pad before each stride-1 "SAME" conv (before) vs
-  plain convs with symmetric padding (prepare now).
+- image (EfficientNet-Lite0 on the sample_data images): in PyTorch, an F.pad before each stride-1 "SAME" conv
+  (before) vs plain convs with symmetric padding, bf16 and fp32; and OpenVINO fp32 (prepare now, where `openvino`
+  is installed). FLOPs are counted once on the PyTorch network, whatever runs it.
 
 Run alone: `python bench/levers.py [--quick]` prints the results JSON; `python bench/run.py --only levers` records
 it in bench/results.json and BENCHMARKS.md.
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, sample_records
+from common import ROOT, sample_records, torch_image_runtime
 from limits import best_time, counted_flops, peaks
 
 TARGET = "text >= 25%, audio >= 15% of the bf16 matmul peak (issue 24 section 2), cosine >= 0.999 to fp32"
@@ -135,17 +136,22 @@ def image_variants(images: list, repeat: int, peak: float) -> dict:
             E._fold_same_padding = keep
         return enc
 
-    encs = {"before: F.pad, then conv": load("bf16", False), "prepare now: padded convs": load("bf16", True),
-            "fp32": load("fp32", True)}
+    with torch_image_runtime():
+        encs = {"before: F.pad, then conv": load("bf16", False), "PyTorch bf16, padded convs": load("bf16", True),
+                "PyTorch fp32": load("fp32", True)}
+    default = E.load_encoder("image", "efficientnet-lite0", precision="auto")
+    if default.runtime != "torch":
+        encs[f"prepare now: {default.runtime} {default.precision}"] = default
 
     def pooled(enc) -> np.ndarray:
         return np.concatenate([enc.encode(images[i:i + 32])[0] for i in range(0, len(images), 32)])
 
-    reference = pooled(encs["fp32"])
+    reference = pooled(encs["PyTorch fp32"])
+    flops = counted_flops(functools.partial(pooled, encs["PyTorch fp32"]))  # the same network whatever runs it
     out: dict = {"images": len(images)}
     for name, enc in encs.items():
         fn = functools.partial(pooled, enc)
-        flops, seconds = counted_flops(fn), best_time(fn, repeat)
+        seconds = best_time(fn, repeat)
         out[name] = {"seconds": seconds, "fraction": flops / seconds / peak, "cosine": cosine(fn(), reference)}
     return out
 
