@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -177,17 +178,61 @@ class TextEncoder:
         every training step. Records are run in batches of similar length (little padding)."""
         return self.pooled_and_trunk(input_ids, 0, batch_size)[0]
 
-    @torch.inference_mode()
-    def pooled_and_trunk(self, input_ids: list[list[int]], trunk_layers: int = 0, batch_size: int = 32
-                         ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(pooled states (N, D) as `pooled`, and with `trunk_layers` k > 0 each record's token states after layer
-        L-k: (n_i, D) float32 over its real tokens, padding left out), from one forward of the whole model."""
-        if self._model is None:  # eager attention: 1.0-1.9x sdpa's texts/s on short texts, 1.06-1.12x on ~60
-            # tokens (bench/levers.py, three runs), the same states; a model without an eager path keeps its default
+    def frozen_model(self) -> torch.nn.Module:
+        """The text model as the frozen embedding runs it in PyTorch, built once: eager attention (1.0-1.9x sdpa's
+        texts/s on short texts, 1.06-1.12x on ~60 tokens, bench/levers.py, the same states); a model without an
+        eager path keeps its default."""
+        if self._model is None:
             try:
                 self._model = self.build_model("eager").eval()
             except (ValueError, ImportError):
                 self._model = self.build_model().eval()
+        return self._model
+
+    @functools.cached_property
+    def runtime(self) -> str:
+        """What runs the frozen embedding: "openvino" in bf16 where the precision is bf16 and the `openvino` package
+        is installed (`pip install 'mmllm[openvino]'`; MMLLM_TEXT_RUNTIME=torch turns it off), else "torch". On an
+        AMX Xeon (2 cores) OpenVINO's bf16 gave 1.6x PyTorch's bf16 autocast texts/s on the short sample_data texts
+        and 1.8x on fortunes (~50 tokens), at cosine 0.99997 to fp32 where autocast gave 0.99995."""
+        if (self.precision != "bf16" or self.trust_remote_code
+                or os.environ.get("MMLLM_TEXT_RUNTIME", "").lower() == "torch"):
+            return "torch"
+        return "openvino" if openvino_installed() else "torch"
+
+    @functools.cached_property
+    def compiled(self) -> Any:
+        """The frozen text model's last hidden states compiled by OpenVINO in bf16 (see `openvino_compiled`), or
+        None when this model does not convert (it then runs in PyTorch, said once)."""
+        model = self.frozen_model()
+
+        class States(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                return self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        example = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
+        try:
+            compiled = openvino_compiled(self.identity, States, example, [([-1, -1], "i64"), ([-1, -1], "i64")],
+                                         "bf16")
+        except Exception as e:  # noqa: BLE001 - any conversion failure: the PyTorch path gives the same states
+            log(f"text model {self.name}: OpenVINO could not convert it ({type(e).__name__}); it runs in PyTorch")
+            self.runtime = "torch"
+            return None
+        log(f"text model {self.name}: OpenVINO bf16 (MMLLM_TEXT_RUNTIME=torch for PyTorch's bf16 autocast)")
+        return compiled
+
+    @torch.inference_mode()
+    def pooled_and_trunk(self, input_ids: list[list[int]], trunk_layers: int = 0, batch_size: int = 32
+                         ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(pooled states (N, D) as `pooled`, and with `trunk_layers` k > 0 each record's token states after layer
+        L-k: (n_i, D) float32 over its real tokens, padding left out), from one forward of the whole model (in
+        OpenVINO where `runtime` says so and no trunk states are asked for)."""
+        compiled = self.compiled if self.runtime == "openvino" and not trunk_layers else None
+        model = None if compiled is not None else self.frozen_model()
         pad = self.tokenizer.pad_token_id or 0
         order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
         out = np.zeros((len(input_ids), self.dim), np.float32)
@@ -195,8 +240,12 @@ class TextEncoder:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = pad_token_ids([input_ids[i] for i in idx], pad)
+            if model is None:
+                states = torch.from_numpy(np.asarray(compiled((ids.numpy(), mask.numpy()))[0], dtype=np.float32))
+                out[idx] = mean_pool(states, mask).numpy()
+                continue
             with autocast(self.precision):
-                result = self._model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(trunk_layers))
+                result = model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(trunk_layers))
             states = result.last_hidden_state.float()  # (B, T, D)
             out[idx] = mean_pool(states, mask).numpy()
             if trunk_layers:
@@ -207,7 +256,7 @@ class TextEncoder:
 
     def describe(self) -> dict:
         return {"name": self.name, "identity": self.identity, "dim": self.dim, "precision": self.precision,
-                "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
+                "runtime": self.runtime, "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
 
 
 def pad_token_ids(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +297,37 @@ def import_openvino() -> Any:
     if absl is not None:
         absl.get_absl_handler().python_handler.stream = sys.__stderr__
     return openvino
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_compiled(identity: str, module: Any, example: Any, inputs: list[tuple[list[int], str]],
+                      precision: str) -> Any:
+    """A frozen PyTorch network compiled by OpenVINO for this CPU in `precision` ("f32" or "bf16", OpenVINO's
+    inference precision), on torch's thread count. It is converted once (`module()` builds it; `inputs`: the
+    shape, -1 where any size goes, and element type of each input) and kept in fp32 under MMLLM_HOME/openvino by
+    identity; the precision is chosen when it is compiled."""
+    ov = import_openvino()
+    folder = hub.home() / "openvino"
+    xml = folder / f"{identity.replace('@', '-')}-fp32.xml"
+    core = ov.Core()
+    if not xml.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about shapes it keeps dynamic
+            converted = ov.convert_model(module().eval(), example_input=example,
+                                         input=[(ov.PartialShape(shape), getattr(ov.Type, kind))
+                                                for shape, kind in inputs])
+        tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
+        ov.save_model(converted, str(tmp), compress_to_fp16=False)
+        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+        tmp.replace(xml)  # the .xml last: a cached .xml always has its weights
+    return core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
 
 class ImageEncoder:
@@ -343,45 +423,27 @@ class ImageEncoder:
         OpenVINO's own bf16 gave a cosine of only 0.993 on real images."""
         if self.kind != "efficientnet-lite" or os.environ.get("MMLLM_IMAGE_RUNTIME", "").lower() == "torch":
             return "torch"
-        import importlib.util
-
-        return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
+        return "openvino" if openvino_installed() else "torch"
 
     @functools.cached_property
     def compiled(self) -> Any:
-        """The feature extractor compiled by OpenVINO in fp32 (converted from the PyTorch model once, cached on disk
-        under MMLLM_HOME/openvino by identity), on torch's thread count."""
-        from mmllm import hub
+        """The feature extractor compiled by OpenVINO in fp32 (see `openvino_compiled`)."""
+        model = self.model
 
-        ov = import_openvino()
+        class Features(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
 
-        folder = hub.home() / "openvino"
-        xml = folder / f"{self.identity.replace('@', '-')}-fp32.xml"
-        core = ov.Core()
-        if not xml.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            model = self.model
+            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+                return self.net.extract_features(pixels)
 
-            class Features(torch.nn.Module):
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.net = model
-
-                def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-                    return self.net.extract_features(pixels)
-
-            size = self.image_size
-            with torch.no_grad():
-                converted = ov.convert_model(Features().eval(), example_input=torch.zeros(1, 3, size, size),
-                                             input=[ov.PartialShape([-1, 3, size, size])])
-            tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
-            ov.save_model(converted, str(tmp), compress_to_fp16=False)
-            tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-            tmp.replace(xml)  # the .xml last: a cached .xml always has its weights
+        size = self.image_size
+        compiled = openvino_compiled(self.identity, Features, torch.zeros(1, 3, size, size),
+                                     [([-1, 3, size, size], "f32")], "f32")
         log(f"image encoder {self.name}: OpenVINO, fp32 whatever --precision says (faster than PyTorch's bf16 on it; "
             "MMLLM_IMAGE_RUNTIME=torch for PyTorch)")
-        return core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                     "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        return compiled
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> pooled (B, D), sequence (B, T, D), both float32 whatever the precision."""

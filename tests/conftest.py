@@ -23,15 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["big", "small", "red", "blue", "yes", "no", "the", "it", "is", "a", "large", "tiny", "one", "thing"]
 
 
+@pytest.fixture(scope="session")
+def openvino_folder(tmp_path_factory) -> Path:
+    """Where encoders converted for OpenVINO are kept (models, not features): the real cache's, or one folder for
+    the session, so each model (the session's tiny ones too) is converted once."""
+    real = REAL_HOME / "openvino"
+    return real if real.is_dir() else tmp_path_factory.mktemp("openvino")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
+def isolated_home(tmp_path, monkeypatch, openvino_folder):
     """Each test gets its own MMLLM_HOME (feature cache); built-in models are linked from the real cache."""
     home = tmp_path / "mmllm_home"
     home.mkdir()
     if (REAL_HOME / "models").is_dir():
         (home / "models").symlink_to(REAL_HOME / "models")
-    if (REAL_HOME / "openvino").is_dir():  # image encoders converted for OpenVINO once (a model, not a feature)
-        (home / "openvino").symlink_to(REAL_HOME / "openvino")
+    (home / "openvino").symlink_to(openvino_folder)
     monkeypatch.setenv("MMLLM_HOME", str(home))
     return home
 

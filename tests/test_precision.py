@@ -156,6 +156,7 @@ def test_bf16_matches_fp32_real_weights(role, name, media, monkeypatch):
     if not (REAL_HOME / "models" / name).is_dir():
         pytest.skip(f"{name} is not pulled (mmllm models pull {name})")
     monkeypatch.setenv("MMLLM_IMAGE_RUNTIME", "torch")  # PyTorch's bf16 path (OpenVINO runs fp32: tested below)
+    monkeypatch.setenv("MMLLM_TEXT_RUNTIME", "torch")  # PyTorch's autocast (OpenVINO's bf16: tested below)
     items = media()
     fp32, bf16 = pooled(role, name, "fp32", items), pooled(role, name, "bf16", items)
     assert cosine(fp32, bf16).min() >= 0.999
@@ -198,6 +199,60 @@ def test_openvino_image_runtime_gives_pytorchs_fp32_features(media, monkeypatch)
     assert cosine(reference, got).min() >= 0.9999 and seq.shape == ref_seq.shape
     pre = Preprocessing.read({})
     assert feature_key("image", "d", enc, pre, 0, "x") != feature_key("image", "d", torch_enc, pre, 0, "x")
+
+
+def test_openvino_text_runtime_runs_bf16_and_gives_fp32s_states(tiny_models, monkeypatch):
+    """With `openvino` installed, a frozen text model in bf16 runs in OpenVINO's bf16 (faster than PyTorch's
+    autocast): pooled states within the bf16 tolerance of fp32, recorded as runtime openvino. fp32 stays PyTorch,
+    MMLLM_TEXT_RUNTIME=torch turns it off, and trunk states (which OpenVINO does not return) come from PyTorch."""
+    pytest.importorskip("openvino")
+    name = str(tiny_models["text"])
+    reference = load_encoder("text", name, precision="fp32")
+    assert reference.runtime == "torch" and reference.describe()["runtime"] == "torch"
+    ids = reference.tokenize(TEXTS * 10, 32)["input_ids"]  # 40 texts: two batches of 32, padded to each longest
+    monkeypatch.setenv("MMLLM_TEXT_RUNTIME", "torch")
+    autocast = load_encoder("text", name, precision="bf16")
+    assert autocast.runtime == "torch"
+    monkeypatch.delenv("MMLLM_TEXT_RUNTIME")
+    enc = load_encoder("text", name, precision="bf16")
+    assert enc.runtime == "openvino" and enc.describe()["runtime"] == "openvino"
+    fp32, got = reference.pooled(ids), enc.pooled(ids)
+    assert not np.array_equal(fp32, got) and cosine(fp32, got).min() >= 0.999
+    assert np.allclose(got[:4], got[4:8], atol=1e-6)  # the same text gives the same states in any batch
+    pooled, trunk = enc.pooled_and_trunk(ids, 1)
+    assert np.array_equal(pooled, autocast.pooled_and_trunk(ids, 1)[0]) and len(trunk) == len(ids)
+
+
+@pytest.mark.slow
+def test_openvino_minilm_in_bf16_matches_fp32():
+    """The embedded MiniLM in OpenVINO's bf16: measured min cosine 0.99997 to fp32 on 512 fortunes (PyTorch's
+    autocast: 0.99996)."""
+    pytest.importorskip("openvino")
+    if not (REAL_HOME / "models" / "minilm").is_dir():
+        pytest.skip("minilm is not pulled (mmllm models pull minilm)")
+    texts = ["A cat sits on the mat.", "Stock markets fell sharply on Tuesday.", "What colour is the car?", "hello",
+             "Whenever you find yourself on the side of the majority, it is time to pause and reflect."]
+    enc = load_encoder("text", "minilm", precision="bf16")
+    assert enc.runtime == "openvino"
+    assert cosine(pooled("text", "minilm", "fp32", texts), enc.embed(texts)).min() >= 0.9999
+
+
+def test_a_text_model_openvino_cannot_convert_runs_in_pytorch(tiny_models, monkeypatch, capsys):
+    """A conversion that fails is one stderr line, and the states come from PyTorch's bf16 autocast."""
+    pytest.importorskip("openvino")
+    import mmllm.encoders as E
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(E, "openvino_compiled", refuse)
+    enc = load_encoder("text", str(tiny_models["text"]), precision="bf16")
+    ids = enc.tokenize(TEXTS, 32)["input_ids"]
+    got = enc.pooled(ids)
+    assert enc.runtime == "torch" and enc.describe()["runtime"] == "torch"
+    assert "OpenVINO could not convert it (RuntimeError); it runs in PyTorch" in capsys.readouterr().err
+    monkeypatch.setenv("MMLLM_TEXT_RUNTIME", "torch")
+    assert np.array_equal(got, load_encoder("text", str(tiny_models["text"]), precision="bf16").pooled(ids))
 
 
 def test_importing_openvino_leaves_no_handler_that_closes_a_redirected_stderr():
