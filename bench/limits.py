@@ -5,8 +5,10 @@ matmul rate of this machine (bf16 and fp32, measured in the same run).
   the CPU has them), on the threads run.py sets (every core: 2 on the build machines).
 - encoders: the embedded text, image and audio encoders as prepare runs them (--precision auto), over one batch of
   sample_data inputs: FLOPs counted by torch.utils.flop_counter.FlopCounterMode over that call, divided by the
-  best wall time of the same call; the fraction is against the peak of the precision the encoder ran in. The image
-  encoder runs in OpenVINO (fp32) where it is installed: its FLOPs are counted on the same network in PyTorch.
+  best wall time of the same call; the fraction is against the peak of the precision the encoder ran in. The text
+  encoder also over the same texts joined six by six (~60 tokens, `text_long`). Encoders that run in OpenVINO
+  (the image encoder in fp32, the text encoder in bf16, where it is installed) have their FLOPs counted on the same
+  network in PyTorch.
 - training steps: classify (the default text model, MiniLM, fine-tuned in fp32: forward + backward + AdamW on a
   batch of 32 texts of 32 tokens) against the fp32 peak; generate (mmllm's prefix decoder over the embedded
   smollm2-135m, frozen, in the decoder precision `auto` picks, one batch of sample_data targets) against the peak
@@ -77,12 +79,24 @@ def encoder_rates(n: int, repeat: int, peak: dict) -> dict:
     records = sample_records(n)
     root = ROOT / "sample_data"
     texts = [normalize_text(r["text"]) for r in records]
+    long_texts = [" ".join(texts[i:i + 6]) for i in range(len(texts))]  # ~60 tokens each, as bench/levers.py
     images = [load_image(root / r["image"]) for r in records]
     clips = [load_audio(root / r["audio"], 16000) for r in records]
     calls = {"text": lambda: encoder("text", precision).embed(texts, 128),
+             "text_long": lambda: encoder("text", precision).embed(long_texts, 128),
              "image": lambda: encoder("image", precision).encode(images),
              "audio": lambda: encoder("audio", precision).encode(clips)}
     out = {role: {"items": n, **achieved(fn, repeat, precision, peak)} for role, fn in calls.items()}
+    text = encoder("text", precision)
+    if text.runtime != "torch":  # OpenVINO: FLOPs of the same network in PyTorch (fp32, the same matmuls)
+        from mmllm.encoders import load_encoder
+
+        twin = load_encoder("text", ENCODERS["text"], precision="fp32")
+        for role, batch in (("text", texts), ("text_long", long_texts)):
+            flops = counted_flops(lambda b=batch: twin.embed(b, 128))
+            seconds = out[role]["seconds"]
+            out[role].update(flops=flops, flops_per_s=flops / seconds, runtime=text.runtime,
+                             fraction=flops / seconds / peak[precision])
     image = encoder("image", precision)
     if image.runtime != "torch":  # OpenVINO: FLOPs of the same network in PyTorch, rate against its own precision
         from mmllm.encoders import load_encoder
@@ -143,7 +157,8 @@ def report(r: dict) -> tuple[list[str], list[str]]:
     p = r["matmul_flops_per_s"]
     lines = [f"- dense matmul peak ({r['threads']} threads): fp32 {p['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
              f"{p['bf16'] / 1e9:.0f} GFLOP/s ({p['bf16'] / p['fp32']:.1f}x)"]
-    named = [(f"{role} encoder (prepare)", e) for role, e in r["encoders"].items()]
+    named = [({"text_long": "text encoder on ~60-token texts"}.get(role, f"{role} encoder") + " (prepare)", e)
+             for role, e in r["encoders"].items()]
     named += [("classify training step (MiniLM, fp32)", r["classify_step"]),
               ("generate training step (smollm2-135m prefix decoder)", r["generate_step"])]
     for name, e in named:
