@@ -133,6 +133,20 @@ def torch_image_runtime():
             os.environ["MMLLM_IMAGE_RUNTIME"] = keep
 
 
+@contextlib.contextmanager
+def openvino_text_from_the_start():
+    """The text encoder as a large prepare runs it: in OpenVINO (where it applies) from the first token, not after
+    its first mmllm.encoders.OPENVINO_AFTER_TOKENS."""
+    import mmllm.encoders as E
+
+    keep = E.OPENVINO_AFTER_TOKENS
+    E.OPENVINO_AFTER_TOKENS = 0
+    try:
+        yield
+    finally:
+        E.OPENVINO_AFTER_TOKENS = keep
+
+
 def sample_records(n: int) -> list[dict]:
     """n records cycling through sample_data (ids made unique); n <= 480 keeps every image a distinct file."""
     rows = list(csv.DictReader(open(SAMPLE, encoding="utf-8")))

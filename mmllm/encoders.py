@@ -122,6 +122,10 @@ def autocast(precision: str, device: str = "cpu"):
 
 # ---------------------------------------------------------------- text
 
+OPENVINO_AFTER_TOKENS = 100_000  # ~1.8 s of OpenVINO compile is paid back after 50k-115k tokens (short to ~50-token
+# texts, AMX Xeon, 2 cores): the text model moves to OpenVINO once a process has embedded this many tokens
+
+
 class TextEncoder:
     """Tokenizer + pretrained text model (trained in finetune); optional frozen mean-pooled embedding."""
 
@@ -141,6 +145,7 @@ class TextEncoder:
         self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.dim = int(self.config.hidden_size)
         self._model = None
+        self.tokens_run = 0  # tokens this encoder has embedded in this process (see OPENVINO_AFTER_TOKENS)
         self.states = True  # featurize computes the pooled states (text_pooled): a frozen text model reads them
 
     def tokenize(self, texts: list[str], max_tokens: int, pairs: list[str | None] | None = None) -> dict:
@@ -191,10 +196,12 @@ class TextEncoder:
 
     @functools.cached_property
     def runtime(self) -> str:
-        """What runs the frozen embedding: "openvino" in bf16 where the precision is bf16 and the `openvino` package
-        is installed (`pip install 'mmllm[openvino]'`; MMLLM_TEXT_RUNTIME=torch turns it off), else "torch". On an
-        AMX Xeon (2 cores) OpenVINO's bf16 gave 1.6x PyTorch's bf16 autocast texts/s on the short sample_data texts
-        and 1.8x on fortunes (~50 tokens), at cosine 0.99997 to fp32 where autocast gave 0.99995."""
+        """What runs the frozen embedding of large runs: "openvino" in bf16 where the precision is bf16 and the
+        `openvino` package is installed (`pip install 'mmllm[openvino]'`; MMLLM_TEXT_RUNTIME=torch turns it off),
+        else "torch". On an AMX Xeon (2 cores) OpenVINO's bf16 gave 1.5-1.7x PyTorch's bf16 autocast texts/s
+        on the short sample_data texts and on fortunes (~50 tokens), at cosine 0.99997 to fp32 where autocast gave
+        0.99996; but compiling it costs ~1.8 s a process, so a process runs its first OPENVINO_AFTER_TOKENS tokens
+        in PyTorch (a small prepare, a predict of a few records never pay the compile)."""
         if (self.precision != "bf16" or self.trust_remote_code
                 or os.environ.get("MMLLM_TEXT_RUNTIME", "").lower() == "torch"):
             return "torch"
@@ -231,7 +238,9 @@ class TextEncoder:
         """(pooled states (N, D) as `pooled`, and with `trunk_layers` k > 0 each record's token states after layer
         L-k: (n_i, D) float32 over its real tokens, padding left out), from one forward of the whole model (in
         OpenVINO where `runtime` says so and no trunk states are asked for)."""
-        compiled = self.compiled if self.runtime == "openvino" and not trunk_layers else None
+        self.tokens_run += sum(len(ids) for ids in input_ids)
+        ready = "compiled" in self.__dict__ or self.tokens_run > OPENVINO_AFTER_TOKENS
+        compiled = self.compiled if self.runtime == "openvino" and ready and not trunk_layers else None
         model = None if compiled is not None else self.frozen_model()
         pad = self.tokenizer.pad_token_id or 0
         order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
@@ -255,8 +264,9 @@ class TextEncoder:
         return out, trunk
 
     def describe(self) -> dict:
+        ran = self.runtime if "compiled" in self.__dict__ and self.compiled is not None else "torch"
         return {"name": self.name, "identity": self.identity, "dim": self.dim, "precision": self.precision,
-                "runtime": self.runtime, "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
+                "runtime": ran, "preprocessing": {"tokenizer": type(self.tokenizer).__name__}}
 
 
 def pad_token_ids(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

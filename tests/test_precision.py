@@ -214,9 +214,14 @@ def test_openvino_text_runtime_runs_bf16_and_gives_fp32s_states(tiny_models, mon
     autocast = load_encoder("text", name, precision="bf16")
     assert autocast.runtime == "torch"
     monkeypatch.delenv("MMLLM_TEXT_RUNTIME")
+    small = load_encoder("text", name, precision="bf16")  # a small run never pays OpenVINO's compile
+    assert np.array_equal(small.pooled(ids), autocast.pooled(ids)) and small.describe()["runtime"] == "torch"
+    import mmllm.encoders as E
+
+    monkeypatch.setattr(E, "OPENVINO_AFTER_TOKENS", 0)  # as a large run, after its first 100k tokens
     enc = load_encoder("text", name, precision="bf16")
-    assert enc.runtime == "openvino" and enc.describe()["runtime"] == "openvino"
     fp32, got = reference.pooled(ids), enc.pooled(ids)
+    assert enc.runtime == "openvino" and enc.describe()["runtime"] == "openvino"
     assert not np.array_equal(fp32, got) and cosine(fp32, got).min() >= 0.999
     assert np.allclose(got[:4], got[4:8], atol=1e-6)  # the same text gives the same states in any batch
     pooled, trunk = enc.pooled_and_trunk(ids, 1)
@@ -224,7 +229,7 @@ def test_openvino_text_runtime_runs_bf16_and_gives_fp32s_states(tiny_models, mon
 
 
 @pytest.mark.slow
-def test_openvino_minilm_in_bf16_matches_fp32():
+def test_openvino_minilm_in_bf16_matches_fp32(monkeypatch):
     """The embedded MiniLM in OpenVINO's bf16: measured min cosine 0.99997 to fp32 on 512 fortunes (PyTorch's
     autocast: 0.99996)."""
     pytest.importorskip("openvino")
@@ -232,9 +237,12 @@ def test_openvino_minilm_in_bf16_matches_fp32():
         pytest.skip("minilm is not pulled (mmllm models pull minilm)")
     texts = ["A cat sits on the mat.", "Stock markets fell sharply on Tuesday.", "What colour is the car?", "hello",
              "Whenever you find yourself on the side of the majority, it is time to pause and reflect."]
+    import mmllm.encoders as E
+
+    monkeypatch.setattr(E, "OPENVINO_AFTER_TOKENS", 0)
     enc = load_encoder("text", "minilm", precision="bf16")
-    assert enc.runtime == "openvino"
     assert cosine(pooled("text", "minilm", "fp32", texts), enc.embed(texts)).min() >= 0.9999
+    assert enc.describe()["runtime"] == "openvino"
 
 
 def test_a_text_model_openvino_cannot_convert_runs_in_pytorch(tiny_models, monkeypatch, capsys):
@@ -246,6 +254,7 @@ def test_a_text_model_openvino_cannot_convert_runs_in_pytorch(tiny_models, monke
         raise RuntimeError("unsupported operation")
 
     monkeypatch.setattr(E, "openvino_compiled", refuse)
+    monkeypatch.setattr(E, "OPENVINO_AFTER_TOKENS", 0)
     enc = load_encoder("text", str(tiny_models["text"]), precision="bf16")
     ids = enc.tokenize(TEXTS, 32)["input_ids"]
     got = enc.pooled(ids)
