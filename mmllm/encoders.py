@@ -147,6 +147,7 @@ class TextEncoder:
         self._model = None
         self.tokens_run = 0  # tokens this encoder has embedded in this process (see OPENVINO_AFTER_TOKENS)
         self.states = True  # featurize computes the pooled states (text_pooled): a frozen text model reads them
+        self.runtime  # noqa: B018 - MMLLM_TEXT_RUNTIME as it is when the encoder is made, not at its first use
 
     def tokenize(self, texts: list[str], max_tokens: int, pairs: list[str | None] | None = None) -> dict:
         """Token ids per text; with `pairs`, a text and its pair are two segments of one input (BERT: [CLS] text
@@ -323,21 +324,29 @@ def openvino_compiled(identity: str, module: Any, example: Any, inputs: list[tup
     identity; the precision is chosen when it is compiled."""
     ov = import_openvino()
     folder = hub.home() / "openvino"
-    xml = folder / f"{identity.replace('@', '-')}-fp32.xml"
+    xml = folder / (re.sub(r"[^A-Za-z0-9._-]", "-", identity) + "-fp32.xml")  # org/name@hash: one file name
     core = ov.Core()
-    if not xml.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if xml.is_file():
+        try:
+            return core.compile_model(core.read_model(str(xml)), "CPU", config)
+        except Exception:  # noqa: BLE001 - a damaged cache file (truncated, emptied): converted again below
+            log(f"{xml} could not be read by OpenVINO: converting the model again")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
+    try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings about shapes it keeps dynamic
             converted = ov.convert_model(module().eval(), example_input=example,
                                          input=[(ov.PartialShape(shape), getattr(ov.Type, kind))
                                                 for shape, kind in inputs])
-        tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
         ov.save_model(converted, str(tmp), compress_to_fp16=False)
         tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
         tmp.replace(xml)  # the .xml last: a cached .xml always has its weights
-    return core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    return core.compile_model(core.read_model(str(xml)), "CPU", config)
 
 
 class ImageEncoder:

@@ -264,6 +264,35 @@ def test_a_text_model_openvino_cannot_convert_runs_in_pytorch(tiny_models, monke
     assert np.array_equal(got, load_encoder("text", str(tiny_models["text"]), precision="bf16").pooled(ids))
 
 
+def test_openvino_cache_takes_hub_names_and_repairs_a_damaged_file(tiny_models, monkeypatch, tmp_path, capsys):
+    """A hub identity (org/name@hash) is one file name in the cache, no temporary file is left, and a damaged
+    cached file is converted again (found by an attack: FileNotFoundError on every run, 90 MB left each time;
+    a truncated .bin made every later run fall back to PyTorch)."""
+    pytest.importorskip("openvino")
+    import mmllm.encoders as E
+
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(E, "OPENVINO_AFTER_TOKENS", 0)
+
+    def encoder():
+        enc = load_encoder("text", str(tiny_models["text"]), precision="bf16")
+        enc.identity = "some-org/tiny-bert@0123456789ab"
+        return enc
+
+    enc = encoder()
+    ids = enc.tokenize(TEXTS, 32)["input_ids"]
+    first = enc.pooled(ids)
+    assert enc.describe()["runtime"] == "openvino"
+    files = sorted(p.name for p in (tmp_path / "home" / "openvino").iterdir())
+    assert files == ["some-org-tiny-bert-0123456789ab-fp32.bin", "some-org-tiny-bert-0123456789ab-fp32.xml"]
+    (tmp_path / "home" / "openvino" / files[0]).write_bytes(b"")
+    capsys.readouterr()
+    again = encoder()
+    assert np.allclose(again.pooled(ids), first, atol=1e-6) and again.describe()["runtime"] == "openvino"
+    assert "could not be read by OpenVINO: converting the model again" in capsys.readouterr().err
+    assert (tmp_path / "home" / "openvino" / files[0]).stat().st_size > 0
+
+
 def test_importing_openvino_leaves_no_handler_that_closes_a_redirected_stderr():
     """openvino's import creates absl-py's logging handler on the current sys.stderr, and uvicorn's dictConfig (in
     serve) closes every live handler: absl's close() would close a redirected stderr (a notebook's, a test
