@@ -212,20 +212,12 @@ class TextEncoder:
     def compiled(self) -> Any:
         """The frozen text model's last hidden states compiled by OpenVINO in bf16 (see `openvino_compiled`), or
         None when this model does not convert (it then runs in PyTorch, said once)."""
-        model = self.frozen_model()
-
-        class States(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = model
-
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                return self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
         example = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
         try:
-            compiled = openvino_compiled(self.identity, States, example, [([-1, -1], "i64"), ([-1, -1], "i64")],
-                                         "bf16")
+            compiled = openvino_compiled(
+                self.identity, self.frozen_model,
+                lambda net, ids, mask: net(input_ids=ids, attention_mask=mask).last_hidden_state,
+                example, [([-1, -1], "i64"), ([-1, -1], "i64")], "bf16")
         except Exception as e:  # noqa: BLE001 - any conversion failure: the PyTorch path gives the same states
             log(f"text model {self.name}: OpenVINO could not convert it ({type(e).__name__}); it runs in PyTorch")
             self.runtime = "torch"
@@ -316,12 +308,23 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def openvino_compiled(identity: str, module: Any, example: Any, inputs: list[tuple[list[int], str]],
+class _Traced(torch.nn.Module):
+    """`forward(net, *inputs)` over a network, as the module OpenVINO converts."""
+
+    def __init__(self, net: torch.nn.Module, forward: Any) -> None:
+        super().__init__()
+        self.net, self.fn = net, forward
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.net, *inputs)
+
+
+def openvino_compiled(identity: str, net: Any, forward: Any, example: Any, inputs: list[tuple[list[int], str]],
                       precision: str) -> Any:
-    """A frozen PyTorch network compiled by OpenVINO for this CPU in `precision` ("f32" or "bf16", OpenVINO's
-    inference precision), on torch's thread count. It is converted once (`module()` builds it; `inputs`: the
-    shape, -1 where any size goes, and element type of each input) and kept in fp32 under MMLLM_HOME/openvino by
-    identity; the precision is chosen when it is compiled."""
+    """`forward(net(), *inputs)` compiled by OpenVINO for this CPU in `precision` ("f32" or "bf16", OpenVINO's
+    inference precision), on torch's thread count. It is converted once (`net()` builds the PyTorch network only
+    then; `inputs`: the shape, -1 where any size goes, and element type of each input) and kept in fp32 under
+    MMLLM_HOME/openvino by identity; the precision is chosen when it is compiled."""
     ov = import_openvino()
     folder = hub.home() / "openvino"
     xml = folder / (re.sub(r"[^A-Za-z0-9._-]", "-", identity) + "-fp32.xml")  # org/name@hash: one file name
@@ -337,7 +340,7 @@ def openvino_compiled(identity: str, module: Any, example: Any, inputs: list[tup
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings about shapes it keeps dynamic
-            converted = ov.convert_model(module().eval(), example_input=example,
+            converted = ov.convert_model(_Traced(net(), forward).eval(), example_input=example,
                                          input=[(ov.PartialShape(shape), getattr(ov.Type, kind))
                                                 for shape, kind in inputs])
         ov.save_model(converted, str(tmp), compress_to_fp16=False)
@@ -447,18 +450,9 @@ class ImageEncoder:
     @functools.cached_property
     def compiled(self) -> Any:
         """The feature extractor compiled by OpenVINO in fp32 (see `openvino_compiled`)."""
-        model = self.model
-
-        class Features(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = model
-
-            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-                return self.net.extract_features(pixels)
-
         size = self.image_size
-        compiled = openvino_compiled(self.identity, Features, torch.zeros(1, 3, size, size),
+        compiled = openvino_compiled(self.identity, lambda: self.model,
+                                     lambda net, pixels: net.extract_features(pixels), torch.zeros(1, 3, size, size),
                                      [([-1, 3, size, size], "f32")], "f32")
         log(f"image encoder {self.name}: OpenVINO, fp32 whatever --precision says (faster than PyTorch's bf16 on it; "
             "MMLLM_IMAGE_RUNTIME=torch for PyTorch)")
