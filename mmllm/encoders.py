@@ -199,7 +199,7 @@ class TextEncoder:
     def runtime(self) -> str:
         """What runs the frozen embedding of large runs: "openvino" in bf16 where the precision is bf16 and the
         `openvino` package is installed (`pip install 'mmllm[openvino]'`; MMLLM_TEXT_RUNTIME=torch turns it off),
-        else "torch". On an AMX Xeon (2 cores) OpenVINO's bf16 gave 1.5-1.7x PyTorch's bf16 autocast texts/s
+        else "torch". On an AMX Xeon (2 cores) OpenVINO's bf16 gave 1.3-1.7x PyTorch's bf16 autocast texts/s
         on the short sample_data texts and on fortunes (~50 tokens), at cosine 0.99997 to fp32 where autocast gave
         0.99996; but compiling it costs ~1.8 s a process, so a process runs its first OPENVINO_AFTER_TOKENS tokens
         in PyTorch (a small prepare, a predict of a few records never pay the compile)."""
