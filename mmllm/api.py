@@ -217,8 +217,8 @@ class Model:
         record per row), a datasets.Dataset, or the path of a manifest or class folder (as `mmllm predict`
         reads it). A record's media: paths (relative to `base`), bytes, PIL images, numpy images (H x W [x C],
         uint8 or float in [0, 1]), audio as (array, sampling_rate) or {"array", "sampling_rate"}. Results:
-        {"id", "prediction", "probability"[, "top_k"]} or {"id", "generated"}; a record that cannot be used
-        gets {"id", "error"}. Anything else raises TypeError naming the accepted types. Options: the fields of
+        {"id", "prediction", "probability"[, "top_k"]} or {"id", "generated", "finish_reason"}; a record that cannot
+        be used gets {"id", "error"}. Anything else raises TypeError naming the accepted types. Options: the fields of
         `PredictConfig` that shape predictions (top_k, batch_size, strict, max_new_tokens, num_beams, ...)."""
         from mmllm import predict
         from mmllm.records import convert_rows

@@ -139,10 +139,7 @@ def add(app: Any, predictor: Any, cfg: Any, media: Any) -> Any:
         result = answer[0][0]
         if "error" in result:
             return refuse(result["error"])
-        text = result["generated"]
-        tokenizer = getattr(predictor.tokenizer, "tokenizer", predictor.tokenizer)  # a processor's, or itself
-        made = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-        finish = "length" if made >= generation["max_new_tokens"] else "stop"
+        text, finish = result["generated"], result["finish_reason"]  # "length": the limit or the context cut it
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         headers = {"X-MMLLM-Batch-Records": str(answer[1])}
         if stream:

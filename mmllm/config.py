@@ -37,6 +37,9 @@ MERGE_IGNORES = ("text_column", "label_column", "target_column", "split_column",
 RESUMABLE = ("epochs", "budget_steps", "max_steps", "patience", "min_steps", "min_delta", "min_rel_delta", "lr",
              "backbone_lr", "weight_decay", "grad_clip", "warmup_ratio", "max_warmup_steps", "schedule", "device",
              "num_workers", "output", "overwrite", "report_to", "resume")
+# options whose default the task resolves when the model is built (a vision-language --decoder: LoRA rank 8), so
+# finetune_config.json holds the resolved value: on --resume, the option left at its default takes it back
+RESOLVED_AT_BUILD = ("lora_r",)
 
 
 def opt(default: Any = None, help: str = "", argument: bool = False, choices: tuple = (), panel: str = "") -> Any:
@@ -644,6 +647,9 @@ def check_resume(cfg: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
     for f in dataclasses.fields(cfg):
         old, new = saved.get(f.name, default(FinetuneConfig, f.name)), getattr(cfg, f.name)
         if f.name == "resume" or _same(f.name, old, new):
+            continue
+        if f.name in RESOLVED_AT_BUILD and new == default(FinetuneConfig, f.name):
+            setattr(cfg, f.name, old)  # the value the interrupted run resolved from this same default
             continue
         changed[f.name] = (old, new)
     refused = [f"{k} ({old} -> {new})" for k, (old, new) in changed.items() if k not in RESUMABLE]

@@ -9,7 +9,8 @@ Formats (detected per record by `detect`):
   `input_audio` (`{"data": base64, "format": "wav"}`).
 
 `flatten` turns a record into mmllm's keys: `text` (its first user turn, placeholders removed), `image`,
-`audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), and `conversation`: the
+`audio`, `video` (a path or the decoded bytes), `target` (its last assistant turn), the record's other keys as they are
+(a `label`, the user's own columns; one that the turns give too is the record's error), and `conversation`: the
 turns as JSON (`{"system": ..., "messages": [{"role", "content"}]}`), which generation renders with the decoder's
 chat template, the loss over every assistant turn. The placeholders stay in the questions of `conversation` (an
 OpenAI image_url / input_audio part becomes one where it stands): generation puts each medium's tokens there.
@@ -33,6 +34,10 @@ PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 LISTS = {"image": "images", "audio": "audios", "video": "videos"}
 PART_TYPES = {"image": "image", "audio": "audio", "video": "video"}  # a medium's content part in a Hugging Face
 # processor's chat template: {"type": "image"}
+# the keys each format reads (besides id, split and system); a record's other keys are carried to the flat record
+READS = {"llava": ("conversations", "image"), "sharegpt": ("messages", "conversations", *LISTS.values()),
+         "alpaca": ("instruction", "input", "output", "history", *LISTS.values()), "openai": ("messages",)}
+DERIVED = ("text", *PLACEHOLDERS, "target", "conversation")  # the flat keys the turns give
 NAMES = {"llava": "LLaVA JSON", "sharegpt": "ShareGPT / LLaMA-Factory messages", "alpaca": "alpaca",
          "openai": "OpenAI chat messages"}
 
@@ -103,13 +108,34 @@ def flatten(raw: dict, fmt: str) -> dict:
             raise FormatError(None, f"turn {n}: empty assistant turn")
     if not messages:
         raise FormatError(None, "no turns")
-    flat = {k: raw[k] for k in ("id", "split") if k in raw}
+    flat = _carried(raw, fmt)
     question = next((t["content"] for t in messages if t["role"] == "user"), None)
     flat["text"] = without_placeholders(question) if question is not None else None
     flat.update({m: items[0] if items else None for m, items in media.items() if items or m != "video"})
     flat["target"] = next((t["content"] for t in reversed(messages) if t["role"] == "assistant"), None)
     flat["conversation"] = json.dumps({"system": system, "messages": messages}, ensure_ascii=False)
     return flat
+
+
+def _carried(raw: dict, fmt: str) -> dict:
+    """The record's keys that its format does not read (id, split, a label, the user's own columns), as they are; a
+    key that the turns give too (`text`, `image`, `target`, ...) is the record's FormatError, not dropped."""
+    if "messages" in raw and "conversations" in raw:
+        raise FormatError("conversations", "both 'messages' and 'conversations' hold turns: give one of them")
+    out = {}
+    for k, v in raw.items():
+        if k in READS[fmt] or k == "system":
+            continue
+        if k in DERIVED and v not in (None, ""):
+            if k in PLACEHOLDERS:
+                where = ("an image_url or input_audio part of a user turn" if fmt == "openai" else
+                         f"'{LISTS[k]}', with a {PLACEHOLDERS[k]} placeholder in its turn")
+                raise FormatError(k, f"'{k}' beside the {NAMES[fmt]} turns, where it is not read: give it in {where}")
+            raise FormatError(k, f"'{k}' beside the {NAMES[fmt]} turns, which give the record's {k}: keep one of "
+                                 "them")
+        if k not in DERIVED:
+            out[k] = v
+    return out
 
 
 def without_placeholders(text: str) -> str:

@@ -684,4 +684,5 @@ def conversation_rows(columns: list[str], rows: Iterable[tuple[int, Any]]) -> tu
         return columns, iter(rows)
     log(conversations.summary(counts, turns, sum(counts.values())))
     flat = ["id", "text", *modalities.names(), "target", "split"]
-    return flat, iter(out)
+    carried = dict.fromkeys(k for _, r in out if isinstance(r, dict) for k in r)  # labels, the user's own columns
+    return flat + [k for k in carried if k not in flat and k not in (FLAT, "conversation")], iter(out)

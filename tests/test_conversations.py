@@ -301,3 +301,29 @@ def test_the_skip_table_groups_a_conversations_problem_not_its_turn():
         "an assistant turn is text only (image_url ...)"
     assert reason_kind("turn 4: empty assistant turn") == reason_kind("turn 2: empty assistant turn")
     assert reason_kind("cannot decode (truncated): a.png") == "cannot decode (truncated)"
+
+
+def test_a_conversation_records_other_keys_are_carried_and_a_clash_with_its_turns_is_its_error(tmp_path):
+    """A label or the user's own columns beside the turns reach the flat record (a label trains a classifier, a
+    custom id column names the record); a key the turns also give (an `image` beside `images`, a `text`) is that
+    record's one-line error, never dropped in silence."""
+    from mmllm.records import read_records
+
+    write_image(tmp_path / "a.png")
+    turns = [{"role": "user", "content": "<image>what is it?"}, {"role": "assistant", "content": "a red thing"}]
+    rows = [{"key": "k1", "label": "red", "images": ["a.png"], "messages": turns},
+            {"key": "k2", "label": "blue", "images": ["a.png"], "messages": turns, "image": "a.png"},
+            {"key": "k3", "label": "red", "images": ["a.png"], "messages": turns, "text": "another question"},
+            {"key": "k4", "images": ["a.png"], "messages": turns, "conversations": turns},
+            {"key": "k5", "label": "red", "instruction": "name it", "output": "red", "text": None}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records, errors, cols = read_records(str(path), {"id": "key"})
+    assert [(r["id"], r["label"]) for r in records] == [("k1", "red"), ("k5", "red")]
+    assert records[0]["text"] == "what is it?" and records[0]["target"] == "a red thing"
+    assert cols["label"] == "label"
+    by_row = {e["row"]: e for e in errors}
+    assert sorted(by_row) == [2, 3, 4]
+    assert by_row[2]["column"] == "image" and "give it in 'images', with a <image> placeholder" in by_row[2]["reason"]
+    assert by_row[3]["column"] == "text" and "which give the record's text" in by_row[3]["reason"]
+    assert "both 'messages' and 'conversations'" in by_row[4]["reason"]

@@ -309,6 +309,25 @@ def test_stop_strings_end_each_row_and_are_cut_off(tiny_decoder):
     for before, after in zip(free, stopped):
         assert after == (before[:before.find(word)].strip() if word in before else before)
     assert stopped[row] != free[row] and word not in stopped[row]
+    unstopped, reasons = [], []
+    assert model.generate(batch, tok, max_new_tokens=8, reasons=unstopped) == free
+    assert model.generate(batch, tok, max_new_tokens=8, stop=[word], reasons=reasons) == stopped
+    assert unstopped[row] == "length" and reasons[row] == "stop"  # ended by its stop string, not by the limit
+    assert all(r == u for f, r, u in zip(free, reasons, unstopped) if word not in f)  # the other rows as before
+
+
+def test_finish_reasons_say_stop_at_an_end_token_or_stop_string_else_length(tiny_decoder):
+    from transformers import AutoTokenizer
+
+    from mmllm.chat import finish_reasons
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    words = tok("red blue green", add_special_tokens=False)["input_ids"]
+    end = tok.eos_token_id if tok.eos_token_id is not None else 0
+    rows = [words + [end], words, words]
+    assert finish_reasons(rows, [end], [], tok) == ["stop", "length", "length"]
+    assert finish_reasons(rows, [end], ["blue"], tok) == ["stop", "stop", "stop"]
+    assert finish_reasons([words[:1]], [end], ["blue"], tok) == ["length"]
 
 
 def test_stop_ids_take_the_generation_configs_eos_and_the_templates_end_of_turn(tiny_decoder):

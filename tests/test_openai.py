@@ -46,17 +46,18 @@ def test_the_openai_client_gets_what_predict_gives(chat_server, tmp_path):
                                                     for n, m in enumerate(talks)) + "\n")
     r = run_cli("predict", str(ckpt), str(tmp_path / "talks.jsonl"), "--max-new-tokens", "6")
     assert r.exit_code == 0, r.output
-    expected = [json.loads(x)["generated"] for x in r.stdout.splitlines()]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    expected, reasons = [x["generated"] for x in lines], [x["finish_reason"] for x in lines]
     assert any(expected), expected  # something was generated: the comparison below is not of empty strings
 
     before = requests.get(url + "/health").json()
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     [model] = client.models.list().data
     assert model.id == ckpt.name
-    for talk, want in zip(talks, expected):
+    for talk, want, why in zip(talks, expected, reasons):
         reply = client.chat.completions.create(model=model.id, messages=talk, max_tokens=6, temperature=0)
         assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
-        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.choices[0].finish_reason == why and why in ("stop", "length")
         stream = client.chat.completions.create(model=model.id, messages=talk, max_tokens=6, stream=True)
         parts = [c.choices[0].delta.content or "" for c in stream]
         assert "".join(parts) == want
@@ -64,6 +65,13 @@ def test_the_openai_client_gets_what_predict_gives(chat_server, tmp_path):
     chat = [after["routes"]["chat_completions"]["records"] - before["routes"]["chat_completions"]["records"]]
     assert chat == [2 * len(talks)] and after["records"] - before["records"] == 2 * len(talks)
     assert after["routes"]["predict"] == before["routes"]["predict"]
+    # one token each: an answer with any text was cut by the limit (an end token decodes to nothing)
+    r = run_cli("predict", str(ckpt), str(tmp_path / "talks.jsonl"), "--max-new-tokens", "1")
+    short = [json.loads(x) for x in r.stdout.splitlines()]
+    assert any(x["generated"] for x in short)
+    assert all(x["finish_reason"] == "length" for x in short if x["generated"])
+    reply = client.chat.completions.create(model=model.id, messages=talks[0], max_tokens=1)
+    assert reply.choices[0].finish_reason == short[0]["finish_reason"]
 
     # a stop string cuts the answer as predict's --stop does
     word = next(w for w in " ".join(expected).split())

@@ -3,6 +3,7 @@ with their processors, built here, trained through prepare --keep-media / finetu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -219,6 +220,7 @@ def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_dec
     assert "is a vision-language model" in r.output and "LoRA rank 8 on its language model (the default)" in r.output
     config = json.loads((ck / "config.json").read_text())
     assert config["generation"]["decoder_kind"] == "vision-language" and config["generation"]["lora_r"] == 8
+    assert json.loads((ck / "finetune_config.json").read_text())["lora_r"] == 8  # what ran, not the flag's 0
     assert (ck / "decoder" / "processor_config.json").is_file()
     card = (ck / "README.md").read_text()
     assert "encodes the images itself with its processor" in card
@@ -241,6 +243,21 @@ def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_dec
     assert refused["id"] == "long" and "generated" not in refused
     assert refused["error"].startswith("its prompt") and "reads at most 2048" in refused["error"]
     assert answered["generated"] == line["generated"]  # the other record is answered as alone
+
+
+def test_resume_takes_back_the_lora_rank_the_interrupted_run_resolved(tmp_path):
+    """finetune_config.json holds the resolved rank 8 of a vision-language --decoder; resuming with the flag left at
+    its default is the same run, another explicit rank is refused."""
+    from mmllm.config import FinetuneConfig, check_resume
+    from mmllm.errors import UserError
+
+    (tmp_path / "resume").mkdir()
+    saved = dataclasses.asdict(FinetuneConfig(prepared="p", output=str(tmp_path), task="generate"))
+    (tmp_path / "finetune_config.json").write_text(json.dumps({**saved, "lora_r": 8}))
+    cfg = FinetuneConfig(prepared="p", output=str(tmp_path), task="generate", resume=True)
+    assert check_resume(cfg) == {} and cfg.lora_r == 8
+    with pytest.raises(UserError, match=r"lora_r \(8 -> 4\)"):
+        check_resume(FinetuneConfig(prepared="p", output=str(tmp_path), task="generate", resume=True, lora_r=4))
 
 
 def test_a_vision_language_decoder_needs_the_kept_media(backbone, tiny_models, vlm_data, tmp_path):

@@ -286,10 +286,11 @@ class PrefixDecoder(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int | None = None, num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | None = None) -> list[str]:
+                 stop: list[str] | None = None, reasons: list | None = None) -> list[str]:
         """Every record of the batch at once: prefix + prompt embeddings left-aligned (padding first, masked), then
         the decoder's own generate with a KV cache; it returns the new tokens only, each answer ended at the first
-        stop token (EOS, end of turn: chat.stop_ids) or stop string (`stop`, plus the checkpoint's `cfg.stop`)."""
+        stop token (EOS, end of turn: chat.stop_ids) or stop string (`stop`, plus the checkpoint's `cfg.stop`).
+        `reasons`, when given, receives each answer's chat.finish_reasons ("stop" or "length")."""
         inputs, mask = left_align(*self.embed({k: v for k, v in batch.items() if k != "labels"})[:2])
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         ends = self.stop_ids or [tokenizer.eos_token_id]
@@ -302,6 +303,8 @@ class PrefixDecoder(nn.Module):
                                     max_new_tokens=max(1, min(room, max_new_tokens or self.cfg.max_new_tokens)),
                                     num_beams=num_beams,
                                     pad_token_id=pad, eos_token_id=ends, **kwargs)
+        if reasons is not None:
+            reasons += chat.finish_reasons(ids, ends, stops, tokenizer)
         return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
 
 
@@ -727,15 +730,16 @@ def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: d
     columns = {k: [r.get(k) for r in rows] for k in rows[0]}
     table = model.table(columns, tokenizer, with_targets=False)
 
-    def answers(drop: frozenset = frozenset()) -> list[str]:
+    def answers(drop: frozenset = frozenset(), reasons: list | None = None) -> list[str]:
         batch = table.batch(range(len(rows)), predictor.device, with_targets=False, drop=drop)
-        return model.generate(batch, tokenizer, **generation)
+        return model.generate(batch, tokenizer, **generation, reasons=reasons)
 
-    texts = answers()
+    finish: list[str] = []
+    texts = answers(reasons=finish)
     masked = {m: answers(frozenset({m})) for m in model.cfg.modalities} if reliance else {}
     results = {}
     for n, (row, text) in enumerate(zip(rows, texts)):
-        results[row["id"]] = {"generated": text}
+        results[row["id"]] = {"generated": text, "finish_reason": finish[n]}
         if reliance:
             results[row["id"]]["reliance"] = {m: {"generated": t[n]} for m, t in masked.items()}
     return results

@@ -271,9 +271,9 @@ class VisionLanguageDecoder(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, tokenizer: Any, max_new_tokens: int | None = None, num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | None = None) -> list[str]:
+                 stop: list[str] | None = None, reasons: list | None = None) -> list[str]:
         """Every record of the batch at once (left-padded prompts, the backbone's generate with a KV cache); the new
-        tokens only, each answer ended at the first stop token or stop string."""
+        tokens only, each answer ended at the first stop token or stop string; `reasons` as in core's generate."""
         tok = self.processor.tokenizer
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         start = int(inputs["input_ids"].shape[1])
@@ -287,6 +287,8 @@ class VisionLanguageDecoder(nn.Module):
         longest = max(1, min(room, max_new_tokens or self.cfg.max_new_tokens))
         ids = self.decoder.generate(**inputs, max_new_tokens=longest,
                                     num_beams=num_beams, pad_token_id=pad, eos_token_id=ends, **kwargs)
+        if reasons is not None:
+            reasons += chat.finish_reasons(ids[:, start:], ends, stops, tok)
         return [chat.cut_at_stop(tok.decode(row[start:], skip_special_tokens=True), stops).strip() for row in ids]
 
     def save_decoder(self, folder: Path, tokenizer: Any) -> None:
@@ -342,11 +344,13 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
                         f"{m}s itself and trains LoRA adapters, or all its weights with --train-decoder)")
     model, processor, identity = load_vision_language(fcfg.decoder)
     lora_r = fcfg.lora_r or (0 if fcfg.train_decoder else DEFAULT_LORA_R)
+    default_rank = not fcfg.lora_r
+    fcfg.lora_r = lora_r  # finetune_config.json says what ran (config.RESOLVED_AT_BUILD takes it back on --resume)
     cfg = GenConfig(modalities=[m], dims={}, lora_r=lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
                     decoder_identity=identity, prompt_format=chat.CHAT, media_at="placeholder", decoder_kind=KIND)
     log(f"decoder: {fcfg.decoder} is a vision-language model ({type(model).__name__}): it encodes the {m}s itself "
         f"with its processor ({type(processor).__name__}), not with the frozen {m} features; "
-        + (f"LoRA rank {lora_r} on its language model" + (" (the default)" if not fcfg.lora_r else "")
+        + (f"LoRA rank {lora_r} on its language model" + (" (the default)" if default_rank else "")
            if lora_r else "all its weights trained"))
     train, val = (VisionTable(_columns(data[s], m), processor, with_targets=True, context=context_length(model))
                   for s in ("train", "validation"))
