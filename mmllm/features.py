@@ -283,10 +283,13 @@ class Preprocessing:
     max_file_mb: int
     batch_size: int
     cache: bool
+    media_features: bool = True  # False: the media are decoded (checked) and kept, not encoded (a model that reads
+    # their bytes itself: a vision-language decoder)
 
-    RUN_ONLY = ("max_file_mb", "batch_size", "cache")
+    RUN_ONLY = ("max_file_mb", "batch_size", "cache", "media_features")
     FIXED = {"text_normalization": "NFC, whitespace collapsed"}  # and each modality's `fixed`
-    UNRECORDED = {"precision": "fp32", "transcribe": None}  # what data prepared before these were recorded used
+    # what data prepared before these were recorded used (media_features: every prepare encodes them)
+    UNRECORDED = {"precision": "fp32", "transcribe": None, "media_features": True}
 
     @classmethod
     def of(cls, cfg: PrepareConfig, transcriber: Any = None) -> Preprocessing:
@@ -504,7 +507,10 @@ def decode_reason(e: Exception) -> str:
 
 
 def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:
-    """Encode each distinct medium still missing (batched) into the store; attach the features to the items."""
+    """Encode each distinct medium still missing (batched) into the store; attach the features to the items
+    (none with pre.media_features off: the encoders never run)."""
+    if not pre.media_features:
+        return
     for role in modalities.names():
         todo: dict[str, Any] = {}
         for it in good:
@@ -581,8 +587,9 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, pre: P
                 continue
             m = it["media"].get(role)
             row[f"has_{role}"] = m is not None
-            row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
-            if pre.sequence_features:
+            if pre.media_features:
+                row[f"{role}_emb"] = m["features"]["pooled"] if m else np.zeros(encoders[role].dim, np.float32)
+            if pre.sequence_features and pre.media_features:
                 n = modalities.get(role).sequence_length(pre)
                 seq = m["features"]["seq"] if m else np.zeros((n, encoders[role].dim), np.float32)
                 row[f"{role}_seq"] = list(seq)  # rows of a fixed-size list of fixed-size lists
@@ -739,17 +746,18 @@ def encoders_for_checkpoint(folder: Path, config: dict, trust_remote_code: bool 
     return out
 
 
-def checkpoint_preprocessing(config: dict, max_file_mb: int) -> Preprocessing:
+def checkpoint_preprocessing(config: dict, max_file_mb: int, media_features: bool = True) -> Preprocessing:
     """How a checkpoint's records are featurized: as its data was prepared (the Preprocessing it recorded), with
-    this run's file limit and no feature cache; no text trunk states (the checkpoint holds its whole text model)."""
+    this run's file limit and no feature cache; no text trunk states (the checkpoint holds its whole text model);
+    `media_features` False for a model that reads the kept media's bytes, not their features."""
     return Preprocessing.read(config.get("preprocessing") or {}, max_file_mb=max_file_mb, cache=False,
-                              text_trunk_layers=0)
+                              text_trunk_layers=0, media_features=media_features)
 
 
 # ---------------------------------------------------------------- a split to evaluate
 
 def split_columns(cfg: Any, config: dict, mods: list[str], text_states: bool = False,
-                 transcripts: bool | None = None) -> tuple[dict, str, str]:
+                 transcripts: bool | None = None, media_features: bool = True) -> tuple[dict, str, str]:
     """(columns, source, split name) of the split: a prepared folder (encoders checked) or a raw manifest
     featurized on the fly."""
     data = Path(cfg.data)
@@ -780,7 +788,7 @@ def split_columns(cfg: Any, config: dict, mods: list[str], text_states: bool = F
         else:
             records.append(item)
     records, split = raw_split(records, cfg.split, data)
-    rows, bad = featurize(records, encoders, checkpoint_preprocessing(config, cfg.max_file_mb))
+    rows, bad = featurize(records, encoders, checkpoint_preprocessing(config, cfg.max_file_mb, media_features))
     for e in bad:
         warn(f"skipped record {e['id']}: {e['reason']}")
     if not rows:

@@ -34,9 +34,10 @@ class Predictor:
         self.generation = self.task.generates  # takes generation options (max_new_tokens, stop, ...)
         self.model, self.tokenizer = self.task.load(Path(folder), self.config, self.device)
         self.labels = self.config["labels"]
-        self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision,
-                                                **self.task.input_flags(self.model))
-        self.prep = checkpoint_preprocessing(self.config, max_file_mb)
+        flags = self.task.input_flags(self.model)
+        media_features = flags.pop("media_features", True)
+        self.encoders = encoders_for_checkpoint(Path(folder), self.config, precision=precision, **flags)
+        self.prep = checkpoint_preprocessing(self.config, max_file_mb, media_features)
         self.store = FeatureStore(enabled=False, memo_bytes=64 << 20)
         # one batch at a time: the tokenizers ("Already borrowed") and the feature memo are not thread-safe
         self.lock = threading.Lock()

@@ -80,7 +80,8 @@ class Task:
         raise NotImplementedError
 
     def input_flags(self, model: Any) -> dict:
-        """What the featurizer must compute for this model: {"text_states": bool, "transcripts": bool | None}."""
+        """What the featurizer must compute for this model: {"text_states": bool, "transcripts": bool | None,
+        "media_features": bool (False: the media are kept as bytes, never encoded)}."""
         return {}
 
     def predict(self, predictor: Any, rows: list[dict], top_k: int, reliance: bool, generation: dict) -> dict:

@@ -90,7 +90,7 @@ class Generate(Task):
         return _core().load_checkpoint(Path(folder), config, device)
 
     def input_flags(self, model: Any) -> dict:
-        return {"transcripts": model.reads_transcripts}
+        return {"transcripts": model.reads_transcripts, "media_features": model.reads_features}
 
     def predict(self, predictor: Any, rows: list[dict], top_k: int, reliance: bool, generation: dict) -> dict:
         return _core().predict_rows(predictor, rows, reliance, generation)

@@ -128,6 +128,7 @@ class PrefixDecoder(nn.Module):
     """Projector (per modality: LayerNorm -> Linear -> GELU -> Linear to P x d) + causal LM decoder."""
 
     reads_transcripts = True  # the prompt says what was said (prompt_text): raw records are transcribed as prepare did
+    reads_features = True  # the media reach it as the frozen encoders' features
 
     def __init__(self, cfg: GenConfig, decoder: nn.Module):
         super().__init__()
@@ -754,7 +755,8 @@ def evaluate(cfg: Any, config: dict, device: Any, loaded: tuple | None = None) -
 
     model, tokenizer = loaded or load_checkpoint(Path(cfg.checkpoint), config, device)  # the task's load
     mods = model.cfg.modalities
-    columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts)
+    columns, source, split = split_columns(cfg, config, mods, transcripts=model.reads_transcripts,
+                                           media_features=model.reads_features)
     table = model.table(columns, tokenizer, with_targets=False)
     if not any(table.targets):
         raise UserError(f"{cfg.data}: no target texts in split '{cfg.split}'")

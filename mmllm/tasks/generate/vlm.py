@@ -247,6 +247,7 @@ class VisionLanguageDecoder(nn.Module):
     """A Hugging Face image-text-to-text model and its processor, with the same contract as PrefixDecoder."""
 
     reads_transcripts = True  # the prompt says what was said (a record's audio is heard as prepare transcribed it)
+    reads_features = False  # it encodes the kept files itself: raw records' media are decoded and kept, not encoded
 
     def __init__(self, cfg: Any, decoder: nn.Module, processor: Any):
         super().__init__()
