@@ -8,6 +8,7 @@
                            config.json are the ones used, and loading refuses the two disagreeing
     README.md              the model card (mmllm.modelcard)
     metrics.jsonl, metrics.json, finetune_config.json, training_curves.png   (written by finetune)
+    retrieval.safetensors, retrieval.json   a generator's --retrieve memory: training keys and answers
     mmllm-checkpoint.json  the marker that says the folder is mmllm's checkpoint (see mmllm.outputs)
 Checkpoints written before text_model/ held weights keep them under `text.` in model.safetensors; both load.
 Loading needs nothing else, reads only JSON and safetensors, and never runs remote code.
@@ -228,7 +229,7 @@ GENERATION_RULES = {
     "stop": Rule("list"), "media_tokens": Rule("str", choices=("pooled", "sequence")), "seq_lens": Rule("dict"),
     "media_at": Rule("str", choices=("prefix", "placeholder")), "pool": Rule("dict"),
     "decoder_kind": Rule("str", choices=("causal-lm", "vision-language")), "ragged": Rule("list"),
-    "system": Rule("str"),
+    "system": Rule("str"), "retrieve": Rule("int", 0, 1024),
 }
 PREPROCESSING_RULES = {
     "max_text_tokens": Rule("int", 1, 1 << 20), "sequence_features": Rule("bool"), "sentence_embedding": Rule("bool"),

@@ -34,7 +34,8 @@ CHECKPOINT = outputs.Kind("a checkpoint", True, lambda p: checkpoint.is_checkpoi
                           or (p / STATE_DIR / "state.json").is_file(), checkpoint.MARKER,
                           frozenset({checkpoint.MARKER, "README.md", "model.safetensors", "config.json", "labels.json",
                                      "text_model", "decoder", "metrics.jsonl", "metrics.json", "finetune_config.json",
-                                     "training_curves.png", "tensorboard", STATE_DIR, STATE_DIR + ".tmp",
+                                     "training_curves.png", "tensorboard", "retrieval.safetensors",
+                                     "retrieval.json", STATE_DIR, STATE_DIR + ".tmp",
                                      STATE_DIR + ".old"}))
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 2, 200  # bounds of the epochs derived from --budget-steps
 # early stopping may act after --min-steps (and the warmup) or after this many epochs, whichever comes first: a small

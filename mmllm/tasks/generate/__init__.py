@@ -46,6 +46,8 @@ class Generate(Task):
         Option("image_tokens", 0, "With --media-tokens sequence: the image's stored grid average-pooled to N "
                "decoder tokens (a square N pools the square grid in 2-D: 4 = 2x2, 16 = 4x4; 0: every stored "
                "vector)."),
+        Option("retrieve", 0, "Retrieval-augmented generation (--task generate): each prompt also carries the "
+               "answers of the K training records most similar by their frozen media features (0: off)."),
         Option("decoder_precision", "auto", "Weights of a frozen decoder (--task generate): bf16 or fp32; auto: bf16 "
                "where the CPU has native bf16 (AMX, AVX-512 bf16) or on a GPU. The projector and the loss stay "
                "fp32.", choices=("auto", "fp32", "bf16")),
@@ -64,6 +66,8 @@ class Generate(Task):
                             "--train-decoder); use --precision bf16 for autocast")
         if cfg.prefix_tokens < 1:
             problems.append(f"--prefix-tokens: must be >= 1 (got {cfg.prefix_tokens})")
+        if cfg.retrieve < 0:
+            problems.append(f"--retrieve: must be >= 0 (got {cfg.retrieve})")
         if cfg.image_tokens < 0:
             problems.append(f"--image-tokens: must be >= 0 (got {cfg.image_tokens})")
         elif cfg.image_tokens and cfg.media_tokens != "sequence":
@@ -142,14 +146,22 @@ class Generate(Task):
         else:
             notes.append("The decoder is frozen (not trained) and referenced by identity; decoder/ holds its "
                          "tokenizer and config.")
+        if config["generation"].get("retrieve"):
+            notes.append(f"Retrieval-augmented: each prompt carries the answers of the "
+                         f"{config['generation']['retrieve']} most similar training records (by the frozen "
+                         "features), from the memory in retrieval.safetensors and retrieval.json.")
         return notes
 
     def card_files(self, config: dict) -> dict[str, str]:
         if _vision_language(config):
             return {"decoder/": "the trained vision-language model and its processor (Hugging Face folder)"}
         trained = self.card_training(config)
-        return {"decoder/": "the trained decoder and its tokenizer (Hugging Face folder)" if trained != "frozen"
-                else "the decoder's tokenizer and config (the frozen weights are referenced by identity)"}
+        files = {"decoder/": "the trained decoder and its tokenizer (Hugging Face folder)" if trained != "frozen"
+                 else "the decoder's tokenizer and config (the frozen weights are referenced by identity)"}
+        if config["generation"].get("retrieve"):
+            files.update({"retrieval.safetensors": "the training records' normalised features (--retrieve)",
+                          "retrieval.json": "the training records' answers (--retrieve)"})
+        return files
 
 
 def _vision_language(config: dict) -> bool:

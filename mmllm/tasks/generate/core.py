@@ -67,6 +67,7 @@ class GenConfig:
     # the system text of a record that has none: "" an empty system turn (chat.lean_system: shorter than the
     # template's default system prompt), None the template's default (and checkpoints before this)
     system: str | None = None
+    retrieve: int = 0  # --retrieve K: the answers of the K most similar training records in each prompt (retrieval)
 
     def sequenced(self) -> list[str]:
         """The modalities fed as their stored sequences (one decoder token per vector)."""
@@ -96,11 +97,12 @@ def _context(text: str | None, transcript: str | None) -> str:
 
 
 def record_turns(text: str | None, transcript: str | None, target: str | None, conversation: str | None,
-                 kind: str, placeholders: bool = True, system: str | None = None) -> tuple[list[dict], str | None]:
+                 kind: str, placeholders: bool = True, system: str | None = None, hint: str | None = None
+                 ) -> tuple[list[dict], str | None]:
     """(messages, system) of a record: its `conversation` (JSON written by mmllm.conversations), else one user turn
-    (the record's text and transcript) answered by its target. The transcript joins the first user turn; without
-    `placeholders` the media placeholders are taken out of the turns; `system`: the system text of a record that
-    has none."""
+    (the record's text and transcript) answered by its target. The transcript (and `hint`: retrieved answers,
+    --retrieve) join the first user turn; without `placeholders` the media placeholders are taken out of the turns;
+    `system`: the system text of a record that has none."""
     if conversation:
         from mmllm.conversations import without_placeholders
 
@@ -111,8 +113,11 @@ def record_turns(text: str | None, transcript: str | None, target: str | None, c
         first = next((m for m in messages if m["role"] == "user"), None)
         if transcript and first is not None:
             first["content"] = (first["content"] + f" Speech: {transcript}").strip()
+        if hint and first is not None:
+            first["content"] = (first["content"] + hint).strip()
         return messages, talk.get("system") or system
     user = prompt_text(text, transcript) if kind == DESCRIBE else "Describe the input." + _context(text, transcript)
+    user += hint or ""
     messages = [{"role": "user", "content": user}]
     if target is not None:
         messages.append({"role": "assistant", "content": target})
@@ -148,6 +153,7 @@ class PrefixDecoder(nn.Module):
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.tokens(m), d)) for m in seq})
         self.class_weights = None
         self.stop_ids: list[int] = []  # token ids that end an answer (chat.stop_ids), set with the tokenizer
+        self.memory: Any = None  # --retrieve: the training records' keys and answers (retrieval.Memory)
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters  # LM head on a slice
 
@@ -158,7 +164,8 @@ class PrefixDecoder(nn.Module):
         """Featurized rows (or a prepared split's columns) as this model reads them."""
         return GenTable(columns, self.cfg.modalities, tokenizer, with_targets=with_targets,
                         kind=self.cfg.prompt_format, sequences=tuple(self.cfg.sequenced()), slots=self.cfg.slots(),
-                        system=self.cfg.system, room=text_room(self.cfg, self.decoder))
+                        system=self.cfg.system, room=text_room(self.cfg, self.decoder), memory=self.memory,
+                        retrieve=self.cfg.retrieve)
 
     def save_decoder(self, folder: Path, tokenizer: Any) -> None:
         """decoder/: the trained decoder (LoRA merged) or, frozen, only its config; and its tokenizer."""
@@ -365,8 +372,11 @@ class GenTable:
 
     def __init__(self, columns: dict[str, Any], modalities: list[str], tokenizer: Any, with_targets: bool,
                  max_tokens: int = 256, kind: str = DESCRIBE, sequences: tuple = (), slots: dict | None = None,
-                 system: str | None = None, room: int | None = None):
-        """`room`: the decoder's context less its media tokens and one answer token (text_room), when known."""
+                 system: str | None = None, room: int | None = None, memory: Any = None, retrieve: int = 0,
+                 own: bool = False):
+        """`room`: the decoder's context less its media tokens and one answer token (text_room), when known;
+        `memory` (retrieval.Memory) and `retrieve` K: each prompt carries its K nearest training answers (`own`: these
+        records are the memory's, each skips itself)."""
         self.ids = list(columns["id"])
         self.n = len(self.ids)
         self.modalities = modalities
@@ -376,7 +386,9 @@ class GenTable:
         texts = list(columns["text"]) if "text" in columns else none
         said = list(columns["transcript"]) if columns.get("transcript") is not None else none
         talks = list(columns["conversation"]) if columns.get("conversation") is not None else none
-        turns = [record_turns(t, s, g, c, kind, bool(slots), system) for t, s, g, c in zip(texts, said, targets, talks)]
+        hints = memory.hints(columns, modalities, retrieve, own) if memory is not None and retrieve else none
+        turns = [record_turns(t, s, g, c, kind, bool(slots), system, h)
+                 for t, s, g, c, h in zip(texts, said, targets, talks, hints)]
         self.targets = [answer_of(m) for m, _ in turns]
         limit = min(4 * max_tokens, room) if room else 4 * max_tokens  # a whole conversation
         whole = 1 << 30
@@ -413,14 +425,15 @@ class GenTable:
     @classmethod
     def from_split(cls, ds: Any, modalities: list[str], tokenizer: Any, with_targets: bool, kind: str = DESCRIBE,
                    sequences: tuple = (), slots: dict | None = None, system: str | None = None,
-                   room: int | None = None):
+                   room: int | None = None, memory: Any = None, retrieve: int = 0, own: bool = False):
         wanted = ["id", "text", "target"] + [f"has_{m}" for m in modalities if m != "text"] + \
                  [f"{m}_emb" for m in modalities] + [f"{m}_seq" for m in sequences]
         if "text" in modalities:
             wanted.append("has_text")
         wanted += [c for c in ("transcript", "conversation") if c in ds.column_names]  # read as part of the prompt
         return cls(ds.select_columns(wanted).with_format("numpy")[:], modalities, tokenizer, with_targets, kind=kind,
-                   sequences=sequences, slots=slots, system=system, room=room)
+                   sequences=sequences, slots=slots, system=system, room=room, memory=memory, retrieve=retrieve,
+                   own=own)
 
     def __len__(self) -> int:
         return self.n
@@ -535,7 +548,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     cfg = GenConfig(modalities=prefix_mods, dims=dims, prefix_tokens=fcfg.prefix_tokens, hidden_size=fcfg.hidden_size,
                     media_tokens=fcfg.media_tokens, seq_lens=seq_lens, pool=pool, media_at="placeholder", ragged=ragged,
                     dropout=fcfg.dropout, lora_r=fcfg.lora_r, train_decoder=fcfg.train_decoder, decoder=fcfg.decoder,
-                    decoder_identity=identity,
+                    decoder_identity=identity, retrieve=fcfg.retrieve,
                     precision=resolve_decoder_precision(fcfg.decoder_precision, trainable, dist.device))
     log(f"decoder: {fcfg.decoder} frozen in {cfg.precision}" if not trainable else f"decoder: {fcfg.decoder} trained")
     if hasattr(decoder, "set_attn_implementation") and dist.device.type == "cpu":
@@ -548,9 +561,21 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
     if saved:
         log(f"prompts: an empty system turn stands for the template's default system prompt ({saved} tokens fewer "
             "per record, in training and in every answer; a record's own system text is kept)")
+    memory = None
+    if cfg.retrieve:
+        from mmllm.tasks.generate.retrieval import Memory
+
+        if not prefix_mods:
+            raise UserError("--retrieve: retrieval compares the records' media features, and this model has none "
+                            "(image, audio, video, or text prepared with --sentence-embedding)")
+        memory = Memory.of_split(data["train"], prefix_mods)
+        log(f"retrieval: each prompt carries the answers of its {cfg.retrieve} most similar training records (of "
+            f"{len(memory)}, by the frozen {', '.join(prefix_mods)} features; a training record never retrieves "
+            "itself)")
     train, val = (GenTable.from_split(data[s], prefix_mods, tokenizer, with_targets=True, kind=cfg.prompt_format,
                                       sequences=tuple(cfg.sequenced()), slots=cfg.slots(), system=cfg.system,
-                                      room=text_room(cfg, decoder))
+                                      room=text_room(cfg, decoder), memory=memory, retrieve=cfg.retrieve,
+                                      own=s == "train")
                   for s in ("train", "validation"))
     placed = sum(any(i < 0 for i in ids) for ids, _ in train.answers)
     if placed:
@@ -567,6 +592,7 @@ def build(fcfg: Any, data: Any, meta: dict, modalities: list[str], dist: Any) ->
         f"at most {cfg.max_new_tokens} new tokens by default")
     model = PrefixDecoder(cfg, prepare_decoder(decoder, cfg)).to(dist.device)
     model.stop_ids = chat.stop_ids(tokenizer, decoder, cfg.prompt_format)
+    model.memory = memory
 
     return training(model, train, val, tokenizer, fcfg, meta, dist)
 
@@ -646,6 +672,8 @@ def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict,
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
     save_weights(file_tensors(state), out / "model.safetensors")  # a vision-language model's: none (empty file)
     model.save_decoder(out / "decoder", tokenizer)
+    if getattr(model, "memory", None) is not None:
+        model.memory.save(out)
     config = {"format": FORMAT, "version": VERSION, "task": "generate", "generation": asdict(model.cfg),
               "model": {"modalities": model.cfg.modalities}, "encoders": meta["encoders"],
               "columns": meta["columns"], "preprocessing": meta["preprocessing"], "labels": [],
@@ -687,6 +715,10 @@ def load_checkpoint(folder: Path, config: dict, device: Any) -> tuple[PrefixDeco
         decoder = prepare_decoder(decoder, cfg)
     model = PrefixDecoder(cfg, decoder)
     model.stop_ids = chat.stop_ids(tokenizer, decoder, cfg.prompt_format)
+    if cfg.retrieve:
+        from mmllm.tasks.generate.retrieval import Memory
+
+        model.memory = Memory.load(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("decoder.") or old_layout]
     if missing or unexpected:
@@ -718,6 +750,10 @@ def check_config(config: dict, folder: Path) -> list[str]:
     problems += check_modalities(model["modalities"], "model.modalities")
     if not (folder / "decoder").is_dir():
         problems.append("decoder/ (tokenizer and decoder config) is missing")
+    if gen.get("retrieve"):
+        from mmllm.tasks.generate.retrieval import FILES
+
+        problems += [f"{f} (the --retrieve memory) is missing" for f in FILES if not (folder / f).is_file()]
     return problems + (check_encoders(config, model["modalities"]) if not problems else [])
 
 

@@ -365,7 +365,8 @@ def build(fcfg: Any, data: Any, meta: dict, mods: list[str], dist: Any) -> Train
 
 
 # options of mmllm's own projector and frozen decoder, which a vision-language backbone has no use for
-_PROJECTOR_OPTIONS = ("media_tokens", "image_tokens", "prefix_tokens", "hidden_size", "dropout", "decoder_precision")
+_PROJECTOR_OPTIONS = ("media_tokens", "image_tokens", "prefix_tokens", "hidden_size", "dropout", "decoder_precision",
+                      "retrieve")
 
 
 def _unused_options(fcfg: Any) -> list[str]:
