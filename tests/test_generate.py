@@ -544,3 +544,57 @@ def test_training_conversations_longer_than_the_decoder_is_given_are_left_out_an
     with pytest.raises(RecordError, match="its transcript is the longest part.*at most 20") as refused:
         GenTable(said, [], tok, with_targets=False, max_tokens=8, kind=chat.PLAIN, room=20)  # the decoder's room
     assert refused.value.column == "transcript"
+
+
+# ---------------------------------------------------------------- --retrieve: retrieval-augmented generation
+
+def test_memory_hints_are_the_nearest_answers_and_a_record_never_retrieves_itself(tmp_path):
+    import numpy as np
+
+    from mmllm.tasks.generate.retrieval import HINT, Memory, keys_of
+
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    cols = {"image_emb": emb, "has_image": [True] * 4, "target": ["red one", "red two", "blue one", "blue two"]}
+    memory = Memory(keys_of(cols, ["image"]), cols["target"])
+    assert memory.hints(cols, ["image"], 1, own=True) == [HINT.format(t) for t in
+                                                          ("red two", "red one", "blue two", "blue one")]
+    query = {"image_emb": np.array([[1, 0.05], [0.2, 1]], np.float32), "has_image": [True, True]}
+    assert memory.hints(query, ["image"], 2) == [HINT.format("red one; red two"), HINT.format("blue two; blue one")]
+    # a missing modality counts 0: the mean of per-modality cosines, not a cosine over zeros
+    two = {**cols, "audio_emb": emb[::-1].copy(), "has_audio": [True, True, False, False]}
+    keys = keys_of(two, ["image", "audio"])
+    assert float(keys[0] @ keys[0]) == pytest.approx(1.0) and float(keys[2] @ keys[2]) == pytest.approx(0.5)
+    memory.save(tmp_path)
+    again = Memory.load(tmp_path)
+    assert again.answers == memory.answers and again.hints(query, ["image"], 2) == memory.hints(query, ["image"], 2)
+
+
+def test_retrieve_puts_the_nearest_training_answers_in_each_prompt_and_travels_with_the_checkpoint(
+        prepared, tiny_decoder, toy_manifest, tmp_path):
+    import datasets
+
+    out = tmp_path / "gen"
+    gen_finetune(prepared, tiny_decoder, out, "--retrieve", "2")
+    config = json.loads((out / "config.json").read_text())
+    assert config["generation"]["retrieve"] == 2
+    assert (out / "retrieval.safetensors").is_file() and "retrieval.json" in (out / "README.md").read_text()
+    train = datasets.load_from_disk(str(prepared))["train"]
+    answers = json.loads((out / "retrieval.json").read_text())["answers"]
+    assert sorted(answers) == sorted(t for t in train["target"] if t)
+    from mmllm.predict import Predictor
+
+    predictor = Predictor(str(out), device="cpu")
+    row = {"id": "x", "text": "it is big", "image_emb": [train[0]["image_emb"]], "has_image": [True],
+           "audio_emb": [train[0]["audio_emb"]], "has_audio": [True]}
+    columns = {k: v if isinstance(v, list) else [v] for k, v in row.items()}
+    table = predictor.model.table(columns, predictor.tokenizer, with_targets=False)
+    prompt = predictor.tokenizer.decode(table.prompts[0])
+    predictor.model.memory = None
+    bare = predictor.tokenizer.decode(predictor.model.table(columns, predictor.tokenizer, False).prompts[0])
+    assert train[0]["target"] in prompt and train[0]["target"] not in bare  # its own features: it is the nearest
+    r = run_cli("predict", str(out), str(toy_manifest), "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert len(load_json_lines(r.stdout)) == 48
+    (out / "retrieval.json").unlink()
+    r = run_cli("predict", str(out), str(toy_manifest))
+    assert r.exit_code != 0 and "retrieval.json (the --retrieve memory) is missing" in r.output
