@@ -213,15 +213,11 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-def finish_reasons(rows: Any, ends: list[int], stops: list[str], tokenizer: Any) -> list[str]:
-    """Why each generated row (its new token ids) ended, as OpenAI names it: "stop" at an end token or a stop
-    string, "length" where the token limit (or the decoder's context) cut it."""
-    out = []
-    for row in rows:
-        ids = [int(t) for t in row]
-        text = tokenizer.decode(ids, skip_special_tokens=True) if stops else ""
-        out.append("stop" if any(t in ends for t in ids) or any(s in text for s in stops) else "length")
-    return out
+def finish_reasons(rows: Any, texts: list[str], ends: list[int], stops: list[str]) -> list[str]:
+    """Why each generated row (its new token ids, and their decoded text) ended, as OpenAI names it: "stop" at an
+    end token or a stop string, "length" where the token limit (or the decoder's context) cut it."""
+    return ["stop" if any(int(t) in ends for t in row) or any(s in text for s in stops) else "length"
+            for row, text in zip(rows, texts)]
 
 
 def stop_criteria(tokenizer: Any, stops: list[str], start: int = 0) -> Any:

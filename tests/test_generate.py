@@ -325,9 +325,10 @@ def test_finish_reasons_say_stop_at_an_end_token_or_stop_string_else_length(tiny
     words = tok("red blue green", add_special_tokens=False)["input_ids"]
     end = tok.eos_token_id if tok.eos_token_id is not None else 0
     rows = [words + [end], words, words]
-    assert finish_reasons(rows, [end], [], tok) == ["stop", "length", "length"]
-    assert finish_reasons(rows, [end], ["blue"], tok) == ["stop", "stop", "stop"]
-    assert finish_reasons([words[:1]], [end], ["blue"], tok) == ["length"]
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+    assert finish_reasons(rows, texts, [end], []) == ["stop", "length", "length"]
+    assert finish_reasons(rows, texts, [end], ["blue"]) == ["stop", "stop", "stop"]
+    assert finish_reasons([words[:1]], [tok.decode(words[:1])], [end], ["blue"]) == ["length"]
 
 
 def test_stop_ids_take_the_generation_configs_eos_and_the_templates_end_of_turn(tiny_decoder):
@@ -558,6 +559,10 @@ def test_memory_hints_are_the_nearest_answers_and_a_record_never_retrieves_itsel
     memory = Memory(keys_of(cols, ["image"]), cols["target"])
     assert memory.hints(cols, ["image"], 1, own=True) == [HINT.format(t) for t in
                                                           ("red two", "red one", "blue two", "blue one")]
+    # a record without a target stays in its row (own=True is by position) and is never retrieved
+    blank = Memory(keys_of(cols, ["image"]), ["red one", None, "blue one", "blue two"])
+    assert blank.hints(cols, ["image"], 1, own=True) == [HINT.format(t) for t in
+                                                         ("blue two", "red one", "blue two", "blue one")]
     query = {"image_emb": np.array([[1, 0.05], [0.2, 1]], np.float32), "has_image": [True, True]}
     assert memory.hints(query, ["image"], 2) == [HINT.format("red one; red two"), HINT.format("blue two; blue one")]
     # a missing modality counts 0: the mean of per-modality cosines, not a cosine over zeros

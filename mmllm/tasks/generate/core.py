@@ -311,9 +311,10 @@ class PrefixDecoder(nn.Module):
                                     max_new_tokens=max(1, min(room, max_new_tokens or self.cfg.max_new_tokens)),
                                     num_beams=num_beams,
                                     pad_token_id=pad, eos_token_id=ends, **kwargs)
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         if reasons is not None:
-            reasons += chat.finish_reasons(ids, ends, stops, tokenizer)
-        return [chat.cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in ids]
+            reasons += chat.finish_reasons(ids, texts, ends, stops)
+        return [chat.cut_at_stop(text, stops).strip() for text in texts]
 
 
 def left_align(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -672,7 +673,7 @@ def save_checkpoint(model: PrefixDecoder, out: Path, tokenizer: Any, meta: dict,
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
     save_weights(file_tensors(state), out / "model.safetensors")  # a vision-language model's: none (empty file)
     model.save_decoder(out / "decoder", tokenizer)
-    if getattr(model, "memory", None) is not None:
+    if model.memory is not None:
         model.memory.save(out)
     config = {"format": FORMAT, "version": VERSION, "task": "generate", "generation": asdict(model.cfg),
               "model": {"modalities": model.cfg.modalities}, "encoders": meta["encoders"],

@@ -1,7 +1,6 @@
 """`--retrieve K`: retrieval-augmented generation. Each prompt also carries the answers of the K training records
 most similar to its input, by the same frozen features the projector reads (the idea of SmallCap, Ramos et al.
-2023: a small trained part conditioned on retrieved captions beats one that must name everything from its
-features, and beats plain retrieval).
+2023: a small trained part conditioned on retrieved captions, instead of naming everything from its features).
 
 Similarity is the mean of the per-modality cosines of the pooled features (`{m}_emb`, a missing modality counts
 0). A training record never retrieves itself. The memory (the training records' normalised features and answers)
@@ -42,15 +41,15 @@ class Memory:
 
     def __init__(self, keys: torch.Tensor, answers: list[str]):
         self.keys, self.answers = keys.float(), [str(a or "") for a in answers]
+        self.empty = torch.as_tensor([not a.strip() for a in self.answers], dtype=torch.bool)  # never retrieved
 
     @classmethod
     def of_split(cls, split: Any, modalities: list[str]) -> Memory:
-        """The memory of a prepared training split (its records with a non-empty target)."""
+        """The memory of a prepared training split, a row per record in order (hints(own=True) relies on it; a record
+        without a target is never retrieved)."""
         wanted = ["target", *(f"{m}_emb" for m in modalities),
                   *(f"has_{m}" for m in modalities if f"has_{m}" in split.column_names)]
         columns = split.select_columns(wanted).with_format("numpy")[:]
-        keep = [i for i, t in enumerate(columns["target"]) if t]
-        columns = {k: np.asarray(v)[keep] for k, v in columns.items()}
         return cls(keys_of(columns, modalities), list(columns["target"]))
 
     def __len__(self) -> int:
@@ -66,9 +65,10 @@ class Memory:
             if own:
                 rows = torch.arange(sim.shape[0])
                 sim[rows, rows + start] = -float("inf")
+            sim[:, self.empty] = -float("inf")
             top = sim.topk(min(k + int(own), len(self)), dim=1).indices.tolist()
             for row in top:
-                picked = list(dict.fromkeys(self.answers[j][:MAX_CHARS].strip() for j in row))[:k]
+                picked = [a for a in dict.fromkeys(self.answers[j][:MAX_CHARS].strip() for j in row) if a][:k]
                 out.append(HINT.format("; ".join(picked)))
         return out
 

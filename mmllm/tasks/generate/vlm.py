@@ -248,6 +248,7 @@ class VisionLanguageDecoder(nn.Module):
 
     reads_transcripts = True  # the prompt says what was said (a record's audio is heard as prepare transcribed it)
     reads_features = False  # it encodes the kept files itself: raw records' media are decoded and kept, not encoded
+    memory = None  # no --retrieve memory (mmllm's prompt hints are for the projector's decoder)
 
     def __init__(self, cfg: Any, decoder: nn.Module, processor: Any):
         super().__init__()
@@ -288,9 +289,10 @@ class VisionLanguageDecoder(nn.Module):
         longest = max(1, min(room, max_new_tokens or self.cfg.max_new_tokens))
         ids = self.decoder.generate(**inputs, max_new_tokens=longest,
                                     num_beams=num_beams, pad_token_id=pad, eos_token_id=ends, **kwargs)
+        texts = [tok.decode(row[start:], skip_special_tokens=True) for row in ids]
         if reasons is not None:
-            reasons += chat.finish_reasons(ids[:, start:], ends, stops, tok)
-        return [chat.cut_at_stop(tok.decode(row[start:], skip_special_tokens=True), stops).strip() for row in ids]
+            reasons += chat.finish_reasons(ids[:, start:], texts, ends, stops)
+        return [chat.cut_at_stop(text, stops).strip() for text in texts]
 
     def save_decoder(self, folder: Path, tokenizer: Any) -> None:
         """decoder/: the trained backbone (LoRA merged) and its processor, a folder AutoModelForImageTextToText and
