@@ -506,11 +506,13 @@ def decode_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:120]}"
 
 
-def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> None:
+def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Preprocessing) -> set[str]:
     """Encode each distinct medium still missing (batched) into the store; attach the features to the items
-    (none with pre.media_features off: the encoders never run)."""
+    (none with pre.media_features off: the encoders never run). Returns the keys whose features came out
+    non-finite (NaN or inf): never stored, nor cached; encode_chunk makes them their records' errors."""
+    bad: set[str] = set()
     if not pre.media_features:
-        return
+        return bad
     for role in modalities.names():
         todo: dict[str, Any] = {}
         for it in good:
@@ -529,11 +531,33 @@ def encode_media(good: list[dict], encoders: dict, store: FeatureStore, pre: Pre
                 value = {"pooled": pooled[j].astype(np.float32)}
                 if pre.sequence_features:
                     value["seq"] = modalities.get(role).stored_sequence(np.asarray(seqs[j]), todo[k], enc, pre)
-                store.put(k, value)
+                if all(np.isfinite(v).all() for v in value.values()):
+                    store.put(k, value)
+                else:
+                    bad.add(k)
         for it in good:
             m = it["media"].get(role)
-            if m and "features" not in m:
+            if m and "features" not in m and m["key"] not in bad:
                 m["features"] = store.peek(m["key"])
+    return bad
+
+
+def non_finite(it: dict, bad: set[str], encoders: dict, text_ok: bool) -> dict | None:
+    """The error entry of an item whose features came out NaN or inf (a damaged model or converted-model file, an
+    input the model overflows on), else None: the record is skipped, never stored with features that would turn
+    every training loss into NaN."""
+    rec = it["rec"]
+    for role, m in it["media"].items():
+        if m["key"] in bad:
+            column = m.get("source", role)
+            name = getattr(encoders[role], "name", role)
+            return error_entry(rec, RecordError(column, f"the {role} encoder ({name}) gave non-finite features "
+                                                        "(NaN or inf) for it", _file(rec[column])))
+    if not text_ok:
+        name = getattr(encoders["text"], "name", "text")
+        return error_entry(rec, RecordError("text", f"the text encoder ({name}) gave non-finite features (NaN or "
+                                                    "inf) for it"))
+    return None
 
 
 def transcribe_chunk(good: list[dict], transcriber: Any, store: FeatureStore, pre: Preprocessing
@@ -565,16 +589,23 @@ def encode_chunk(loaded: list[dict], encoders: dict, store: FeatureStore, pre: P
     Arrow rows."""
     errors = [it["error"] for it in loaded if it["error"]]
     good = [it for it in loaded if not it["error"]]
-    encode_media(good, encoders, store, pre)
+    bad = encode_media(good, encoders, store, pre)
     transcriber = encoders.get("transcript")
     transcripts = transcribe_chunk(good, transcriber, store, pre) if transcriber else [None] * len(good)
     text_enc = encoders.get("text")
     texts = [normalize_text(it["rec"]["text"]) for it in good]
     text_cols = text_columns(texts, transcripts if transcriber else None, text_enc, pre, store) \
         if text_enc and texts else {}
+    states = text_cols.get("text_pooled")
+    text_ok = np.isfinite(states).all(1) if states is not None else np.ones(len(good), bool)
     rows = []
     for i, it in enumerate(good):
         rec = it["rec"]
+        if bad or not text_ok[i]:
+            error = non_finite(it, bad, encoders, bool(text_ok[i]))
+            if error:
+                errors.append(error)
+                continue
         row = {"id": rec["id"], "row": rec["row"], "split": rec["split"], "text": texts[i],
                "label": rec["label"], "target": normalize_text(rec["target"]) if rec["target"] is not None else None,
                "has_text": bool(texts[i] or transcripts[i]) and text_enc is not None,

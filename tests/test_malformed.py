@@ -258,3 +258,47 @@ def test_predict_bad_lines_continue(prepared, tmp_path):
     r = run_cli("predict", str(ck), "-", "--strict", input="\n".join(lines) + "\n")
     out = [json.loads(x) for x in r.stdout.splitlines()]
     assert r.exit_code == 2 and len(out) == 2 and "error" in out[-1]  # stops at the first bad record
+
+
+def test_non_finite_features_skip_their_record_and_are_never_cached(tiny_models, tmp_path, monkeypatch):
+    """An encoder output with NaN or inf (a damaged weights file, an input the model overflows on) is that record's
+    one-line error: the others are prepared, and a later run that encodes it finitely is not served the NaN."""
+    from mmllm import encoders
+
+    real_encode, real_pooled = encoders.ImageEncoder.encode, encoders.TextEncoder.pooled
+
+    def poisoned(self, images):
+        pooled, seqs = real_encode(self, images)
+        for j, im in enumerate(images):
+            if im.convert("RGB").getpixel((0, 0)) == (0, 255, 0):
+                pooled[j, 0] = np.nan
+        return pooled, seqs
+
+    def pooled_inf(self, input_ids, *a, **k):
+        out = real_pooled(self, input_ids, *a, **k)
+        return np.where(np.array([len(ids) > 12 for ids in input_ids])[:, None], np.inf, out)
+
+    rows = base_rows(tmp_path)
+    write_image(tmp_path / "green.png", (0, 255, 0))
+    rows.append(dict(rows[0], id="nan_image", image="green.png"))
+    rows.append(dict(rows[1], id="inf_text", text="a much longer text than any other record here has in it"))
+    monkeypatch.setattr(encoders.ImageEncoder, "encode", poisoned)
+    monkeypatch.setattr(encoders.TextEncoder, "pooled", pooled_inf)
+    r = prepare(tiny_models, tmp_path, rows)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "out" / "mmllm-prepared.json").read_text())
+    skipped = {e["id"]: e for e in meta["skipped"]}
+    assert set(skipped) == {"nan_image", "inf_text"} and meta["counts"]["train"] == GOOD
+    assert skipped["nan_image"]["column"] == "image" and "non-finite features" in skipped["nan_image"]["reason"]
+    assert skipped["inf_text"]["column"] == "text" and "non-finite" in skipped["inf_text"]["reason"]
+    line = [x for x in r.stderr.splitlines() if "nan_image" in x]
+    assert line and "column image" in line[0] and "NaN or inf" in line[0]
+    import datasets
+
+    ds = datasets.load_from_disk(str(tmp_path / "out"))["train"]
+    assert np.isfinite(np.asarray(ds["image_emb"])).all() and np.isfinite(np.asarray(ds["text_pooled"])).all()
+    monkeypatch.setattr(encoders.ImageEncoder, "encode", real_encode)  # the same files, encoded finitely
+    monkeypatch.setattr(encoders.TextEncoder, "pooled", real_pooled)
+    r = prepare(tiny_models, tmp_path, rows, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["skipped"] == 0 and json.loads(r.stdout)["counts"]["train"] == GOOD + 2
