@@ -68,7 +68,13 @@ ALTERNATIVES = {"digits_match": {"fusion bilinear": (["--fusion", "bilinear"], [
                           "media tokens sequence, 16 image tokens (4x4)":
                           (["--task", "generate", "--media-tokens", "sequence", "--image-tokens", "16"],
                            ["--sequence-features"]),
-                          "LoRA rank 8 on the decoder": (["--task", "generate", "--lora-r", "8"], [])}}
+                          "LoRA rank 8 on the decoder": (["--task", "generate", "--lora-r", "8"], [])},
+                # issue 23: the audio as decoder tokens, a fixed count per clip or a rate (--audio-tokens-per-second)
+                "prompts": {"media tokens sequence, 16 audio tokens per clip":
+                            (["--task", "generate", "--media-tokens", "sequence"], ["--sequence-features"]),
+                            "media tokens sequence, 4 audio tokens a second":
+                            (["--task", "generate", "--media-tokens", "sequence"],
+                             ["--sequence-features", "--audio-tokens-per-second", "4"])}}
 EMB = {"text": "text_pooled", "image": "image_emb", "audio": "audio_emb"}  # frozen pooled features
 
 
