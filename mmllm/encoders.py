@@ -892,12 +892,12 @@ def is_vision_language(name: str, trust_remote_code: bool = False) -> bool:
 
 def load_vision_language(name: str, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
     """(image-text-to-text model in fp32, its processor, identity)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     quiet_transformers()
     folder, identity = resolve(name, trust_remote_code)
     try:
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        processor = load_processor(folder, trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                             dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - any failure to read a user's folder (a truncated safetensors file, a
@@ -908,6 +908,93 @@ def load_vision_language(name: str, trust_remote_code: bool = False) -> tuple[An
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, processor, identity
+
+
+def load_processor(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's AutoProcessor. Where transformers cannot build its video processor (Qwen2-VL's, Qwen2.5-VL's, ...
+    need torchvision, which cannot be installed beside mmllm's CPU torch), the same processor class with the
+    folder's image processor and tokenizer and no video processor: mmllm feeds such a backbone pictures, never
+    videos (`picture_processor`)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        if "torchvision" not in str(e).lower():
+            raise
+        processor = picture_processor(Path(folder), trust_remote_code)
+        if processor is None:
+            raise
+        return processor
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def picture_processor(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's processor class (`processor_class` in its configs) built from its image processor, tokenizer and
+    chat template, without the video processor it also declares; None when it declares none or names no class."""
+    import inspect
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    configs = [c for c in (_optional_json(folder / f) for f in PROCESSOR_FILES) if isinstance(c, dict)]
+    name = next((c["processor_class"] for c in configs if isinstance(c.get("processor_class"), str)), None)
+    base = getattr(transformers, name, None) if name else None
+    if base is None or "video_processor" not in base.get_attributes():
+        return None
+    cls = _without_video(base)
+    own = _optional_json(folder / PROCESSOR_FILES[0]) or {}
+    accepted = inspect.signature(base.__init__).parameters
+    extra = {k: v for k, v in own.items() if k in accepted and k not in base.get_attributes() and k != "chat_template"}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    image = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    template = _chat_template(folder, own) or getattr(tokenizer, "chat_template", None)
+    return cls(image_processor=image, tokenizer=tokenizer, video_processor=None, chat_template=template, **extra)
+
+
+def _chat_template(folder: Path, own: dict) -> str | None:
+    """A processor folder's chat template: chat_template.jinja, chat_template.json or processor_config.json."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    stored = _optional_json(folder / "chat_template.json") or {}
+    template = stored.get("chat_template") if isinstance(stored, dict) else None
+    return template if isinstance(template, str) else own.get("chat_template")
+
+
+def _optional_json(path: Path) -> Any:
+    """A processor folder's JSON file, None where the folder has none (a damaged one is the UserError of read_json)."""
+    return read_json(path) if path.is_file() else None
+
+
+@functools.cache
+def _without_video(base: type) -> type:
+    """`base` (a ProcessorMixin class) that accepts no video processor and saves what it has in the folder layout
+    AutoProcessor (and picture_processor) read back."""
+
+    class Pictures(base):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]:
+            import json
+
+            out = Path(save_directory)
+            out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(out)
+            self.image_processor.save_pretrained(out)
+            config = _optional_json(out / PROCESSOR_FILES[1]) or {}
+            config["processor_class"] = base.__name__
+            (out / PROCESSOR_FILES[1]).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if isinstance(self.chat_template, str):
+                (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            return [str(out / PROCESSOR_FILES[1])]
+
+    Pictures.__name__ = Pictures.__qualname__ = base.__name__
+    return Pictures
 
 
 def load_encoder(role: str, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:

@@ -1,5 +1,5 @@
-"""--decoder a vision-language backbone (issue 23 §3): tiny random Idefics3 (SmolVLM's family) and LLaVA models
-with their processors, built here, trained through prepare --keep-media / finetune / eval / predict / the API."""
+"""--decoder a vision-language backbone (issue 23 §3): tiny random Idefics3 (SmolVLM's family), LLaVA and Qwen2-VL
+models with their processors, built here, trained through prepare --keep-media / finetune / eval / predict / the API."""
 
 from __future__ import annotations
 
@@ -81,7 +81,46 @@ def build_llava(folder: Path) -> Path:
     return folder
 
 
-FAMILIES = {"idefics3": build_idefics3, "llava": build_llava}
+# Qwen2-VL's: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n<|im_start|>assistant\n"
+QWEN2VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_qwen2vl(folder: Path) -> Path:
+    """A tiny Qwen2-VL in the hub's layout (preprocessor_config.json naming Qwen2VLProcessor, chat_template.json):
+    its processor also declares a video processor, which transformers cannot build without torchvision."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+                      "<|video_pad|>"])
+    tok.eos_token = "<|im_end|>"
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]}),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 4, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2VLProcessor"}))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2VL_TEMPLATE}))
+    return folder
+
+
+FAMILIES = {"idefics3": build_idefics3, "llava": build_llava, "qwen2vl": build_qwen2vl}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -141,9 +180,10 @@ def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(ba
         runs.append(run)
     answers = [tok.decode(r, skip_special_tokens=True).strip() for r in runs]
     assert answers == ["a big red thing", "red"]  # every assistant turn, nothing else
-    image_id = tok.convert_tokens_to_ids("<image>")
+    image = getattr(processor, "image_token", None) or "<image>"  # the token the processor repeats per picture
+    image_id = tok.convert_tokens_to_ids(image)
     text = tok.decode(ids)
-    assert text.index("big one") < text.index("<image>") < text.index("is it")  # where the placeholder stood
+    assert text.index("big one") < text.index(image) < text.index("is it")  # where the placeholder stood
     assert int((ids == image_id).sum()) >= 4 and bool((labels[ids == image_id] == -100).all())
     assert "pixel_values" in batch
     later = {"messages": [{"role": "user", "content": "it is"}, {"role": "assistant", "content": "red"},
@@ -152,7 +192,7 @@ def test_the_loss_covers_the_answer_and_the_picture_stands_at_its_placeholder(ba
     spans = vlm.VisionTable({**columns, "conversation": [json.dumps(later)]}, processor, with_targets=True)
     batch2 = spans.batch([0])  # the picture in a later turn: every prefix puts it there, as the whole does
     text2 = tok.decode(batch2["input_ids"][0])
-    assert text2.index("red") < text2.index("<image>") < text2.index("one thing")
+    assert text2.index("red") < text2.index(image) < text2.index("one thing")
     follow_up = {"messages": talk["messages"][:3], "system": None}  # ends with a question: every turn is kept
     asked = vlm.VisionTable({**columns, "conversation": [json.dumps(follow_up)]}, processor, with_targets=False)
     prompt = tok.decode(asked.batch([0])["input_ids"][0])
@@ -223,7 +263,7 @@ def test_prepare_finetune_eval_predict_and_the_api_through_a_vision_language_dec
     config = json.loads((ck / "config.json").read_text())
     assert config["generation"]["decoder_kind"] == "vision-language" and config["generation"]["lora_r"] == 8
     assert json.loads((ck / "finetune_config.json").read_text())["lora_r"] == 8  # what ran, not the flag's 0
-    assert (ck / "decoder" / "processor_config.json").is_file()
+    assert {"processor_config.json", "preprocessor_config.json"} & {f.name for f in (ck / "decoder").iterdir()}
     card = (ck / "README.md").read_text()
     assert "encodes the images itself with its processor" in card
     r = run_cli("eval", "model", ck, vlm_data, "--split", "test")
