@@ -113,7 +113,7 @@ ENCODERS = {"text": "minilm", "image": "efficientnet-lite0", "audio": "whisper-t
 def encoder(role: str, precision: str = "fp32"):
     """The embedded encoder of a role whose frozen forward runs in `precision` (fp32, bf16: as resolved, never
     auto), loaded once per run and shared by the benchmarks; text's build_model() gives a fresh model each call."""
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     return load_encoder(role, ENCODERS[role], precision=precision)
 

@@ -41,7 +41,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def text_variants(texts: list[str], repeat: int, peak: float) -> dict:
     from transformers import AutoModel
 
-    from mmllm.encoders import load_encoder, mean_pool, pad_token_ids
+    from mmllm.encoders import mean_pool, pad_token_ids
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("text", "minilm", precision="fp32")
     ids = enc.tokenize(texts, 128)["input_ids"]
@@ -88,7 +89,8 @@ def text_variants(texts: list[str], repeat: int, peak: float) -> dict:
 def audio_variants(clips: list[np.ndarray], repeat: int, peak: float) -> dict:
     from transformers import WhisperModel
 
-    from mmllm.encoders import load_encoder, whisper_states, whisper_window
+    from mmllm.encoders import whisper_states, whisper_window
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("audio", "whisper-tiny.en", precision="fp32")
     encoders = {attn: WhisperModel.from_pretrained(enc.folder, dtype=torch.float32, attn_implementation=attn)

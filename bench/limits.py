@@ -95,7 +95,7 @@ def _encoder_rates(n: int, repeat: int, peak: dict) -> dict:
     out = {role: {"items": n, **achieved(fn, repeat, precision, peak)} for role, fn in calls.items()}
     text = encoder("text", precision)
     if text.runtime != "torch":  # OpenVINO: FLOPs of the same network in PyTorch (fp32, the same matmuls)
-        from mmllm.encoders import load_encoder
+        from mmllm.modalities import load_encoder
 
         twin = load_encoder("text", ENCODERS["text"], precision="fp32")
         for role, batch in (("text", texts), ("text_long", long_texts)):
@@ -105,7 +105,7 @@ def _encoder_rates(n: int, repeat: int, peak: dict) -> dict:
                              fraction=flops / seconds / peak[precision])
     image = encoder("image", precision)
     if image.runtime != "torch":  # OpenVINO: FLOPs of the same network in PyTorch, rate against its own precision
-        from mmllm.encoders import load_encoder
+        from mmllm.modalities import load_encoder
 
         with torch_image_runtime():
             twin = load_encoder("image", ENCODERS["image"], precision=image.precision)

@@ -81,7 +81,7 @@ def prepare_seconds(role: str, path: Path, out: Path, precision: str) -> float:
 
 def encoder_seconds(role: str, inputs: list, precision: str) -> float:
     """The bare forward over the decoded inputs in batches of 32 (weights loaded before timing)."""
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     with runtime_for(precision):
         enc = load_encoder(role, ROLES[role][2], precision=precision)
@@ -122,7 +122,7 @@ def run(quick: bool) -> dict:
     console.set_quiet(True)
     sizes = {"image": 8, "audio": 8, "text": 16} if quick else {"image": 128, "audio": 96, "text": 256}
     repeat = 1 if quick else 2
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     result = {"auto_is": resolve_precision("auto"), "threads": __import__("torch").get_num_threads(),
               "image_runtime": load_encoder("image", ROLES["image"][2], precision="auto").runtime,

@@ -1,8 +1,8 @@
 """One interface per role: text encoder, image encoder, audio encoder, text decoder.
 
-`load_encoder(role, name)` resolves `name` as a built-in alias, a local Hugging Face folder or a hub id,
-and returns an encoder that carries its own preprocessing, reports `dim`, and has a stable `identity`
-(name + weight hash) stored with prepared data and checkpoints.
+`modalities.load_encoder(role, name)` builds these; each resolves `name` as a built-in alias, a local Hugging Face
+folder or a hub id, and returns an encoder that carries its own preprocessing, reports `dim`, and has a stable
+`identity` (name + weight hash) stored with prepared data and checkpoints.
 """
 
 from __future__ import annotations
@@ -997,16 +997,3 @@ def _without_video(base: type) -> type:
     return Pictures
 
 
-def load_encoder(role: str, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
-    """The encoder of a role (text, or a modality's plug-in); `precision` (auto, fp32, bf16) is how its frozen
-    forward runs."""
-    from mmllm import modalities
-
-    try:
-        if role == modalities.TEXT:
-            return TextEncoder(name, trust_remote_code=trust_remote_code, precision=precision)
-        return modalities.get(role).load_encoder(name, trust_remote_code=trust_remote_code, precision=precision)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {role} model '{name}': {str(e).splitlines()[0]}") from None

@@ -110,7 +110,7 @@ def load_encoders(cfg: PrepareConfig, roles: list[str]) -> dict[str, Any]:
 def shared_encoders(models: dict[str, str], trust_remote_code: bool, precision: str) -> dict[str, Any]:
     """Each role's encoder, by its model name; roles that share an encoder (a part-only modality and its
     encoder_of) get the same instance, loaded once."""
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     loaded: dict[tuple[str, str], Any] = {}
     out = {}

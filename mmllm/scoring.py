@@ -278,7 +278,7 @@ def load_extractor(cfg: FidConfig) -> tuple[Callable[[list], np.ndarray], int]:
     if cfg.fid_model:
         net = load_fid_model(cfg.fid_model)
         return (lambda images: inception_features(net, images)), 299
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("image", cfg.image_model)
     return (lambda images: enc.encode(images)[0].astype(np.float64)), enc.image_size

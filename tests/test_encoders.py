@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from conftest import sine
-from mmllm.encoders import load_encoder, resolve
+from mmllm.encoders import resolve
+from mmllm.modalities import load_encoder
 
 
 def save_image_model(kind: str, folder):

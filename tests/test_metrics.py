@@ -117,7 +117,7 @@ def test_fid_checks_both_inputs_before_featurizing(tmp_path, tiny_models, monkey
     def featurized(*args, **kwargs):
         raise AssertionError("an extractor was loaded before both inputs were checked")
 
-    monkeypatch.setattr("mmllm.encoders.load_encoder", featurized)
+    monkeypatch.setattr("mmllm.modalities.load_encoder", featurized)
     for name, reason in (("missing", "not found"), ("empty", "no images found"), ("one", "need at least 2 images")):
         r = run_cli("eval", "fid", str(real), str(tmp_path / name), "--image-model", str(tiny_models["image"]))
         line = one_line_error(r)

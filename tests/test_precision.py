@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import REAL_HOME, run_cli, sine, tiny_prepare_args
-from mmllm.encoders import load_encoder, native_bf16, resolve_precision
+from mmllm.encoders import native_bf16, resolve_precision
+from mmllm.modalities import load_encoder
 from mmllm.features import feature_key
 from mmllm.config import PrepareConfig
 
@@ -185,7 +186,7 @@ def test_openvino_image_runtime_gives_pytorchs_fp32_features(media, monkeypatch)
     pytest.importorskip("openvino")
     if not (REAL_HOME / "models" / "efficientnet-lite0").is_dir():
         pytest.skip("efficientnet-lite0 is not pulled (mmllm models pull efficientnet-lite0)")
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
     from mmllm.features import Preprocessing, feature_key
 
     items = media()

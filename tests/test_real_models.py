@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_paraphrase_similarity():
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("text", "minilm")
     e = enc.embed(["A man is playing a guitar.", "Someone is playing the guitar.", "The stock market fell today."])
@@ -24,7 +24,7 @@ def test_efficientnet_classifies_a_real_cat():
     from PIL import Image
     from skimage import data
 
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("image", "efficientnet-lite0")
     with torch.inference_mode():

@@ -178,7 +178,7 @@ def test_whisper_converter_round_trip(tmp_path, tiny_whisper):
 def test_clips_of_one_window_are_encoded_together_with_the_same_features(tiny_models):
     """AudioEncoder batches the clips that share a window: each clip's states are those it has alone."""
     from conftest import sine
-    from mmllm.encoders import load_encoder
+    from mmllm.modalities import load_encoder
 
     enc = load_encoder("audio", str(tiny_models["whisper"]))
     clips = [sine(s, f) for s, f in [(0.5, 300), (2.2, 500), (0.7, 700), (1.5, 400), (2.9, 350)]]  # windows 1 3 1 2 3

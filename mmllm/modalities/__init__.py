@@ -212,3 +212,19 @@ def _builtins() -> None:
 
 
 _builtins()
+
+
+def load_encoder(role: str, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
+    """The encoder of a role (text, or a modality's plug-in); `precision` (auto, fp32, bf16) is how its frozen
+    forward runs."""
+    from mmllm.encoders import TextEncoder
+    from mmllm.errors import UserError
+
+    try:
+        if role == TEXT:
+            return TextEncoder(name, trust_remote_code=trust_remote_code, precision=precision)
+        return get(role).load_encoder(name, trust_remote_code=trust_remote_code, precision=precision)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load {role} model '{name}': {str(e).splitlines()[0]}") from None
