@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-from mmllm.modalities import Modality, Option, is_array, passes
+from mmllm.modalities.base import Modality, Option, is_array, passes
 
 EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif"})
 MAX_SECONDS = 600.0  # longest audio read (prepare, and any checkpoint's preprocessing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mmllm.modalities import Modality, is_array, passes
+from mmllm.modalities.base import Modality, is_array, passes
 
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TYPES = "a path, bytes, a PIL image or a numpy array (H x W [x 1, 3 or 4], uint8, or float in [0, 1])"

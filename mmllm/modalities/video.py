@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from mmllm.modalities import Modality, Option
+from mmllm.modalities.base import Modality, Option
 from mmllm.modalities.audio import Audio
+from mmllm.modalities.image import Image
 
 EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})  # animated GIF: given in a video column
 MAX_SECONDS = 600.0
@@ -229,9 +230,7 @@ class Video(Modality):
         return int(pre.option("video_frames"))
 
     def load_encoder(self, name: str, trust_remote_code: bool = False, precision: str = "fp32") -> Any:
-        from mmllm import modalities
-
-        return VideoEncoder(modalities.get("image").load_encoder(name, trust_remote_code, precision))
+        return VideoEncoder(Image().load_encoder(name, trust_remote_code, precision))  # its frames': the image one
 
     def decode(self, media: Any, encoder: Any, pre: Any) -> Any:
         return read_frames(media, int(pre.option("video_frames")), float(pre.option("max_video_seconds")),

@@ -12,7 +12,7 @@ from typing import Any
 
 from mmllm.fusions import FUSIONS  # noqa: F401 - the --fusion choices, also reachable from here
 from mmllm.modalities import TEXT, Option
-from mmllm.tasks import Task, core_of
+from mmllm.tasks.base import Task, core_of
 
 AUTO_FUSIONS = ("concat", "gated", "bilinear")  # --fusion auto: trained side by side with linear probes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.modalities import Option
-from mmllm.tasks import Task, core_of
+from mmllm.tasks.base import Task, core_of
 
 
 _core, __getattr__ = core_of(__name__)  # PEP 562: the training and inference code, imported on first use
