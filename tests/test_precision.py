@@ -220,9 +220,12 @@ def test_openvino_text_runtime_runs_bf16_and_gives_fp32s_states(tiny_models, mon
     import mmllm.encoders as E
 
     monkeypatch.setattr(E, "OPENVINO_AFTER_TOKENS", 0)  # as a large run, after its first 100k tokens
+    seen, compile_it = [], E.openvino_compiled
+    monkeypatch.setattr(E, "openvino_compiled", lambda *a, **k: seen.append(a[6]) or compile_it(*a, **k))
     enc = load_encoder("text", name, precision="bf16")
     fp32, got = reference.pooled(ids), enc.pooled(ids)
     assert enc.runtime == "openvino" and enc.describe()["runtime"] == "openvino"
+    assert seen == [E.TEXT_OPENVINO_OPTIONS] and E.TEXT_OPENVINO_OPTIONS  # compiled with the measured options
     assert not np.array_equal(fp32, got) and cosine(fp32, got).min() >= 0.999
     assert np.allclose(got[:4], got[4:8], atol=1e-6)  # the same text gives the same states in any batch
     pooled, trunk = enc.pooled_and_trunk(ids, 1)
