@@ -13,6 +13,7 @@ from typing import Any
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line stays one line in pipes
 QUIET = False  # the process-wide --quiet of the CLI
@@ -52,22 +53,23 @@ def quieted(quiet: bool | None) -> Iterator[None]:
 
 
 def log(message: str) -> None:
-    """A progress/log line on stderr (silenced by --quiet)."""
+    """A progress/log line on stderr (silenced by --quiet); plain text: brackets in it (a file name, a label) are
+    printed as they are, never read as rich markup."""
     if not is_quiet():
-        err.print(message)
+        err.print(escape(message))
 
 
 def show(renderable) -> None:
-    """A rich table or text for humans on stderr (silenced by --quiet)."""
+    """A rich table or text for humans on stderr (silenced by --quiet); a string is plain text (as `log`)."""
     if not is_quiet():
-        err.print(renderable)
+        err.print(escape(renderable) if isinstance(renderable, str) else renderable)
 
 
 def warn(message: str) -> None:
     """A warning on stderr; never silenced (but printed by rank 0 only under torchrun)."""
     if RANK != 0:
         return
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def emit(obj: Any, stream=None) -> None:

@@ -73,6 +73,39 @@ def expected_calibration_error(probs: np.ndarray, gold: np.ndarray, n_bins: int 
     return float(ece)
 
 
+COLLAPSE_DEFINITION = ("the most common answer, flagged when it is at least half of n (n >= 10) and at least twice "
+                       "as common as among the references, or when it is the only answer and the references have "
+                       "more than one; answers and references compared as stripped strings")
+
+
+def collapse(answers: list, references: list, at_least: int = 10) -> dict | None:
+    """The one answer a model gives to most records when the references do not (COLLAPSE_DEFINITION), else None.
+    Pairs whose reference is None (unlabelled) are left out."""
+    pairs = [(str(a).strip(), str(r).strip()) for a, r in zip(answers, references, strict=True) if r is not None]
+    n = len(pairs)
+    if n < at_least:
+        return None
+    counts: dict[str, int] = {}
+    for a, _ in pairs:
+        counts[a] = counts.get(a, 0) + 1
+    answer, count = max(counts.items(), key=lambda kv: kv[1])
+    share = count / n
+    reference_share = sum(r == answer for _, r in pairs) / n
+    only = len(counts) == 1 and len({r for _, r in pairs}) > 1
+    if not only and (share < 0.5 or share < 2 * reference_share):
+        return None
+    return {"answer": answer, "count": count, "n": n, "share": share, "reference_share": reference_share,
+            "definition": COLLAPSE_DEFINITION}
+
+
+def collapse_warning(found: dict) -> str:
+    """The one line `eval model` prints for a collapse."""
+    answer = found["answer"] if len(found["answer"]) <= 60 else found["answer"][:57] + "..."
+    return (f"{found['count']} of {found['n']} records ({found['share']:.0%}) get the same answer {answer!r}, "
+            f"which is {found['reference_share']:.0%} of the references: the model has collapsed to one answer "
+            "(\"collapsed\" in the result)")
+
+
 def error_rates(hyps: list[str], refs: list[str]) -> dict:
     """Corpus WER and CER with jiwer's default transforms (case and punctuation kept)."""
     from importlib.metadata import version

@@ -516,6 +516,7 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
         warn("skipped " + format_error(e))
     if len(errors) > 20:
         warn(f"... and {len(errors) - 20} more skipped records (all listed in {META})")
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{len(errors)} skipped records")
@@ -524,7 +525,7 @@ def _report(errors: list[dict], cfg: PrepareConfig) -> None:
     table.add_column("records", justify="right")
     reasons = Counter((e["column"] or "-", reason_kind(e["reason"])) for e in errors)
     for (col, reason), n in reasons.most_common():
-        table.add_row(col, reason, str(n))
+        table.add_row(escape(col), escape(reason), str(n))  # a manifest's column name is plain text
     show(table)
 
 

@@ -30,6 +30,23 @@ def test_generation_trains_and_loss_falls(prepared, tiny_decoder, tmp_path):
     assert summary["steps"] > 0
 
 
+def test_eval_model_reports_a_generator_that_collapsed(prepared, tiny_decoder, tmp_path, monkeypatch):
+    """A generator that writes the same answer for every record (the emoji defaults wrote "frog" for most unseen
+    pictures): eval's result has "collapsed" with that answer, and stderr one warning line."""
+    from mmllm.tasks.generate.core import PrefixDecoder
+
+    out = tmp_path / "gen"
+    gen_finetune(prepared, tiny_decoder, out)
+    real = PrefixDecoder.generate
+    monkeypatch.setattr(PrefixDecoder, "generate", lambda self, *a, **k: ["frog"] * len(real(self, *a, **k)))
+    r = run_cli("eval", "model", str(out), str(prepared), "--split", "train", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["collapsed"]["answer"] == "frog" and m["collapsed"]["count"] == m["n"] >= 10
+    assert m["collapsed"]["reference_share"] == 0.0 and m["bleu"] == 0.0
+    assert sum("warning:" in line and "'frog'" in line for line in r.stderr.splitlines()) == 1
+
+
 def test_generation_eval_and_predict(prepared, tiny_decoder, toy_manifest, tmp_path):
     out = tmp_path / "gen"
     gen_finetune(prepared, tiny_decoder, out, "--monitor", "val_bleu", "--l2", "1e-4")

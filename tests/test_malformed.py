@@ -302,3 +302,17 @@ def test_non_finite_features_skip_their_record_and_are_never_cached(tiny_models,
     r = prepare(tiny_models, tmp_path, rows, "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["skipped"] == 0 and json.loads(r.stdout)["counts"]["train"] == GOOD + 2
+
+
+def test_brackets_in_a_file_name_are_printed_as_they_are(tmp_path, tiny_models):
+    """Messages are plain text, not rich markup: a missing file named `a[/]b.png` (once a MarkupError that ended
+    prepare after the good records were encoded) or `[bold]x[/bold].png` (once printed as `x.png`) is named as it
+    is in the skip line, and the good record is prepared."""
+    write_image(tmp_path / "good.png")
+    rows = ["id,text,image,label", "good,fine,good.png,a", "r1,one,a[/]b.png,a", "r2,two,[bold]x[/bold].png,b"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    r = run_cli("prepare", str(tmp_path / "m.csv"), "--output", str(tmp_path / "p"), "--text-model",
+                str(tiny_models["text"]), "--image-model", str(tiny_models["image"]))
+    assert r.exit_code == 0, r.output
+    assert "a[/]b.png" in r.stderr and "[bold]x[/bold].png" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] == 2

@@ -376,3 +376,50 @@ def test_wer_command(tmp_path):
     assert short.exit_code == 2 and "1 lines" in short.stderr
     missing = run_cli("eval", "wer", "--hyp", str(h))
     assert missing.exit_code == 2 and "--ref" in missing.stderr
+
+
+def test_collapse_flags_one_answer_the_references_do_not_share():
+    from mmllm.metrics import collapse
+
+    refs = [f"name {i}" for i in range(10)]
+    found = collapse(["frog"] * 7 + ["a", "b", "c"], refs)  # the emoji defaults' failure: "frog" for most pictures
+    assert found["answer"] == "frog" and found["count"] == 7 and found["share"] == 0.7
+    assert found["reference_share"] == 0.0 and "twice" in found["definition"]
+    assert collapse(["frog"] * 4 + list("abcdef"), refs) is None  # under half
+    assert collapse(["x"] * 9, refs[:9]) is None  # fewer than 10 records: too few to say
+    balanced = ["b", "s"] * 10
+    assert collapse(["b"] * 20, balanced)["share"] == 1.0  # one class of two balanced ones: 2x its share
+    majority = ["b"] * 16 + ["s"] * 4
+    assert collapse(["b"] * 20, majority)["reference_share"] == 0.8  # only the majority class, never the other
+    assert collapse(["b"] * 18 + ["s"] * 2, majority) is None  # the references' own mix, nearly: not collapsed
+    assert collapse(list(balanced), balanced) is None
+    assert collapse([" frog "] * 10, ["frog"] * 10) is None  # the references are one answer too
+    assert collapse(["b"] * 12, ["b", None] * 6) is None  # unlabelled pairs left out: 6 records
+
+
+def test_eval_model_reports_a_classifier_that_collapsed(trained_checkpoint, monkeypatch):
+    """A classifier that gives every record the same class: eval's result says so ("collapsed") and stderr has one
+    warning line; the metrics are the same as they are without the check."""
+    from mmllm.tasks.classify import core as classify
+
+    data = trained_checkpoint.parent / "p"
+    plain = run_cli("eval", "model", str(trained_checkpoint), str(data), "--split", "train", "--no-reliance")
+    assert plain.exit_code == 0, plain.output
+    real = classify.predict_table
+
+    def one_class(model, table, *args, **kwargs):
+        probs, gold, gates = real(model, table, *args, **kwargs)
+        constant = np.zeros_like(probs)
+        constant[:, 0] = 1.0
+        return constant, gold, gates
+
+    monkeypatch.setattr(classify, "predict_table", one_class)
+    r = run_cli("eval", "model", str(trained_checkpoint), str(data), "--split", "train", "--no-reliance")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    labels = json.loads((trained_checkpoint / "config.json").read_text())["labels"]
+    assert result["collapsed"]["answer"] == labels[0] and result["collapsed"]["share"] == 1.0
+    assert result["n"] >= 10 and 0 < result["collapsed"]["reference_share"] < 1
+    warning = [line for line in r.stderr.splitlines() if "collapsed" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning:") and repr(labels[0]) in warning[0]
+    assert result["accuracy"] == pytest.approx(result["collapsed"]["reference_share"])

@@ -13,7 +13,7 @@ from mmllm.batches import FeatureTable
 from mmllm.errors import UserError
 from mmllm.tasks.classify import AUTO_FUSIONS
 from mmllm.console import log, warn
-from mmllm.metrics import classification
+from mmllm.metrics import classification, collapse, collapse_warning
 from mmllm.model import TOKEN_FUSIONS, ModelConfig, build_model
 from mmllm import modelcard
 from mmllm.modelcard import data_summary
@@ -320,6 +320,11 @@ def evaluate(cfg: Any, device: Any) -> dict:
     padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
     result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
                               "split": split, **classification(gold, padded.argmax(1), names, padded)}
+    known = gold >= 0
+    found = collapse([names[i] for i in padded.argmax(1)[known]], [names[i] for i in gold[known]])
+    if found:
+        result["collapsed"] = found
+        warn(collapse_warning(found))
     if cfg.reliance is not False:
         result["reliance"] = reliance(model, table, device, cfg.batch_size, names, gold, len(unseen), result, gates)
     return result

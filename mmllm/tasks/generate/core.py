@@ -788,7 +788,7 @@ def predict_rows(predictor: Any, rows: list[dict], reliance: bool, generation: d
 def evaluate(cfg: Any, config: dict, device: Any, loaded: tuple | None = None) -> dict:
     """`eval model` of a generator: sacreBLEU, chrF, WER/CER and examples (modality reliance when asked)."""
     from mmllm.features import split_columns
-    from mmllm.metrics import error_rates
+    from mmllm.metrics import collapse, collapse_warning, error_rates
 
     model, tokenizer = loaded or load_checkpoint(Path(cfg.checkpoint), config, device)  # the task's load
     mods = model.cfg.modalities
@@ -806,6 +806,10 @@ def evaluate(cfg: Any, config: dict, device: Any, loaded: tuple | None = None) -
                               **{k: v for k, v in rates.items() if k != "n"},
                               "examples": [{"id": i, "generated": h, "target": t} for i, h, t in
                                            list(zip(table.ids, scored["hypotheses"], table.targets))[:5]]}
+    found = collapse(scored["hypotheses"], table.targets)
+    if found:
+        result["collapsed"] = found
+        warn(collapse_warning(found))
     if cfg.reliance is None and mods:
         log("reliance: not computed for a generation checkpoint unless asked (it generates the split once more "
             "per modality): --reliance")
