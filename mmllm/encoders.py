@@ -122,10 +122,10 @@ def autocast(precision: str, device: str = "cpu"):
 
 # ---------------------------------------------------------------- text
 
-# OpenVINO's snippets (its JIT of fused element-wise and attention subgraphs) off for the text model: 1.18-1.25x the
-# texts/s of the default on the 32 short sample_data texts, 1.08-1.15x on ~60-token texts and 1.01-1.04x on 512
+# OpenVINO's snippets (its JIT of fused element-wise and attention subgraphs) off for the text model: `embed` 1.03-1.21x
+# the texts/s of the default on the 32 short sample_data texts, 1.09-1.16x on ~60-token texts and 1.01-1.04x on 512
 # fortunes (~42 tokens), the same states (cosine to PyTorch fp32 0.99996 either way); no difference on the image
-# encoder (AMX Xeon, 2 cores, 2026-12-07)
+# encoder (AMX Xeon, 2 cores, 2026-12-07; bench/NOTES.md)
 TEXT_OPENVINO_OPTIONS = {"SNIPPETS_MODE": "DISABLE"}
 OPENVINO_AFTER_TOKENS = 100_000  # ~1.8 s of OpenVINO compile is paid back after 50k-115k tokens (short to ~50-token
 # texts, AMX Xeon, 2 cores): the text model moves to OpenVINO once a process has embedded this many tokens

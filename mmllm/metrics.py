@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 
@@ -85,10 +87,8 @@ def collapse(answers: list, references: list, at_least: int = 10) -> dict | None
     n = len(pairs)
     if n < at_least:
         return None
-    counts: dict[str, int] = {}
-    for a, _ in pairs:
-        counts[a] = counts.get(a, 0) + 1
-    answer, count = max(counts.items(), key=lambda kv: kv[1])
+    counts = Counter(a for a, _ in pairs)
+    answer, count = counts.most_common(1)[0]
     share = count / n
     reference_share = sum(r == answer for _, r in pairs) / n
     only = len(counts) == 1 and len({r for _, r in pairs}) > 1

@@ -318,10 +318,11 @@ def evaluate(cfg: Any, device: Any) -> dict:
     if not (gold >= 0).any():
         raise UserError(f"{cfg.data}: no labelled records in split '{cfg.split}'")
     padded = np.concatenate([probs, np.zeros((len(probs), len(unseen)))], 1) if unseen else probs
+    pred = padded.argmax(1)
     result: dict[str, Any] = {"task": "classify", "checkpoint": str(cfg.checkpoint), "data": source,
-                              "split": split, **classification(gold, padded.argmax(1), names, padded)}
+                              "split": split, **classification(gold, pred, names, padded)}
     known = gold >= 0
-    found = collapse([names[i] for i in padded.argmax(1)[known]], [names[i] for i in gold[known]])
+    found = collapse([names[i] for i in pred[known]], [names[i] for i in gold[known]])
     if found:
         result["collapsed"] = found
         warn(collapse_warning(found))
